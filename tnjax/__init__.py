@@ -1,0 +1,34 @@
+"""tnjax: tensor networks for large language models, in JAX.
+
+The top level re-exports the core (pytrees, decompositions, contractions).
+Higher layers (``tnjax.nn``, ``tnjax.models``, ...) are imported explicitly,
+so ``import tnjax`` pulls in only jax, numpy and opt_einsum.
+"""
+
+from tnjax.core import (
+    TensorTrain,
+    TTMatrix,
+    add,
+    factorize,
+    inner,
+    matvec,
+    matvec_plan,
+    norm,
+    orthogonalize,
+    random_tt,
+    random_ttm,
+    scale,
+    to_dense,
+    truncate,
+    tt_svd,
+    ttm_svd,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TensorTrain", "TTMatrix",
+    "tt_svd", "ttm_svd", "truncate", "orthogonalize",
+    "to_dense", "matvec", "matvec_plan", "add", "scale", "inner", "norm",
+    "random_tt", "random_ttm", "factorize",
+]

@@ -1,0 +1,14 @@
+"""tnjax core: TT / TT-matrix pytrees, decompositions, contractions. Imports only jax, numpy, opt_einsum."""
+
+from tnjax.core.decompositions import orthogonalize, truncate, tt_svd, ttm_svd
+from tnjax.core.initializers import random_tt, random_ttm
+from tnjax.core.ops import add, inner, matvec, matvec_plan, norm, scale, to_dense
+from tnjax.core.shapes import factorize
+from tnjax.core.tensor_train import TensorTrain, TTMatrix
+
+__all__ = [
+    "TensorTrain", "TTMatrix",
+    "tt_svd", "ttm_svd", "truncate", "orthogonalize",
+    "to_dense", "matvec", "matvec_plan", "add", "scale", "inner", "norm",
+    "random_tt", "random_ttm", "factorize",
+]

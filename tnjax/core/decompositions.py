@@ -1,0 +1,261 @@
+"""Dense -> TT decompositions (TT-SVD, TTM-SVD), orthogonalization and rounding.
+
+Rank selection
+--------------
+``max_rank`` caps ranks and is static: it fixes core shapes, so everything
+traces under ``jax.jit``. A cap larger than the largest useful rank at a bond
+(``min(prod(left dims), prod(right dims))``) is clamped to it.
+
+``rtol`` asks for ``||x - to_dense(tt)||_F <= rtol * ||x||_F``. The budget is
+split evenly over the d - 1 truncations (each may drop singular values of
+total energy ``(rtol * ||x||)^2 / (d - 1)``), which gives the bound by
+Oseledets (2011), Theorem 2.2. Where the ranks it needs are chosen depends on
+whether the values are known:
+
+* **eagerly** (concrete arrays), the singular values are read on the host and
+  each core is sliced to the rank needed, so the result has the smallest
+  ranks that meet the bound under this budget split;
+* **under jit / vmap / grad** (tracers), shapes cannot depend on values: each
+  bond keeps a fixed buffer of ``min(max_rank, full rank)`` columns and the
+  columns past the rank needed are zeroed by a mask. The represented tensor
+  is the same as in the eager case; its cores are zero-padded.
+  ``truncate`` on the eager result (concrete values) strips the padding.
+
+With both ``max_rank`` and ``rtol``, the cap wins: the rank is the smaller of
+the two, and the bound holds only when the cap does not bind.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from tnjax.core import _checks
+from tnjax.core.tensor_train import TT, TensorTrain, TTMatrix, as_tt, check_tt, like, split_modes
+
+
+def _truncated_svd(a: jax.Array, cap: int | None, delta2) -> tuple[jax.Array, jax.Array]:
+  """Factors a (m, n) matrix as u (m, r) @ sv (r, n), truncated by a cap and a tolerance.
+
+  Args:
+    a: the matrix.
+    cap: static upper bound on r, or None.
+    delta2: squared Frobenius error allowed (array or float), or None.
+
+  Returns:
+    ``(u, sv)`` with orthonormal (or, under the mask, zero-padded) columns in u.
+  """
+  u, s, vt = jnp.linalg.svd(a, full_matrices=False)
+  r = s.shape[0] if cap is None else min(cap, s.shape[0])
+  if delta2 is not None:
+    tail2 = jnp.cumsum((s * s)[::-1])[::-1]  # tail2[i] = ||s[i:]||^2
+    needed = jnp.maximum(jnp.sum(tail2 > delta2), 1)
+    if _checks.is_concrete(needed):
+      r = min(r, int(needed))
+    else:
+      mask = (jnp.arange(r) < needed).astype(s.dtype)
+      return u[:, :r] * mask[None, :], (s[:r] * mask)[:, None] * vt[:r]
+  return u[:, :r], s[:r, None] * vt[:r]
+
+
+def _bond_delta2(total_norm2, rtol: float | None, num_bonds: int):
+  if rtol is None or num_bonds == 0:
+    return None
+  return (rtol * rtol / num_bonds) * total_norm2
+
+
+def tt_svd(x, max_rank=None, rtol=None) -> TensorTrain:
+  """Decomposes a dense tensor into TT format with TT-SVD (Oseledets 2011).
+
+  Args:
+    x: array of shape (n[0], ..., n[d-1]), real floating (integers promoted).
+    max_rank: static cap on the ranks: an int for every bond or a tuple of
+      d - 1 ints, one per bond. Caps above the largest useful rank are clamped.
+    rtol: relative Frobenius error bound, see the module docstring for where
+      ranks are chosen (host when eager, a masked fixed buffer under jit).
+
+  Returns:
+    A :class:`TensorTrain` with cores (r[k], n[k], r[k+1]) and
+    ``r[k] <= min(max_rank[k-1], prod(n[:k]), prod(n[k:]))``.
+
+  Raises:
+    ValueError: on a scalar or complex ``x``, a non-positive rank, a
+      per-bond tuple of the wrong length, a negative rtol, or (for concrete
+      input) NaN/Inf entries.
+
+  Complexity:
+    d - 1 SVDs; the first, of an (n[0], prod(n[1:])) matrix, dominates:
+    O(n[0]^2 prod(n)) time for a wide unfolding.
+
+  Example:
+    >>> import jax.numpy as jnp, tnjax
+    >>> x = jnp.arange(24.0).reshape(2, 3, 4)
+    >>> tt = tnjax.tt_svd(x, max_rank=2)
+    >>> tt.ranks
+    (1, 2, 2, 1)
+    >>> bool(jnp.allclose(tnjax.to_dense(tt), x, atol=1e-4))
+    True
+  """
+  fn = "tt_svd"
+  x = _checks.check_real_float(fn, "x", x)
+  if x.ndim == 0:
+    raise ValueError(f"{fn}: x.shape=() but a tensor with at least one mode is expected")
+  dims = x.shape
+  caps = _checks.bond_caps(fn, "max_rank", max_rank, len(dims) - 1)
+  rtol = _checks.check_rtol(fn, rtol)
+  _checks.check_finite(fn, "x", x)
+  delta2 = _bond_delta2(jnp.sum(x * x), rtol, len(dims) - 1)
+
+  cores = []
+  rest = x.reshape(1, -1)
+  for k, n in enumerate(dims[:-1]):
+    r_prev = rest.shape[0]
+    u, rest = _truncated_svd(rest.reshape(r_prev * n, -1), caps[k], delta2)
+    cores.append(u.reshape(r_prev, n, u.shape[1]))
+  cores.append(rest.reshape(rest.shape[0], dims[-1], 1))
+  return TensorTrain(tuple(cores))
+
+
+def ttm_svd(w, in_dims, out_dims, max_rank=None, rtol=None) -> TTMatrix:
+  """Decomposes a matrix into TT-matrix (MPO) format by interleaving row and column modes.
+
+  The matrix is zero-padded to ``(prod(in_dims), prod(out_dims))`` when it is
+  smaller (e.g. a vocabulary of 50257 rows with ``in_dims`` multiplying to
+  50320); ``to_dense`` of the result then has the padded shape, and its
+  top-left ``w.shape`` block approximates ``w``.
+
+  Args:
+    w: matrix of shape (M, N) with M <= prod(in_dims), N <= prod(out_dims).
+    in_dims: row factors (n_in[0], ..., n_in[d-1]); see :func:`tnjax.factorize`.
+    out_dims: column factors, same length d as ``in_dims``.
+    max_rank: static cap on ranks (int or d - 1 ints), as in :func:`tt_svd`.
+    rtol: relative Frobenius error bound on the (padded) matrix, as in
+      :func:`tt_svd`; padding adds no error, so it bounds ``||w - W||/||w||``.
+
+  Returns:
+    A :class:`TTMatrix` with cores (r[k], n_in[k], n_out[k], r[k+1]).
+
+  Raises:
+    ValueError: when ``w`` is not 2-d, is larger than the dims' products, the
+      dims differ in length, or on the argument errors of :func:`tt_svd`.
+
+  Complexity:
+    One TT-SVD of a d-mode tensor with modes n_in[k] * n_out[k].
+
+  Example:
+    >>> import jax.numpy as jnp, tnjax
+    >>> w = jnp.eye(6)
+    >>> ttm = tnjax.ttm_svd(w, in_dims=(2, 3), out_dims=(2, 3))
+    >>> ttm.ranks, ttm.shape
+    ((1, 1, 1), (6, 6))
+  """
+  fn = "ttm_svd"
+  w = _checks.check_real_float(fn, "w", w)
+  in_dims = _checks.check_dims(fn, "in_dims", in_dims)
+  out_dims = _checks.check_dims(fn, "out_dims", out_dims)
+  if w.ndim != 2:
+    raise ValueError(f"{fn}: w.shape={w.shape} but a 2-d matrix is expected")
+  if len(in_dims) != len(out_dims):
+    raise ValueError(
+        f"{fn}: len(in_dims)={len(in_dims)} but len(out_dims)={len(out_dims)}; "
+        f"both need one entry per core (in_dims={in_dims}, out_dims={out_dims})")
+  rows, cols = math.prod(in_dims), math.prod(out_dims)
+  if w.shape[0] > rows:
+    raise ValueError(f"{fn}: w.shape[0]={w.shape[0]} but prod(in_dims)={rows} (in_dims={in_dims}); "
+                     "expected w.shape[0] <= prod(in_dims)")
+  if w.shape[1] > cols:
+    raise ValueError(f"{fn}: w.shape[1]={w.shape[1]} but prod(out_dims)={cols} (out_dims={out_dims}); "
+                     "expected w.shape[1] <= prod(out_dims)")
+  d = len(in_dims)
+  # Checked here so that errors name ttm_svd, not tt_svd.
+  _checks.bond_caps(fn, "max_rank", max_rank, d - 1)
+  _checks.check_rtol(fn, rtol)
+  _checks.check_finite(fn, "w", w)
+  w = jnp.pad(w, ((0, rows - w.shape[0]), (0, cols - w.shape[1])))
+  x = w.reshape(in_dims + out_dims)
+  x = x.transpose([p for k in range(d) for p in (k, d + k)])
+  x = x.reshape([i * o for i, o in zip(in_dims, out_dims)])
+  return split_modes(tt_svd(x, max_rank=max_rank, rtol=rtol), in_dims, out_dims)
+
+
+def _orthogonalize_left(cores: list[jax.Array], stop: int) -> None:
+  """QR sweep making cores[0:stop] left-orthogonal, in place; the norm moves to cores[stop]."""
+  for k in range(stop):
+    r, n, r_next = cores[k].shape
+    q, rr = jnp.linalg.qr(cores[k].reshape(r * n, r_next))
+    cores[k] = q.reshape(r, n, q.shape[1])
+    cores[k + 1] = jnp.tensordot(rr, cores[k + 1], axes=1)
+
+
+def _orthogonalize_right(cores: list[jax.Array], stop: int) -> None:
+  """QR sweep making cores[stop+1:] right-orthogonal, in place; the norm moves to cores[stop]."""
+  for k in range(len(cores) - 1, stop, -1):
+    r, n, r_next = cores[k].shape
+    q, rr = jnp.linalg.qr(cores[k].reshape(r, n * r_next).T)
+    cores[k] = q.T.reshape(q.shape[1], n, r_next)
+    cores[k - 1] = jnp.tensordot(cores[k - 1], rr.T, axes=1)
+
+
+def orthogonalize(tt: TT, direction: str = "left") -> TT:
+  """Makes all cores but one orthogonal with a QR sweep; the tensor is unchanged.
+
+  ``direction="left"``: cores 0..d-2 become left-orthogonal (each core,
+  reshaped to (r[k] * n[k], r[k+1]), has orthonormal columns) and the norm of
+  the tensor is the Frobenius norm of the last core. ``direction="right"``:
+  cores 1..d-1 become right-orthogonal (reshaped to (r[k], n[k] * r[k+1]),
+  orthonormal rows) and the norm sits in the first core. Ranks may shrink to
+  ``min(r[k] * n[k], r[k+1])`` where a bond was larger than useful. For a
+  TTMatrix, n[k] is n_in[k] * n_out[k].
+
+  Args:
+    tt: a TensorTrain or TTMatrix.
+    direction: "left" or "right".
+
+  Complexity:
+    d QR factorizations, O(d n r^3).
+  """
+  fn = "orthogonalize"
+  check_tt(fn, "tt", tt)
+  cores = list(as_tt(tt).cores)
+  if direction == "left":
+    _orthogonalize_left(cores, len(cores) - 1)
+  elif direction == "right":
+    _orthogonalize_right(cores, 0)
+  else:
+    raise ValueError(f"{fn}: direction={direction!r} but 'left' or 'right' is expected")
+  return like(tt, TensorTrain(tuple(cores)))
+
+
+def truncate(tt: TT, max_rank=None, rtol=None) -> TT:
+  """TT rounding: lowers ranks with a right-to-left QR sweep, then a left-to-right SVD sweep.
+
+  The result satisfies ``||tt - out||_F <= rtol * ||tt||_F`` and
+  ``ranks <= max_rank`` (see the module docstring for the cap/tolerance rules
+  and where ranks are chosen). Rounding a sum ``add(a, a)`` gives back a's ranks.
+
+  Args:
+    tt: a TensorTrain or TTMatrix.
+    max_rank: static cap on ranks (int or d - 1 ints).
+    rtol: relative Frobenius error bound.
+
+  Returns:
+    The same format as ``tt``, with lowered ranks.
+
+  Complexity:
+    d QRs and d SVDs of (r n, r) matrices: O(d n r^3).
+  """
+  fn = "truncate"
+  check_tt(fn, "tt", tt)
+  caps = _checks.bond_caps(fn, "max_rank", max_rank, tt.ndim - 1)
+  rtol = _checks.check_rtol(fn, rtol)
+  cores = list(as_tt(tt).cores)
+  _orthogonalize_right(cores, 0)
+  delta2 = _bond_delta2(jnp.sum(cores[0] * cores[0]), rtol, len(cores) - 1)
+  for k in range(len(cores) - 1):
+    r, n, r_next = cores[k].shape
+    u, sv = _truncated_svd(cores[k].reshape(r * n, r_next), caps[k], delta2)
+    cores[k] = u.reshape(r, n, u.shape[1])
+    cores[k + 1] = jnp.tensordot(sv, cores[k + 1], axes=1)
+  return like(tt, TensorTrain(tuple(cores)))

@@ -1,0 +1,184 @@
+"""Contractions and algebra on TensorTrain / TTMatrix pytrees.
+
+All functions are pure, shape-static and safe under jit, vmap and grad.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import opt_einsum
+
+from tnjax.core.tensor_train import TT, TensorTrain, TTMatrix, as_tt, check_tt, like
+
+
+def to_dense(tt: TT) -> jax.Array:
+  """Contracts all cores into the dense tensor or matrix.
+
+  Returns:
+    For a TensorTrain, an array of shape ``dims``; for a TTMatrix, a matrix
+    of shape ``(prod(in_dims), prod(out_dims))``.
+
+  Complexity:
+    O(prod(n) * r^2) time, O(prod(n) * r) memory at the last step.
+  """
+  check_tt("to_dense", "tt", tt)
+  flat = as_tt(tt)
+  out = flat.cores[0].reshape(-1, flat.cores[0].shape[-1])  # (n0, r1)
+  for core in flat.cores[1:]:
+    out = jnp.tensordot(out, core, axes=1).reshape(-1, core.shape[-1])
+  if isinstance(tt, TensorTrain):
+    return out.reshape(tt.dims)
+  d = tt.ndim
+  out = out.reshape([m for pair in zip(tt.in_dims, tt.out_dims) for m in pair])
+  out = out.transpose(list(range(0, 2 * d, 2)) + list(range(1, 2 * d, 2)))
+  return out.reshape(tt.shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _matvec_expression(core_shapes: tuple[tuple[int, ...], ...], batch: int):
+  """Subscripts and the cheapest contraction path for x (batch, *in_dims) with the cores."""
+  d = len(core_shapes)
+  sym = opt_einsum.get_symbol
+  b = sym(0)
+  ins = [sym(1 + k) for k in range(d)]
+  outs = [sym(1 + d + k) for k in range(d)]
+  bonds = [sym(1 + 2 * d + k) for k in range(d + 1)]
+  terms, shapes = [b + "".join(ins)], [(batch,) + tuple(s[1] for s in core_shapes)]
+  for k, s in enumerate(core_shapes):
+    left = bonds[k] if k > 0 else ""
+    right = bonds[k + 1] if k < d - 1 else ""
+    terms.append(left + ins[k] + outs[k] + right)
+    shapes.append(s[1:3] if d == 1 else (s[1:] if k == 0 else (s[:3] if k == d - 1 else s)))
+  subscripts = ",".join(terms) + "->" + b + "".join(outs)
+  path, info = opt_einsum.contract_path(subscripts, *shapes, shapes=True, optimize="dp")
+  return subscripts, path, info
+
+
+def _squeeze_boundary(cores: tuple[jax.Array, ...]) -> list[jax.Array]:
+  if len(cores) == 1:
+    return [cores[0][0, :, :, 0]]
+  return [cores[0][0]] + list(cores[1:-1]) + [cores[-1][..., 0]]
+
+
+def matvec_plan(ttm: TTMatrix, batch: int) -> opt_einsum.contract.PathInfo:
+  """The contraction plan :func:`matvec` uses for ``batch`` rows: path, FLOPs, largest intermediate.
+
+  Useful to see why a path was chosen, e.g. ``print(matvec_plan(w, 16384))``.
+  """
+  return _matvec_expression(tuple(c.shape for c in ttm.cores), batch)[2]
+
+
+def matvec(ttm: TTMatrix, x: jax.Array, *, precision=None) -> jax.Array:
+  """Computes ``x @ to_dense(ttm)`` without building the dense matrix.
+
+  The contraction order over ``x`` and the cores is chosen at trace time by
+  opt_einsum's dynamic-programming optimizer (fewest FLOPs) from the static
+  shapes, so one token and 16k tokens may take different paths; see
+  :func:`matvec_plan`.
+
+  Args:
+    ttm: a TTMatrix with cores (r[k], n_in[k], n_out[k], r[k+1]).
+    x: array of shape (..., prod(in_dims)).
+    precision: passed to ``jnp.einsum``.
+
+  Returns:
+    Array of shape (..., prod(out_dims)).
+
+  Raises:
+    ValueError: when ``ttm`` is not a TTMatrix or ``x.shape[-1] != prod(in_dims)``.
+
+  Complexity:
+    For one row, sequential core-by-core order: sum over k of
+    ``prod(out_dims[:k+1]) * prod(in_dims[k:]) * r[k] * r[k+1]`` multiply-adds.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, tnjax
+    >>> w = tnjax.random_ttm(jax.random.key(0), (4, 4), (2, 3), rank=2)
+    >>> tnjax.matvec(w, jnp.ones((5, 16))).shape
+    (5, 6)
+  """
+  fn = "matvec"
+  if not isinstance(ttm, TTMatrix):
+    raise ValueError(f"{fn}: ttm is a {type(ttm).__name__} but a TTMatrix is expected")
+  x = jnp.asarray(x)
+  rows, cols = ttm.shape
+  if x.ndim == 0 or x.shape[-1] != rows:
+    got = f"x.shape[-1]={x.shape[-1]}" if x.ndim else "x.shape=()"
+    raise ValueError(f"{fn}: {got} but prod(in_dims)={rows} (in_dims={ttm.in_dims})")
+  batch_shape = x.shape[:-1]
+  batch = math.prod(batch_shape)
+  subscripts, path, _ = _matvec_expression(tuple(c.shape for c in ttm.cores), batch)
+  out = jnp.einsum(subscripts, x.reshape((batch,) + ttm.in_dims), *_squeeze_boundary(ttm.cores),
+                   optimize=path, precision=precision)
+  return out.reshape(batch_shape + (cols,))
+
+
+def _modes(t: TT):
+  return t.dims if isinstance(t, TensorTrain) else (t.in_dims, t.out_dims)
+
+
+def _check_same_modes(fn: str, a: TT, b: TT) -> None:
+  check_tt(fn, "a", a)
+  check_tt(fn, "b", b)
+  if type(a) is not type(b):
+    raise ValueError(f"{fn}: a is a {type(a).__name__} but b is a {type(b).__name__}; expected the same format")
+  if _modes(a) != _modes(b):
+    what = "dims" if isinstance(a, TensorTrain) else "(in_dims, out_dims)"
+    raise ValueError(f"{fn}: a has {what}={_modes(a)} but b has {what}={_modes(b)}; expected equal mode sizes")
+
+
+def add(a: TT, b: TT) -> TT:
+  """The sum ``a + b`` in TT format; ranks add (r_a[k] + r_b[k]). Follow with :func:`truncate`.
+
+  Raises:
+    ValueError: when the formats or mode sizes differ.
+  """
+  _check_same_modes("add", a, b)
+  ca, cb = as_tt(a).cores, as_tt(b).cores
+  d = len(ca)
+  if d == 1:
+    return like(a, TensorTrain((ca[0] + cb[0],)))
+  cores = [jnp.concatenate([ca[0], cb[0]], axis=2)]
+  for x, y in zip(ca[1:-1], cb[1:-1]):
+    top = jnp.pad(x, ((0, 0), (0, 0), (0, y.shape[2])))
+    bottom = jnp.pad(y, ((0, 0), (0, 0), (x.shape[2], 0)))
+    cores.append(jnp.concatenate([top, bottom], axis=0))
+  cores.append(jnp.concatenate([ca[-1], cb[-1]], axis=0))
+  return like(a, TensorTrain(tuple(cores)))
+
+
+def scale(tt: TT, alpha) -> TT:
+  """``alpha * tt``, applied to the first core (ranks unchanged). ``alpha`` is a scalar."""
+  check_tt("scale", "tt", tt)
+  alpha = jnp.asarray(alpha)
+  if alpha.ndim != 0:
+    raise ValueError(f"scale: alpha.shape={alpha.shape} but a scalar is expected")
+  return type(tt)((tt.cores[0] * alpha,) + tuple(tt.cores[1:]))
+
+
+def inner(a: TT, b: TT) -> jax.Array:
+  """Frobenius inner product ``sum(to_dense(a) * to_dense(b))`` without dense tensors.
+
+  Complexity:
+    O(d n r^3) for ranks r on both sides.
+  """
+  _check_same_modes("inner", a, b)
+  v = jnp.ones((1, 1), dtype=jnp.result_type(a.dtype, b.dtype))
+  for x, y in zip(as_tt(a).cores, as_tt(b).cores):
+    v = jnp.einsum("ab,anc,bnd->cd", v, x, y, optimize=True)
+  return v[0, 0]
+
+
+def norm(tt: TT) -> jax.Array:
+  """Frobenius norm, ``sqrt(inner(tt, tt))``.
+
+  The squared norm is accumulated in the cores' dtype, so for a difference
+  of two nearly equal tensors the result is accurate only to about
+  ``sqrt(eps) * ||a||``; compare dense tensors or round first where that matters.
+  """
+  check_tt("norm", "tt", tt)
+  return jnp.sqrt(jnp.maximum(inner(tt, tt), 0))
