@@ -72,7 +72,7 @@ def test_tt_svd_rtol_under_jit_is_masked_buffer_equal_to_eager(rng):
 
 def test_tt_svd_error_falls_as_rank_grows(rng):
   x = rng.standard_normal((4, 6, 5, 6))
-  errs = [rel_err(tt_full(tnjax.tt_svd(x, max_rank=r).cores), x) for r in range(1, 25)]
+  errs = [rel_err(tt_full(tnjax.tt_svd(x, max_rank=r).cores), x) for r in (1, 2, 3, 5, 8, 13, 30)]
   assert all(b <= a + 1e-12 for a, b in zip(errs, errs[1:]))
   assert errs[-1] < 1e-10
 
@@ -231,7 +231,7 @@ def test_truncate_rtol_bound_and_cap(rng, jit):
   x = low_rank_tensor(rng, (5, 6, 5, 6), rank=5, noise=0.2)
   tt = tnjax.tt_svd(x)
   for rtol in (0.05, 0.3):
-    out = (jax.jit(lambda t: tnjax.truncate(t, rtol=rtol)) if jit else lambda t: tnjax.truncate(t, rtol=rtol))(tt)
+    out = _maybe_jit(tnjax.truncate, jit, rtol=rtol)(tt)
     assert rel_err(tt_full(out.cores), x) <= rtol * (1 + 1e-9)
   capped = tnjax.truncate(tt, max_rank=2)
   assert max(capped.ranks) == 2

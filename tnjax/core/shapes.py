@@ -53,7 +53,7 @@ def _best_split(m: int, d: int, bound: int) -> tuple[int, ...] | None:
   return None if best is None else best[1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def factorize(n: int, d: int) -> tuple[int, ...]:
   """Splits a size into d balanced factors whose product is >= n, with the least padding.
 
