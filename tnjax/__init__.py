@@ -10,6 +10,7 @@ from tnjax.core import (
     TTMatrix,
     add,
     factorize,
+    gather_rows,
     inner,
     matvec,
     matvec_plan,
@@ -19,6 +20,7 @@ from tnjax.core import (
     random_ttm,
     scale,
     to_dense,
+    transpose,
     truncate,
     tt_svd,
     ttm_svd,
@@ -30,5 +32,5 @@ __all__ = [
     "TensorTrain", "TTMatrix",
     "tt_svd", "ttm_svd", "truncate", "orthogonalize",
     "to_dense", "matvec", "matvec_plan", "add", "scale", "inner", "norm",
-    "random_tt", "random_ttm", "factorize",
+    "random_tt", "random_ttm", "factorize", "transpose", "gather_rows",
 ]

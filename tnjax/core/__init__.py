@@ -2,6 +2,7 @@
 
 from tnjax.core.decompositions import orthogonalize, truncate, tt_svd, ttm_svd
 from tnjax.core.initializers import random_tt, random_ttm
+from tnjax.core.linear import gather_rows, transpose
 from tnjax.core.ops import add, inner, matvec, matvec_plan, norm, scale, to_dense
 from tnjax.core.shapes import factorize
 from tnjax.core.tensor_train import TensorTrain, TTMatrix
@@ -10,5 +11,5 @@ __all__ = [
     "TensorTrain", "TTMatrix",
     "tt_svd", "ttm_svd", "truncate", "orthogonalize",
     "to_dense", "matvec", "matvec_plan", "add", "scale", "inner", "norm",
-    "random_tt", "random_ttm", "factorize",
+    "random_tt", "random_ttm", "factorize", "transpose", "gather_rows",
 ]

@@ -1,0 +1,279 @@
+"""TT-matrix layers' math: contraction paths, a cost model choosing between them, row gathers.
+
+A TTM layer computes ``x @ W`` for ``W = to_dense(ttm)``. Two ways:
+
+* ``"dense"``: rebuild ``W`` from the cores (a chain of d - 1 small
+  contractions), then one matmul. Autodiff of this path forms the full weight
+  gradient ``x^T g`` once and projects it onto the cores, the backward of the
+  TTM GPT-2 paper. Fast when tokens >> parameters.
+* ``"direct"``: absorb the cores into ``x`` one at a time, never forming
+  ``W``. The order (which core first, growing a connected run of absorbed
+  cores) is chosen by the cost model. Its backward (:func:`matvec_direct`'s
+  ``custom_vjp``) keeps only ``x`` and the cores as residuals and recomputes
+  the intermediates, so activation memory stays near a dense layer's.
+
+The cost model estimates time as a roofline per contraction step,
+``max(flops / peak_flops, bytes / bandwidth) + launch``, summed over steps,
+where bytes count every operand read and result written. Defaults describe an
+H100 in bf16 (:data:`H100`). ``"auto"`` picks the path with the smaller
+forward estimate (backward costs scale alike for both).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import opt_einsum
+
+from tnjax.core.tensor_train import TTMatrix
+
+
+class CostModel(NamedTuple):
+  """Roofline constants: peak FLOP/s, memory bytes/s, seconds per kernel launch, bytes per element."""
+
+  peak_flops: float = 4.0e14
+  bandwidth: float = 2.5e12
+  launch: float = 4.0e-6
+  itemsize: int = 2
+
+
+H100 = CostModel()
+
+PATHS = ("auto", "dense", "direct")
+
+
+def transpose(ttm: TTMatrix) -> TTMatrix:
+  """The TT-matrix of ``W.T``: swaps each core's input and output modes."""
+  return TTMatrix(tuple(c.transpose(0, 2, 1, 3) for c in ttm.cores))
+
+
+def _step_seconds(flops: float, elements: float, cost: CostModel) -> float:
+  return max(flops / cost.peak_flops, elements * cost.itemsize / cost.bandwidth) + cost.launch
+
+
+def _connected_orders(d: int):
+  """Orders of absorbing d cores where each new core is next to the absorbed run."""
+  for first in range(d):
+    # a run grows left or right; choose which side at each of the d - 1 steps
+    for sides in itertools.product((0, 1), repeat=d - 1):
+      lo = hi = first
+      order, ok = [first], True
+      for side in sides:
+        if side == 0:
+          lo -= 1
+          ok &= lo >= 0
+          order.append(lo)
+        else:
+          hi += 1
+          ok &= hi < d
+          order.append(hi)
+      if ok:
+        yield tuple(order)
+
+
+def _direct_steps(shapes: tuple[tuple[int, ...], ...], batch: int, order: tuple[int, ...]):
+  """(flops, elements read and written) of each absorption step, in order.
+
+  Before a step the state holds the batch, the in-modes not yet absorbed, the
+  out-modes absorbed so far and the two open bonds at the ends of the absorbed
+  run. Absorbing core k sums over its in-mode and the bond it shares with the
+  run, and adds its out-mode and its outer bond(s).
+  """
+  d = len(shapes)
+  done: list[int] = []
+  steps = []
+  for k in order:
+    r, i, o, r_next = shapes[k]
+    rest_in = math.prod(shapes[j][1] for j in range(d) if j not in done)
+    outs = math.prod(shapes[j][2] for j in done)
+    bonds = shapes[min(done)][0] * shapes[max(done)][3] if done else 1
+    state = batch * rest_in * outs * bonds
+    if not done:
+      added = r * r_next
+    else:
+      added = r if k < min(done) else r_next
+    done.append(k)
+    new = batch * (rest_in // i) * outs * o * shapes[min(done)][0] * shapes[max(done)][3]
+    steps.append((2 * state * o * added, state + r * i * o * r_next + new))
+  return steps
+
+
+@functools.lru_cache(maxsize=512)
+def _best_direct(shapes: tuple[tuple[int, ...], ...], batch: int, cost: CostModel):
+  best = None
+  for order in _connected_orders(len(shapes)):
+    seconds = sum(_step_seconds(f, e, cost) for f, e in _direct_steps(shapes, batch, order))
+    if best is None or seconds < best[0]:
+      best = (seconds, order)
+  return best
+
+
+def _dense_seconds(shapes: tuple[tuple[int, ...], ...], batch: int, cost: CostModel) -> float:
+  seconds, left = 0.0, shapes[0][1] * shapes[0][2] * shapes[0][3]
+  for r, i, o, r_next in shapes[1:]:
+    new = left // r * i * o * r_next
+    seconds += _step_seconds(2 * (left // r) * r * i * o * r_next, left + r * i * o * r_next + new, cost)
+    left = new
+  m = math.prod(s[1] for s in shapes)
+  n = math.prod(s[2] for s in shapes)
+  return seconds + _step_seconds(2 * batch * m * n, batch * m + m * n + batch * n, cost)
+
+
+def path_costs(ttm: TTMatrix, batch: int, cost: CostModel = H100) -> dict[str, float]:
+  """Estimated forward seconds of each path for ``batch`` rows (see the module docstring)."""
+  shapes = tuple(c.shape for c in ttm.cores)
+  return {"dense": _dense_seconds(shapes, batch, cost), "direct": _best_direct(shapes, batch, cost)[0]}
+
+
+def choose_path(ttm: TTMatrix, batch: int, cost: CostModel = H100) -> str:
+  """``"dense"`` or ``"direct"``, whichever the cost model says is faster for ``batch`` rows."""
+  costs = path_costs(ttm, batch, cost)
+  return "dense" if costs["dense"] < costs["direct"] else "direct"
+
+
+def _labels(d: int):
+  sym = opt_einsum.get_symbol
+  return sym(0), [sym(1 + k) for k in range(d)], [sym(1 + d + k) for k in range(d)], \
+      [sym(1 + 2 * d + k) for k in range(d + 1)]
+
+
+def _direct_impl(cores: tuple[jax.Array, ...], x: jax.Array, order: tuple[int, ...], precision) -> jax.Array:
+  d = len(cores)
+  b, ins, outs, bonds = _labels(d)
+
+  def canonical(done):
+    lab = [b] + [ins[j] for j in range(d) if j not in done] + [outs[j] for j in sorted(done)]
+    return lab + ([bonds[min(done)], bonds[max(done) + 1]] if done else [])
+
+  state = x.reshape((x.shape[0],) + tuple(c.shape[1] for c in cores))
+  done: list[int] = []
+  for k in order:
+    before = canonical(done)
+    done.append(k)
+    core = [bonds[k], ins[k], outs[k], bonds[k + 1]]
+    state = jnp.einsum(f"{''.join(before)},{''.join(core)}->{''.join(canonical(done))}", state, cores[k],
+                       precision=precision)
+  return state.reshape(x.shape[0], -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _direct(cores, x, order, precision):
+  return _direct_impl(cores, x, order, precision)
+
+
+def _direct_fwd(cores, x, order, precision):
+  return _direct_impl(cores, x, order, precision), (cores, x)
+
+
+def _direct_bwd(order, precision, residuals, g):
+  # Only x and the cores were kept: the intermediates are recomputed here,
+  # live only during this backward step, and are freed before the next layer's.
+  cores, x = residuals
+  _, vjp = jax.vjp(lambda c, x: _direct_impl(c, x, order, precision), cores, x)
+  return vjp(g)
+
+
+_direct.defvjp(_direct_fwd, _direct_bwd)
+
+
+def _as_rows(fn: str, ttm: TTMatrix, x: jax.Array) -> jax.Array:
+  if not isinstance(ttm, TTMatrix):
+    raise ValueError(f"{fn}: ttm is a {type(ttm).__name__} but a TTMatrix is expected")
+  rows = ttm.shape[0]
+  if x.ndim == 0 or x.shape[-1] != rows:
+    got = f"x.shape[-1]={x.shape[-1]}" if x.ndim else "x.shape=()"
+    raise ValueError(f"{fn}: {got} but prod(in_dims)={rows} (in_dims={ttm.in_dims})")
+  return x.reshape(-1, rows)
+
+
+def matvec_direct(ttm: TTMatrix, x: jax.Array, *, order: tuple[int, ...] | None = None, precision=None,
+                  cost: CostModel = H100) -> jax.Array:
+  """``x @ to_dense(ttm)`` by absorbing cores into x one at a time; W is never formed.
+
+  Args:
+    ttm: cores (r[k], n_in[k], n_out[k], r[k+1]).
+    x: (..., prod(in_dims)).
+    order: which cores to absorb first (a connected order, e.g. (0, 1, 2) or
+      (1, 2, 0)); by default the cheapest under ``cost`` for this batch.
+    precision: passed to each einsum.
+    cost: the cost model used to pick ``order``.
+
+  Returns:
+    (..., prod(out_dims)). Its VJP keeps only ``x`` and the cores.
+  """
+  fn = "matvec_direct"
+  rows = _as_rows(fn, ttm, x)
+  shapes = tuple(c.shape for c in ttm.cores)
+  if order is None:
+    order = _best_direct(shapes, rows.shape[0], cost)[1]
+  elif tuple(sorted(order)) != tuple(range(ttm.ndim)) or tuple(order) not in set(_connected_orders(ttm.ndim)):
+    raise ValueError(f"{fn}: order={order!r} but a connected order of cores 0..{ttm.ndim - 1} is expected "
+                     "(each core next to those already absorbed)")
+  return _direct(tuple(ttm.cores), rows, tuple(order), precision).reshape(x.shape[:-1] + (ttm.shape[1],))
+
+
+def matvec_dense(ttm: TTMatrix, x: jax.Array, *, precision=None) -> jax.Array:
+  """``x @ to_dense(ttm)`` by rebuilding W, then one matmul (autodiff projects dW onto the cores)."""
+  from tnjax.core.ops import to_dense
+
+  rows = _as_rows("matvec_dense", ttm, x)
+  out = jnp.matmul(rows, to_dense(ttm), precision=precision)
+  return out.reshape(x.shape[:-1] + (ttm.shape[1],))
+
+
+def linear(ttm: TTMatrix, x: jax.Array, *, path: str = "auto", precision=None, cost: CostModel = H100) -> jax.Array:
+  """``x @ to_dense(ttm)`` by the path given, or by the cost model's choice for this many rows.
+
+  Args:
+    ttm: the weight, (prod(in_dims), prod(out_dims)) as a TTMatrix.
+    x: (..., prod(in_dims)).
+    path: "auto", "dense" or "direct" (static).
+    precision: passed to the contractions.
+    cost: roofline constants for "auto" (and the direct order).
+
+  Raises:
+    ValueError: on an unknown path or a shape mismatch.
+  """
+  if path not in PATHS:
+    raise ValueError(f"linear: path={path!r} but one of {PATHS} is expected")
+  if path == "auto":
+    path = choose_path(ttm, math.prod(_as_rows("linear", ttm, x).shape[:-1]), cost)
+  if path == "dense":
+    return matvec_dense(ttm, x, precision=precision)
+  return matvec_direct(ttm, x, precision=precision, cost=cost)
+
+
+def gather_rows(ttm: TTMatrix, ids: jax.Array) -> jax.Array:
+  """Rows ``to_dense(ttm)[ids]`` without forming the matrix: per id, slice each core and contract.
+
+  Args:
+    ttm: cores (r[k], n_in[k], n_out[k], r[k+1]); row index digits are read
+      row-major over ``in_dims``.
+    ids: integer array of any shape, values in [0, prod(in_dims)).
+
+  Returns:
+    ids.shape + (prod(out_dims),).
+
+  Complexity:
+    Per id, sum over k of prod(out_dims[:k+1]) * r[k] * r[k+1] multiply-adds;
+    memory per id is O(prod(out_dims) * r), never O(rows).
+  """
+  ids = jnp.asarray(ids)
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"gather_rows: ids.dtype={ids.dtype} but an integer dtype is expected")
+  flat = ids.reshape(-1)
+  radix = [math.prod(ttm.in_dims[k + 1:]) for k in range(ttm.ndim)]
+  out = None
+  for k, core in enumerate(ttm.cores):
+    digit = (flat // radix[k]) % ttm.in_dims[k]
+    piece = jnp.take(core, digit, axis=1)  # (r, tokens, o, r')
+    if out is None:
+      out = piece[0]  # (tokens, o, r')
+    else:
+      out = jnp.einsum("tpa,atob->tpob", out, piece).reshape(flat.shape[0], -1, core.shape[-1])
+  return out.reshape(ids.shape + (ttm.shape[1],))

@@ -1,0 +1,375 @@
+"""Flax NNX layers over the core: TT-matrix (MPO) linear, TT embedding with a tied head, low-rank linear.
+
+Each module is a thin wrapper: parameters are held as NNX variables and the
+math is the core's pure functions (:mod:`tnjax.core.linear`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tnjax.core import _checks
+from tnjax.core.decompositions import tt_svd, ttm_svd
+from tnjax.core.initializers import random_ttm
+from tnjax.core.linear import H100, PATHS, CostModel, gather_rows, linear, transpose
+from tnjax.core.ops import to_dense
+from tnjax.core.shapes import factorize
+from tnjax.core.tensor_train import TTMatrix
+
+
+class TTParam(nnx.Param):
+  """A core of a tensor-train layer. Subclasses ``nnx.Param``, so optimizers see it as a
+  parameter while filters (``nnx.All(TTParam)``, optax masks) can single out TT cores."""
+
+
+def _check_path(fn: str, path: str) -> str:
+  if path not in PATHS:
+    raise ValueError(f"{fn}: path={path!r} but one of {PATHS} is expected")
+  return path
+
+
+def _layer_dims(fn: str, features: int, dims, num_cores: int, name: str, features_name: str) -> tuple[int, ...]:
+  """Dims for a feature size: given (checked to cover it) or factorized."""
+  if dims is None:
+    return factorize(features, num_cores)
+  dims = _checks.check_dims(fn, name, dims)
+  if math.prod(dims) < features:
+    raise ValueError(f"{fn}: prod({name})={math.prod(dims)} but {features_name}={features}; "
+                     f"expected prod({name}) >= {features_name} ({name}={dims})")
+  return dims
+
+
+def _pad_last(x: jax.Array, size: int) -> jax.Array:
+  if x.shape[-1] == size:
+    return x
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+
+
+def _check_features(fn: str, x: jax.Array, features: int, name: str) -> None:
+  if x.ndim == 0 or x.shape[-1] != features:
+    got = f"x.shape[-1]={x.shape[-1]}" if x.ndim else "x.shape=()"
+    raise ValueError(f"{fn}: {got} but {name}={features}")
+
+
+def _cores_to_params(ttm: TTMatrix, param_dtype) -> nnx.List:
+  return nnx.List([TTParam(jnp.asarray(c, param_dtype)) for c in ttm.cores])
+
+
+class TTMLinear(nnx.Module):
+  """A dense layer whose kernel is a TT-matrix: the TTM layer of the TTM GPT-2 paper, the MPO layer of CompactifAI.
+
+  The kernel ``W`` (in_features x out_features) is held as cores
+  ``(r[k], n_in[k], n_out[k], r[k+1])`` with ``prod(in_dims) >= in_features``
+  and ``prod(out_dims) >= out_features``. Inputs are zero-padded to
+  ``prod(in_dims)`` and outputs sliced back to ``out_features``, so padding
+  never shows in outputs; :attr:`kernel` returns the unpadded dense W.
+
+  Args:
+    in_features, out_features: layer sizes.
+    rank: TT rank, an int (capped per bond at its useful maximum) or d - 1 ints.
+    in_dims, out_dims: core mode sizes; default ``factorize(features, num_cores)``.
+    num_cores: d, used when dims are not given.
+    use_bias: add a bias (zeros at init).
+    path: "auto" (cost model, per token count at trace time), "dense"
+      (rebuild W, one matmul) or "direct" (core by core, W never formed); see
+      :mod:`tnjax.core.linear`.
+    dtype: computation dtype (e.g. bfloat16); None keeps the input's.
+    param_dtype: dtype of cores and bias.
+    kernel_std: std of the dense-equivalent W at init; default
+      ``1 / sqrt(in_features)``, as ``nnx.Linear``'s lecun-normal init.
+    cost: roofline constants for "auto".
+    precision: passed to the contractions.
+    rngs: ``nnx.Rngs``; needed unless ``ttm`` is given.
+    ttm: existing cores to wrap (e.g. from ``ttm_svd``) instead of a random init.
+
+  Example:
+    >>> from flax import nnx
+    >>> layer = TTMLinear(768, 3072, rank=16, rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((2, 768))).shape, layer.in_dims, layer.out_dims
+    ((2, 3072), (8, 8, 12), (12, 16, 16))
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, rank=None, in_dims=None, out_dims=None,
+               num_cores: int = 3, use_bias: bool = True, path: str = "auto", dtype=None,
+               param_dtype=jnp.float32, kernel_std: float | None = None, cost: CostModel = H100,
+               precision=None, rngs: nnx.Rngs | None = None, ttm: TTMatrix | None = None):
+    fn = "TTMLinear"
+    self.in_features = _checks.check_positive_int(fn, "in_features", in_features)
+    self.out_features = _checks.check_positive_int(fn, "out_features", out_features)
+    self.path = _check_path(fn, path)
+    self.dtype, self.cost, self.precision = dtype, cost, precision
+    if ttm is None:
+      if rank is None or rngs is None:
+        raise ValueError(f"{fn}: rank={rank!r}, rngs={rngs!r} but both are needed for a random init "
+                         "(or pass ttm=)")
+      in_dims = _layer_dims(fn, in_features, in_dims, num_cores, "in_dims", "in_features")
+      out_dims = _layer_dims(fn, out_features, out_dims, len(in_dims), "out_dims", "out_features")
+      std = 1.0 / math.sqrt(in_features) if kernel_std is None else kernel_std
+      ttm = random_ttm(rngs.params(), in_dims, out_dims, rank, std=std, dtype=param_dtype)
+    elif not isinstance(ttm, TTMatrix):
+      raise ValueError(f"{fn}: ttm is a {type(ttm).__name__} but a TTMatrix is expected")
+    elif ttm.shape[0] < in_features or ttm.shape[1] < out_features:
+      raise ValueError(f"{fn}: ttm.shape={ttm.shape} but it must cover (in_features, out_features)="
+                       f"({in_features}, {out_features})")
+    self.cores = _cores_to_params(ttm, param_dtype)
+    self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+  @classmethod
+  def from_dense(cls, kernel, bias=None, *, rank=None, rtol=None, in_dims=None, out_dims=None,
+                 num_cores: int = 3, **kwargs) -> TTMLinear:
+    """A layer whose kernel is ``ttm_svd(kernel, ..., max_rank=rank, rtol=rtol)``.
+
+    With neither rank nor rtol the decomposition is exact (full rank).
+    ``kwargs`` go to the constructor (path, dtype, param_dtype, ...).
+    """
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != 2:
+      raise ValueError(f"TTMLinear.from_dense: kernel.shape={kernel.shape} but a 2-d (in, out) kernel is expected")
+    m, n = kernel.shape
+    in_dims = _layer_dims("TTMLinear.from_dense", m, in_dims, num_cores, "in_dims", "kernel.shape[0]")
+    out_dims = _layer_dims("TTMLinear.from_dense", n, out_dims, len(in_dims), "out_dims", "kernel.shape[1]")
+    layer = cls(m, n, ttm=ttm_svd(kernel, in_dims, out_dims, max_rank=rank, rtol=rtol),
+                use_bias=bias is not None, **kwargs)
+    if bias is not None:
+      layer.bias[...] = jnp.asarray(bias, layer.bias.dtype).reshape(n)
+    return layer
+
+  @property
+  def ttm(self) -> TTMatrix:
+    return TTMatrix(tuple(c[...] for c in self.cores))
+
+  @property
+  def in_dims(self) -> tuple[int, ...]:
+    return tuple(c.shape[1] for c in self.cores)
+
+  @property
+  def out_dims(self) -> tuple[int, ...]:
+    return tuple(c.shape[2] for c in self.cores)
+
+  @property
+  def ranks(self) -> tuple[int, ...]:
+    return self.ttm.ranks
+
+  @property
+  def num_params(self) -> int:
+    """Parameters stored: cores plus bias."""
+    return self.ttm.num_params + (self.out_features if self.bias is not None else 0)
+
+  @property
+  def kernel(self) -> jax.Array:
+    """The dense-equivalent (in_features, out_features) kernel, padding removed."""
+    return to_dense(self.ttm)[: self.in_features, : self.out_features]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _check_features("TTMLinear", x, self.in_features, "in_features")
+    ttm, bias = self.ttm, None if self.bias is None else self.bias[...]
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+      ttm = jax.tree_util.tree_map(lambda c: c.astype(self.dtype), ttm)
+      bias = None if bias is None else bias.astype(self.dtype)
+    y = linear(ttm, _pad_last(x, ttm.shape[0]), path=self.path, precision=self.precision, cost=self.cost)
+    y = y[..., : self.out_features]
+    return y if bias is None else y + bias
+
+
+class TTEmbedding(nnx.Module):
+  """A token embedding whose (num_embeddings, features) table is a TT-matrix.
+
+  A lookup gathers, per token, one slice of each core and contracts them: the
+  table is never built in the forward pass. :meth:`attend` computes
+  ``x @ E.T`` for a tied LM head. Vocabularies that do not factor (50257) are
+  padded to ``prod(vocab_dims)``; padding rows are never returned.
+
+  Args:
+    num_embeddings: vocabulary size.
+    features: embedding width.
+    rank: TT rank (int or d - 1 ints).
+    vocab_dims, feature_dims: core mode sizes (defaults: ``factorize``).
+    num_cores: d, used when dims are not given.
+    std: std of the dense-equivalent table at init; default
+      ``1 / sqrt(features)``, as ``nnx.Embed``. GPT-2 uses 0.02.
+    path: contraction path of :meth:`attend` ("auto", "dense", "direct").
+    dtype, param_dtype, cost, precision, rngs: as :class:`TTMLinear`.
+    ttm: existing cores of shape (prod(vocab_dims), prod(feature_dims)).
+
+  Example:
+    >>> from flax import nnx
+    >>> emb = TTEmbedding(50257, 768, rank=32, rngs=nnx.Rngs(0))
+    >>> emb(jnp.array([[0, 50256]])).shape, emb.vocab_dims
+    ((1, 2, 768), (27, 38, 49))
+  """
+
+  def __init__(self, num_embeddings: int, features: int, *, rank=None, vocab_dims=None, feature_dims=None,
+               num_cores: int = 3, std: float | None = None, path: str = "auto", dtype=None,
+               param_dtype=jnp.float32, cost: CostModel = H100, precision=None,
+               rngs: nnx.Rngs | None = None, ttm: TTMatrix | None = None):
+    fn = "TTEmbedding"
+    self.num_embeddings = _checks.check_positive_int(fn, "num_embeddings", num_embeddings)
+    self.features = _checks.check_positive_int(fn, "features", features)
+    self.path = _check_path(fn, path)
+    self.dtype, self.cost, self.precision = dtype, cost, precision
+    if ttm is None:
+      if rank is None or rngs is None:
+        raise ValueError(f"{fn}: rank={rank!r}, rngs={rngs!r} but both are needed for a random init "
+                         "(or pass ttm=)")
+      vocab_dims = _layer_dims(fn, num_embeddings, vocab_dims, num_cores, "vocab_dims", "num_embeddings")
+      feature_dims = _layer_dims(fn, features, feature_dims, len(vocab_dims), "feature_dims", "features")
+      std = 1.0 / math.sqrt(features) if std is None else std
+      ttm = random_ttm(rngs.params(), vocab_dims, feature_dims, rank, std=std, dtype=param_dtype)
+    elif not isinstance(ttm, TTMatrix):
+      raise ValueError(f"{fn}: ttm is a {type(ttm).__name__} but a TTMatrix is expected")
+    elif ttm.shape[0] < num_embeddings or ttm.shape[1] < features:
+      raise ValueError(f"{fn}: ttm.shape={ttm.shape} but it must cover (num_embeddings, features)="
+                       f"({num_embeddings}, {features})")
+    self.cores = _cores_to_params(ttm, param_dtype)
+
+  @classmethod
+  def from_dense(cls, table, *, rank=None, rtol=None, vocab_dims=None, feature_dims=None, num_cores: int = 3,
+                 **kwargs) -> TTEmbedding:
+    """An embedding whose table is ``ttm_svd(table, ..., max_rank=rank, rtol=rtol)`` (exact by default)."""
+    table = jnp.asarray(table)
+    if table.ndim != 2:
+      raise ValueError(f"TTEmbedding.from_dense: table.shape={table.shape} but a 2-d (vocab, features) table "
+                       "is expected")
+    v, f = table.shape
+    vocab_dims = _layer_dims("TTEmbedding.from_dense", v, vocab_dims, num_cores, "vocab_dims", "table.shape[0]")
+    feature_dims = _layer_dims("TTEmbedding.from_dense", f, feature_dims, len(vocab_dims), "feature_dims",
+                               "table.shape[1]")
+    return cls(v, f, ttm=ttm_svd(table, vocab_dims, feature_dims, max_rank=rank, rtol=rtol), **kwargs)
+
+  @property
+  def ttm(self) -> TTMatrix:
+    return TTMatrix(tuple(c[...] for c in self.cores))
+
+  @property
+  def vocab_dims(self) -> tuple[int, ...]:
+    return tuple(c.shape[1] for c in self.cores)
+
+  @property
+  def feature_dims(self) -> tuple[int, ...]:
+    return tuple(c.shape[2] for c in self.cores)
+
+  @property
+  def num_params(self) -> int:
+    return self.ttm.num_params
+
+  @property
+  def embedding(self) -> jax.Array:
+    """The dense (num_embeddings, features) table, padding removed (for export; builds the table)."""
+    return to_dense(self.ttm)[: self.num_embeddings, : self.features]
+
+  def _compute_ttm(self) -> TTMatrix:
+    ttm = self.ttm
+    if self.dtype is not None:
+      ttm = jax.tree_util.tree_map(lambda c: c.astype(self.dtype), ttm)
+    return ttm
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    """Embeds integer ids of any shape into ``ids.shape + (features,)``.
+
+    Concrete ids outside [0, num_embeddings) raise; under jit (no values to
+    check) their rows are NaN, as ``nnx.Embed`` gives.
+    """
+    ids = jnp.asarray(ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise ValueError(f"TTEmbedding: ids.dtype={ids.dtype} but an integer dtype is expected")
+    valid = (ids >= 0) & (ids < self.num_embeddings)
+    if _checks.is_concrete(valid) and not bool(valid.all()):
+      bad = ids[~valid]
+      raise ValueError(f"TTEmbedding: ids contain {int(bad[0])} but 0 <= id < num_embeddings="
+                       f"{self.num_embeddings} is expected")
+    rows = gather_rows(self._compute_ttm(), jnp.where(valid, ids, 0))[..., : self.features]
+    return jnp.where(valid[..., None], rows, jnp.asarray(jnp.nan, rows.dtype))
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """Logits ``x @ E.T`` of shape (..., num_embeddings) for x of shape (..., features): the tied LM head."""
+    _check_features("TTEmbedding.attend", x, self.features, "features")
+    ttm_t = transpose(self._compute_ttm())
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    y = linear(ttm_t, _pad_last(x, ttm_t.shape[0]), path=self.path, precision=self.precision, cost=self.cost)
+    return y[..., : self.num_embeddings]
+
+
+class LowRankLinear(nnx.Module):
+  """A dense layer with kernel ``W = u @ v`` of rank r: the truncated-SVD baseline.
+
+  Args:
+    in_features, out_features: layer sizes.
+    rank: r, at most min(in_features, out_features).
+    use_bias, dtype, param_dtype, precision: as ``nnx.Linear``.
+    kernel_std: std of the dense-equivalent W at init (default ``1 / sqrt(in_features)``).
+    rngs: ``nnx.Rngs``; needed unless ``u`` and ``v`` are given.
+    u, v: existing factors of shapes (in_features, r) and (r, out_features).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, rank: int | None = None, use_bias: bool = True,
+               dtype=None, param_dtype=jnp.float32, kernel_std: float | None = None, precision=None,
+               rngs: nnx.Rngs | None = None, u=None, v=None):
+    fn = "LowRankLinear"
+    self.in_features = _checks.check_positive_int(fn, "in_features", in_features)
+    self.out_features = _checks.check_positive_int(fn, "out_features", out_features)
+    self.dtype, self.precision = dtype, precision
+    if u is None or v is None:
+      if rank is None or rngs is None:
+        raise ValueError(f"{fn}: rank={rank!r}, rngs={rngs!r} but both are needed for a random init "
+                         "(or pass u= and v=)")
+      rank = _checks.check_positive_int(fn, "rank", rank)
+      if rank > min(in_features, out_features):
+        raise ValueError(f"{fn}: rank={rank} but min(in_features, out_features)="
+                         f"{min(in_features, out_features)}; expected rank <= that")
+      std = 1.0 / math.sqrt(in_features) if kernel_std is None else kernel_std
+      # Var(W) = r * s_u^2 * s_v^2 = std^2 with equal factor scales.
+      s = (std * std / rank) ** 0.25
+      ku, kv = jax.random.split(rngs.params())
+      u = s * jax.random.normal(ku, (in_features, rank), param_dtype)
+      v = s * jax.random.normal(kv, (rank, out_features), param_dtype)
+    u, v = jnp.asarray(u, param_dtype), jnp.asarray(v, param_dtype)
+    if u.shape[0] != in_features or v.shape[1] != out_features or u.shape[1] != v.shape[0]:
+      raise ValueError(f"{fn}: u.shape={u.shape}, v.shape={v.shape} but (in_features, r) and (r, out_features)"
+                       f" = ({in_features}, r), (r, {out_features}) are expected")
+    self.u, self.v = nnx.Param(u), nnx.Param(v)
+    self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+  @classmethod
+  def from_dense(cls, kernel, bias=None, *, rank=None, rtol=None, **kwargs) -> LowRankLinear:
+    """Truncated SVD of ``kernel`` (rank cap and/or relative Frobenius tolerance, as :func:`tt_svd`),
+    split as ``u = U sqrt(S)``, ``v = sqrt(S) V^T``."""
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != 2:
+      raise ValueError(f"LowRankLinear.from_dense: kernel.shape={kernel.shape} but a 2-d (in, out) kernel "
+                       "is expected")
+    left, right = tt_svd(kernel, max_rank=rank, rtol=rtol).cores
+    sv = right[..., 0]  # (r, out) = S V^T, rows scaled by the singular values
+    root = jnp.sqrt(jnp.linalg.norm(sv, axis=1))
+    safe = jnp.where(root > 0, root, 1)
+    layer = cls(*kernel.shape, u=left[0] * root[None, :], v=sv / safe[:, None], use_bias=bias is not None,
+                **kwargs)
+    if bias is not None:
+      layer.bias[...] = jnp.asarray(bias, layer.bias.dtype).reshape(kernel.shape[1])
+    return layer
+
+  @property
+  def rank(self) -> int:
+    return self.u.shape[1]
+
+  @property
+  def num_params(self) -> int:
+    return self.rank * (self.in_features + self.out_features) + (self.out_features if self.bias is not None else 0)
+
+  @property
+  def kernel(self) -> jax.Array:
+    return self.u[...] @ self.v[...]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _check_features("LowRankLinear", x, self.in_features, "in_features")
+    u, v, bias = self.u[...], self.v[...], None if self.bias is None else self.bias[...]
+    if self.dtype is not None:
+      x, u, v = x.astype(self.dtype), u.astype(self.dtype), v.astype(self.dtype)
+      bias = None if bias is None else bias.astype(self.dtype)
+    y = jnp.matmul(jnp.matmul(x, u, precision=self.precision), v, precision=self.precision)
+    return y if bias is None else y + bias
