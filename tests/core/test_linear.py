@@ -93,17 +93,23 @@ def test_transpose_and_gather_rows(rng):
   ids = jnp.asarray(rng.integers(0, 60, size=(4, 7)))
   np.testing.assert_allclose(L.gather_rows(w, ids), dense[np.asarray(ids)], atol=1e-12)
   np.testing.assert_allclose(jax.jit(L.gather_rows)(w, ids[0]), dense[np.asarray(ids[0])], atol=1e-12)
+  one = _ttm(4, (9,), (4,), 1)
+  np.testing.assert_allclose(L.gather_rows(one, ids[0] % 9), ttm_full(one.cores)[np.asarray(ids[0]) % 9])
+  four = _ttm(5, (2, 3, 2, 2), (2, 2, 3, 2), 3)
+  np.testing.assert_allclose(L.gather_rows(four, ids % 24), ttm_full(four.cores)[np.asarray(ids) % 24], atol=1e-12)
 
 
-def test_gather_rows_never_builds_the_table():
-  def largest(vocab_dims):
-    w = tnjax.random_ttm(jax.random.key(0), vocab_dims, (8, 8, 12), rank=32)
-    jaxpr = jax.make_jaxpr(L.gather_rows)(w, jnp.zeros((4, 16), jnp.int32))
-    return max(np.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars)
+@pytest.mark.parametrize("vocab_dims", [(27, 38, 49), (54, 76, 98)])
+def test_gather_rows_never_builds_the_table(vocab_dims):
+  w = tnjax.random_ttm(jax.random.key(0), vocab_dims, (8, 8, 12), rank=32)
+  jaxpr = jax.make_jaxpr(L.gather_rows)(w, jnp.zeros((4, 16), jnp.int32))
+  largest = max(np.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars)
+  assert largest < w.shape[0] * w.shape[1] / 10
 
-  small, big = largest((27, 38, 49)), largest((54, 76, 98))  # 8x the vocabulary
-  assert small == big  # intermediates scale with tokens and ranks, not with the vocabulary
-  assert small < 50274 * 768 / 50
+
+def test_gather_rows_split_balances_tables_and_tokens():
+  shapes = ((1, 27, 8, 64), (64, 38, 8, 64), (64, 49, 12, 1))
+  assert L._gather_split(shapes, 16) == 2  # a (1026, 64, 64) prefix and the last core
 
 
 def test_linear_errors():

@@ -248,32 +248,61 @@ def linear(ttm: TTMatrix, x: jax.Array, *, path: str = "auto", precision=None, c
   return matvec_direct(ttm, x, precision=precision, cost=cost)
 
 
+def _merge_run(cores) -> jax.Array:
+  """Contracts a run of TTM cores into one core (r_left, prod(in), prod(out), r_right)."""
+  out = cores[0]
+  for core in cores[1:]:
+    a, i, o, _ = out.shape
+    _, j, p, c = core.shape
+    out = jnp.einsum("aiob,bjpc->aijopc", out, core).reshape(a, i * j, o * p, c)
+  return out
+
+
+def _gather_split(shapes: tuple[tuple[int, ...], ...], tokens: int) -> int:
+  """The split s minimizing elements held: prefix table + suffix table + per-token gathered rows."""
+  def held(s):
+    pre_in, pre_out = math.prod(x[1] for x in shapes[:s]), math.prod(x[2] for x in shapes[:s])
+    suf_in, suf_out = math.prod(x[1] for x in shapes[s:]), math.prod(x[2] for x in shapes[s:])
+    r = shapes[s][0]
+    return pre_in * pre_out * r + r * suf_in * suf_out + tokens * r * (pre_out + suf_out)
+
+  return min(range(1, len(shapes)), key=held)
+
+
 def gather_rows(ttm: TTMatrix, ids: jax.Array) -> jax.Array:
-  """Rows ``to_dense(ttm)[ids]`` without forming the matrix: per id, slice each core and contract.
+  """Rows ``to_dense(ttm)[ids]`` without forming the matrix.
+
+  The cores are split at a bond s into a prefix and a suffix, each merged
+  into a small table (prefix: prod(in_dims[:s]) x prod(out_dims[:s]) x r[s];
+  suffix: r[s] x prod(in_dims[s:]) x prod(out_dims[s:])). Each id selects one
+  row of each table by its leading and trailing digits (row-major over
+  ``in_dims``), and the two rows are contracted over r[s]. The split is the
+  one holding the fewest elements for this many ids. For GPT-2's 50257 x 768
+  table at rank 32 the tables hold 2.1M elements, not 38.6M.
 
   Args:
-    ttm: cores (r[k], n_in[k], n_out[k], r[k+1]); row index digits are read
-      row-major over ``in_dims``.
+    ttm: cores (r[k], n_in[k], n_out[k], r[k+1]).
     ids: integer array of any shape, values in [0, prod(in_dims)).
 
   Returns:
     ids.shape + (prod(out_dims),).
 
   Complexity:
-    Per id, sum over k of prod(out_dims[:k+1]) * r[k] * r[k+1] multiply-adds;
-    memory per id is O(prod(out_dims) * r), never O(rows).
+    Building the tables, plus per id 2 * r[s] * prod(out_dims) FLOPs.
   """
   ids = jnp.asarray(ids)
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"gather_rows: ids.dtype={ids.dtype} but an integer dtype is expected")
+  if not isinstance(ttm, TTMatrix):
+    raise ValueError(f"gather_rows: ttm is a {type(ttm).__name__} but a TTMatrix is expected")
   flat = ids.reshape(-1)
-  radix = [math.prod(ttm.in_dims[k + 1:]) for k in range(ttm.ndim)]
-  out = None
-  for k, core in enumerate(ttm.cores):
-    digit = (flat // radix[k]) % ttm.in_dims[k]
-    piece = jnp.take(core, digit, axis=1)  # (r, tokens, o, r')
-    if out is None:
-      out = piece[0]  # (tokens, o, r')
-    else:
-      out = jnp.einsum("tpa,atob->tpob", out, piece).reshape(flat.shape[0], -1, core.shape[-1])
+  if ttm.ndim == 1:
+    return jnp.take(ttm.cores[0][0, :, :, 0], flat, axis=0).reshape(ids.shape + (ttm.shape[1],))
+  shapes = tuple(c.shape for c in ttm.cores)
+  s = _gather_split(shapes, flat.shape[0])
+  prefix = _merge_run(ttm.cores[:s])[0]  # (I1, O1, r)
+  suffix = _merge_run(ttm.cores[s:])[..., 0]  # (r, I2, O2)
+  rows = jnp.take(prefix, flat // suffix.shape[1], axis=0)  # (t, O1, r)
+  cols = jnp.take(suffix, flat % suffix.shape[1], axis=1)  # (r, t, O2)
+  out = jnp.einsum("tpr,rtq->tpq", rows, cols)
   return out.reshape(ids.shape + (ttm.shape[1],))

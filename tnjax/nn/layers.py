@@ -55,7 +55,36 @@ def _check_features(fn: str, x: jax.Array, features: int, name: str) -> None:
     raise ValueError(f"{fn}: {got} but {name}={features}")
 
 
-def _cores_to_params(ttm: TTMatrix, param_dtype) -> nnx.List:
+def _need_init(fn: str, rank, rngs, instead: str) -> None:
+  for name, value in (("rank", rank), ("rngs", rngs)):
+    if value is None:
+      raise ValueError(f"{fn}: {name}=None but a random init needs {name} (or pass {instead} instead)")
+
+
+def _add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
+  return y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
+def _core_params(cores) -> int:
+  return sum(math.prod(c.shape) for c in cores)
+
+
+def _make_cores(fn: str, rows: tuple, cols: tuple, *, rank, num_cores, std, param_dtype, rngs, ttm) -> nnx.List:
+  """Cores as TTParams: given ones (checked to cover the sizes) or a random init.
+
+  ``rows`` and ``cols`` are (size name, size, dims name, dims or None).
+  """
+  (rows_name, n_rows, row_dims_name, row_dims), (cols_name, n_cols, col_dims_name, col_dims) = rows, cols
+  if ttm is None:
+    _need_init(fn, rank, rngs, "ttm=")
+    row_dims = _layer_dims(fn, n_rows, row_dims, num_cores, row_dims_name, rows_name)
+    col_dims = _layer_dims(fn, n_cols, col_dims, len(row_dims), col_dims_name, cols_name)
+    ttm = random_ttm(rngs.params(), row_dims, col_dims, rank, std=std, dtype=param_dtype)
+  elif not isinstance(ttm, TTMatrix):
+    raise ValueError(f"{fn}: ttm is a {type(ttm).__name__} but a TTMatrix is expected")
+  elif ttm.shape[0] < n_rows or ttm.shape[1] < n_cols:
+    raise ValueError(f"{fn}: ttm.shape={ttm.shape} but it must cover ({rows_name}, {cols_name})="
+                     f"({n_rows}, {n_cols})")
   return nnx.List([TTParam(jnp.asarray(c, param_dtype)) for c in ttm.cores])
 
 
@@ -102,20 +131,10 @@ class TTMLinear(nnx.Module):
     self.out_features = _checks.check_positive_int(fn, "out_features", out_features)
     self.path = _check_path(fn, path)
     self.dtype, self.cost, self.precision = dtype, cost, precision
-    if ttm is None:
-      if rank is None or rngs is None:
-        raise ValueError(f"{fn}: rank={rank!r}, rngs={rngs!r} but both are needed for a random init "
-                         "(or pass ttm=)")
-      in_dims = _layer_dims(fn, in_features, in_dims, num_cores, "in_dims", "in_features")
-      out_dims = _layer_dims(fn, out_features, out_dims, len(in_dims), "out_dims", "out_features")
-      std = 1.0 / math.sqrt(in_features) if kernel_std is None else kernel_std
-      ttm = random_ttm(rngs.params(), in_dims, out_dims, rank, std=std, dtype=param_dtype)
-    elif not isinstance(ttm, TTMatrix):
-      raise ValueError(f"{fn}: ttm is a {type(ttm).__name__} but a TTMatrix is expected")
-    elif ttm.shape[0] < in_features or ttm.shape[1] < out_features:
-      raise ValueError(f"{fn}: ttm.shape={ttm.shape} but it must cover (in_features, out_features)="
-                       f"({in_features}, {out_features})")
-    self.cores = _cores_to_params(ttm, param_dtype)
+    std = 1.0 / math.sqrt(in_features) if kernel_std is None else kernel_std
+    self.cores = _make_cores(fn, ("in_features", in_features, "in_dims", in_dims),
+                             ("out_features", out_features, "out_dims", out_dims),
+                             rank=rank, num_cores=num_cores, std=std, param_dtype=param_dtype, rngs=rngs, ttm=ttm)
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
   @classmethod
@@ -152,12 +171,12 @@ class TTMLinear(nnx.Module):
 
   @property
   def ranks(self) -> tuple[int, ...]:
-    return self.ttm.ranks
+    return tuple(c.shape[0] for c in self.cores) + (1,)
 
   @property
   def num_params(self) -> int:
-    """Parameters stored: cores plus bias."""
-    return self.ttm.num_params + (self.out_features if self.bias is not None else 0)
+    """Parameters stored: cores plus bias (works on ``nnx.eval_shape`` results too)."""
+    return _core_params(self.cores) + (self.out_features if self.bias is not None else 0)
 
   @property
   def kernel(self) -> jax.Array:
@@ -173,7 +192,7 @@ class TTMLinear(nnx.Module):
       bias = None if bias is None else bias.astype(self.dtype)
     y = linear(ttm, _pad_last(x, ttm.shape[0]), path=self.path, precision=self.precision, cost=self.cost)
     y = y[..., : self.out_features]
-    return y if bias is None else y + bias
+    return _add_bias(y, bias)
 
 
 class TTEmbedding(nnx.Module):
@@ -212,20 +231,10 @@ class TTEmbedding(nnx.Module):
     self.features = _checks.check_positive_int(fn, "features", features)
     self.path = _check_path(fn, path)
     self.dtype, self.cost, self.precision = dtype, cost, precision
-    if ttm is None:
-      if rank is None or rngs is None:
-        raise ValueError(f"{fn}: rank={rank!r}, rngs={rngs!r} but both are needed for a random init "
-                         "(or pass ttm=)")
-      vocab_dims = _layer_dims(fn, num_embeddings, vocab_dims, num_cores, "vocab_dims", "num_embeddings")
-      feature_dims = _layer_dims(fn, features, feature_dims, len(vocab_dims), "feature_dims", "features")
-      std = 1.0 / math.sqrt(features) if std is None else std
-      ttm = random_ttm(rngs.params(), vocab_dims, feature_dims, rank, std=std, dtype=param_dtype)
-    elif not isinstance(ttm, TTMatrix):
-      raise ValueError(f"{fn}: ttm is a {type(ttm).__name__} but a TTMatrix is expected")
-    elif ttm.shape[0] < num_embeddings or ttm.shape[1] < features:
-      raise ValueError(f"{fn}: ttm.shape={ttm.shape} but it must cover (num_embeddings, features)="
-                       f"({num_embeddings}, {features})")
-    self.cores = _cores_to_params(ttm, param_dtype)
+    std = 1.0 / math.sqrt(features) if std is None else std
+    self.cores = _make_cores(fn, ("num_embeddings", num_embeddings, "vocab_dims", vocab_dims),
+                             ("features", features, "feature_dims", feature_dims),
+                             rank=rank, num_cores=num_cores, std=std, param_dtype=param_dtype, rngs=rngs, ttm=ttm)
 
   @classmethod
   def from_dense(cls, table, *, rank=None, rtol=None, vocab_dims=None, feature_dims=None, num_cores: int = 3,
@@ -255,7 +264,7 @@ class TTEmbedding(nnx.Module):
 
   @property
   def num_params(self) -> int:
-    return self.ttm.num_params
+    return _core_params(self.cores)
 
   @property
   def embedding(self) -> jax.Array:
@@ -315,9 +324,7 @@ class LowRankLinear(nnx.Module):
     self.out_features = _checks.check_positive_int(fn, "out_features", out_features)
     self.dtype, self.precision = dtype, precision
     if u is None or v is None:
-      if rank is None or rngs is None:
-        raise ValueError(f"{fn}: rank={rank!r}, rngs={rngs!r} but both are needed for a random init "
-                         "(or pass u= and v=)")
+      _need_init(fn, rank, rngs, "u= and v=")
       rank = _checks.check_positive_int(fn, "rank", rank)
       if rank > min(in_features, out_features):
         raise ValueError(f"{fn}: rank={rank} but min(in_features, out_features)="
@@ -372,4 +379,4 @@ class LowRankLinear(nnx.Module):
       x, u, v = x.astype(self.dtype), u.astype(self.dtype), v.astype(self.dtype)
       bias = None if bias is None else bias.astype(self.dtype)
     y = jnp.matmul(jnp.matmul(x, u, precision=self.precision), v, precision=self.precision)
-    return y if bias is None else y + bias
+    return _add_bias(y, bias)
