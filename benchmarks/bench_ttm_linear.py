@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 
 import tnjax
-from _common import emit, environment, time_call
 from tnjax.core import linear as L
+
+from _common import emit, environment, time_call
 
 
 def main():
@@ -59,7 +60,7 @@ def main():
           if mode == "fwd":
             run = jax.jit(f)
           else:
-            run = jax.jit(jax.grad(lambda p, x, f=f: jnp.sum((f(p, x) * g).astype(jnp.float32)), argnums=(0, 1)))
+            run = jax.jit(jax.grad(lambda p, x, f=f, g=g: jnp.sum((f(p, x) * g).astype(jnp.float32)), argnums=(0, 1)))
           times[name] = time_call(run, p, x, repeats=args.repeats)
         base = times["dense"]
         print(f"{rank:>4} {tokens:>6} {mode:<7} {base * 1e3:>9.3f} " +
