@@ -1,0 +1,12 @@
+"""Model files: Hugging Face GPT-2 directories in and out, and tnjax's own format that keeps TT cores."""
+
+from tnjax.interop.hf import config_from_hf, hf_config, load_hf_gpt2, save_hf_gpt2
+from tnjax.interop.native import is_native, load_model, save_model
+
+__all__ = ["load_hf_gpt2", "save_hf_gpt2", "config_from_hf", "hf_config", "save_model", "load_model", "is_native",
+           "load_any"]
+
+
+def load_any(path, **kwargs):
+  """A GPT from a tnjax directory (:func:`save_model`) or a Hugging Face GPT-2 directory."""
+  return load_model(path) if is_native(path) else load_hf_gpt2(path, **kwargs)

@@ -1,0 +1,170 @@
+"""Hugging Face GPT-2 checkpoints (config.json + model.safetensors) in and out.
+
+Loading reads tensors with ``safetensors.numpy`` (no PyTorch needed).
+``pytorch_model.bin`` is read only through ``torch.load(weights_only=True)``,
+which refuses pickled code; it needs torch installed.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tnjax.models.config import GPTConfig
+from tnjax.models.gpt import GPT, dense_kernel
+
+# GPT-2 options we cannot honour, with the value we support.
+_REFUSED = {
+    "add_cross_attention": False,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "scale_attn_weights": True,
+}
+_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh approximation
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old checkpoints
+
+
+def config_from_hf(hf: dict) -> GPTConfig:
+  """A :class:`GPTConfig` from a Hugging Face GPT-2 ``config.json`` dict; refuses what it cannot honour, by name."""
+  fn = "load_hf_gpt2"
+  if hf.get("model_type") != "gpt2":
+    raise ValueError(f"{fn}: config model_type={hf.get('model_type')!r} but 'gpt2' is expected")
+  for name, supported in _REFUSED.items():
+    if name in hf and hf[name] != supported:
+      raise ValueError(f"{fn}: config option {name}={hf[name]!r} is not supported (only {supported!r})")
+  act = hf.get("activation_function", "gelu_new")
+  if act not in _ACTIVATIONS:
+    raise ValueError(f"{fn}: config option activation_function={act!r} is not supported (only {_ACTIVATIONS})")
+  n_embd = hf.get("n_embd", 768)
+  return GPTConfig(vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
+                   n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), d_model=n_embd,
+                   d_ff=hf.get("n_inner"), dropout=0.0, tie_embeddings=hf.get("tie_word_embeddings", True),
+                   layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), init_std=hf.get("initializer_range", 0.02))
+
+
+def _read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+  fn = "load_hf_gpt2"
+  single, index, binary = path / "model.safetensors", path / "model.safetensors.index.json", \
+      path / "pytorch_model.bin"
+  if single.exists():
+    from safetensors.numpy import load_file
+    return load_file(str(single))
+  if index.exists():
+    from safetensors.numpy import load_file
+    tensors = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+      tensors.update(load_file(str(path / shard)))
+    return tensors
+  if binary.exists():
+    try:
+      import torch
+    except ImportError as e:
+      raise ValueError(f"{fn}: {path} has only pytorch_model.bin, which needs torch to read; install torch or "
+                       "convert the checkpoint to model.safetensors") from e
+    state = torch.load(str(binary), map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in state.items()}
+  raise ValueError(f"{fn}: {path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _assign(fn: str, name: str, variable: nnx.Variable, value: np.ndarray) -> None:
+  if tuple(variable.shape) != tuple(value.shape):
+    raise ValueError(f"{fn}: tensor {name} has shape {tuple(value.shape)} but {tuple(variable.shape)} is expected")
+  variable[...] = jnp.asarray(value, variable.dtype)
+
+
+def _hf_tensors(model: GPT) -> dict[str, tuple[nnx.Variable | None, np.ndarray | None]]:
+  """HF names of a dense model's parameters and where they live."""
+  out = {"wte.weight": model.wte.embedding, "wpe.weight": model.wpe.embedding,
+         "ln_f.weight": model.ln_f.scale, "ln_f.bias": model.ln_f.bias}
+  for i, block in enumerate(model.h):
+    p = f"h.{i}."
+    out.update({p + "ln_1.weight": block.ln_1.scale, p + "ln_1.bias": block.ln_1.bias,
+                p + "ln_2.weight": block.ln_2.scale, p + "ln_2.bias": block.ln_2.bias})
+    for name, layer in (("attn.c_attn", block.attn.c_attn), ("attn.c_proj", block.attn.c_proj),
+                        ("mlp.c_fc", block.mlp.c_fc), ("mlp.c_proj", block.mlp.c_proj)):
+      out[p + name + ".weight"] = layer.kernel
+      out[p + name + ".bias"] = layer.bias
+  return out
+
+
+def load_hf_gpt2(path, *, dtype: str | None = None) -> GPT:
+  """Loads a local Hugging Face GPT-2 directory into a dense :class:`tnjax.models.GPT`.
+
+  Args:
+    path: directory with ``config.json`` and ``model.safetensors`` (or a
+      sharded safetensors index, or ``pytorch_model.bin`` read weights-only).
+    dtype: computation dtype of the model (parameters stay float32).
+
+  Raises:
+    ValueError: missing files, unsupported config options (named), missing,
+      unexpected or wrongly shaped tensors (named).
+  """
+  fn = "load_hf_gpt2"
+  path = pathlib.Path(path)
+  if not (path / "config.json").exists():
+    raise ValueError(f"{fn}: {path / 'config.json'} does not exist; expected a Hugging Face GPT-2 directory")
+  cfg = config_from_hf(json.loads((path / "config.json").read_text())).replace(dtype=dtype)
+  tensors = {k.removeprefix("transformer."): v for k, v in _read_tensors(path).items()
+             if not k.endswith(_IGNORED_SUFFIXES)}
+  model = GPT(cfg, rngs=nnx.Rngs(0))
+  targets = _hf_tensors(model)
+  head = tensors.pop("lm_head.weight", None)
+  missing = sorted(set(targets) - set(tensors))
+  unexpected = sorted(set(tensors) - set(targets))
+  if missing or unexpected:
+    raise ValueError(f"{fn}: checkpoint tensors missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                     f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+  for name, variable in targets.items():
+    _assign(fn, name, variable, tensors[name])
+  if not cfg.tie_embeddings:
+    if head is None:
+      raise ValueError(f"{fn}: tie_word_embeddings=False but the checkpoint has no lm_head.weight")
+    _assign(fn, "lm_head.weight (transposed)", model.lm_head.kernel, np.asarray(head).T)
+  return model
+
+
+def hf_config(cfg: GPTConfig) -> dict:
+  """The Hugging Face ``config.json`` dict of a :class:`GPTConfig`."""
+  return {
+      "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+      "n_positions": cfg.block_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+      "n_inner": cfg.d_ff, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layer_norm_eps,
+      "initializer_range": cfg.init_std, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
+      "attn_pdrop": cfg.dropout, "scale_attn_weights": True, "tie_word_embeddings": cfg.tie_embeddings,
+      "bos_token_id": cfg.vocab_size - 1, "eos_token_id": cfg.vocab_size - 1,
+  }
+
+
+def save_hf_gpt2(model: GPT, path) -> pathlib.Path:
+  """Writes ``model`` as a Hugging Face GPT-2 directory that ``GPT2LMHeadModel.from_pretrained`` loads.
+
+  Tensorized projections and embeddings are written as their dense
+  reconstruction (Hugging Face has no TT layers); use
+  :func:`tnjax.interop.save_model` to keep the cores.
+  """
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  cfg = model.config
+  wte = model.wte.embedding
+  tensors = {"transformer.wte.weight": wte[...] if isinstance(wte, nnx.Variable) else wte,
+             "transformer.wpe.weight": model.wpe.embedding[...],
+             "transformer.ln_f.weight": model.ln_f.scale[...], "transformer.ln_f.bias": model.ln_f.bias[...]}
+  for i, block in enumerate(model.h):
+    p = f"transformer.h.{i}."
+    for name, ln in (("ln_1", block.ln_1), ("ln_2", block.ln_2)):
+      tensors[p + name + ".weight"], tensors[p + name + ".bias"] = ln.scale[...], ln.bias[...]
+    for name, layer in (("attn.c_attn", block.attn.c_attn), ("attn.c_proj", block.attn.c_proj),
+                        ("mlp.c_fc", block.mlp.c_fc), ("mlp.c_proj", block.mlp.c_proj)):
+      tensors[p + name + ".weight"] = dense_kernel(layer)
+      tensors[p + name + ".bias"] = layer.bias[...]
+  if model.lm_head is not None:
+    tensors["lm_head.weight"] = dense_kernel(model.lm_head).T
+  from safetensors.numpy import save_file
+  save_file({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()},
+            str(path / "model.safetensors"), metadata={"format": "pt"})
+  (path / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+  return path

@@ -1,0 +1,91 @@
+"""tnjax's own model format: the config as JSON and every parameter (TT cores included) in safetensors.
+
+A compressed model stays small on disk: cores are stored as cores. Core
+shapes are read from the file, so ranks chosen by a tolerance (which differ
+per layer) load back exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import tnjax
+from tnjax.models.config import GPTConfig
+from tnjax.models.gpt import GPT
+from tnjax.nn import TTParam
+
+FORMAT = "tnjax-gpt"
+
+
+def _key(path) -> str:
+  return ".".join(str(p) for p in path)
+
+
+def save_model(model: GPT, path) -> pathlib.Path:
+  """Writes ``config.json`` (format marker, tnjax version, GPTConfig) and ``model.safetensors`` (all parameters)."""
+  from safetensors.numpy import save_file
+
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  save_file({_key(p): np.ascontiguousarray(np.asarray(v[...])) for p, v in flat}, str(path / "model.safetensors"))
+  meta = {"format": FORMAT, "tnjax_version": tnjax.__version__, "config": model.config.to_dict()}
+  (path / "config.json").write_text(json.dumps(meta, indent=2))
+  return path
+
+
+def is_native(path) -> bool:
+  cfg = pathlib.Path(path) / "config.json"
+  return cfg.exists() and json.loads(cfg.read_text()).get("format") == FORMAT
+
+
+def load_model(path) -> GPT:
+  """Loads a directory written by :func:`save_model`.
+
+  Raises:
+    ValueError: missing files, a directory of another format, or parameters
+      missing, unexpected or (other than TT cores) of the wrong shape, by name.
+  """
+  from safetensors.numpy import load_file
+
+  fn = "load_model"
+  path = pathlib.Path(path)
+  for name in ("config.json", "model.safetensors"):
+    if not (path / name).exists():
+      raise ValueError(f"{fn}: {path / name} does not exist; expected a directory written by save_model")
+  meta = json.loads((path / "config.json").read_text())
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{fn}: {path / 'config.json'} has format={meta.get('format')!r} but {FORMAT!r} is expected "
+                     "(for a Hugging Face directory use load_hf_gpt2)")
+  cfg = GPTConfig.from_dict(meta["config"])
+  tensors = load_file(str(path / "model.safetensors"))
+  model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  flat = nnx.to_flat_state(params)
+  names = {_key(p) for p, _ in flat}
+  missing, unexpected = sorted(names - set(tensors)), sorted(set(tensors) - names)
+  if missing or unexpected:
+    raise ValueError(f"{fn}: parameters missing {missing[:8]}, unexpected {unexpected[:8]}")
+  for p, variable in flat:
+    value = tensors[_key(p)]
+    # TT cores may carry ranks other than the config's (tolerance-chosen); everything else must match.
+    if not isinstance(variable, TTParam) and tuple(value.shape) != tuple(variable.shape):
+      raise ValueError(f"{fn}: parameter {_key(p)} has shape {value.shape} but {tuple(variable.shape)} is expected")
+    variable.set_value(jnp.asarray(value))
+  # Non-parameter state (dropout RNG keys and counters) is abstract after eval_shape; make it concrete.
+  rest = jax.tree_util.tree_map(_concrete, rest)
+  return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+def _concrete(leaf):
+  if not isinstance(leaf, jax.ShapeDtypeStruct):
+    return leaf
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    return jax.random.split(jax.random.key(0), leaf.shape) if leaf.shape else jax.random.key(0)
+  return jnp.zeros(leaf.shape, leaf.dtype)

@@ -1,0 +1,192 @@
+"""GPT-2 in Flax NNX, numerically the function of Hugging Face ``GPT2LMHeadModel``, with per-layer tensorization.
+
+Pre-LayerNorm blocks, tanh-approximated GELU, causal attention through
+``jax.nn.dot_product_attention`` (so GPU backends can use fused attention),
+learned position embeddings and a head tied to the token embedding unless
+the config unties it. Each projection is ``nnx.Linear`` (kernel laid out
+(in, out), like GPT-2's Conv1D), :class:`tnjax.nn.TTMLinear` or
+:class:`tnjax.nn.LowRankLinear`, as the config's ``layers`` say.
+
+Dropout applies to embeddings and to the attention and MLP outputs; fused
+attention has no dropout on attention probabilities, so GPT-2's ``attn_pdrop``
+is not reproduced during training (inference is unaffected).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tnjax.core import _checks
+from tnjax.models.config import GPTConfig, LayerSpec
+from tnjax.nn import LowRankLinear, TTEmbedding, TTMLinear
+
+KVCache = list  # one (k, v) pair per block, each (batch, block_size, n_head, head_dim)
+
+
+def _dtype(cfg: GPTConfig):
+  return None if cfg.dtype is None else jnp.dtype(cfg.dtype)
+
+
+def make_linear(spec: LayerSpec, in_features: int, out_features: int, *, std: float, use_bias: bool,
+                dtype, rngs: nnx.Rngs) -> nnx.Module:
+  """One projection, dense or tensorized by ``spec``, with dense-equivalent init std ``std``."""
+  if spec.kind == "ttm":
+    return TTMLinear(in_features, out_features, rank=spec.rank, in_dims=spec.in_dims, out_dims=spec.out_dims,
+                     num_cores=spec.num_cores, use_bias=use_bias, path=spec.path, dtype=dtype, kernel_std=std,
+                     rngs=rngs)
+  if spec.kind == "lowrank":
+    return LowRankLinear(in_features, out_features, rank=min(spec.rank, in_features, out_features),
+                         use_bias=use_bias, dtype=dtype, kernel_std=std, rngs=rngs)
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                    kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros, rngs=rngs)
+
+
+def dense_kernel(layer: nnx.Module) -> jax.Array:
+  """The (in, out) dense kernel of any projection (reconstructed for tensorized ones)."""
+  return layer.kernel[...] if isinstance(layer, nnx.Linear) else layer.kernel
+
+
+def _bias(layer: nnx.Module) -> jax.Array | None:
+  return None if layer.bias is None else layer.bias[...]
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: GPTConfig, index: int, rngs: nnx.Rngs):
+    d, dtype = cfg.d_model, _dtype(cfg)
+    self.n_head, self.impl = cfg.n_head, cfg.attention_impl
+    self.c_attn = make_linear(cfg.spec("attn.c_attn", index), d, 3 * d, std=cfg.init_std, use_bias=True,
+                              dtype=dtype, rngs=rngs)
+    self.c_proj = make_linear(cfg.spec("attn.c_proj", index), d, d, std=cfg.init_std / math.sqrt(2 * cfg.n_layer),
+                              use_bias=True, dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+  def __call__(self, x, cache=None, pos=0, *, deterministic: bool = True):
+    b, t, d = x.shape
+    q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
+    q, k, v = (z.reshape(b, t, self.n_head, d // self.n_head) for z in (q, k, v))
+    if cache is None:
+      y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
+      new_cache = None
+    else:
+      ck, cv = cache
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, pos, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, pos, 0, 0))
+      # query i sits at position pos + i and sees keys 0..pos + i
+      mask = jnp.arange(ck.shape[1])[None, :] <= pos + jnp.arange(t)[:, None]
+      y = jax.nn.dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask[None, None],
+                                       implementation=self.impl)
+      new_cache = (ck, cv)
+    y = self.dropout(self.c_proj(y.reshape(b, t, d)), deterministic=deterministic)
+    return y, new_cache
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: GPTConfig, index: int, rngs: nnx.Rngs):
+    d, f, dtype = cfg.d_model, cfg.ff_dim, _dtype(cfg)
+    self.c_fc = make_linear(cfg.spec("mlp.c_fc", index), d, f, std=cfg.init_std, use_bias=True, dtype=dtype,
+                            rngs=rngs)
+    self.c_proj = make_linear(cfg.spec("mlp.c_proj", index), f, d, std=cfg.init_std / math.sqrt(2 * cfg.n_layer),
+                              use_bias=True, dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+  def __call__(self, x, *, deterministic: bool = True):
+    return self.dropout(self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True)), deterministic=deterministic)
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: GPTConfig, index: int, rngs: nnx.Rngs):
+    d, dtype = cfg.d_model, _dtype(cfg)
+    self.ln_1 = nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
+    self.attn = Attention(cfg, index, rngs)
+    self.ln_2 = nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
+    self.mlp = MLP(cfg, index, rngs)
+
+  def __call__(self, x, cache=None, pos=0, *, deterministic: bool = True):
+    y, cache = self.attn(self.ln_1(x), cache, pos, deterministic=deterministic)
+    x = x + y
+    return x + self.mlp(self.ln_2(x), deterministic=deterministic), cache
+
+
+class GPT(nnx.Module):
+  """GPT-2 language model.
+
+  Call ``model(ids)`` for logits of shape (batch, time, vocab_size); use
+  :meth:`init_cache` and :meth:`step` (or :func:`tnjax.models.generate`) for
+  KV-cached decoding.
+
+  Example:
+    >>> from flax import nnx
+    >>> from tnjax.models import GPT, preset
+    >>> model = GPT(preset("tiny", layers={"mlp.c_fc": {"kind": "ttm", "rank": 8}}), rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((2, 16), jnp.int32)).shape
+    (2, 16, 512)
+  """
+
+  def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+    cfg, dtype = config, _dtype(config)
+    self.config = cfg
+    emb = cfg.spec("embedding")
+    if emb.kind == "ttm":
+      self.wte = TTEmbedding(cfg.vocab_size, cfg.d_model, rank=emb.rank, vocab_dims=emb.in_dims,
+                             feature_dims=emb.out_dims, num_cores=emb.num_cores, std=cfg.init_std, path=emb.path,
+                             dtype=dtype, rngs=rngs)
+    elif emb.kind == "dense":
+      self.wte = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
+                           embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+    else:
+      raise ValueError(f"GPT: layers['embedding'].kind={emb.kind!r} but 'dense' or 'ttm' is expected")
+    self.wpe = nnx.Embed(cfg.block_size, cfg.d_model, dtype=dtype,
+                         embedding_init=nnx.initializers.normal(cfg.init_std / 2), rngs=rngs)
+    self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
+    self.h = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layer)])
+    self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
+    self.lm_head = None if cfg.tie_embeddings else make_linear(
+        cfg.spec("lm_head"), cfg.d_model, cfg.vocab_size, std=cfg.init_std, use_bias=False, dtype=dtype, rngs=rngs)
+
+  def _check_ids(self, ids, pos: int = 0) -> jax.Array:
+    ids = jnp.asarray(ids)
+    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise ValueError(f"GPT: ids.shape={ids.shape}, dtype={ids.dtype} but integer ids of shape (batch, time) "
+                       "are expected")
+    limit = self.config.block_size
+    if _checks.is_concrete(pos) and int(pos) + ids.shape[1] > limit:
+      raise ValueError(f"GPT: {int(pos) + ids.shape[1]} positions (pos={int(pos)}, time={ids.shape[1]}) but "
+                       f"block_size={limit}")
+    if _checks.is_concrete(ids) and ids.size and (int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0):
+      bad = int(ids.max()) if int(ids.max()) >= self.config.vocab_size else int(ids.min())
+      raise ValueError(f"GPT: ids contain {bad} but 0 <= id < vocab_size={self.config.vocab_size} is expected")
+    return ids
+
+  def _forward(self, ids, cache, pos, deterministic):
+    t = ids.shape[1]
+    x = self.wte(ids) + self.wpe(pos + jnp.arange(t))[None]
+    x = self.drop(x, deterministic=deterministic)
+    new_cache = []
+    for i, block in enumerate(self.h):
+      x, c = block(x, None if cache is None else cache[i], pos, deterministic=deterministic)
+      new_cache.append(c)
+    x = self.ln_f(x)
+    logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
+    return logits, (None if cache is None else new_cache)
+
+  def __call__(self, ids, *, deterministic: bool = True) -> jax.Array:
+    """Logits (batch, time, vocab_size) for integer ids (batch, time), time <= block_size."""
+    return self._forward(self._check_ids(ids), None, 0, deterministic)[0]
+
+  def init_cache(self, batch: int, dtype=jnp.float32) -> KVCache:
+    """Zeroed keys and values for every block: (batch, block_size, n_head, head_dim) each."""
+    cfg = self.config
+    shape = (batch, cfg.block_size, cfg.n_head, cfg.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layer)]
+
+  def step(self, ids, cache: KVCache, pos) -> tuple[jax.Array, KVCache]:
+    """Logits for ``ids`` placed at positions pos.., reading and extending the KV cache."""
+    return self._forward(self._check_ids(ids, pos), cache, pos, True)
+
+  @property
+  def num_params(self) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nnx.state(self, nnx.Param)))
