@@ -1,0 +1,114 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.hf_fixtures import hf_logits, make_hf_gpt2
+from tnjax.interop import load_hf_gpt2
+from tnjax.models import GPT, generate, preset
+from tnjax.nn import LowRankLinear, TTEmbedding, TTMLinear
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _ids(shape, vocab=512, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
+
+
+def test_tensorized_at_full_rank_gives_dense_logits():
+  dense = GPT(preset("tiny"), rngs=nnx.Rngs(0))
+  cfg = preset("tiny", layers={"embedding": {"kind": "ttm", "rank": 4}, "mlp.c_fc": {"kind": "ttm", "rank": 4},
+                               "mlp.c_proj": {"kind": "ttm", "rank": 4}, "attn.c_attn": {"kind": "lowrank", "rank": 4},
+                               "h.1.attn.c_proj": {"kind": "ttm", "rank": 4}})
+  tt = GPT(cfg, rngs=nnx.Rngs(1))
+  assert isinstance(tt.wte, TTEmbedding) and isinstance(tt.h[0].mlp.c_fc, TTMLinear)
+  assert isinstance(tt.h[1].attn.c_proj, TTMLinear) and isinstance(tt.h[0].attn.c_proj, nnx.Linear)
+  # Give the tensorized model the dense model's weights at full rank, through from_dense.
+  nnx.update(tt, nnx.state(dense, nnx.Not(nnx.Any(nnx.PathContains("wte"), nnx.PathContains("c_fc"),
+                                                   nnx.PathContains("c_proj"), nnx.PathContains("c_attn")))))
+  tt.wte = TTEmbedding.from_dense(dense.wte.embedding[...])
+  for a, b in zip(tt.h, dense.h):
+    for parent_t, parent_d, name in ((a.mlp, b.mlp, "c_fc"), (a.mlp, b.mlp, "c_proj"), (a.attn, b.attn, "c_attn"),
+                                     (a.attn, b.attn, "c_proj")):
+      src = getattr(parent_d, name)
+      cls = type(getattr(parent_t, name))
+      if cls is nnx.Linear:
+        setattr(parent_t, name, src)
+      else:
+        setattr(parent_t, name, cls.from_dense(src.kernel[...], src.bias[...]))
+  assert isinstance(tt.h[0].attn.c_attn, LowRankLinear)
+  ids = _ids((2, 24))
+  np.testing.assert_allclose(tt(ids), dense(ids), atol=1e-4)
+
+
+def test_kv_cached_steps_equal_full_forward():
+  model = GPT(preset("tiny", layers={"mlp.c_fc": {"kind": "ttm", "rank": 8}}), rngs=nnx.Rngs(0))
+  ids = _ids((2, 12))
+  full = model(ids)
+  cache = model.init_cache(2)
+  logits, cache = model.step(ids[:, :5], cache, 0)
+  pieces = [logits]
+  for t in range(5, 12):
+    logits, cache = nnx.jit(lambda m, i, c, p: m.step(i, c, p))(model, ids[:, t:t + 1], cache, t)
+    pieces.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
+
+
+def test_forward_under_jit_and_grad():
+  model = GPT(preset("tiny", dropout=0.1), rngs=nnx.Rngs(0))
+  ids = _ids((2, 16))
+
+  def loss(m):
+    logits = m(ids[:, :-1], deterministic=False)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1))
+
+  value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+  assert np.isfinite(float(value)) and abs(float(value) - np.log(512)) < 0.5
+  assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_greedy_generation_equals_hugging_face(tmp_path):
+  hf = make_hf_gpt2(tmp_path, vocab_size=97, n_positions=40)
+  model = load_hf_gpt2(tmp_path)
+  prompt = np.random.default_rng(3).integers(0, 97, (2, 6))
+  import torch
+
+  with torch.no_grad():
+    ref = hf.generate(torch.tensor(prompt), max_new_tokens=12, do_sample=False, pad_token_id=0).numpy()
+  out = generate(model, prompt, 12, temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(out), ref)
+  np.testing.assert_allclose(model(jnp.asarray(ref)), hf_logits(hf, ref), atol=1e-4)
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+  model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
+  a = generate(model, [1, 2, 3], 10, temperature=1.0, top_k=1, rng=jax.random.key(0))
+  greedy = generate(model, [1, 2, 3], 10, temperature=0.0)
+  np.testing.assert_array_equal(a, greedy)  # top_k=1 is greedy
+  b = generate(model, [1, 2, 3], 10, temperature=1.0, rng=jax.random.key(1))
+  c = generate(model, [1, 2, 3], 10, temperature=1.0, rng=jax.random.key(1))
+  np.testing.assert_array_equal(b, c)
+  assert b.shape == (13,)
+
+
+def test_bad_inputs():
+  model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"GPT: ids contain 512 but 0 <= id < vocab_size=512"):
+    model(jnp.array([[1, 512]]))
+  with pytest.raises(ValueError, match=r"GPT: 129 positions \(pos=0, time=129\) but block_size=128"):
+    model(jnp.zeros((1, 129), jnp.int32))
+  with pytest.raises(ValueError, match=r"GPT: ids.shape=\(4,\), dtype=int32 but integer ids of shape"):
+    model(jnp.zeros(4, jnp.int32))
+  with pytest.raises(ValueError, match=r"generate: prompt length 100 \+ max_new_tokens 40 = 140 but block_size=128"):
+    generate(model, jnp.zeros(100, jnp.int32), 40)
+  with pytest.raises(ValueError, match=r"GPT: ids contain 999 but"):
+    generate(model, [1, 999], 4)
+  with pytest.raises(ValueError, match=r"generate: rng=None but sampling \(temperature=1.0\) needs"):
+    generate(model, [1, 2], 4)
+  with pytest.raises(ValueError, match=r"generate: temperature=-1.0 but a number >= 0"):
+    generate(model, [1, 2], 4, temperature=-1)
+  with pytest.raises(ValueError, match=r"generate: top_k=0 but 1 <= top_k <= vocab_size=512"):
+    generate(model, [1, 2], 4, temperature=1.0, top_k=0, rng=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"generate: max_new_tokens=0 but a positive integer"):
+    generate(model, [1, 2], 0)

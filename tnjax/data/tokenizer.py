@@ -1,0 +1,62 @@
+"""Tokenizers through Hugging Face ``tokenizers``: load GPT-2 style ones, or train a byte-level BPE."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOT = "<|endoftext|>"
+
+
+def _byte_level(tok: Tokenizer) -> Tokenizer:
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  return tok
+
+
+def load_tokenizer(path) -> Tokenizer:
+  """A tokenizer from a ``tokenizer.json`` file, or a directory holding ``tokenizer.json`` or
+  GPT-2's ``vocab.json`` + ``merges.txt``.
+
+  Raises:
+    ValueError: when none of those files exists.
+  """
+  path = pathlib.Path(path)
+  if path.is_file():
+    return Tokenizer.from_file(str(path))
+  if (path / "tokenizer.json").exists():
+    return Tokenizer.from_file(str(path / "tokenizer.json"))
+  if (path / "vocab.json").exists() and (path / "merges.txt").exists():
+    return _byte_level(Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt"))))
+  raise ValueError(f"load_tokenizer: {path} has no tokenizer.json and no vocab.json + merges.txt")
+
+
+def train_tokenizer(files: Sequence, vocab_size: int, *, min_frequency: int = 2,
+                    special_tokens: Sequence[str] = (EOT,)) -> Tokenizer:
+  """Trains a byte-level BPE (GPT-2's scheme) on text files.
+
+  Args:
+    files: paths of UTF-8 text files.
+    vocab_size: target size, at least 256 + len(special_tokens) (the byte alphabet).
+    min_frequency: pairs seen fewer times are not merged.
+    special_tokens: added first, so ``<|endoftext|>`` gets id 0.
+
+  Raises:
+    ValueError: on a missing file or too small a vocabulary.
+  """
+  files = [str(f) for f in files]
+  for f in files:
+    if not pathlib.Path(f).is_file():
+      raise ValueError(f"train_tokenizer: file {f} does not exist")
+  floor = 256 + len(special_tokens)
+  if vocab_size < floor:
+    raise ValueError(f"train_tokenizer: vocab_size={vocab_size} but at least {floor} is needed (256 bytes + "
+                     "special tokens)")
+  tok = _byte_level(Tokenizer(models.BPE()))
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                special_tokens=list(special_tokens),
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train(files, trainer)
+  return tok

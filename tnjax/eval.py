@@ -1,0 +1,80 @@
+"""Evaluation: perplexity with the sliding-window method Hugging Face documents."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _window_nll(graphdef, state, ids, weights):
+  """Sum of -log p(ids[t+1] | ids[:t+1]) over positions with weight 1, and the count."""
+  logits = nnx.merge(graphdef, state)(ids).astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+  return jnp.sum(nll * weights[:, 1:]), jnp.sum(weights[:, 1:])
+
+
+def windows(length: int, block_size: int, stride: int):
+  """(begin, end, first scored position) of each window, as in Hugging Face's perplexity guide.
+
+  Each token after the first is scored exactly once, with up to
+  ``block_size - stride`` tokens of context carried over from the previous window.
+  """
+  prev_end = 0
+  for begin in range(0, length, stride):
+    end = min(begin + block_size, length)
+    yield begin, end, max(prev_end - begin, 1) if begin else 1
+    prev_end = end
+    if end == length:
+      break
+
+
+def perplexity(model, token_ids, *, block_size: int | None = None, stride: int | None = None) -> dict:
+  """Perplexity of a token sequence under ``model`` with overlapping windows.
+
+  Args:
+    model: a :class:`tnjax.models.GPT`.
+    token_ids: 1-d integer ids (at least 2).
+    block_size: window length (default: the model's block_size).
+    stride: step between windows (default: block_size, no overlap); smaller
+      strides give each token more context and a lower, more faithful figure.
+
+  Returns:
+    ``{"perplexity", "nll", "tokens"}``: exp of the mean NLL, the mean NLL in
+    nats, and how many tokens were scored.
+
+  Raises:
+    ValueError: on fewer than 2 tokens, ids outside the vocabulary, or
+      block_size / stride out of range.
+  """
+  fn = "perplexity"
+  ids = np.asarray(token_ids)
+  cfg = model.config
+  block = cfg.block_size if block_size is None else block_size
+  stride = block if stride is None else stride
+  if ids.ndim != 1 or ids.size < 2 or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"{fn}: token_ids.shape={ids.shape}, dtype={ids.dtype} but 1-d integer ids with at least 2 "
+                     "tokens are expected")
+  if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+    raise ValueError(f"{fn}: token_ids contain {int(ids.max())} but 0 <= id < vocab_size={cfg.vocab_size}")
+  if not 2 <= block <= cfg.block_size:
+    raise ValueError(f"{fn}: block_size={block} but 2 <= block_size <= {cfg.block_size} is expected")
+  if not 1 <= stride <= block:
+    raise ValueError(f"{fn}: stride={stride} but 1 <= stride <= block_size={block} is expected")
+  graphdef, state = nnx.split(model)
+  total, count = 0.0, 0.0
+  for begin, end, first in windows(len(ids), block, stride):
+    window = np.zeros((1, block), np.int32)  # one shape for every window: one compilation
+    window[0, : end - begin] = ids[begin:end]
+    weights = np.zeros((1, block), np.float32)
+    weights[0, first : end - begin] = 1.0
+    nll, n = _window_nll(graphdef, state, jnp.asarray(window), jnp.asarray(weights))
+    total, count = total + float(nll), count + float(n)
+  mean = total / count
+  return {"perplexity": math.exp(mean), "nll": mean, "tokens": int(count)}
