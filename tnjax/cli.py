@@ -1,4 +1,4 @@
-"""The ``tnjax`` command: ``tnjax eval`` and ``tnjax generate`` (training and compression come next)."""
+"""The ``tnjax`` command: ``tnjax train``, ``tnjax eval``, ``tnjax generate``."""
 
 from __future__ import annotations
 
@@ -43,9 +43,32 @@ def cmd_generate(args) -> int:
   return 0
 
 
+def cmd_train(args) -> int:
+  if args.distributed:
+    import jax
+
+    jax.distributed.initialize()  # reads the coordinator, process count and id from the environment
+  from tnjax.train import resolve, train
+
+  cfg = resolve(args.config, args.set)
+  report = train(cfg, resume=args.resume, progress=not args.no_progress)
+  print(json.dumps(report, indent=2))
+  print(f"run directory: {cfg.out_dir} (report.md, loss.png, model/)")
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="tnjax", description="Tensor networks for language models.")
   sub = parser.add_subparsers(dest="command", required=True)
+
+  tr = sub.add_parser("train", help="pre-train a (tensorized) GPT; no arguments: a tiny TTM-GPT on the sample corpus")
+  tr.add_argument("--config", help="TOML file of TrainConfig fields")
+  tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="override a field, e.g. steps=1000, layers.mlp.c_fc={\"kind\":\"ttm\",\"rank\":64}")
+  tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+  tr.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+  tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+  tr.set_defaults(run=cmd_train)
 
   ev = sub.add_parser("eval", help="perplexity of a model on a text file")
   ev.add_argument("--model", required=True, help="tnjax or Hugging Face GPT-2 directory")

@@ -1,5 +1,13 @@
-"""Data utilities: tokenizers (and, later, token caches and samplers)."""
+"""Data: tokenizers, token caches, batch samplers, and a small public-domain sample corpus."""
 
+import pathlib
+
+from tnjax.data.cache import eval_batches, token_cache, tokenizer_hash, train_batch
 from tnjax.data.tokenizer import EOT, load_tokenizer, train_tokenizer
 
-__all__ = ["load_tokenizer", "train_tokenizer", "EOT"]
+SAMPLE_DIR = pathlib.Path(__file__).parent / "sample"
+"""The packaged sample: train.txt (400 KB) and valid.txt (40 KB) of the King James Bible, from the
+project corpus's train and valid splits."""
+
+__all__ = ["load_tokenizer", "train_tokenizer", "EOT", "token_cache", "tokenizer_hash", "train_batch",
+           "eval_batches", "SAMPLE_DIR"]

@@ -1,0 +1,164 @@
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tnjax.data import SAMPLE_DIR, token_cache, train_tokenizer
+from tnjax.train import TrainConfig, apply_overrides, resolve, train
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+SMALL = ["model_overrides={\"n_layer\": 1, \"d_model\": 32, \"n_head\": 2}", "vocab_size=300", "block_size=32",
+         "batch_size=8", "eval_batches=2", "log_every=1", "warmup=5", "lr=0.01",
+         "layers={\"mlp.c_fc\": {\"kind\": \"ttm\", \"rank\": 4}, \"mlp.c_proj\": {\"kind\": \"ttm\", \"rank\": 4}}"]
+
+
+@pytest.fixture(autouse=True)
+def standard_promotion():
+  with jax.numpy_dtype_promotion("standard"):  # optax mixes its int step count with floats
+    yield
+
+
+def _cfg(out, *extra):
+  return resolve(None, SMALL + [f"out_dir={out}", *extra])
+
+
+def _losses(out):
+  by_step = {}
+  for line in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines():
+    m = json.loads(line)
+    if "loss" in m:
+      by_step[m["step"]] = m["loss"]
+  return by_step
+
+
+def test_overrides_and_toml(tmp_path):
+  d = apply_overrides(TrainConfig().to_dict(), ["steps=7", "layers.mlp.c_fc={\"kind\": \"dense\"}",
+                                                "model_overrides.n_layer=3", "out_dir=runs/x"])
+  assert d["steps"] == 7 and d["layers"]["mlp.c_fc"] == {"kind": "dense"} and d["model_overrides"]["n_layer"] == 3
+  assert d["out_dir"] == "runs/x"
+  toml = tmp_path / "c.toml"
+  toml.write_text('steps = 11\nlr = 0.5\n[model_overrides]\nn_layer = 2\n')
+  cfg = resolve(str(toml), ["lr=0.25"])
+  assert (cfg.steps, cfg.lr, cfg.model_overrides) == (11, 0.25, {"n_layer": 2})
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["stepz=3"], r"--set: unknown field 'stepz'"),
+    (["steps"], r"--set: 'steps' but key=value is expected"),
+    (["steps.x=3"], r"--set: steps is not a dict"),
+    (["steps=0"], r"TrainConfig: steps=0 but a positive integer"),
+    (["batch_size=10", "grad_accum=3"], r"TrainConfig: batch_size=10 but it must be divisible by grad_accum=3"),
+    (["dtype=float16"], r"TrainConfig: dtype='float16' but 'float32' or 'bfloat16'"),
+])
+def test_config_errors(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    resolve(None, overrides)
+
+
+def test_few_steps_lower_the_loss_and_write_outputs(tmp_path):
+  report = train(_cfg(tmp_path / "run", "steps=40", "eval_every=20", "checkpoint_every=20", "grad_accum=2",
+                      f"test_files=[\"{SAMPLE_DIR / 'valid.txt'}\"]"), progress=False)
+  losses = _losses(tmp_path / "run")
+  assert np.mean([losses[s] for s in range(36, 41)]) < losses[1] - 1.0
+  assert report["final_val_perplexity"] < report["first_val_perplexity"] or report["first_val_perplexity"] < 300
+  assert report["final_val_perplexity"] < 300 and "test_perplexity" in report
+  for name in ("report.md", "report.json", "loss.png", "train_config.json", "model/config.json",
+               "model/tokenizer.json"):
+    assert (tmp_path / "run" / name).exists(), name
+  assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [20, 40]
+
+
+def test_refuses_silent_fresh_start_and_bad_resume(tmp_path):
+  out = tmp_path / "run"
+  train(_cfg(out, "steps=4", "checkpoint_every=2", "eval_every=4"), progress=False)
+  with pytest.raises(ValueError, match=r"already has checkpoints; pass --resume"):
+    train(_cfg(out, "steps=4"), progress=False)
+  with pytest.raises(ValueError, match=r"--resume with a configuration that differs from the saved one in \['lr'\]"):
+    train(_cfg(out, "steps=6", "checkpoint_every=2", "eval_every=4", "lr=0.5"), resume=True, progress=False)
+  with pytest.raises(ValueError, match=r"--resume but .*train_config.json does not exist"):
+    train(_cfg(tmp_path / "empty", "steps=4"), resume=True, progress=False)
+  latest = out / "checkpoints" / "4"
+  for f in latest.rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(b"garbage")
+  with pytest.raises(ValueError, match=r"checkpoint at step 4 .* could not be restored"):
+    train(_cfg(out, "steps=6", "checkpoint_every=2", "eval_every=4"), resume=True, progress=False)
+
+
+def _cli(out, *extra):
+  sets = []
+  for s in SMALL + [f"out_dir={out}", "steps=30", "checkpoint_every=5", "eval_every=30", *extra]:
+    sets += ["--set", s]
+  return [sys.executable, "-m", "tnjax.cli", "train", "--no-progress", *sets]
+
+
+def test_kill_and_resume_reproduces_uninterrupted_losses(tmp_path):
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  full, cut = tmp_path / "full", tmp_path / "cut"
+  uninterrupted = subprocess.Popen(_cli(full), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  victim = subprocess.Popen(_cli(cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (cut / "checkpoints" / "10").exists() and victim.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  victim.kill()  # SIGKILL: no cleanup, mid-run
+  victim.wait()
+  assert uninterrupted.wait(timeout=300) == 0
+  assert not (cut / "report.json").exists(), "the run finished before it could be killed"
+  resumed = subprocess.run(_cli(cut) + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  a, b = _losses(full), _losses(cut)
+  assert sorted(a) == sorted(b) == list(range(1, 31))
+  np.testing.assert_allclose([b[s] for s in range(1, 31)], [a[s] for s in range(1, 31)], rtol=1e-6)
+
+
+def test_token_cache_reused_and_invalidated(tmp_path):
+  text = tmp_path / "a.txt"
+  text.write_text("In the beginning God created the heaven and the earth.\n" * 50)
+  tok = train_tokenizer([SAMPLE_DIR / "valid.txt"], 300)
+  first = token_cache([text], tok, tmp_path / "cache", "train")
+  stamp = (tmp_path / "cache" / "train.bin").stat().st_mtime_ns
+  again = token_cache([text], tok, tmp_path / "cache", "train")
+  assert (tmp_path / "cache" / "train.bin").stat().st_mtime_ns == stamp
+  np.testing.assert_array_equal(first, again)
+  text.write_text("And the earth was without form, and void.\n" * 50)
+  changed = token_cache([text], tok, tmp_path / "cache", "train")
+  assert len(changed) != len(first)
+  other = train_tokenizer([SAMPLE_DIR / "valid.txt"], 280)
+  token_cache([text], other, tmp_path / "cache", "train")
+  meta = json.loads((tmp_path / "cache" / "train.json").read_text())
+  from tnjax.data import tokenizer_hash
+  assert meta["tokenizer"] == tokenizer_hash(other)
+  with pytest.raises(ValueError, match=r"token_cache: file .*nope.txt does not exist"):
+    token_cache([tmp_path / "nope.txt"], tok, tmp_path / "cache", "x")
+
+
+MULTI = """
+import json, sys
+import jax
+from tnjax.train import resolve, train
+assert jax.device_count() == 4, jax.devices()
+with jax.numpy_dtype_promotion("standard"):
+  train(resolve(None, json.loads(sys.argv[1])), progress=False)
+"""
+
+
+def test_data_parallel_and_fsdp_match_one_device(tmp_path):
+  base = ["steps=8", "eval_every=8", "checkpoint_every=8"]
+  train(_cfg(tmp_path / "one", *base), progress=False)
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  for name, extra in (("dp", []), ("fsdp", ["fsdp=true"])):
+    args = json.dumps(SMALL + [f"out_dir={tmp_path / name}", *base, *extra])
+    r = subprocess.run([sys.executable, "-c", MULTI, args], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, many = _losses(tmp_path / "one"), _losses(tmp_path / name)
+    # Same math, different reduction order across devices: float32 agreement to 1e-4 relative.
+    np.testing.assert_allclose([many[s] for s in range(1, 9)], [one[s] for s in range(1, 9)], rtol=1e-4)

@@ -1,0 +1,135 @@
+"""Training configuration: defaults, ``key=value`` overrides, TOML files, and the resolved JSON saved with a run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+from tnjax.data import SAMPLE_DIR
+
+_TTM16 = {"kind": "ttm", "rank": 16}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Everything a training run depends on. Defaults train a tiny TTM-GPT on the packaged sample in ~1 minute on CPU.
+
+  Attributes:
+    model: a preset of :func:`tnjax.models.preset`.
+    model_overrides: GPTConfig fields to change (vocab_size and block_size are set from
+      the tokenizer and ``block_size``).
+    layers: tensorization (GPTConfig.layers); default: all four projections TTM rank 16.
+    train_files, valid_files, test_files: text files (test may be empty).
+    tokenizer: a tokenizer file or directory; None trains a byte-level BPE of
+      ``vocab_size`` on the training files (saved in the run directory).
+    batch_size: sequences per optimizer step (split into ``grad_accum`` micro-batches).
+    dtype: computation dtype ("float32" or "bfloat16"; parameters and optimizer stay float32).
+    fsdp: shard parameters and optimizer state over devices, not only the batch.
+  """
+
+  model: str = "tiny"
+  model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+  layers: dict[str, Any] = dataclasses.field(default_factory=lambda: {
+      "attn.c_attn": dict(_TTM16), "attn.c_proj": dict(_TTM16), "mlp.c_fc": dict(_TTM16),
+      "mlp.c_proj": dict(_TTM16)})
+  train_files: list[str] = dataclasses.field(default_factory=lambda: [str(SAMPLE_DIR / "train.txt")])
+  valid_files: list[str] = dataclasses.field(default_factory=lambda: [str(SAMPLE_DIR / "valid.txt")])
+  test_files: list[str] = dataclasses.field(default_factory=list)
+  tokenizer: str | None = None
+  vocab_size: int = 1024
+  block_size: int = 64
+  batch_size: int = 16
+  grad_accum: int = 1
+  steps: int = 200
+  lr: float = 3e-3
+  min_lr_ratio: float = 0.1
+  warmup: int = 20
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.95
+  dtype: str = "float32"
+  eval_every: int = 50
+  eval_batches: int = 8
+  log_every: int = 10
+  checkpoint_every: int = 100
+  keep: int = 3
+  seed: int = 0
+  fsdp: bool = False
+  out_dir: str = "runs/tiny-ttm"
+
+  def validate(self) -> TrainConfig:
+    fn = "TrainConfig"
+    for name in ("block_size", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every",
+                 "checkpoint_every", "keep", "vocab_size"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{fn}: {name}={v!r} but a positive integer is expected")
+    if self.batch_size % self.grad_accum:
+      raise ValueError(f"{fn}: batch_size={self.batch_size} but it must be divisible by grad_accum={self.grad_accum}")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"{fn}: dtype={self.dtype!r} but 'float32' or 'bfloat16' is expected")
+    if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup < 0:
+      raise ValueError(f"{fn}: lr={self.lr}, min_lr_ratio={self.min_lr_ratio}, warmup={self.warmup} but lr > 0, "
+                       "0 <= min_lr_ratio <= 1 and warmup >= 0 are expected")
+    return self
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def save(self, path) -> None:
+    pathlib.Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+  @classmethod
+  def from_dict(cls, d: dict) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"TrainConfig: unknown fields {unknown}; known: {sorted(names)}")
+    return cls(**d).validate()
+
+
+def _parse_value(text: str):
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    return text  # a bare string such as a path
+
+
+def apply_overrides(base: dict, overrides: list[str]) -> dict:
+  """Applies ``key=value`` strings: values are JSON (numbers, true, lists, objects) or bare strings.
+
+  ``field.key=value`` sets one key of a dict field, the rest after the first
+  dot being the key: ``layers.mlp.c_fc={"kind": "ttm", "rank": 32}``,
+  ``model_overrides.n_layer=4``.
+  """
+  out = json.loads(json.dumps(base))
+  for item in overrides:
+    if "=" not in item:
+      raise ValueError(f"--set: {item!r} but key=value is expected")
+    key, value = item.split("=", 1)
+    field, _, sub = key.partition(".")
+    if field not in out:
+      raise ValueError(f"--set: unknown field {field!r}; known: {sorted(out)}")
+    if sub:
+      if not isinstance(out[field], dict):
+        raise ValueError(f"--set: {field} is not a dict, so {key!r} cannot set a key inside it")
+      out[field][sub] = _parse_value(value)
+    else:
+      out[field] = _parse_value(value)
+  return out
+
+
+def resolve(config_file: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+  """Defaults, then a TOML file's top-level keys, then ``--set`` overrides."""
+  d = TrainConfig().to_dict()
+  if config_file:
+    try:
+      import tomllib
+    except ImportError as e:  # Python 3.10
+      raise ValueError("resolve: reading a TOML config needs Python >= 3.11 (tomllib)") from e
+    with open(config_file, "rb") as f:
+      d.update(tomllib.load(f))
+  return TrainConfig.from_dict(apply_overrides(d, overrides or []))
