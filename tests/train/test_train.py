@@ -74,6 +74,8 @@ def test_few_steps_lower_the_loss_and_write_outputs(tmp_path):
                "model/tokenizer.json"):
     assert (tmp_path / "run" / name).exists(), name
   assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [20, 40]
+  events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+  assert events and events[0].stat().st_size > 0
 
 
 def test_refuses_silent_fresh_start_and_bad_resume(tmp_path):
@@ -162,3 +164,15 @@ def test_data_parallel_and_fsdp_match_one_device(tmp_path):
     one, many = _losses(tmp_path / "one"), _losses(tmp_path / name)
     # Same math, different reduction order across devices: float32 agreement to 1e-4 relative.
     np.testing.assert_allclose([many[s] for s in range(1, 9)], [one[s] for s in range(1, 9)], rtol=1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_optimizer():
+  from tnjax.train import Trainer
+
+  trainer = Trainer(_cfg("unused", "dtype=bfloat16", "steps=5"), 300)
+  tokens = np.random.default_rng(0).integers(0, 300, 5000).astype(np.uint16)
+  losses = [float(trainer.step(s, tokens)[0]) for s in range(5)]
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+  leaves = jax.tree_util.tree_leaves((trainer.params, trainer.opt_state))
+  assert {x.dtype for x in leaves if np.issubdtype(x.dtype, np.floating)} == {np.dtype("float32")}
+  assert trainer.model_config.dtype == "bfloat16"

@@ -182,6 +182,15 @@ def _restore(manager, trainer: Trainer) -> int:
   return int(step)
 
 
+def _tensorboard(path: pathlib.Path):
+  """A TensorBoard event writer when tensorboardX is installed (optional), else None."""
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    return None
+  return SummaryWriter(str(path))
+
+
 def _tokenizer(cfg: TrainConfig, out: pathlib.Path):
   if cfg.tokenizer:
     return load_tokenizer(cfg.tokenizer)
@@ -221,7 +230,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
   The run directory holds ``train_config.json`` (resolved config),
   ``tokenizer.json``, ``cache/`` (token ids), ``checkpoints/`` (orbax, the
   last ``keep``), ``metrics.jsonl``, ``loss.png``, ``report.json`` /
-  ``report.md`` and ``model/`` (the final model in tnjax's format).
+  ``report.md``, ``model/`` (the final model in tnjax's format) and, when
+  tensorboardX is installed, ``tensorboard/`` event files.
 
   Raises:
     ValueError: when the directory already has checkpoints and ``resume`` is
@@ -261,9 +271,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
   if not resume:
     metrics_path.write_text("")
 
+  board = _tensorboard(out / "tensorboard")
+
   def log(record):
     with open(metrics_path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    if board is not None:
+      for k, v in record.items():
+        if k != "step":
+          board.add_scalar(k, v, record["step"])
 
   tokens_per_step = cfg.batch_size * cfg.block_size
   best, last_time, last_step, rates = math.inf, time.perf_counter(), start, []
@@ -292,6 +308,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
       manager.save(done, args=ocp.args.StandardSave({"params": trainer.params, "opt_state": trainer.opt_state}))
   manager.wait_until_finished()
   manager.close()
+  if board is not None:
+    board.close()
 
   metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
   vals = [m["val_loss"] for m in metrics if "val_loss" in m]
