@@ -176,3 +176,10 @@ def test_bfloat16_compute_keeps_float32_parameters_and_optimizer():
   leaves = jax.tree_util.tree_leaves((trainer.params, trainer.opt_state))
   assert {x.dtype for x in leaves if np.issubdtype(x.dtype, np.floating)} == {np.dtype("float32")}
   assert trainer.model_config.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("name", ["corpus_dense", "corpus_ttm48"])
+def test_example_configs_resolve(name):
+  cfg = resolve(str(ROOT / "examples" / "configs" / f"{name}.toml"))
+  assert cfg.model == "gpt2" and cfg.model_overrides["d_model"] == 512 and cfg.train_files
+  assert (cfg.layers == {}) == (name == "corpus_dense")
