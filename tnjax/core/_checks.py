@@ -41,6 +41,13 @@ def check_positive_int(fn: str, name: str, value) -> int:
   return int(value)
 
 
+def check_last_dim(fn: str, x, expected: int, what: str, detail: str = "") -> None:
+  """Raises unless ``x`` has at least one axis and ``x.shape[-1] == expected``."""
+  if x.ndim == 0 or x.shape[-1] != expected:
+    got = f"x.shape[-1]={x.shape[-1]}" if x.ndim else "x.shape=()"
+    raise ValueError(f"{fn}: {got} but {what}={expected}{detail}")
+
+
 def check_dims(fn: str, name: str, dims) -> tuple[int, ...]:
   """A non-empty tuple of positive ints."""
   if isinstance(dims, numbers.Integral):

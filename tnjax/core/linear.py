@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import opt_einsum
 
+from tnjax.core.ops import check_matvec_args, to_dense
 from tnjax.core.tensor_train import TTMatrix
 
 
@@ -182,13 +183,8 @@ _direct.defvjp(_direct_fwd, _direct_bwd)
 
 
 def _as_rows(fn: str, ttm: TTMatrix, x: jax.Array) -> jax.Array:
-  if not isinstance(ttm, TTMatrix):
-    raise ValueError(f"{fn}: ttm is a {type(ttm).__name__} but a TTMatrix is expected")
-  rows = ttm.shape[0]
-  if x.ndim == 0 or x.shape[-1] != rows:
-    got = f"x.shape[-1]={x.shape[-1]}" if x.ndim else "x.shape=()"
-    raise ValueError(f"{fn}: {got} but prod(in_dims)={rows} (in_dims={ttm.in_dims})")
-  return x.reshape(-1, rows)
+  check_matvec_args(fn, ttm, x)
+  return x.reshape(-1, ttm.shape[0])
 
 
 def matvec_direct(ttm: TTMatrix, x: jax.Array, *, order: tuple[int, ...] | None = None, precision=None,
@@ -219,8 +215,6 @@ def matvec_direct(ttm: TTMatrix, x: jax.Array, *, order: tuple[int, ...] | None 
 
 def matvec_dense(ttm: TTMatrix, x: jax.Array, *, precision=None) -> jax.Array:
   """``x @ to_dense(ttm)`` by rebuilding W, then one matmul (autodiff projects dW onto the cores)."""
-  from tnjax.core.ops import to_dense
-
   rows = _as_rows("matvec_dense", ttm, x)
   out = jnp.matmul(rows, to_dense(ttm), precision=precision)
   return out.reshape(x.shape[:-1] + (ttm.shape[1],))

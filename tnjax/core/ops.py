@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import opt_einsum
 
+from tnjax.core import _checks
 from tnjax.core.tensor_train import TT, TensorTrain, TTMatrix, as_tt, check_tt, like
 
 
@@ -64,6 +65,13 @@ def _squeeze_boundary(cores: tuple[jax.Array, ...]) -> list[jax.Array]:
   return [cores[0][0]] + list(cores[1:-1]) + [cores[-1][..., 0]]
 
 
+def check_matvec_args(fn: str, ttm, x: jax.Array) -> None:
+  """Checks that ``ttm`` is a TTMatrix and ``x`` has shape (..., prod(in_dims))."""
+  if not isinstance(ttm, TTMatrix):
+    raise ValueError(f"{fn}: ttm is a {type(ttm).__name__} but a TTMatrix is expected")
+  _checks.check_last_dim(fn, x, ttm.shape[0], "prod(in_dims)", f" (in_dims={ttm.in_dims})")
+
+
 def matvec_plan(ttm: TTMatrix, batch: int) -> opt_einsum.contract.PathInfo:
   """The contraction plan :func:`matvec` uses for ``batch`` rows: path, FLOPs, largest intermediate.
 
@@ -101,14 +109,9 @@ def matvec(ttm: TTMatrix, x: jax.Array, *, precision=None) -> jax.Array:
     >>> tnjax.matvec(w, jnp.ones((5, 16))).shape
     (5, 6)
   """
-  fn = "matvec"
-  if not isinstance(ttm, TTMatrix):
-    raise ValueError(f"{fn}: ttm is a {type(ttm).__name__} but a TTMatrix is expected")
   x = jnp.asarray(x)
-  rows, cols = ttm.shape
-  if x.ndim == 0 or x.shape[-1] != rows:
-    got = f"x.shape[-1]={x.shape[-1]}" if x.ndim else "x.shape=()"
-    raise ValueError(f"{fn}: {got} but prod(in_dims)={rows} (in_dims={ttm.in_dims})")
+  check_matvec_args("matvec", ttm, x)
+  cols = ttm.shape[1]
   batch_shape = x.shape[:-1]
   batch = math.prod(batch_shape)
   subscripts, path, _ = _matvec_expression(tuple(c.shape for c in ttm.cores), batch)

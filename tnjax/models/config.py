@@ -7,6 +7,8 @@ import json
 import re
 from typing import Any
 
+from tnjax.core import _checks
+
 # Names of the projections a spec can target. Per-layer keys prefix these with
 # "h.{i}." (e.g. "h.3.mlp.c_fc"); "embedding" and "lm_head" are global only.
 PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -115,9 +117,7 @@ class GPTConfig:
 
   def validate(self) -> None:
     for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or v < 1:
-        raise ValueError(f"GPTConfig: {name}={v!r} but a positive integer is expected")
+      _checks.check_positive_int("GPTConfig", name, getattr(self, name))
     if self.d_model % self.n_head:
       raise ValueError(f"GPTConfig: d_model={self.d_model} but it must be divisible by n_head={self.n_head}")
     if not 0.0 <= self.dropout < 1.0:

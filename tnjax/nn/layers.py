@@ -49,12 +49,6 @@ def _pad_last(x: jax.Array, size: int) -> jax.Array:
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
 
 
-def _check_features(fn: str, x: jax.Array, features: int, name: str) -> None:
-  if x.ndim == 0 or x.shape[-1] != features:
-    got = f"x.shape[-1]={x.shape[-1]}" if x.ndim else "x.shape=()"
-    raise ValueError(f"{fn}: {got} but {name}={features}")
-
-
 def _need_init(fn: str, rank, rngs, instead: str) -> None:
   for name, value in (("rank", rank), ("rngs", rngs)):
     if value is None:
@@ -184,7 +178,7 @@ class TTMLinear(nnx.Module):
     return to_dense(self.ttm)[: self.in_features, : self.out_features]
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_features("TTMLinear", x, self.in_features, "in_features")
+    _checks.check_last_dim("TTMLinear", x, self.in_features, "in_features")
     ttm, bias = self.ttm, None if self.bias is None else self.bias[...]
     if self.dtype is not None:
       x = x.astype(self.dtype)
@@ -296,7 +290,7 @@ class TTEmbedding(nnx.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Logits ``x @ E.T`` of shape (..., num_embeddings) for x of shape (..., features): the tied LM head."""
-    _check_features("TTEmbedding.attend", x, self.features, "features")
+    _checks.check_last_dim("TTEmbedding.attend", x, self.features, "features")
     ttm_t = transpose(self._compute_ttm())
     if self.dtype is not None:
       x = x.astype(self.dtype)
@@ -373,7 +367,7 @@ class LowRankLinear(nnx.Module):
     return self.u[...] @ self.v[...]
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_features("LowRankLinear", x, self.in_features, "in_features")
+    _checks.check_last_dim("LowRankLinear", x, self.in_features, "in_features")
     u, v, bias = self.u[...], self.v[...], None if self.bias is None else self.bias[...]
     if self.dtype is not None:
       x, u, v = x.astype(self.dtype), u.astype(self.dtype), v.astype(self.dtype)

@@ -7,6 +7,7 @@ import json
 import pathlib
 from typing import Any
 
+from tnjax.core import _checks
 from tnjax.data import SAMPLE_DIR
 
 _TTM16 = {"kind": "ttm", "rank": 16}
@@ -64,9 +65,7 @@ class TrainConfig:
     fn = "TrainConfig"
     for name in ("block_size", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every",
                  "checkpoint_every", "keep", "vocab_size"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{fn}: {name}={v!r} but a positive integer is expected")
+      _checks.check_positive_int(fn, name, getattr(self, name))
     if self.batch_size % self.grad_accum:
       raise ValueError(f"{fn}: batch_size={self.batch_size} but it must be divisible by grad_accum={self.grad_accum}")
     if self.dtype not in ("float32", "bfloat16"):
