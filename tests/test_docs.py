@@ -10,7 +10,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODULES = ["tnjax.core.decompositions", "tnjax.core.ops", "tnjax.core.initializers", "tnjax.core.shapes",
-           "tnjax.nn.layers", "tnjax.models.gpt"]
+           "tnjax.nn.layers", "tnjax.nn.quant", "tnjax.models.gpt", "tnjax.compress.methods"]
 
 
 @pytest.fixture

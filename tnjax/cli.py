@@ -1,4 +1,4 @@
-"""The ``tnjax`` command: ``tnjax train``, ``tnjax eval``, ``tnjax generate``."""
+"""The ``tnjax`` command: ``tnjax train``, ``tnjax eval``, ``tnjax generate``, ``tnjax compress``."""
 
 from __future__ import annotations
 
@@ -57,6 +57,31 @@ def cmd_train(args) -> int:
   return 0
 
 
+def _text_ids(tok, path: str | None, max_tokens: int | None):
+  if path is None:
+    return None
+  ids = tok.encode(pathlib.Path(path).read_text(encoding="utf-8")).ids
+  return ids[:max_tokens] if max_tokens else ids
+
+
+def cmd_compress(args) -> int:
+  from tnjax.compress.report import parse_targets, run
+
+  targets = parse_targets(args.rank, args.ratio, args.rtol)
+  model, tok = _load(args.model, args.tokenizer)
+  layers = args.layers.split(",") if args.layers else None
+  report = run(model, args.method, args.out, targets=targets, valid_ids=_text_ids(tok, args.valid, args.max_tokens),
+               calib_ids=_text_ids(tok, args.calib, None), layers=layers, heal_steps=args.heal_steps,
+               heal_lr=args.heal_lr, int8=args.int8, block_size=args.block_size, tokenizer=tok)
+  for r in report["runs"]:
+    s = r["summary"]
+    ppl = "" if r["perplexity"] is None else f", val ppl {r['perplexity']:.3f}"
+    print(f"{args.method} {r['target']}: compressed part {s['part_compression']:.2f}x, model "
+          f"{s['params_before']:,} -> {s['params_after']:,} params{ppl}, {r['compress_s']:.2f} s")
+  print(f"report: {args.out}/report.md")
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="tnjax", description="Tensor networks for language models.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +113,25 @@ def main(argv=None) -> int:
   gen.add_argument("--top-k", type=int, default=None)
   gen.add_argument("--seed", type=int, default=0)
   gen.set_defaults(run=cmd_generate)
+
+  co = sub.add_parser("compress", help="compress a trained model (TensorGPT, MPO, MoDeGPT, SVD)")
+  co.add_argument("--model", required=True, help="tnjax or Hugging Face GPT-2 directory")
+  co.add_argument("--method", required=True, choices=["tensorgpt", "mpo", "modegpt", "svd"])
+  co.add_argument("--rank", help="rank cap (mpo: bond dimension chi); comma-separated for a sweep")
+  co.add_argument("--ratio", help="fraction of the compressed part's parameters kept, in (0, 1]; "
+                  "comma-separated for a sweep (writes perplexity.png)")
+  co.add_argument("--rtol", help="relative Frobenius error per layer (per row for tensorgpt)")
+  co.add_argument("--layers", help="comma-separated layer names, e.g. mlp.c_fc,h.11.attn.c_proj (mpo, svd)")
+  co.add_argument("--calib", help="text file: calibration for modegpt, training text for --heal-steps")
+  co.add_argument("--valid", help="text file for validation perplexity before and after")
+  co.add_argument("--max-tokens", type=int, default=None, help="score only the first N validation tokens")
+  co.add_argument("--block-size", type=int, default=None, help="window for evaluation and calibration")
+  co.add_argument("--heal-steps", type=int, default=0, help="fine-tune this many steps after compressing")
+  co.add_argument("--heal-lr", type=float, default=1e-4)
+  co.add_argument("--int8", action="store_true", help="weight-only int8 on top (after healing)")
+  co.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
+  co.add_argument("--out", required=True, help="output directory (model/, report.json, report.md)")
+  co.set_defaults(run=cmd_compress)
 
   args = parser.parse_args(argv)
   try:

@@ -48,8 +48,27 @@ def test_config_errors(kwargs, match):
 def test_preset_and_model_errors():
   with pytest.raises(ValueError, match=r"preset: name='gpt3' but one of"):
     preset("gpt3")
-  with pytest.raises(ValueError, match=r"GPT: layers\['embedding'\].kind='lowrank' but 'dense' or 'ttm'"):
+  with pytest.raises(ValueError, match=r"GPT: layers\['embedding'\].kind='lowrank' but 'dense', 'ttm' or 'mps'"):
     GPT(preset("tiny", layers={"embedding": {"kind": "lowrank", "rank": 4}}), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"GPTConfig: unknown fields \['n_embd'\]"):
     GPTConfig.from_dict({"n_embd": 5})
   assert jax.tree_util.tree_leaves(preset("tiny").to_dict()) is not None
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dims={"h.5": {"d_ff": 4}}), r"GPTConfig: dims key 'h.5' but 'h.<i>' with i < n_layer=2"),
+    (dict(dims={"h.0": {"width": 4}}), r"GPTConfig: dims\['h.0'\] has unknown fields \['width'\]"),
+    (dict(dims={"h.0": {"d_ff": 0}}), r"GPTConfig: dims\['h.0'\]\['d_ff'\]=0"),
+    (dict(layers={"mlp.c_fc": {"kind": "mps", "rank": 2}}), r"layers\['mlp.c_fc'\].kind='mps' but 'mps' is for the"),
+    (dict(layers={"mlp.c_fc": {"quant": "int4"}}), r"layers\['mlp.c_fc'\].quant='int4' but one of"),
+    (dict(layers={"embedding": {"quant": "int8"}}), r"layers\['embedding'\].quant='int8' but only projections"),
+])
+def test_dims_mps_and_quant_validation(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    preset("tiny", **kwargs)
+
+
+def test_block_dims_round_trip():
+  cfg = preset("tiny", dims={"h.1": {"d_ff": 100, "qk_dim": 8}}, layers={"embedding": {"kind": "mps", "rank": 2}})
+  assert cfg.block_dims(0) == (512, 32, 32) and cfg.block_dims(1) == (100, 8, 32)
+  assert GPTConfig.from_json(cfg.to_json()) == cfg

@@ -1,10 +1,11 @@
 """Model files: Hugging Face GPT-2 directories in and out, and tnjax's own format that keeps TT cores."""
 
 from tnjax.interop.hf import config_from_hf, hf_config, load_hf_gpt2, save_hf_gpt2
-from tnjax.interop.native import is_native, load_model, save_model
+from tnjax.interop.native import is_native, load_model, model_from_tensors, model_tensors, save_model
 
 __all__ = ["load_hf_gpt2", "save_hf_gpt2", "config_from_hf", "hf_config", "save_model", "load_model", "is_native",
-           "load_any"]
+           "load_any",
+           "model_tensors", "model_from_tensors"]
 
 
 def load_any(path, **kwargs):

@@ -139,12 +139,46 @@ def hf_config(cfg: GPTConfig) -> dict:
   }
 
 
+def _pad_axis(x, axis: int, groups: int, width: int):
+  """Zero-pads each of ``groups`` equal chunks of ``axis`` to ``width`` entries."""
+  x = np.asarray(x)
+  shape = x.shape[:axis] + (groups, x.shape[axis] // groups) + x.shape[axis + 1:]
+  pad = [(0, 0)] * len(shape)
+  pad[axis + 1] = (0, width - shape[axis + 1])
+  out = np.pad(x.reshape(shape), pad)
+  return out.reshape(x.shape[:axis] + (groups * width,) + x.shape[axis + 1:])
+
+
+def _full_width(cfg: GPTConfig, index: int, block) -> dict:
+  """(kernel, bias) of a block's projections at GPT-2's widths.
+
+  Blocks narrowed by MoDeGPT (``cfg.dims``) are zero-padded back: zero query
+  and key columns leave q.k unchanged, zero value columns and MLP neurons
+  (gelu(0) = 0) meet zero rows of the output projections, so the padded
+  model computes the same function.
+  """
+  qk = cfg.block_dims(index)[1]
+  h, hd = cfg.n_head, cfg.head_dim
+  attn_w, attn_b = np.asarray(dense_kernel(block.attn.c_attn)), np.asarray(block.attn.c_attn.bias[...])
+  splits = [h * qk, 2 * h * qk]
+  attn_w = np.concatenate([_pad_axis(w, 1, h, hd) for w in np.split(attn_w, splits, axis=1)], axis=1)
+  attn_b = np.concatenate([_pad_axis(b, 0, h, hd) for b in np.split(attn_b, splits)])
+  return {
+      "attn.c_attn": (attn_w, attn_b),
+      "attn.c_proj": (_pad_axis(dense_kernel(block.attn.c_proj), 0, h, hd), block.attn.c_proj.bias[...]),
+      "mlp.c_fc": (_pad_axis(dense_kernel(block.mlp.c_fc), 1, 1, cfg.ff_dim),
+                   _pad_axis(block.mlp.c_fc.bias[...], 0, 1, cfg.ff_dim)),
+      "mlp.c_proj": (_pad_axis(dense_kernel(block.mlp.c_proj), 0, 1, cfg.ff_dim), block.mlp.c_proj.bias[...]),
+  }
+
+
 def save_hf_gpt2(model: GPT, path) -> pathlib.Path:
   """Writes ``model`` as a Hugging Face GPT-2 directory that ``GPT2LMHeadModel.from_pretrained`` loads.
 
   Tensorized projections and embeddings are written as their dense
-  reconstruction (Hugging Face has no TT layers); use
-  :func:`tnjax.interop.save_model` to keep the cores.
+  reconstruction (Hugging Face has no TT layers), int8 weights dequantized,
+  and blocks narrowed by MoDeGPT zero-padded to full width (same function);
+  use :func:`tnjax.interop.save_model` to keep the compact form.
   """
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
@@ -157,10 +191,8 @@ def save_hf_gpt2(model: GPT, path) -> pathlib.Path:
     p = f"transformer.h.{i}."
     for name, ln in (("ln_1", block.ln_1), ("ln_2", block.ln_2)):
       tensors[p + name + ".weight"], tensors[p + name + ".bias"] = ln.scale[...], ln.bias[...]
-    for name, layer in (("attn.c_attn", block.attn.c_attn), ("attn.c_proj", block.attn.c_proj),
-                        ("mlp.c_fc", block.mlp.c_fc), ("mlp.c_proj", block.mlp.c_proj)):
-      tensors[p + name + ".weight"] = dense_kernel(layer)
-      tensors[p + name + ".bias"] = layer.bias[...]
+    for name, (kernel, bias) in _full_width(cfg, i, block).items():
+      tensors[p + name + ".weight"], tensors[p + name + ".bias"] = kernel, bias
   if model.lm_head is not None:
     tensors["lm_head.weight"] = dense_kernel(model.lm_head).T
   from safetensors.numpy import save_file

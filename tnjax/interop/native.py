@@ -33,8 +33,8 @@ def save_model(model: GPT, path) -> pathlib.Path:
 
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  save_file({_key(p): np.ascontiguousarray(np.asarray(v[...])) for p, v in flat}, str(path / "model.safetensors"))
+  save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in model_tensors(model).items()},
+            str(path / "model.safetensors"))
   meta = {"format": FORMAT, "tnjax_version": tnjax.__version__, "config": model.config.to_dict()}
   (path / "config.json").write_text(json.dumps(meta, indent=2))
   return path
@@ -63,8 +63,23 @@ def load_model(path) -> GPT:
   if meta.get("format") != FORMAT:
     raise ValueError(f"{fn}: {path / 'config.json'} has format={meta.get('format')!r} but {FORMAT!r} is expected "
                      "(for a Hugging Face directory use load_hf_gpt2)")
-  cfg = GPTConfig.from_dict(meta["config"])
-  tensors = load_file(str(path / "model.safetensors"))
+  return model_from_tensors(GPTConfig.from_dict(meta["config"]), load_file(str(path / "model.safetensors")), fn=fn)
+
+
+def model_tensors(module: nnx.Module) -> dict[str, jax.Array]:
+  """Every parameter of a module (a GPT or one layer) by dotted name, as :func:`save_model` stores them."""
+  return {_key(p): v[...] for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def model_from_tensors(cfg: GPTConfig, tensors: dict, *, fn: str = "model_from_tensors") -> GPT:
+  """A GPT of config ``cfg`` holding ``tensors`` (names as :func:`model_tensors` gives them).
+
+  TT cores (``TTParam``) take their shapes from the tensors, so per-layer
+  ranks need not match the config's; every other parameter must match.
+
+  Raises:
+    ValueError: parameters missing, unexpected or of the wrong shape, by name.
+  """
   model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   flat = nnx.to_flat_state(params)

@@ -13,7 +13,9 @@ from tnjax.core import _checks
 # "h.{i}." (e.g. "h.3.mlp.c_fc"); "embedding" and "lm_head" are global only.
 PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 GLOBAL_ONLY = ("embedding", "lm_head")
-KINDS = ("dense", "ttm", "lowrank")
+KINDS = ("dense", "ttm", "lowrank", "mps")
+QUANTS = (None, "int8")
+BLOCK_DIMS = ("d_ff", "qk_dim", "v_dim")
 _LAYER_KEY = re.compile(r"^h\.(\d+)\.(.+)$")
 
 
@@ -22,11 +24,14 @@ class LayerSpec:
   """How one projection is stored.
 
   Attributes:
-    kind: "dense", "ttm" (TT-matrix / MPO cores) or "lowrank" (U V factors).
+    kind: "dense", "ttm" (TT-matrix / MPO cores), "lowrank" (U V factors) or,
+      for the embedding only, "mps" (one TT / MPS per token row: TensorGPT).
     rank: TT rank or low-rank r; required unless kind is "dense".
     num_cores: number of TT cores when dims are not given.
     in_dims, out_dims: explicit TT mode sizes (default: ``tnjax.factorize``).
     path: TTM contraction path, "auto", "dense" or "direct".
+    quant: None, or "int8" for weight-only per-channel int8 storage
+      (projections only; see :func:`tnjax.compress.quantize_int8`).
   """
 
   kind: str = "dense"
@@ -35,6 +40,7 @@ class LayerSpec:
   in_dims: tuple[int, ...] | None = None
   out_dims: tuple[int, ...] | None = None
   path: str = "auto"
+  quant: str | None = None
 
   def validate(self, where: str) -> LayerSpec:
     if self.kind not in KINDS:
@@ -42,6 +48,8 @@ class LayerSpec:
     if self.kind != "dense" and (not isinstance(self.rank, int) or self.rank < 1):
       raise ValueError(f"GPTConfig: {where}.rank={self.rank!r} but a positive integer is expected for "
                        f"kind={self.kind!r}")
+    if self.quant not in QUANTS:
+      raise ValueError(f"GPTConfig: {where}.quant={self.quant!r} but one of {QUANTS} is expected")
     return self
 
   @classmethod
@@ -81,6 +89,10 @@ class GPTConfig:
     attention_impl: passed to ``jax.nn.dot_product_attention``
       (None: XLA default; "cudnn" on GPUs for fused attention).
     dtype: computation dtype (e.g. "bfloat16"); None keeps float32.
+    dims: per-block sizes that differ from the defaults, keyed "h.{i}", each a
+      dict of "d_ff" (MLP width), "qk_dim" (query/key width per head) and
+      "v_dim" (value width per head); what MoDeGPT compression produces.
+      Attention keeps the scale 1 / sqrt(d_model / n_head).
   """
 
   vocab_size: int = 50257
@@ -96,6 +108,7 @@ class GPTConfig:
   layers: dict[str, Any] = dataclasses.field(default_factory=dict)
   attention_impl: str | None = None
   dtype: str | None = None
+  dims: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     # Frozen dataclass, not a pytree: normalizing here is safe and keeps
@@ -130,6 +143,20 @@ class GPTConfig:
       if name not in PROJECTIONS and not (name in GLOBAL_ONLY and not m):
         raise ValueError(f"GPTConfig: layers key {key!r} is unknown; expected one of "
                          f"{PROJECTIONS + GLOBAL_ONLY} or 'h.<i>.<projection>'")
+    for key, value in self.dims.items():
+      m = re.match(r"^h\.(\d+)$", key)
+      if not m or int(m.group(1)) >= self.n_layer:
+        raise ValueError(f"GPTConfig: dims key {key!r} but 'h.<i>' with i < n_layer={self.n_layer} is expected")
+      unknown = set(value) - set(BLOCK_DIMS)
+      if unknown:
+        raise ValueError(f"GPTConfig: dims[{key!r}] has unknown fields {sorted(unknown)}; expected {BLOCK_DIMS}")
+      for name, size in value.items():
+        _checks.check_positive_int("GPTConfig", f"dims[{key!r}][{name!r}]", size)
+    for key, spec in self.layers.items():
+      if spec.kind == "mps" and key != "embedding":
+        raise ValueError(f"GPTConfig: layers[{key!r}].kind='mps' but 'mps' is for the embedding only")
+      if spec.quant is not None and key == "embedding":
+        raise ValueError(f"GPTConfig: layers['embedding'].quant={spec.quant!r} but only projections are quantized")
     if self.tie_embeddings and "lm_head" in self.layers:
       raise ValueError("GPTConfig: layers['lm_head'] is set but tie_embeddings=True (the head is the embedding)")
 
@@ -138,6 +165,11 @@ class GPTConfig:
     if layer is not None and f"h.{layer}.{name}" in self.layers:
       return self.layers[f"h.{layer}.{name}"]
     return self.layers.get(name, LayerSpec())
+
+  def block_dims(self, layer: int) -> tuple[int, int, int]:
+    """(d_ff, qk_dim, v_dim) of block ``layer``: MLP width and per-head query/key and value widths."""
+    d = self.dims.get(f"h.{layer}", {})
+    return d.get("d_ff", self.ff_dim), d.get("qk_dim", self.head_dim), d.get("v_dim", self.head_dim)
 
   def replace(self, **changes) -> GPTConfig:
     return dataclasses.replace(self, **changes)

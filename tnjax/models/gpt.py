@@ -22,7 +22,7 @@ from flax import nnx
 
 from tnjax.core import _checks
 from tnjax.models.config import GPTConfig, LayerSpec
-from tnjax.nn import LowRankLinear, TTEmbedding, TTMLinear
+from tnjax.nn import Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
 
 KVCache = list  # one (k, v) pair per block, each (batch, block_size, n_head, head_dim)
 
@@ -37,10 +37,12 @@ def make_linear(spec: LayerSpec, in_features: int, out_features: int, *, std: fl
   if spec.kind == "ttm":
     return TTMLinear(in_features, out_features, rank=spec.rank, in_dims=spec.in_dims, out_dims=spec.out_dims,
                      num_cores=spec.num_cores, use_bias=use_bias, path=spec.path, dtype=dtype, kernel_std=std,
-                     rngs=rngs)
+                     rngs=rngs, quant=spec.quant)
   if spec.kind == "lowrank":
     return LowRankLinear(in_features, out_features, rank=min(spec.rank, in_features, out_features),
-                         use_bias=use_bias, dtype=dtype, kernel_std=std, rngs=rngs)
+                         use_bias=use_bias, dtype=dtype, kernel_std=std, rngs=rngs, quant=spec.quant)
+  if spec.quant == "int8":
+    return Int8Linear(in_features, out_features, use_bias=use_bias, dtype=dtype)
   return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
                     kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros, rngs=rngs)
 
@@ -54,22 +56,43 @@ def _bias(layer: nnx.Module) -> jax.Array | None:
   return None if layer.bias is None else layer.bias[...]
 
 
+def _pad_heads(z: jax.Array, size: int) -> jax.Array:
+  return z if z.shape[-1] == size else jnp.pad(z, [(0, 0)] * (z.ndim - 1) + [(0, size - z.shape[-1])])
+
+
+def _attention(q, k, v, *, scale: float, impl, is_causal: bool = False, mask=None) -> jax.Array:
+  """``jax.nn.dot_product_attention`` for query/key and value head widths that may differ (MoDeGPT).
+
+  Zero columns change neither q.k nor (sliced off) the output, so the narrower
+  side is padded to the wider one, which the fused kernels require.
+  """
+  width = max(q.shape[-1], v.shape[-1])
+  y = jax.nn.dot_product_attention(_pad_heads(q, width), _pad_heads(k, width), _pad_heads(v, width),
+                                   mask=mask, is_causal=is_causal, scale=scale, implementation=impl)
+  return y[..., : v.shape[-1]]
+
+
 class Attention(nnx.Module):
   def __init__(self, cfg: GPTConfig, index: int, rngs: nnx.Rngs):
     d, dtype = cfg.d_model, _dtype(cfg)
+    _, self.qk_dim, self.v_dim = cfg.block_dims(index)
     self.n_head, self.impl = cfg.n_head, cfg.attention_impl
-    self.c_attn = make_linear(cfg.spec("attn.c_attn", index), d, 3 * d, std=cfg.init_std, use_bias=True,
-                              dtype=dtype, rngs=rngs)
-    self.c_proj = make_linear(cfg.spec("attn.c_proj", index), d, d, std=cfg.init_std / math.sqrt(2 * cfg.n_layer),
-                              use_bias=True, dtype=dtype, rngs=rngs)
+    # The scale of the uncompressed model: MoDeGPT keeps q.k, only narrower.
+    self.scale = 1.0 / math.sqrt(cfg.head_dim)
+    h = cfg.n_head
+    self.c_attn = make_linear(cfg.spec("attn.c_attn", index), d, h * (2 * self.qk_dim + self.v_dim),
+                              std=cfg.init_std, use_bias=True, dtype=dtype, rngs=rngs)
+    self.c_proj = make_linear(cfg.spec("attn.c_proj", index), h * self.v_dim, d,
+                              std=cfg.init_std / math.sqrt(2 * cfg.n_layer), use_bias=True, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
   def __call__(self, x, cache=None, pos=0, *, deterministic: bool = True):
     b, t, d = x.shape
-    q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
-    q, k, v = (z.reshape(b, t, self.n_head, d // self.n_head) for z in (q, k, v))
+    h, qk = self.n_head, self.n_head * self.qk_dim
+    q, k, v = jnp.split(self.c_attn(x), [qk, 2 * qk], axis=-1)
+    q, k, v = (z.reshape(b, t, h, -1) for z in (q, k, v))
     if cache is None:
-      y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
+      y = _attention(q, k, v, scale=self.scale, impl=self.impl, is_causal=True)
       new_cache = None
     else:
       ck, cv = cache
@@ -77,16 +100,16 @@ class Attention(nnx.Module):
       cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, pos, 0, 0))
       # query i sits at position pos + i and sees keys 0..pos + i
       mask = jnp.arange(ck.shape[1])[None, :] <= pos + jnp.arange(t)[:, None]
-      y = jax.nn.dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask[None, None],
-                                       implementation=self.impl)
+      y = _attention(q, ck.astype(q.dtype), cv.astype(q.dtype), scale=self.scale, impl=self.impl,
+                     mask=mask[None, None])
       new_cache = (ck, cv)
-    y = self.dropout(self.c_proj(y.reshape(b, t, d)), deterministic=deterministic)
+    y = self.dropout(self.c_proj(y.reshape(b, t, h * self.v_dim)), deterministic=deterministic)
     return y, new_cache
 
 
 class MLP(nnx.Module):
   def __init__(self, cfg: GPTConfig, index: int, rngs: nnx.Rngs):
-    d, f, dtype = cfg.d_model, cfg.ff_dim, _dtype(cfg)
+    d, f, dtype = cfg.d_model, cfg.block_dims(index)[0], _dtype(cfg)
     self.c_fc = make_linear(cfg.spec("mlp.c_fc", index), d, f, std=cfg.init_std, use_bias=True, dtype=dtype,
                             rngs=rngs)
     self.c_proj = make_linear(cfg.spec("mlp.c_proj", index), f, d, std=cfg.init_std / math.sqrt(2 * cfg.n_layer),
@@ -130,7 +153,10 @@ class GPT(nnx.Module):
     cfg, dtype = config, _dtype(config)
     self.config = cfg
     emb = cfg.spec("embedding")
-    if emb.kind == "ttm":
+    if emb.kind == "mps":
+      self.wte = MPSEmbedding(cfg.vocab_size, cfg.d_model, rank=emb.rank, feature_dims=emb.out_dims,
+                              num_cores=emb.num_cores, std=cfg.init_std, dtype=dtype, rngs=rngs)
+    elif emb.kind == "ttm":
       self.wte = TTEmbedding(cfg.vocab_size, cfg.d_model, rank=emb.rank, vocab_dims=emb.in_dims,
                              feature_dims=emb.out_dims, num_cores=emb.num_cores, std=cfg.init_std, path=emb.path,
                              dtype=dtype, rngs=rngs)
@@ -138,7 +164,7 @@ class GPT(nnx.Module):
       self.wte = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
                            embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
     else:
-      raise ValueError(f"GPT: layers['embedding'].kind={emb.kind!r} but 'dense' or 'ttm' is expected")
+      raise ValueError(f"GPT: layers['embedding'].kind={emb.kind!r} but 'dense', 'ttm' or 'mps' is expected")
     self.wpe = nnx.Embed(cfg.block_size, cfg.d_model, dtype=dtype,
                          embedding_init=nnx.initializers.normal(cfg.init_std / 2), rngs=rngs)
     self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
@@ -178,10 +204,11 @@ class GPT(nnx.Module):
     return self._forward(self._check_ids(ids), None, 0, deterministic)[0]
 
   def init_cache(self, batch: int, dtype=jnp.float32) -> KVCache:
-    """Zeroed keys and values for every block: (batch, block_size, n_head, head_dim) each."""
+    """Zeroed keys and values for every block: (batch, block_size, n_head, qk_dim or v_dim) each."""
     cfg = self.config
-    shape = (batch, cfg.block_size, cfg.n_head, cfg.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layer)]
+    shape = (batch, cfg.block_size, cfg.n_head)
+    return [(jnp.zeros(shape + (cfg.block_dims(i)[1],), dtype), jnp.zeros(shape + (cfg.block_dims(i)[2],), dtype))
+            for i in range(cfg.n_layer)]
 
   def step(self, ids, cache: KVCache, pos) -> tuple[jax.Array, KVCache]:
     """Logits for ``ids`` placed at positions pos.., reading and extending the KV cache."""

@@ -10,15 +10,19 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from tnjax.core import _checks
 from tnjax.core.decompositions import tt_svd, ttm_svd
-from tnjax.core.initializers import random_ttm
+from tnjax.core.initializers import random_tt, random_ttm
 from tnjax.core.linear import H100, PATHS, CostModel, gather_rows, linear, transpose
 from tnjax.core.ops import to_dense
 from tnjax.core.shapes import factorize
 from tnjax.core.tensor_train import TTMatrix
+from tnjax.nn.quant import dequantize, quantize
+
+QUANTS = (None, "int8")
 
 
 class TTParam(nnx.Param):
@@ -47,6 +51,39 @@ def _pad_last(x: jax.Array, size: int) -> jax.Array:
   if x.shape[-1] == size:
     return x
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+
+
+def _check_quant(fn: str, quant) -> str | None:
+  if quant not in QUANTS:
+    raise ValueError(f"{fn}: quant={quant!r} but one of {QUANTS} is expected")
+  return quant
+
+
+def _stored(values, quant) -> tuple[list, list | None]:
+  """The arrays a layer stores for float ``values``: themselves, or int8 values and per-channel scales."""
+  if quant is None:
+    return list(values), None
+  pairs = [quantize(v) for v in values]
+  return [q for q, _ in pairs], [s for _, s in pairs]
+
+
+def _weights(values, scales) -> list[jax.Array]:
+  """Float weights back from what ``_stored`` kept."""
+  if scales is None:
+    return [v[...] for v in values]
+  return [dequantize(v[...], s[...]) for v, s in zip(values, scales)]
+
+
+def _check_ids(fn: str, ids, num_embeddings: int) -> tuple[jax.Array, jax.Array]:
+  """Integer ids and their validity mask; concrete out-of-range ids raise (under jit their rows become NaN)."""
+  ids = jnp.asarray(ids)
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"{fn}: ids.dtype={ids.dtype} but an integer dtype is expected")
+  valid = (ids >= 0) & (ids < num_embeddings)
+  if _checks.is_concrete(valid) and not bool(valid.all()):
+    bad = ids[~valid]
+    raise ValueError(f"{fn}: ids contain {int(bad[0])} but 0 <= id < num_embeddings={num_embeddings} is expected")
+  return ids, valid
 
 
 def _need_init(fn: str, rank, rngs, instead: str) -> None:
@@ -108,6 +145,8 @@ class TTMLinear(nnx.Module):
     precision: passed to the contractions.
     rngs: ``nnx.Rngs``; needed unless ``ttm`` is given.
     ttm: existing cores to wrap (e.g. from ``ttm_svd``) instead of a random init.
+    quant: None, or "int8": cores stored as int8 with per-channel scales
+      (:mod:`tnjax.nn.quant`), dequantized when the layer runs.
 
   Example:
     >>> from flax import nnx
@@ -119,16 +158,21 @@ class TTMLinear(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, rank=None, in_dims=None, out_dims=None,
                num_cores: int = 3, use_bias: bool = True, path: str = "auto", dtype=None,
                param_dtype=jnp.float32, kernel_std: float | None = None, cost: CostModel = H100,
-               precision=None, rngs: nnx.Rngs | None = None, ttm: TTMatrix | None = None):
+               precision=None, rngs: nnx.Rngs | None = None, ttm: TTMatrix | None = None, quant=None):
     fn = "TTMLinear"
     self.in_features = _checks.check_positive_int(fn, "in_features", in_features)
     self.out_features = _checks.check_positive_int(fn, "out_features", out_features)
     self.path = _check_path(fn, path)
     self.dtype, self.cost, self.precision = dtype, cost, precision
     std = 1.0 / math.sqrt(in_features) if kernel_std is None else kernel_std
-    self.cores = _make_cores(fn, ("in_features", in_features, "in_dims", in_dims),
-                             ("out_features", out_features, "out_dims", out_dims),
-                             rank=rank, num_cores=num_cores, std=std, param_dtype=param_dtype, rngs=rngs, ttm=ttm)
+    cores = _make_cores(fn, ("in_features", in_features, "in_dims", in_dims),
+                        ("out_features", out_features, "out_dims", out_dims),
+                        rank=rank, num_cores=num_cores, std=std, param_dtype=param_dtype, rngs=rngs, ttm=ttm)
+    self.quant = _check_quant(fn, quant)
+    values, scales = _stored([c[...] for c in cores], self.quant)
+    self.cores = nnx.List([TTParam(v) for v in values])
+    # Scales are TTParams too: their shapes follow the cores' ranks, which a file may set.
+    self.scales = None if scales is None else nnx.List([TTParam(v) for v in scales])
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
   @classmethod
@@ -153,7 +197,7 @@ class TTMLinear(nnx.Module):
 
   @property
   def ttm(self) -> TTMatrix:
-    return TTMatrix(tuple(c[...] for c in self.cores))
+    return TTMatrix(tuple(_weights(self.cores, self.scales)))
 
   @property
   def in_dims(self) -> tuple[int, ...]:
@@ -169,8 +213,9 @@ class TTMLinear(nnx.Module):
 
   @property
   def num_params(self) -> int:
-    """Parameters stored: cores plus bias (works on ``nnx.eval_shape`` results too)."""
-    return _core_params(self.cores) + (self.out_features if self.bias is not None else 0)
+    """Parameters stored: cores (and int8 scales) plus bias (works on ``nnx.eval_shape`` results too)."""
+    scales = 0 if self.scales is None else _core_params(self.scales)
+    return _core_params(self.cores) + scales + (self.out_features if self.bias is not None else 0)
 
   @property
   def kernel(self) -> jax.Array:
@@ -277,14 +322,7 @@ class TTEmbedding(nnx.Module):
     Concrete ids outside [0, num_embeddings) raise; under jit (no values to
     check) their rows are NaN, as ``nnx.Embed`` gives.
     """
-    ids = jnp.asarray(ids)
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-      raise ValueError(f"TTEmbedding: ids.dtype={ids.dtype} but an integer dtype is expected")
-    valid = (ids >= 0) & (ids < self.num_embeddings)
-    if _checks.is_concrete(valid) and not bool(valid.all()):
-      bad = ids[~valid]
-      raise ValueError(f"TTEmbedding: ids contain {int(bad[0])} but 0 <= id < num_embeddings="
-                       f"{self.num_embeddings} is expected")
+    ids, valid = _check_ids("TTEmbedding", ids, self.num_embeddings)
     rows = gather_rows(self._compute_ttm(), jnp.where(valid, ids, 0))[..., : self.features]
     return jnp.where(valid[..., None], rows, jnp.asarray(jnp.nan, rows.dtype))
 
@@ -298,6 +336,126 @@ class TTEmbedding(nnx.Module):
     return y[..., : self.num_embeddings]
 
 
+def _contract_rows(cores) -> jax.Array:
+  """Dense rows of per-row tensor trains: cores (..., r[k], n[k], r[k+1]) -> (..., prod(n))."""
+  out = cores[0][..., 0, :, :]  # (..., n0, r1)
+  for c in cores[1:]:
+    out = jnp.einsum("...ar,...rbs->...abs", out, c)
+    out = out.reshape(out.shape[:-3] + (-1, out.shape[-1]))
+  return out[..., 0]
+
+
+class MPSEmbedding(nnx.Module):
+  """A token embedding in which every row is its own tensor train (an MPS): the TensorGPT layer.
+
+  Row ``i`` (features,) is zero-padded to ``prod(feature_dims)``, reshaped to
+  ``feature_dims`` and held as a TT with cores (r[k], n[k], r[k+1]); the layer
+  stores them stacked over the vocabulary, core k of shape
+  (num_embeddings, r[k], n[k], r[k+1]). A lookup gathers each token's cores
+  and contracts them; :meth:`attend` (the tied head) rebuilds the table.
+  At rank 1 a row costs ``sum(feature_dims)`` numbers instead of ``features``.
+
+  Args:
+    num_embeddings, features: table shape.
+    rank: TT rank of every row (int or d - 1 ints), for a random init.
+    feature_dims: mode sizes (default ``factorize(features, num_cores)``).
+    num_cores: d, used when dims are not given.
+    std: std of the dense-equivalent table at init (default ``1 / sqrt(features)``).
+    dtype, param_dtype: computation and storage dtypes.
+    rngs: ``nnx.Rngs`` for a random init.
+    cores: existing stacked cores (see :meth:`from_dense`).
+
+  Example:
+    >>> import numpy as np
+    >>> table = np.random.default_rng(0).normal(size=(10, 12))
+    >>> emb = MPSEmbedding.from_dense(table, feature_dims=(2, 2, 3))  # exact (full rank)
+    >>> bool(jnp.allclose(emb(jnp.arange(10)), table, atol=1e-5)), [c.shape for c in emb.cores][1]
+    (True, (10, 2, 2, 3))
+  """
+
+  def __init__(self, num_embeddings: int, features: int, *, rank=None, feature_dims=None, num_cores: int = 3,
+               std: float | None = None, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None,
+               cores=None):
+    fn = "MPSEmbedding"
+    self.num_embeddings = _checks.check_positive_int(fn, "num_embeddings", num_embeddings)
+    self.features = _checks.check_positive_int(fn, "features", features)
+    self.dtype = dtype
+    if cores is None:
+      _need_init(fn, rank, rngs, "cores=")
+      dims = _layer_dims(fn, features, feature_dims, num_cores, "feature_dims", "features")
+      std = 1.0 / math.sqrt(features) if std is None else std
+      keys = jax.random.split(rngs.params(), num_embeddings)
+      cores = jax.vmap(lambda k: random_tt(k, dims, rank, std=std, dtype=param_dtype).cores)(keys)
+    cores = [jnp.asarray(c, param_dtype) for c in cores]
+    shapes = [c.shape for c in cores]
+    if (any(len(sh) != 4 or sh[0] != num_embeddings for sh in shapes) or shapes[0][1] != 1 or shapes[-1][3] != 1
+        or any(a[3] != b[1] for a, b in zip(shapes, shapes[1:]))
+        or math.prod(sh[2] for sh in shapes) < features):
+      raise ValueError(f"{fn}: cores have shapes {shapes} but (num_embeddings={num_embeddings}, r[k], n[k], "
+                       f"r[k+1]) with r[0] = r[d] = 1, matching bonds and prod(n) >= features={features} are expected")
+    self.cores = nnx.List([TTParam(c) for c in cores])
+
+  @classmethod
+  def from_dense(cls, table, *, rank=None, rtol=None, feature_dims=None, num_cores: int = 3,
+                 **kwargs) -> MPSEmbedding:
+    """TT-SVD of every row of ``table`` (num_embeddings, features), vmapped over the vocabulary.
+
+    ``rank`` caps every row's ranks; ``rtol`` bounds each row's relative
+    error, ``||row - approx|| <= rtol * ||row||``. All rows share core shapes
+    (one array per core): under ``rtol`` each bond keeps the largest rank any
+    row needs (read on the host), the other rows' extra columns are zero.
+    With neither, the decomposition is exact.
+    """
+    fn = "MPSEmbedding.from_dense"
+    table = jnp.asarray(table)
+    if table.ndim != 2:
+      raise ValueError(f"{fn}: table.shape={table.shape} but a 2-d (vocab, features) table is expected")
+    v, f = table.shape
+    dims = _layer_dims(fn, f, feature_dims, num_cores, "feature_dims", "table.shape[1]")
+    rows = _pad_last(table, math.prod(dims)).reshape((v,) + dims)
+    cores = list(jax.vmap(lambda x: tt_svd(x, max_rank=rank, rtol=rtol).cores)(rows))
+    if rtol is not None:
+      for k in range(len(cores) - 1):  # drop the columns that the mask zeroed in every row
+        used = np.asarray(jnp.any(cores[k] != 0, axis=(0, 1, 2)))
+        r = max(int(np.nonzero(used)[0].max()) + 1 if used.any() else 1, 1)
+        cores[k], cores[k + 1] = cores[k][..., :r], cores[k + 1][:, :r]
+    return cls(v, f, cores=cores, **kwargs)
+
+  @property
+  def feature_dims(self) -> tuple[int, ...]:
+    return tuple(c.shape[2] for c in self.cores)
+
+  @property
+  def ranks(self) -> tuple[int, ...]:
+    return tuple(c.shape[1] for c in self.cores) + (1,)
+
+  @property
+  def num_params(self) -> int:
+    return _core_params(self.cores)
+
+  def _cores(self):
+    cores = [c[...] for c in self.cores]
+    return cores if self.dtype is None else [c.astype(self.dtype) for c in cores]
+
+  @property
+  def embedding(self) -> jax.Array:
+    """The dense (num_embeddings, features) table (builds it)."""
+    return _contract_rows(self._cores())[:, : self.features]
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    """Embeds integer ids of any shape into ``ids.shape + (features,)`` (out-of-range ids: as TTEmbedding)."""
+    ids, valid = _check_ids("MPSEmbedding", ids, self.num_embeddings)
+    safe = jnp.where(valid, ids, 0)
+    rows = _contract_rows([c[safe] for c in self._cores()])[..., : self.features]
+    return jnp.where(valid[..., None], rows, jnp.asarray(jnp.nan, rows.dtype))
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """Logits ``x @ E.T`` (..., num_embeddings) for x (..., features): the tied LM head."""
+    _checks.check_last_dim("MPSEmbedding.attend", x, self.features, "features")
+    table = self.embedding
+    return jnp.matmul(x.astype(table.dtype), table.T)
+
+
 class LowRankLinear(nnx.Module):
   """A dense layer with kernel ``W = u @ v`` of rank r: the truncated-SVD baseline.
 
@@ -308,11 +466,12 @@ class LowRankLinear(nnx.Module):
     kernel_std: std of the dense-equivalent W at init (default ``1 / sqrt(in_features)``).
     rngs: ``nnx.Rngs``; needed unless ``u`` and ``v`` are given.
     u, v: existing factors of shapes (in_features, r) and (r, out_features).
+    quant: None, or "int8" (factors stored as int8 with per-column scales).
   """
 
   def __init__(self, in_features: int, out_features: int, *, rank: int | None = None, use_bias: bool = True,
                dtype=None, param_dtype=jnp.float32, kernel_std: float | None = None, precision=None,
-               rngs: nnx.Rngs | None = None, u=None, v=None):
+               rngs: nnx.Rngs | None = None, u=None, v=None, quant=None):
     fn = "LowRankLinear"
     self.in_features = _checks.check_positive_int(fn, "in_features", in_features)
     self.out_features = _checks.check_positive_int(fn, "out_features", out_features)
@@ -333,7 +492,10 @@ class LowRankLinear(nnx.Module):
     if u.shape[0] != in_features or v.shape[1] != out_features or u.shape[1] != v.shape[0]:
       raise ValueError(f"{fn}: u.shape={u.shape}, v.shape={v.shape} but (in_features, r) and (r, out_features)"
                        f" = ({in_features}, r), (r, {out_features}) are expected")
+    self.quant = _check_quant(fn, quant)
+    (u, v), scales = _stored([u, v], self.quant)
     self.u, self.v = nnx.Param(u), nnx.Param(v)
+    self.scales = None if scales is None else nnx.List([nnx.Param(x) for x in scales])
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
   @classmethod
@@ -360,15 +522,18 @@ class LowRankLinear(nnx.Module):
 
   @property
   def num_params(self) -> int:
-    return self.rank * (self.in_features + self.out_features) + (self.out_features if self.bias is not None else 0)
+    scales = 0 if self.scales is None else self.rank + self.out_features
+    return (self.rank * (self.in_features + self.out_features) + scales
+            + (self.out_features if self.bias is not None else 0))
 
   @property
   def kernel(self) -> jax.Array:
-    return self.u[...] @ self.v[...]
+    u, v = _weights([self.u, self.v], self.scales)
+    return u @ v
 
   def __call__(self, x: jax.Array) -> jax.Array:
     _checks.check_last_dim("LowRankLinear", x, self.in_features, "in_features")
-    u, v, bias = self.u[...], self.v[...], None if self.bias is None else self.bias[...]
+    (u, v), bias = _weights([self.u, self.v], self.scales), None if self.bias is None else self.bias[...]
     if self.dtype is not None:
       x, u, v = x.astype(self.dtype), u.astype(self.dtype), v.astype(self.dtype)
       bias = None if bias is None else bias.astype(self.dtype)

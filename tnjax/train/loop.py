@@ -85,16 +85,22 @@ def _cross_entropy(logits, targets):
 class Trainer:
   """Holds the model definition, optimizer and jitted steps of one run."""
 
-  def __init__(self, cfg: TrainConfig, vocab_size: int):
+  def __init__(self, cfg: TrainConfig, vocab_size: int, model: GPT | None = None):
+    """Builds the model from ``cfg`` (preset, overrides, layers), or continues training ``model``
+    (its config wins; ``cfg`` gives the optimizer, batches and dtype)."""
     self.cfg = cfg
-    self.model_config = preset(cfg.model, **{**cfg.model_overrides, "vocab_size": vocab_size,
-                                             "block_size": cfg.block_size, "layers": cfg.layers,
-                                             "dtype": None if cfg.dtype == "float32" else cfg.dtype})
-    model = GPT(self.model_config, rngs=nnx.Rngs(cfg.seed))
+    if model is None:
+      self.model_config = preset(cfg.model, **{**cfg.model_overrides, "vocab_size": vocab_size,
+                                               "block_size": cfg.block_size, "layers": cfg.layers,
+                                               "dtype": None if cfg.dtype == "float32" else cfg.dtype})
+      model = GPT(self.model_config, rngs=nnx.Rngs(cfg.seed))
+    else:
+      self.model_config = model.config
     self.num_params = model.num_params
     self.graphdef, params_state, self.rest = nnx.split(model, nnx.Param, ...)
     self.flat = FlatParams(params_state)
-    params = self.flat.flat(params_state)
+    # Steps donate their parameters: copy, so a model passed in (whose arrays other models may share) stays valid.
+    params = {k: jnp.array(v, copy=True) for k, v in self.flat.flat(params_state).items()}
     self.mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     micro = cfg.batch_size // cfg.grad_accum
     if micro % self.mesh.devices.size:

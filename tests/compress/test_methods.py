@@ -1,0 +1,188 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tnjax.compress import (
+    choose_layers,
+    count_bytes,
+    heal,
+    layer_sensitivity,
+    modegpt_compress,
+    mpo_compress,
+    quantize_int8,
+    svd_compress,
+    tensorgpt_embedding,
+)
+from tnjax.compress.report import compress, summary
+from tnjax.eval import perplexity
+from tnjax.interop import load_model, save_model
+from tnjax.nn import Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
+
+
+def rel_err(model, ref_logits, ids):
+  return float(jnp.linalg.norm(model(ids) - ref_logits) / jnp.linalg.norm(ref_logits))
+
+
+EXACT = [
+    ("svd full rank", lambda m, ids: svd_compress(m, rank=256)),
+    ("svd ratio 1", lambda m, ids: svd_compress(m, ratio=1.0)),
+    ("mpo exact", lambda m, ids: mpo_compress(m)),
+    ("mpo ratio 1", lambda m, ids: mpo_compress(m, ratio=1)),
+    ("tensorgpt mps exact", lambda m, ids: tensorgpt_embedding(m)),
+    ("tensorgpt ttm exact", lambda m, ids: tensorgpt_embedding(m, form="ttm")),
+    ("tensorgpt ratio 1", lambda m, ids: tensorgpt_embedding(m, ratio=1.0)),
+    ("modegpt ratio 1", lambda m, ids: modegpt_compress(m, ids, ratio=1.0)),
+]
+
+
+@pytest.mark.parametrize("name,method", EXACT, ids=[e[0] for e in EXACT])
+def test_full_rank_or_ratio_1_leaves_logits_unchanged(trained, ids, name, method):
+  out = method(trained, ids)
+  np.testing.assert_allclose(out(ids), trained(ids), atol=1e-4)
+
+
+SWEEPS = [
+    ("svd", lambda m, ids, r: svd_compress(m, rank=r), [2, 8, 32]),
+    ("mpo", lambda m, ids, r: mpo_compress(m, chi=r), [2, 8, 32]),
+    ("tensorgpt", lambda m, ids, r: tensorgpt_embedding(m, rank=r), [1, 2, 4]),
+    ("tensorgpt ttm", lambda m, ids, r: tensorgpt_embedding(m, rank=r, form="ttm"), [2, 8, 32]),
+    ("modegpt", lambda m, ids, r: modegpt_compress(m, ids, ratio=r, allocation="uniform"), [0.3, 0.6, 0.9]),
+]
+
+
+@pytest.mark.parametrize("name,method,ranks", SWEEPS, ids=[s[0] for s in SWEEPS])
+def test_error_falls_as_rank_grows(trained, ids, name, method, ranks):
+  ref = trained(ids)
+  errors = [rel_err(method(trained, ids, r), ref, ids) for r in ranks]
+  assert all(a > b for a, b in zip(errors, errors[1:])), errors
+  assert errors[-1] < 0.5
+
+
+def test_parameter_accounting_is_exact(trained):
+  cfg = trained.config
+  d, f = cfg.d_model, cfg.ff_dim
+  svd = svd_compress(trained, rank=4, layers=["h.0.mlp.c_fc"])
+  assert isinstance(svd.h[0].mlp.c_fc, LowRankLinear)
+  assert trained.num_params - svd.num_params == d * f - 4 * (d + f)
+  r = 0.5
+  svd = svd_compress(trained, ratio=r, layers="mlp.c_proj")
+  rank = int(r * d * f // (d + f))
+  assert svd.h[1].mlp.c_proj.rank == rank
+  mpo = mpo_compress(trained, chi=3, layers=["h.1.attn.c_proj"])
+  layer = mpo.h[1].attn.c_proj
+  assert isinstance(layer, TTMLinear) and max(layer.ranks) == 3
+  assert trained.num_params - mpo.num_params == d * d - sum(c.size for c in layer.ttm.cores)
+  # TensorGPT: rank 1 rows cost sum(feature_dims); the ratio is vocab * d / stored.
+  tg = tensorgpt_embedding(trained, rank=1, feature_dims=(4, 4, 4))
+  assert isinstance(tg.wte, MPSEmbedding) and tg.wte.num_params == 128 * 12
+  assert summary(trained, tg, ["embedding"])["part_compression"] == pytest.approx(64 / 12)
+  # Ratios keep at most the requested fraction of each layer's weights.
+  for method in (svd_compress, mpo_compress):
+    out = method(trained, ratio=0.4)
+    s = summary(trained, out, [f"h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "mlp.c_fc")])
+    for row in s["layers"]:
+      assert row["kept"] <= 0.4 + 0.02  # the bias (kept whole) is the slack
+
+
+def test_tensorgpt_ratio_and_rtol(trained):
+  table = trained.wte.embedding[...]
+  tg = tensorgpt_embedding(trained, ratio=0.3)
+  assert tg.wte.num_params <= 0.3 * table.size
+  tg = tensorgpt_embedding(trained, rtol=0.3)
+  rows = tg.wte.embedding
+  per_row = jnp.linalg.norm(rows - table, axis=1) / jnp.linalg.norm(table, axis=1)
+  assert float(per_row.max()) <= 0.3 + 1e-9
+  ttm = tensorgpt_embedding(trained, rank=4, form="ttm")
+  assert isinstance(ttm.wte, TTEmbedding) and ttm.lm_head is None  # the head stays tied
+
+
+def test_int8_round_trip_and_bytes(trained, ids):
+  q = quantize_int8(trained)
+  assert isinstance(q.h[0].mlp.c_fc, Int8Linear)
+  for i in range(2):
+    for name in ("c_fc", "c_proj"):
+      w, layer = getattr(trained.h[i].mlp, name).kernel[...], getattr(q.h[i].mlp, name)
+      bound = layer.scale[...] / 2
+      assert bool(jnp.all(jnp.abs(w - layer.kernel) <= bound * (1 + 1e-6)))
+  # int8 weights: one byte each, plus a float32 scale per output column.
+  d, f = trained.config.d_model, trained.config.ff_dim
+  w8 = 2 * (d * 3 * d + d * d + 2 * d * f)
+  scales = 2 * (3 * d + d + f + d)
+  assert count_bytes(trained) - count_bytes(q) == 4 * w8 - (w8 + 4 * scales)
+  assert rel_err(q, trained(ids), ids) < 0.02
+  # On top of MPO and SVD: cores and factors quantized, logits close to the float model.
+  for base in (mpo_compress(trained, chi=8), svd_compress(trained, rank=8)):
+    assert rel_err(quantize_int8(base), base(ids), ids) < 0.02
+
+
+@pytest.mark.parametrize("make", [
+    lambda m, ids: svd_compress(m, ratio=0.5),
+    lambda m, ids: quantize_int8(mpo_compress(m, rtol=0.5)),
+    lambda m, ids: tensorgpt_embedding(m, rtol=0.2),
+    lambda m, ids: quantize_int8(svd_compress(m, rank=4)),
+    lambda m, ids: modegpt_compress(m, ids, ratio=0.5),
+], ids=["svd", "mpo-rtol-int8", "tensorgpt-rtol", "svd-int8", "modegpt"])
+def test_save_load_round_trip(trained, ids, tmp_path, make):
+  small = make(trained, ids)
+  loaded = load_model(save_model(small, tmp_path / "m"))
+  assert loaded.config == small.config
+  np.testing.assert_allclose(loaded(ids), small(ids), atol=1e-6)
+
+
+def test_sensitivity_choose_and_heal(trained, tokens):
+  valid = tokens[16000:17000]
+  sens = layer_sensitivity(trained, valid, functools.partial(mpo_compress, chi=2), layers=["mlp.c_fc"])
+  assert set(sens["layers"]) == {"h.0.mlp.c_fc", "h.1.mlp.c_fc"}
+  for v in sens["layers"].values():
+    assert v["params_saved"] > 0 and v["perplexity"] == pytest.approx(sens["base"] * (1 + v["increase"]))
+  one = choose_layers(sens, 1)
+  assert len(one) == 1 and sens["layers"][one[0]]["increase"] == min(v["increase"] for v in sens["layers"].values())
+  with pytest.raises(ValueError, match="removes only"):
+    choose_layers(sens, 10**9)
+  small = svd_compress(trained, rank=2)
+  before = perplexity(small, valid)["perplexity"]
+  healed = heal(small, tokens[:16000], 30, lr=2e-3, batch_size=8)  # under strict promotion, as the suite runs
+  assert healed.config == small.config
+  assert perplexity(healed, valid)["perplexity"] < before
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m, ids: svd_compress(m, ratio=0.0), r"svd_compress: ratio=0.0 but 0 < ratio <= 1"),
+    (lambda m, ids: mpo_compress(m, ratio=1.5), r"mpo_compress: ratio=1.5 but 0 < ratio <= 1"),
+    (lambda m, ids: svd_compress(m, rank=0), r"svd_compress: rank=0"),
+    (lambda m, ids: mpo_compress(m, chi=0), r"mpo_compress: chi=0"),
+    (lambda m, ids: tensorgpt_embedding(m, rank=0), r"tensorgpt_embedding: rank=0"),
+    (lambda m, ids: mpo_compress(m, chi=2, ratio=0.5), r"mpo_compress: chi=2 and ratio=0.5 but at most one"),
+    (lambda m, ids: svd_compress(m, rank=2, layers=["h.7.mlp.c_fc"]), r"svd_compress: unknown layer name 'h.7"),
+    (lambda m, ids: mpo_compress(m, chi=2, layers=["mlp.fc"]), r"mpo_compress: unknown layer name 'mlp.fc'"),
+    (lambda m, ids: svd_compress(m, rank=2, layers=["lm_head"]), r"unknown layer name 'lm_head'.*untied head"),
+    (lambda m, ids: modegpt_compress(m, None, ratio=0.5), r"modegpt_compress: calib=None but MoDeGPT needs"),
+    (lambda m, ids: modegpt_compress(m, ids, ratio=0.0), r"modegpt_compress: ratio=0.0"),
+    (lambda m, ids: modegpt_compress(m, ids, ratio=0.5, allocation="even"), r"allocation='even'"),
+    (lambda m, ids: tensorgpt_embedding(m, form="mpo"), r"form='mpo' but 'mps' or 'ttm'"),
+    (lambda m, ids: quantize_int8(quantize_int8(m)), r"quantize_int8: layer 'h.0.attn.c_attn' is already"),
+    (lambda m, ids: heal(quantize_int8(m), np.arange(200) % 128, 2), r"heal: layers .* are int8"),
+    (lambda m, ids: compress(m, "modegpt", rank=4, calib=ids), r"compress: .* but modegpt takes a ratio only"),
+    (lambda m, ids: compress(m, "pca", rank=4), r"compress: method='pca' but one of"),
+])
+def test_bad_arguments(trained, ids, call, match):
+  with pytest.raises(ValueError, match=match):
+    call(trained, ids)
+
+
+def test_compressed_models_jit_and_grad(trained, ids):
+  """A compressed model is an ordinary NNX model: jit, and gradients reach the cores and factors."""
+  for small in (mpo_compress(trained, chi=4), tensorgpt_embedding(trained, rank=2),
+                modegpt_compress(trained, ids, ratio=0.5)):
+    graphdef, params, rest = nnx.split(small, nnx.Param, ...)
+
+    def loss(p, graphdef=graphdef, rest=rest):
+      return jnp.mean(nnx.merge(graphdef, p, rest)(ids) ** 2)
+
+    np.testing.assert_allclose(jax.jit(loss)(params), loss(params), rtol=1e-6)
+    grads = jax.grad(loss)(params)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))

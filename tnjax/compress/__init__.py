@@ -1,0 +1,21 @@
+"""Compression of trained GPTs: pure model -> model functions.
+
+* :func:`svd_compress` — truncated SVD per projection, the baseline.
+* :func:`mpo_compress`, :func:`layer_sensitivity`, :func:`choose_layers`,
+  :func:`heal`, :func:`quantize_int8` — CompactifAI (MPO, profiling, healing, int8).
+* :func:`tensorgpt_embedding` — TensorGPT (an MPS per token row, or one TT-matrix).
+* :func:`modegpt_compress`, :func:`calibrate` — MoDeGPT (Nystrom, CR, whitened SVD).
+* :func:`compress` and :func:`tnjax.compress.report.run` — what ``tnjax compress`` runs.
+"""
+
+from tnjax.compress._model import count_bytes, count_params, get_layer, projection_names, resolve_layers
+from tnjax.compress.methods import embedding_table, mpo_compress, quantize_int8, svd_compress, tensorgpt_embedding
+from tnjax.compress.modegpt import allocate, calibrate, cr_select, modegpt_compress, nystrom_select, whitened_svd
+from tnjax.compress.tuning import choose_layers, heal, layer_sensitivity
+
+__all__ = [
+    "svd_compress", "mpo_compress", "tensorgpt_embedding", "quantize_int8", "modegpt_compress",
+    "layer_sensitivity", "choose_layers", "heal", "calibrate", "allocate", "nystrom_select", "cr_select",
+    "whitened_svd", "count_params", "count_bytes", "get_layer", "projection_names", "resolve_layers",
+    "embedding_table",
+]

@@ -1,0 +1,139 @@
+"""Model surgery shared by the compression methods: layer names, replacing layers, parameter accounting."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tnjax.interop.native import model_from_tensors, model_tensors
+from tnjax.models.config import PROJECTIONS, GPTConfig, LayerSpec
+from tnjax.models.gpt import GPT
+
+_BLOCK_NAME = re.compile(r"^h\.(\d+)\.(.+)$")
+
+
+def projection_names(cfg: GPTConfig) -> list[str]:
+  """Every attention and MLP projection of the model, "h.{i}.{projection}", block by block."""
+  return [f"h.{i}.{p}" for i in range(cfg.n_layer) for p in PROJECTIONS]
+
+
+def resolve_layers(fn: str, cfg: GPTConfig, layers) -> list[str]:
+  """Layer names to compress: None is every attention and MLP projection; a name is "h.{i}.{projection}",
+  a projection ("mlp.c_fc": every block) or "lm_head" (an untied head)."""
+  if layers is None:
+    return projection_names(cfg)
+  if isinstance(layers, str):
+    layers = [layers]
+  out = []
+  for name in layers:
+    m = _BLOCK_NAME.match(name)
+    if name in PROJECTIONS:
+      out += [f"h.{i}.{name}" for i in range(cfg.n_layer)]
+    elif m and m.group(2) in PROJECTIONS and int(m.group(1)) < cfg.n_layer:
+      out.append(name)
+    elif name == "lm_head" and not cfg.tie_embeddings:
+      out.append(name)
+    else:
+      raise ValueError(f"{fn}: unknown layer name {name!r}; expected 'h.<i>.<projection>' with i < "
+                       f"{cfg.n_layer}, a projection of {PROJECTIONS}, or 'lm_head' for an untied head")
+  return list(dict.fromkeys(out))
+
+
+def get_layer(model: GPT, name: str) -> nnx.Module:
+  """The module of a projection name ("h.3.mlp.c_fc", "lm_head") or "embedding"."""
+  if name == "embedding":
+    return model.wte
+  if name == "lm_head":
+    return model.lm_head
+  i, rest = _BLOCK_NAME.match(name).groups()
+  module = model.h[int(i)]
+  for part in rest.split("."):
+    module = getattr(module, part)
+  return module
+
+
+def _prefix(name: str) -> str:
+  return "wte" if name == "embedding" else name
+
+
+def rebuild(model: GPT, cfg: GPTConfig, replaced: dict) -> GPT:
+  """A new GPT of config ``cfg`` with the parameters of ``model``, except the named layers, taken from
+  ``replaced`` (a module, or a dict of its parameters such as ``{"kernel": ..., "bias": ...}``)."""
+  tensors = model_tensors(model)
+  for name, module in replaced.items():
+    prefix = _prefix(name) + "."
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+    params = module if isinstance(module, dict) else model_tensors(module)
+    tensors.update({prefix + k: v for k, v in params.items()})
+  return model_from_tensors(cfg, tensors, fn="compress")
+
+
+def with_specs(cfg: GPTConfig, specs: dict[str, LayerSpec]) -> GPTConfig:
+  """``cfg`` with per-layer specs set ("embedding", "lm_head" or "h.{i}.{projection}")."""
+  return cfg.replace(layers={**cfg.layers, **specs})
+
+
+def spec_of(cfg: GPTConfig, name: str) -> LayerSpec:
+  m = _BLOCK_NAME.match(name)
+  return cfg.spec(m.group(2), int(m.group(1))) if m else cfg.spec(name)
+
+
+def weights(layer: nnx.Module) -> int:
+  """Parameters of a layer other than its bias (what compression reduces)."""
+  bias = getattr(layer, "bias", None)
+  return count_params(layer) - (0 if bias is None else math.prod(bias.shape))
+
+
+def count_params(module: nnx.Module) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
+
+
+def count_bytes(module: nnx.Module) -> int:
+  """Bytes the parameters take (int8 weights count one byte each)."""
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+             for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
+
+
+def compute_dtype(cfg: GPTConfig):
+  return None if cfg.dtype is None else np.dtype(cfg.dtype)
+
+
+def largest_rank(params_at, budget: float, hi: int) -> int:
+  """The largest r in [1, hi] with ``params_at(r) <= budget`` (params_at increasing); 1 when none fits."""
+  lo = 1
+  if params_at(hi) <= budget:
+    return hi
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    if params_at(mid) <= budget:
+      lo = mid
+    else:
+      hi = mid - 1
+  return lo
+
+
+def check_ratio(fn: str, ratio) -> float:
+  if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+    raise ValueError(f"{fn}: ratio={ratio!r} but 0 < ratio <= 1 (the fraction of parameters kept) is expected")
+  return float(ratio)
+
+
+def one_target(fn: str, **targets) -> tuple[str | None, object]:
+  """The single rank/ratio/tolerance argument given (or (None, None) for an exact decomposition)."""
+  given = {k: v for k, v in targets.items() if v is not None}
+  if len(given) > 1:
+    raise ValueError(f"{fn}: {' and '.join(f'{k}={v!r}' for k, v in given.items())} but at most one of "
+                     f"{tuple(targets)} is expected")
+  if not given:
+    return None, None
+  (key, value), = given.items()
+  return key, value
+
+
+def replace_spec(spec: LayerSpec, **changes) -> LayerSpec:
+  return dataclasses.replace(spec, **changes)

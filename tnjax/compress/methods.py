@@ -1,0 +1,254 @@
+"""Training-free compression by factorization: truncated SVD (the baseline), MPO (CompactifAI), TensorGPT
+embeddings, and weight-only int8 on top of any of them.
+
+Every function maps a :class:`tnjax.models.GPT` to a new one (the input is
+left untouched) whose config records the new layer kinds, so the result saves
+and loads like any tnjax model and exports to Hugging Face as dense.
+
+Targets: ``ratio`` is the fraction of a layer's weight parameters kept (bias
+excluded); a layer whose factorized form would not be smaller at that ratio
+stays as it is, so ``ratio=1`` returns an unchanged model. ``rank`` (``chi``
+for MPO) caps ranks; ``rtol`` bounds each layer's relative Frobenius error
+(ranks chosen on the host). With no target the decomposition is exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax.numpy as jnp
+from flax import nnx
+
+from tnjax.compress import _model
+from tnjax.core import _checks
+from tnjax.core.shapes import factorize
+from tnjax.models.config import LayerSpec
+from tnjax.models.gpt import GPT, dense_kernel
+from tnjax.nn import Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
+
+
+def _bias(layer):
+  return None if layer.bias is None else layer.bias[...]
+
+
+def _target(fn: str, **targets) -> tuple[str | None, object]:
+  key, value = _model.one_target(fn, **targets)
+  if key == "ratio":
+    _model.check_ratio(fn, value)
+  elif key == "rtol":
+    _checks.check_rtol(fn, value)
+  elif key is not None:
+    _checks.check_positive_int(fn, key, value)
+  return key, value
+
+
+def svd_compress(model: GPT, *, ratio: float | None = None, rank: int | None = None, rtol: float | None = None,
+                 layers=None) -> GPT:
+  """Truncated SVD of every selected projection: W (m, n) -> U (m, r) V (r, n), the baseline.
+
+  Args:
+    model: the model to compress.
+    ratio: fraction of each layer's weights kept: r = floor(ratio m n / (m + n)).
+    rank: r for every layer (capped at min(m, n); the full rank is exact).
+    rtol: per-layer relative Frobenius error bound.
+    layers: names (see :func:`tnjax.compress.resolve_layers`); default every
+      attention and MLP projection.
+
+  Raises:
+    ValueError: on more than one target, ratio outside (0, 1], rank < 1, a
+      negative rtol, or an unknown layer name.
+
+  Example:
+    >>> from flax import nnx
+    >>> from tnjax.models import GPT, preset
+    >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
+    >>> small = svd_compress(model, ratio=0.5)
+    >>> small.config.spec("mlp.c_fc", 0).kind, small.num_params < model.num_params
+    ('lowrank', True)
+  """
+  fn = "svd_compress"
+  key, value = _target(fn, ratio=ratio, rank=rank, rtol=rtol)
+  names = _model.resolve_layers(fn, model.config, [] if (key, value) == ("ratio", 1) else layers)
+  replaced, specs = {}, {}
+  for name in names:
+    layer = _model.get_layer(model, name)
+    w = dense_kernel(layer)
+    m, n = w.shape
+    r = None
+    if key == "ratio":
+      r = math.floor(value * m * n / (m + n))
+      if r >= min(m, n):
+        continue  # no smaller at this ratio
+      r = max(r, 1)
+    elif key == "rank":
+      r = min(value, m, n)
+    new = LowRankLinear.from_dense(w, _bias(layer), rank=r, rtol=value if key == "rtol" else None)
+    replaced[name] = new
+    specs[name] = LayerSpec(kind="lowrank", rank=new.rank)
+  return _model.rebuild(model, _model.with_specs(model.config, specs), replaced)
+
+
+def _ttm_params(in_dims, out_dims, rank: int) -> int:
+  modes = [i * o for i, o in zip(in_dims, out_dims)]
+  r = (1,) + tuple(min(rank, f) for f in _checks.full_ranks(modes)) + (1,)
+  return sum(r[k] * modes[k] * r[k + 1] for k in range(len(modes)))
+
+
+def mpo_compress(model: GPT, *, chi: int | None = None, ratio: float | None = None, rtol: float | None = None,
+                 layers=None, num_cores: int = 3) -> GPT:
+  """CompactifAI's step one: every selected projection becomes an MPO (TT-matrix) of bond dimension chi.
+
+  Each kernel is decomposed by :func:`tnjax.ttm_svd` into ``num_cores``
+  cores with :func:`tnjax.factorize` dims; the layer becomes a
+  :class:`tnjax.nn.TTMLinear`.
+
+  Args:
+    model: the model to compress.
+    chi: bond dimension (rank cap) of every layer.
+    ratio: fraction of each layer's weights kept; chi is the largest that fits.
+    rtol: per-layer relative Frobenius error bound (ranks chosen per bond).
+    layers: names (see :func:`tnjax.compress.resolve_layers`); default all projections.
+    num_cores: MPO sites per layer.
+
+  Raises:
+    ValueError: as :func:`svd_compress`, and for num_cores < 1.
+
+  Complexity:
+    One TT-SVD per layer, O(n[0]^2 m n) for an (m, n) kernel (a QR first
+    when the first unfolding is wide).
+  """
+  fn = "mpo_compress"
+  key, value = _target(fn, chi=chi, ratio=ratio, rtol=rtol)
+  num_cores = _checks.check_positive_int(fn, "num_cores", num_cores)
+  replaced, specs = {}, {}
+  for name in _model.resolve_layers(fn, model.config, [] if (key, value) == ("ratio", 1) else layers):
+    layer = _model.get_layer(model, name)
+    w = dense_kernel(layer)
+    m, n = w.shape
+    in_dims, out_dims = factorize(m, num_cores), factorize(n, num_cores)
+    cap = chi
+    if key == "ratio":
+      full = max(_checks.full_ranks([i * o for i, o in zip(in_dims, out_dims)]) or (1,))
+      cap = _model.largest_rank(functools.partial(_ttm_params, in_dims, out_dims), value * m * n, full)
+      if _ttm_params(in_dims, out_dims, cap) >= m * n:
+        continue
+    new = TTMLinear.from_dense(w, _bias(layer), rank=cap, rtol=rtol, in_dims=in_dims, out_dims=out_dims)
+    replaced[name] = new
+    specs[name] = LayerSpec(kind="ttm", rank=max(new.ranks), in_dims=in_dims, out_dims=out_dims,
+                            num_cores=num_cores, path=_model.spec_of(model.config, name).path)
+  return _model.rebuild(model, _model.with_specs(model.config, specs), replaced)
+
+
+def _mps_params(dims, rank: int) -> int:
+  r = (1,) + tuple(min(rank, f) for f in _checks.full_ranks(dims)) + (1,)
+  return sum(r[k] * dims[k] * r[k + 1] for k in range(len(dims)))
+
+
+def embedding_table(model: GPT) -> jnp.ndarray:
+  """The dense (vocab, d_model) token-embedding table, whatever its storage."""
+  table = model.wte.embedding
+  return table[...] if isinstance(table, nnx.Variable) else table
+
+
+def tensorgpt_embedding(model: GPT, *, rank: int | None = None, ratio: float | None = None,
+                        rtol: float | None = None, feature_dims=None, num_cores: int = 3,
+                        form: str = "mps") -> GPT:
+  """TensorGPT: the token embedding compressed without training.
+
+  ``form="mps"`` (the paper): each row, reshaped to ``feature_dims``, is
+  decomposed by TT-SVD into its own MPS, vmapped over the vocabulary
+  (:class:`tnjax.nn.MPSEmbedding`). ``form="ttm"``: the whole table as one
+  TT-matrix (:class:`tnjax.nn.TTEmbedding`). A tied head keeps reading the
+  (compressed) embedding, so it stays tied.
+
+  Args:
+    model: the model to compress.
+    rank: TT rank cap (per row for "mps").
+    ratio: fraction of the table's parameters kept; rank is the largest that fits.
+    rtol: relative error bound, per row for "mps", of the whole table for "ttm".
+    feature_dims: factorization of d_model (default ``factorize(d_model, num_cores)``).
+    num_cores: d, used when feature_dims is not given.
+    form: "mps" or "ttm".
+
+  The compression ratio is ``vocab * d_model / stored parameters``; with
+  rank 1 and dims summing to s it is d_model / s (GPT-2, dims summing to 20: 38.4x).
+
+  Example:
+    >>> from flax import nnx
+    >>> from tnjax.models import GPT, preset
+    >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
+    >>> small = tensorgpt_embedding(model, rank=1, feature_dims=(4, 4, 8))
+    >>> 512 * 128 / small.wte.num_params
+    8.0
+  """
+  fn = "tensorgpt_embedding"
+  key, value = _target(fn, rank=rank, ratio=ratio, rtol=rtol)
+  if form not in ("mps", "ttm"):
+    raise ValueError(f"{fn}: form={form!r} but 'mps' or 'ttm' is expected")
+  table = embedding_table(model)
+  v, d = table.shape
+  feature_dims = (factorize(d, num_cores) if feature_dims is None
+                  else _checks.check_dims(fn, "feature_dims", feature_dims))
+  if math.prod(feature_dims) < d:
+    raise ValueError(f"{fn}: prod(feature_dims)={math.prod(feature_dims)} but d_model={d}; expected at least that")
+  vocab_dims = factorize(v, len(feature_dims))
+  cap = rank
+  if (key, value) == ("ratio", 1):
+    return _model.rebuild(model, model.config, {})
+  if key == "ratio":
+    if form == "mps":
+      params_at = lambda r: v * _mps_params(feature_dims, r)
+      full = max(_checks.full_ranks(feature_dims) or (1,))
+    else:
+      params_at = lambda r: _ttm_params(vocab_dims, feature_dims, r)
+      full = max(_checks.full_ranks([a * b for a, b in zip(vocab_dims, feature_dims)]) or (1,))
+    cap = _model.largest_rank(params_at, value * v * d, full)
+  if form == "mps":
+    wte = MPSEmbedding.from_dense(table, rank=cap, rtol=rtol, feature_dims=feature_dims)
+    spec = LayerSpec(kind="mps", rank=max(wte.ranks), out_dims=feature_dims, num_cores=len(feature_dims))
+  else:
+    wte = TTEmbedding.from_dense(table, rank=cap, rtol=rtol, vocab_dims=vocab_dims, feature_dims=feature_dims)
+    spec = LayerSpec(kind="ttm", rank=max(wte.ttm.ranks), in_dims=vocab_dims, out_dims=feature_dims,
+                     num_cores=len(feature_dims))
+  return _model.rebuild(model, _model.with_specs(model.config, {"embedding": spec}), {"embedding": wte})
+
+
+def quantize_int8(model: GPT, *, layers=None) -> GPT:
+  """Weight-only per-channel int8 for the selected projections (dense kernels, TT cores or low-rank factors).
+
+  Weights are stored as int8 with one float32 scale per output channel
+  (:func:`tnjax.nn.quantize`) and dequantized inside the layer's matmul;
+  biases, norms and embeddings stay float. Run :func:`heal` before, not after.
+
+  Args:
+    model: a model, compressed or not.
+    layers: names as in :func:`svd_compress`; default every projection (and an untied head).
+
+  Raises:
+    ValueError: for an unknown layer name or a layer already quantized.
+  """
+  fn = "quantize_int8"
+  cfg = model.config
+  if layers is None:
+    layers = _model.projection_names(cfg) + ([] if cfg.tie_embeddings else ["lm_head"])
+  replaced, specs = {}, {}
+  for name in _model.resolve_layers(fn, cfg, layers):
+    layer, spec = _model.get_layer(model, name), _model.spec_of(cfg, name)
+    if spec.quant is not None:
+      raise ValueError(f"{fn}: layer {name!r} is already quantized (quant={spec.quant!r})")
+    use_bias = layer.bias is not None
+    if isinstance(layer, TTMLinear):
+      new = TTMLinear(layer.in_features, layer.out_features, ttm=layer.ttm, use_bias=use_bias, path=layer.path,
+                      quant="int8")
+    elif isinstance(layer, LowRankLinear):
+      new = LowRankLinear(layer.in_features, layer.out_features, u=layer.u[...], v=layer.v[...], use_bias=use_bias,
+                          quant="int8")
+    else:
+      w = dense_kernel(layer)
+      new = Int8Linear(*w.shape, kernel=w, bias=_bias(layer), use_bias=use_bias)
+    if use_bias and not isinstance(new, Int8Linear):
+      new.bias[...] = layer.bias[...]
+    replaced[name] = new
+    specs[name] = _model.replace_spec(spec, quant="int8")
+  return _model.rebuild(model, _model.with_specs(cfg, specs), replaced)

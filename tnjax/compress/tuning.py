@@ -1,0 +1,121 @@
+"""CompactifAI's profiling and healing: per-layer sensitivity, choosing layers under a budget, brief fine-tuning."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import numpy as np
+
+from tnjax.compress import _model
+from tnjax.eval import perplexity
+from tnjax.models.gpt import GPT
+
+
+def _check_tokens(fn: str, tokens) -> np.ndarray:
+  ids = np.asarray(tokens)
+  if ids.ndim != 1 or ids.size < 2 or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"{fn}: tokens.shape={ids.shape}, dtype={ids.dtype} but 1-d integer ids (at least 2) "
+                     "are expected")
+  return ids
+
+
+def layer_sensitivity(model: GPT, tokens, compress, *, layers=None, block_size: int | None = None) -> dict:
+  """The perplexity increase from compressing each layer alone.
+
+  Args:
+    model: the model.
+    tokens: 1-d validation ids (see :func:`tnjax.eval.perplexity`).
+    compress: ``compress(model, layers=[name]) -> model``, e.g.
+      ``functools.partial(mpo_compress, chi=16)``.
+    layers: names to profile (default every attention and MLP projection).
+    block_size: evaluation window (default the model's).
+
+  Returns:
+    ``{"base": perplexity, "layers": {name: {"perplexity", "increase",
+    "params_saved"}}}``; increase is relative, ppl / base - 1.
+
+  Complexity:
+    One compression and one perplexity evaluation per layer.
+  """
+  fn = "layer_sensitivity"
+  ids = _check_tokens(fn, tokens)
+  names = _model.resolve_layers(fn, model.config, layers)
+  evaluate = functools.partial(perplexity, token_ids=ids, block_size=block_size)
+  base = evaluate(model)["perplexity"]
+  out = {}
+  for name in names:
+    small = compress(model, layers=[name])
+    ppl = evaluate(small)["perplexity"]
+    out[name] = {"perplexity": ppl, "increase": ppl / base - 1,
+                 "params_saved": model.num_params - small.num_params}
+  return {"base": base, "layers": out}
+
+
+def choose_layers(sensitivity: dict, params_to_remove: int) -> list[str]:
+  """Layers to compress so that at least ``params_to_remove`` parameters go, least harmful first.
+
+  Layers are taken in order of perplexity increase per parameter saved
+  (from :func:`layer_sensitivity`); layers that save nothing are skipped.
+
+  Raises:
+    ValueError: when even every layer together does not remove enough.
+  """
+  layers = {k: v for k, v in sensitivity["layers"].items() if v["params_saved"] > 0}
+  order = sorted(layers, key=lambda k: max(layers[k]["increase"], 0.0) / layers[k]["params_saved"])
+  chosen, saved = [], 0
+  for name in order:
+    if saved >= params_to_remove:
+      break
+    chosen.append(name)
+    saved += layers[name]["params_saved"]
+  if saved < params_to_remove:
+    raise ValueError(f"choose_layers: params_to_remove={params_to_remove} but compressing every profiled layer "
+                     f"removes only {saved}")
+  return chosen
+
+
+def heal(model: GPT, tokens, steps: int, *, lr: float = 1e-4, batch_size: int = 8, block_size: int | None = None,
+         warmup: int | None = None, seed: int = 0, progress: bool = False) -> GPT:
+  """Fine-tunes a compressed model briefly with the training loop (AdamW, warmup + cosine), as CompactifAI heals.
+
+  Args:
+    model: the model (not int8-quantized: quantize after healing).
+    tokens: 1-d training ids; windows are sampled as in :func:`tnjax.train.train`.
+    steps: optimizer steps (at least 1).
+    lr, batch_size, warmup, seed: as :class:`tnjax.train.TrainConfig`
+      (warmup default: 10% of steps); computation runs in the model's dtype.
+    block_size: window length (default the model's).
+
+  Returns:
+    The fine-tuned model (same config).
+
+  Raises:
+    ValueError: on a quantized model, steps < 1, too few tokens, or a loss
+      that is not finite at the end.
+  """
+  from tqdm import tqdm
+
+  from tnjax.core import _checks
+  from tnjax.train import TrainConfig
+  from tnjax.train.loop import Trainer
+
+  fn = "heal"
+  steps = _checks.check_positive_int(fn, "steps", steps)
+  ids = _check_tokens(fn, tokens)
+  quantized = sorted(k for k, v in model.config.layers.items() if v.quant is not None)
+  if quantized:
+    raise ValueError(f"{fn}: layers {quantized[:4]} are int8; heal before quantize_int8, not after")
+  block = model.config.block_size if block_size is None else block_size
+  cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, block_size=block,
+                    warmup=max(1, steps // 10) if warmup is None else warmup, weight_decay=0.0, seed=seed,
+                    layers={}).validate()
+  trainer = Trainer(cfg, model.config.vocab_size, model=model)
+  loss = None
+  with jax.numpy_dtype_promotion("standard"):  # optax mixes its int step count with floats
+    for step in tqdm(range(steps), disable=not progress, desc="heal", unit="step"):
+      loss, _ = trainer.step(step, ids)
+  if not math.isfinite(float(loss)):
+    raise ValueError(f"{fn}: the training loss is {float(loss)} after {steps} steps; try a lower lr")
+  return trainer.model()
