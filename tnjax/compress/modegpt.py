@@ -34,35 +34,57 @@ import numpy as np
 from flax import nnx
 
 from tnjax.compress import _model
+from tnjax.core import _checks
 from tnjax.models.config import PROJECTIONS, LayerSpec
 from tnjax.models.gpt import GPT, dense_kernel
 
 _HIGH = jax.lax.Precision.HIGHEST
 
 
-def nystrom_select(c, w_down, k: int, *, ridge: float = 1e-4) -> tuple[np.ndarray, jax.Array]:
+# The selections give each block its own widths. The heavy algebra runs in jitted functions of fixed shapes (one
+# compilation per layer shape) and the width-dependent slicing in NumPy: eager slicing and solves of a new width
+# each compile, which cost minutes on a GPU for GPT-2 124M.
+
+
+@jax.jit
+def _leverage_scores(c, ridge):
+  """diag(C (C + lam I)^-1) with lam = ridge * mean(diag(C)), from one eigendecomposition."""
+  lam = ridge * jnp.trace(c) / c.shape[0]
+  e, v = jnp.linalg.eigh(c)
+  e = jnp.maximum(e, 0)
+  return jnp.sum(v * v * (e / (e + lam))[None, :], axis=1)
+
+
+@jax.jit
+def _masked_refit(c, w_down, mask, ridge):
+  """Solves (C[S,S] + eps I) X = C[S,:] W_D as a full-size system: identity outside S, so X is 0 there."""
+  eps = 1e-6 * ridge * jnp.trace(c) / c.shape[0]
+  both = mask[:, None] & mask[None, :]
+  eye = jnp.eye(c.shape[0], dtype=c.dtype)
+  system = jnp.where(both, c + eps * eye, eye)
+  rhs = jnp.where(mask[:, None], jnp.matmul(c, w_down, precision=_HIGH), 0)
+  return jnp.linalg.solve(system, rhs)
+
+
+def nystrom_select(c, w_down, k: int, *, ridge: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
   """Type I: the k columns of a correlation ``c`` (f, f) with the largest ridge leverage scores, and the refit.
 
   Args:
     c: ``H^T H`` of the intermediate activations H (tokens, f).
     w_down: the following matrix (f, out).
     k: columns kept.
-    ridge: lambda as a fraction of mean(diag(c)), for the scores and the solve.
+    ridge: lambda as a fraction of mean(diag(c)), for the scores (the solve adds 1e-6 of it).
 
   Returns:
     ``(s, w)``: sorted kept indices (k,) and ``w = (c[s,s] + eps)^-1 c[s,:] w_down``
     (k, out), the least-squares fit of ``H w_down`` by ``H[:, s] w``.
   """
   c = jnp.asarray(c)
-  f = c.shape[0]
-  lam = ridge * jnp.trace(c) / f
-  e, v = jnp.linalg.eigh(c)
-  e = jnp.maximum(e, 0)
-  scores = jnp.sum(v * v * (e / (e + lam))[None, :], axis=1)  # diag(C (C + lam I)^-1)
-  s = np.sort(np.asarray(jnp.argsort(-scores)[:k]))
-  css = c[s][:, s] + 1e-6 * lam * jnp.eye(k, dtype=c.dtype)
-  w = jnp.linalg.solve(css, jnp.matmul(c[s], w_down, precision=_HIGH))
-  return s, w
+  scores = np.asarray(_leverage_scores(c, ridge))
+  s = np.sort(np.argsort(-scores, kind="stable")[:k])
+  mask = np.zeros(c.shape[0], bool)
+  mask[s] = True
+  return s, np.asarray(_masked_refit(c, jnp.asarray(w_down, c.dtype), jnp.asarray(mask), ridge))[s]
 
 
 def cr_select(q_norm2, k_norm2, k: int) -> np.ndarray:
@@ -80,15 +102,25 @@ def cr_select(q_norm2, k_norm2, k: int) -> np.ndarray:
   return np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :k], axis=1)
 
 
-def _sqrt_and_inverse(c, ridge: float):
+@jax.jit
+def _value_output_factors(c, w_v, w_o, ridge):
+  """Full-rank whitened factors of every head at once: w_v (h, d, dv), w_o (h, dv, d) -> same shapes, columns
+  ordered by singular value, so keeping the first k is the rank-k truncation."""
   d = c.shape[0]
   e, v = jnp.linalg.eigh(c + ridge * jnp.trace(c) / d * jnp.eye(d, dtype=c.dtype))
-  e = jnp.maximum(e, jnp.finfo(c.dtype).tiny)
-  root = jnp.sqrt(e)[None, :]
-  return (v * root) @ v.T, (v / root) @ v.T
+  root = jnp.sqrt(jnp.maximum(e, jnp.finfo(c.dtype).tiny))[None, :]
+  sqrt_c, inv_sqrt_c = (v * root) @ v.T, (v / root) @ v.T
+
+  def head(wv, wo):
+    qa, ra = jnp.linalg.qr(jnp.matmul(sqrt_c, wv, precision=_HIGH))
+    qb, rb = jnp.linalg.qr(wo.T)
+    u, sv, vt = jnp.linalg.svd(ra @ rb.T)
+    return jnp.matmul(inv_sqrt_c, qa @ u, precision=_HIGH) * sv[None, :], (qb @ vt.T).T
+
+  return jax.vmap(head)(w_v, w_o)
 
 
-def whitened_svd(c, w_v, w_o, k: int, *, ridge: float = 1e-4) -> tuple[jax.Array, jax.Array]:
+def whitened_svd(c, w_v, w_o, k: int, *, ridge: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
   """Type III: the rank-k ``W_V' W_O'`` closest to ``W_V W_O`` in the data norm ``||X (.)||_F`` with ``C = X^T X``.
 
   Args:
@@ -104,12 +136,8 @@ def whitened_svd(c, w_v, w_o, k: int, *, ridge: float = 1e-4) -> tuple[jax.Array
     One eigendecomposition of c, QRs of (d, h) matrices and an (h, h) SVD.
   """
   c = jnp.asarray(c)
-  root, inv_root = _sqrt_and_inverse(c, ridge)
-  a = jnp.matmul(root, w_v, precision=_HIGH)
-  qa, ra = jnp.linalg.qr(a)
-  qb, rb = jnp.linalg.qr(jnp.asarray(w_o).T)
-  u, s, vt = jnp.linalg.svd(ra @ rb.T)
-  return jnp.matmul(inv_root, qa @ u[:, :k], precision=_HIGH) * s[None, :k], (qb @ vt[:k].T).T
+  a, b = _value_output_factors(c, jnp.asarray(w_v, c.dtype)[None], jnp.asarray(w_o, c.dtype)[None], ridge)
+  return np.asarray(a[0])[:, :k], np.asarray(b[0])[:k]
 
 
 def _block_stats(model: GPT, ids):
@@ -202,7 +230,7 @@ def _check_calib(fn, calib):
 
 
 def modegpt_compress(model: GPT, calib, *, ratio: float, allocation: str = "global", temperature: float = 1.0,
-                     ridge: float = 1e-4) -> GPT:
+                     ridge: float = 1e-4, multiple_of: int = 1) -> GPT:
   """Compresses every block's attention and MLP to about ``ratio`` of their weights (MoDeGPT).
 
   Args:
@@ -213,6 +241,8 @@ def modegpt_compress(model: GPT, calib, *, ratio: float, allocation: str = "glob
       or "uniform" (every block the same).
     temperature: sharpness of the global allocation (see :func:`allocate`).
     ridge: regularization of the correlations (fraction of their mean diagonal).
+    multiple_of: round kept widths to multiples of this (8 suits GPU tensor
+      cores and fused attention); widths never exceed the original.
 
   Returns:
     A model with ``config.dims`` set per block (d_ff, qk_dim, v_dim); block
@@ -225,6 +255,7 @@ def modegpt_compress(model: GPT, calib, *, ratio: float, allocation: str = "glob
   fn = "modegpt_compress"
   _check_calib(fn, calib)
   ratio = _model.check_ratio(fn, ratio)
+  multiple_of = _checks.check_positive_int(fn, "multiple_of", multiple_of)
   if allocation not in ("global", "uniform"):
     raise ValueError(f"{fn}: allocation={allocation!r} but 'global' or 'uniform' is expected")
   cfg = model.config
@@ -239,33 +270,32 @@ def modegpt_compress(model: GPT, calib, *, ratio: float, allocation: str = "glob
   replaced, specs, dims = {}, {}, dict(cfg.dims)
   for i, (st, rho) in enumerate(zip(stats, ratios)):
     ff, qk, vd = cfg.block_dims(i)
-    k_ff, k_qk, k_v = (max(1, min(n, round(rho * n))) for n in (ff, qk, vd))
+    k_ff, k_qk, k_v = (min(n, max(multiple_of, multiple_of * round(rho * n / multiple_of))) for n in (ff, qk, vd))
     if (k_ff, k_qk, k_v) == (ff, qk, vd):
       continue
     block = model.h[i]
     # Type I: MLP neurons by Nystrom.
     keep, w_down = nystrom_select(st["mlp_act"], dense_kernel(block.mlp.c_proj), k_ff, ridge=ridge)
-    replaced[f"h.{i}.mlp.c_fc"] = {"kernel": dense_kernel(block.mlp.c_fc)[:, keep],
-                                    "bias": block.mlp.c_fc.bias[...][keep]}
+    replaced[f"h.{i}.mlp.c_fc"] = {"kernel": np.asarray(dense_kernel(block.mlp.c_fc))[:, keep],
+                                    "bias": np.asarray(block.mlp.c_fc.bias[...])[keep]}
     replaced[f"h.{i}.mlp.c_proj"] = {"kernel": w_down, "bias": block.mlp.c_proj.bias[...]}
     # Type II: query/key columns per head by CR.
-    w_attn, b_attn = dense_kernel(block.attn.c_attn), block.attn.c_attn.bias[...]
+    w_attn, b_attn = np.asarray(dense_kernel(block.attn.c_attn)), np.asarray(block.attn.c_attn.bias[...])
     cols = cr_select(st["q_norm2"], st["k_norm2"], k_qk)
     cols = (cols + qk * np.arange(h)[:, None]).reshape(-1)
-    wq, wk, wv = jnp.split(w_attn, [h * qk, 2 * h * qk], axis=1)
-    bq, bk, bv = jnp.split(b_attn, [h * qk, 2 * h * qk])
+    wq, wk, wv = np.split(w_attn, [h * qk, 2 * h * qk], axis=1)
+    bq, bk, bv = np.split(b_attn, [h * qk, 2 * h * qk])
     # Type III: value/output per head by whitened SVD; the value bias folds into the output bias.
-    w_o, b_o = dense_kernel(block.attn.c_proj), block.attn.c_proj.bias[...]
-    b_o = b_o + jnp.matmul(bv, w_o, precision=_HIGH)
-    vs, os_ = [], []
-    for j in range(h):
-      v_j, o_j = whitened_svd(st["attn_in"], wv[:, j * vd:(j + 1) * vd], w_o[j * vd:(j + 1) * vd], k_v, ridge=ridge)
-      vs.append(v_j)
-      os_.append(o_j)
+    w_o = np.asarray(dense_kernel(block.attn.c_proj))
+    b_o = np.asarray(block.attn.c_proj.bias[...]) + bv @ w_o
+    c = jnp.asarray(st["attn_in"])
+    heads_v = jnp.asarray(wv.reshape(wv.shape[0], h, vd).transpose(1, 0, 2), c.dtype)
+    a, b = _value_output_factors(c, heads_v, jnp.asarray(w_o.reshape(h, vd, -1), c.dtype), ridge)
+    a, b = np.asarray(a)[:, :, :k_v], np.asarray(b)[:, :k_v]
     replaced[f"h.{i}.attn.c_attn"] = {
-        "kernel": jnp.concatenate([wq[:, cols], wk[:, cols]] + vs, axis=1),
-        "bias": jnp.concatenate([bq[cols], bk[cols], jnp.zeros((h * k_v,), b_attn.dtype)])}
-    replaced[f"h.{i}.attn.c_proj"] = {"kernel": jnp.concatenate(os_, axis=0), "bias": b_o}
+        "kernel": np.concatenate([wq[:, cols], wk[:, cols], a.transpose(1, 0, 2).reshape(a.shape[1], -1)], axis=1),
+        "bias": np.concatenate([bq[cols], bk[cols], np.zeros((h * k_v,), b_attn.dtype)])}
+    replaced[f"h.{i}.attn.c_proj"] = {"kernel": b.reshape(h * k_v, -1), "bias": b_o}
     dims[f"h.{i}"] = {"d_ff": k_ff, "qk_dim": k_qk, "v_dim": k_v}
     specs.update({f"h.{i}.{p}": LayerSpec() for p in PROJECTIONS})
   new_cfg = _model.with_specs(cfg, specs).replace(dims=dims)

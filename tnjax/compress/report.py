@@ -88,31 +88,46 @@ def _markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot_sweep(rows: list[dict], path, *, baseline: float | None = None, title: str = "") -> None:
+def plot_sweep(rows: list[dict], path, *, baseline: float | None = None, title: str = "", ylim=None,
+               ax=None) -> None:
   """Perplexity against the fraction of the compressed part kept, one line per method.
 
-  ``rows``: dicts with "method", "kept" and "perplexity".
+  ``rows``: dicts with "method", "kept" and "perplexity". ``ylim``: (low, high)
+  to zoom in (points above are drawn at the top edge, marked ^). ``ax``: draw
+  into this matplotlib axis instead of a new figure (``path`` is then ignored).
   """
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  own = ax is None
+  if own:
+    fig, ax = plt.subplots(figsize=(6, 4))
   for method in dict.fromkeys(r["method"] for r in rows):
     pts = sorted((r["kept"], r["perplexity"]) for r in rows if r["method"] == method)
-    ax.plot(*zip(*pts), "o-", label=method)
+    if ylim is not None:
+      pts = [(k, min(p, ylim[1])) for k, p in pts]
+    (line,) = ax.plot(*zip(*pts), "o-", label=method)
+    if ylim is not None:
+      clipped = [(k, p) for k, p in pts if p >= ylim[1]]
+      if clipped:
+        ax.plot(*zip(*clipped), "^", color=line.get_color(), markersize=10)
   if baseline is not None:
     ax.axhline(baseline, color="gray", ls="--", label="uncompressed")
   ax.set_xlabel("fraction of the compressed part's parameters kept")
   ax.set_ylabel("validation perplexity")
-  ax.set_yscale("log")
+  if ylim is None:
+    ax.set_yscale("log")
+  else:
+    ax.set_ylim(*ylim)
   ax.set_title(title)
   ax.grid(alpha=0.3, which="both")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  ax.legend(fontsize=8)
+  if own:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _block(x):

@@ -67,6 +67,8 @@ def _attention(q, k, v, *, scale: float, impl, is_causal: bool = False, mask=Non
   side is padded to the wider one, which the fused kernels require.
   """
   width = max(q.shape[-1], v.shape[-1])
+  if impl == "cudnn":
+    width = -(-width // 8) * 8  # cuDNN's fused attention takes head widths in multiples of 8
   y = jax.nn.dot_product_attention(_pad_heads(q, width), _pad_heads(k, width), _pad_heads(v, width),
                                    mask=mask, is_causal=is_causal, scale=scale, implementation=impl)
   return y[..., : v.shape[-1]]
