@@ -200,18 +200,19 @@ def main():
   args = parser.parse_args()
   args.ratios = [float(r) for r in args.ratios.split(",")]
   env = environment()
-  if args.smoke and args.model is None:
+  if args.smoke and args.model is None:  # a random tiny model with a tokenizer of the packaged sample
     import tempfile
 
-    from tnjax.train import TrainConfig, train
+    from tnjax.data import SAMPLE_DIR, train_tokenizer
+    from tnjax.interop import save_model
 
     tmp = pathlib.Path(tempfile.mkdtemp())
-    train(TrainConfig(steps=20, layers={}, out_dir=str(tmp / "run"), eval_every=20), progress=False)
-    from tnjax.data import SAMPLE_DIR
-
-    args.model, args.train, args.valid = str(tmp / "run" / "model"), SAMPLE_DIR / "train.txt", SAMPLE_DIR / "valid.txt"
-    args.ratios, args.heal_steps, args.max_tokens, args.block_size = [0.5], 2, 2000, 64
-    args.calib_batches, args.sensitivity_tokens, args.out_dir = 2, 500, str(tmp / "out")
+    tok = train_tokenizer([SAMPLE_DIR / "train.txt"], 512)
+    save_model(GPT(preset("tiny", vocab_size=tok.get_vocab_size(), block_size=64), rngs=nnx.Rngs(0)), tmp / "model")
+    tok.save(str(tmp / "model" / "tokenizer.json"))
+    args.model, args.train, args.valid = str(tmp / "model"), SAMPLE_DIR / "train.txt", SAMPLE_DIR / "valid.txt"
+    args.ratios, args.heal_steps, args.max_tokens, args.block_size = [0.5], 2, 1000, 64
+    args.calib_batches, args.sensitivity_tokens, args.out_dir = 2, 300, str(tmp / "out")
   if args.model:
     out_dir = pathlib.Path(args.out_dir or ".")
     out_dir.mkdir(parents=True, exist_ok=True)

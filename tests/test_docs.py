@@ -10,7 +10,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODULES = ["tnjax.core.decompositions", "tnjax.core.ops", "tnjax.core.initializers", "tnjax.core.shapes",
-           "tnjax.nn.layers", "tnjax.nn.quant", "tnjax.models.gpt", "tnjax.compress.methods"]
+           "tnjax.nn.layers", "tnjax.nn.quant", "tnjax.models.gpt", "tnjax.models.config", "tnjax.models.generate",
+           "tnjax.core.tensor_train", "tnjax.core.linear", "tnjax.compress.methods", "tnjax.compress.modegpt",
+           "tnjax.compress.tuning", "tnjax.compress._model", "tnjax.interop.native", "tnjax.eval"]
 
 
 @pytest.fixture
@@ -37,3 +39,26 @@ def test_readme_python_block(default_jax_config):
   assert blocks
   for block in blocks:
     exec(compile(block, "README.md", "exec"), {})
+
+
+def _doc_pages():
+  return sorted((ROOT / "docs").rglob("*.md"))
+
+
+@pytest.mark.parametrize("page", _doc_pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_docs_python_blocks_run(page, default_jax_config):
+  """Python blocks written into the pages run; blocks that include an example file are run by CI's smoke loop."""
+  ci = (ROOT / ".ci" / "run").read_text()
+  for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S):
+    included = re.findall(r'--8<-- "examples/(\w+)\.py"', block)
+    if included:
+      assert all(name in ci for name in included), f"{page}: {included} not run with --smoke by .ci/run"
+      assert all((ROOT / "examples" / f"{name}.py").exists() for name in included)
+    else:
+      exec(compile(block, str(page), "exec"), {})
+
+
+def test_every_example_has_a_smoke_run_in_ci():
+  ci = (ROOT / ".ci" / "run").read_text()
+  for example in (ROOT / "examples").glob("*.py"):
+    assert "--smoke" in example.read_text() and example.stem in ci, example

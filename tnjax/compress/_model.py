@@ -18,13 +18,25 @@ _BLOCK_NAME = re.compile(r"^h\.(\d+)\.(.+)$")
 
 
 def projection_names(cfg: GPTConfig) -> list[str]:
-  """Every attention and MLP projection of the model, "h.{i}.{projection}", block by block."""
+  """Every attention and MLP projection of the model, "h.{i}.{projection}", block by block.
+
+  Example:
+    >>> from tnjax.models import preset
+    >>> projection_names(preset("tiny", n_layer=1))
+    ['h.0.attn.c_attn', 'h.0.attn.c_proj', 'h.0.mlp.c_fc', 'h.0.mlp.c_proj']
+  """
   return [f"h.{i}.{p}" for i in range(cfg.n_layer) for p in PROJECTIONS]
 
 
 def resolve_layers(fn: str, cfg: GPTConfig, layers) -> list[str]:
   """Layer names to compress: None is every attention and MLP projection; a name is "h.{i}.{projection}",
-  a projection ("mlp.c_fc": every block) or "lm_head" (an untied head)."""
+  a projection ("mlp.c_fc": every block) or "lm_head" (an untied head).
+
+  Example:
+    >>> from tnjax.models import preset
+    >>> resolve_layers("f", preset("tiny"), ["mlp.c_fc", "h.0.attn.c_proj"])
+    ['h.0.mlp.c_fc', 'h.1.mlp.c_fc', 'h.0.attn.c_proj']
+  """
   if layers is None:
     return projection_names(cfg)
   if isinstance(layers, str):
@@ -90,11 +102,18 @@ def weights(layer: nnx.Module) -> int:
 
 
 def count_params(module: nnx.Module) -> int:
+  """Parameters of a module (every ``nnx.Param``, TT cores and int8 scales included)."""
   return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
 
 
 def count_bytes(module: nnx.Module) -> int:
-  """Bytes the parameters take (int8 weights count one byte each)."""
+  """Bytes the parameters take (int8 weights count one byte each).
+
+  Example:
+    >>> from flax import nnx
+    >>> count_bytes(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))  # 15 float32 parameters
+    60
+  """
   return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
              for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
 

@@ -78,6 +78,13 @@ def nystrom_select(c, w_down, k: int, *, ridge: float = 1e-4) -> tuple[np.ndarra
   Returns:
     ``(s, w)``: sorted kept indices (k,) and ``w = (c[s,s] + eps)^-1 c[s,:] w_down``
     (k, out), the least-squares fit of ``H w_down`` by ``H[:, s] w``.
+
+  Example:
+    >>> import numpy as np
+    >>> h = np.random.default_rng(0).normal(size=(100, 6)); w = np.ones((6, 2))
+    >>> keep, w_new = nystrom_select(h.T @ h, w, 6)
+    >>> keep.tolist(), bool(np.allclose(h[:, keep] @ w_new, h @ w, atol=1e-4))
+    ([0, 1, 2, 3, 4, 5], True)
   """
   c = jnp.asarray(c)
   scores = np.asarray(_leverage_scores(c, ridge))
@@ -97,6 +104,10 @@ def cr_select(q_norm2, k_norm2, k: int) -> np.ndarray:
 
   Returns:
     (n_head, k) sorted column indices within each head.
+
+  Example:
+    >>> cr_select([[1.0, 9.0, 4.0]], [[1.0, 1.0, 4.0]], 2).tolist()  # products 1, 9, 16
+    [[1, 2]]
   """
   scores = np.sqrt(np.asarray(q_norm2) * np.asarray(k_norm2))
   return np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :k], axis=1)
@@ -134,6 +145,14 @@ def whitened_svd(c, w_v, w_o, k: int, *, ridge: float = 1e-4) -> tuple[np.ndarra
 
   Complexity:
     One eigendecomposition of c, QRs of (d, h) matrices and an (h, h) SVD.
+
+  Example:
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> x, wv, wo = rng.normal(size=(50, 8)), rng.normal(size=(8, 3)), rng.normal(size=(3, 8))
+    >>> a, b = whitened_svd(x.T @ x, wv, wo, 3, ridge=0.0)  # full rank: exact
+    >>> a.shape, b.shape, bool(np.allclose(x @ a @ b, x @ wv @ wo, atol=1e-3))
+    ((8, 3), (3, 8), True)
   """
   c = jnp.asarray(c)
   a, b = _value_output_factors(c, jnp.asarray(w_v, c.dtype)[None], jnp.asarray(w_o, c.dtype)[None], ridge)
@@ -185,6 +204,16 @@ def calibrate(model: GPT, batches) -> list[dict]:
     "q_norm2" / "k_norm2" (n_head, qk_dim) column sums of squares, "mlp_act"
     (d_ff, d_ff) = H^T H of the MLP activations, and "importance"
     (1 - mean cosine similarity of the block's input and output).
+
+  Example:
+    >>> import numpy as np
+    >>> from flax import nnx
+    >>> from tnjax.models import GPT, preset
+    >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
+    >>> stats = calibrate(model, np.zeros((2, 16), np.int32))
+    >>> first = stats[0]
+    >>> len(stats), first["attn_in"].shape, first["mlp_act"].shape
+    (2, (128, 128), (512, 512))
   """
   if isinstance(batches, (np.ndarray, jax.Array)) and np.ndim(batches) == 2:
     batches = [batches]
@@ -207,6 +236,10 @@ def allocate(importance, ratio: float, *, temperature: float = 1.0, max_cut: flo
   ``eps = temperature * mean(importance)``; no block loses more than ``max_cut``
   (the excess goes to the others in proportion). Blocks are the same size,
   so the mean kept fraction is the overall one.
+
+  Example:
+    >>> [round(r, 3) for r in allocate([0.4, 0.1, 0.1], 0.7)]  # the important first block keeps more
+    [0.91, 0.595, 0.595]
   """
   s = np.asarray(importance, np.float64)
   n, cut = len(s), 1.0 - ratio
@@ -251,6 +284,16 @@ def modegpt_compress(model: GPT, calib, *, ratio: float, allocation: str = "glob
   Raises:
     ValueError: without calibration data, for ratio outside (0, 1], or an
       unknown allocation.
+
+  Example:
+    >>> import numpy as np
+    >>> from flax import nnx
+    >>> from tnjax.models import GPT, preset
+    >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
+    >>> calib = np.random.default_rng(0).integers(0, 512, (4, 32))
+    >>> small = modegpt_compress(model, calib, ratio=0.5, allocation="uniform")
+    >>> small.config.block_dims(0), small.num_params < model.num_params
+    ((256, 16, 16), True)
   """
   fn = "modegpt_compress"
   _check_calib(fn, calib)

@@ -38,6 +38,18 @@ def layer_sensitivity(model: GPT, tokens, compress, *, layers=None, block_size: 
 
   Complexity:
     One compression and one perplexity evaluation per layer.
+
+  Example:
+    >>> import functools, numpy as np
+    >>> from flax import nnx
+    >>> from tnjax.compress import svd_compress
+    >>> from tnjax.models import GPT, preset
+    >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
+    >>> tokens = np.random.default_rng(0).integers(0, 512, 300)
+    >>> sens = layer_sensitivity(model, tokens, functools.partial(svd_compress, rank=4), layers=["mlp.c_fc"])
+    >>> layers = sens["layers"]
+    >>> sorted(layers), layers.get("h.0.mlp.c_fc").get("params_saved")
+    (['h.0.mlp.c_fc', 'h.1.mlp.c_fc'], 62976)
   """
   fn = "layer_sensitivity"
   ids = _check_tokens(fn, tokens)
@@ -61,6 +73,12 @@ def choose_layers(sensitivity: dict, params_to_remove: int) -> list[str]:
 
   Raises:
     ValueError: when even every layer together does not remove enough.
+
+  Example:
+    >>> sens = {"layers": {"a": {"increase": 0.10, "params_saved": 100},
+    ...                    "b": {"increase": 0.01, "params_saved": 100}}}
+    >>> choose_layers(sens, 50), choose_layers(sens, 150)
+    (['b'], ['b', 'a'])
   """
   layers = {k: v for k, v in sensitivity["layers"].items() if v["params_saved"] > 0}
   order = sorted(layers, key=lambda k: max(layers[k]["increase"], 0.0) / layers[k]["params_saved"])
@@ -94,6 +112,15 @@ def heal(model: GPT, tokens, steps: int, *, lr: float = 1e-4, batch_size: int = 
   Raises:
     ValueError: on a quantized model, steps < 1, too few tokens, or a loss
       that is not finite at the end.
+
+  Example:
+    >>> import numpy as np
+    >>> from flax import nnx
+    >>> from tnjax.models import GPT, preset
+    >>> model = GPT(preset("tiny", block_size=32), rngs=nnx.Rngs(0))
+    >>> tokens = np.random.default_rng(0).integers(0, 512, 2000)
+    >>> heal(model, tokens, 2, batch_size=2).config == model.config
+    True
   """
   from tqdm import tqdm
 

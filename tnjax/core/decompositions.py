@@ -235,6 +235,16 @@ def orthogonalize(tt: TT, direction: str = "left") -> TT:
 
   Complexity:
     d QR factorizations, O(d n r^3).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, tnjax
+    >>> a = tnjax.random_tt(jax.random.key(0), (4, 5, 6), rank=3)
+    >>> q = tnjax.orthogonalize(a, "left")
+    >>> g = q.cores[0].reshape(-1, q.cores[0].shape[-1])
+    >>> bool(jnp.allclose(g.T @ g, jnp.eye(g.shape[1]), atol=1e-5))
+    True
+    >>> bool(jnp.allclose(tnjax.to_dense(q), tnjax.to_dense(a), atol=1e-5))
+    True
   """
   fn = "orthogonalize"
   check_tt(fn, "tt", tt)
@@ -265,6 +275,12 @@ def truncate(tt: TT, max_rank=None, rtol=None) -> TT:
 
   Complexity:
     d QRs and d SVDs of (r n, r) matrices: O(d n r^3).
+
+  Example:
+    >>> import jax, tnjax
+    >>> a = tnjax.random_tt(jax.random.key(0), (4, 5, 6), rank=3)
+    >>> tnjax.truncate(tnjax.add(a, a), rtol=1e-5).ranks  # a + a has a's ranks
+    (1, 3, 3, 1)
   """
   fn = "truncate"
   check_tt(fn, "tt", tt)

@@ -80,6 +80,12 @@ def random_ttm(key, in_dims, out_dims, rank, *, std: float = 1.0, dtype=jnp.floa
 
   Raises:
     ValueError: as :func:`random_tt`, and when the dims differ in length.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, tnjax
+    >>> ttm = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=16, std=0.02)
+    >>> round(float(jnp.std(tnjax.to_dense(ttm))), 3)
+    0.02
   """
   fn = "random_ttm"
   in_dims = _checks.check_dims(fn, "in_dims", in_dims)

@@ -49,7 +49,14 @@ PATHS = ("auto", "dense", "direct")
 
 
 def transpose(ttm: TTMatrix) -> TTMatrix:
-  """The TT-matrix of ``W.T``: swaps each core's input and output modes."""
+  """The TT-matrix of ``W.T``: swaps each core's input and output modes.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, tnjax
+    >>> ttm = tnjax.random_ttm(jax.random.key(0), (2, 3), (4, 5), rank=2)
+    >>> bool(jnp.allclose(tnjax.to_dense(tnjax.transpose(ttm)), tnjax.to_dense(ttm).T))
+    True
+  """
   return TTMatrix(tuple(c.transpose(0, 2, 1, 3) for c in ttm.cores))
 
 
@@ -126,13 +133,27 @@ def _dense_seconds(shapes: tuple[tuple[int, ...], ...], batch: int, cost: CostMo
 
 
 def path_costs(ttm: TTMatrix, batch: int, cost: CostModel = H100) -> dict[str, float]:
-  """Estimated forward seconds of each path for ``batch`` rows (see the module docstring)."""
+  """Estimated forward seconds of each path for ``batch`` rows (see the module docstring).
+
+  Example:
+    >>> import jax, tnjax
+    >>> ttm = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=16)
+    >>> sorted(path_costs(ttm, batch=16384))
+    ['dense', 'direct']
+  """
   shapes = tuple(c.shape for c in ttm.cores)
   return {"dense": _dense_seconds(shapes, batch, cost), "direct": _best_direct(shapes, batch, cost)[0]}
 
 
 def choose_path(ttm: TTMatrix, batch: int, cost: CostModel = H100) -> str:
-  """``"dense"`` or ``"direct"``, whichever the cost model says is faster for ``batch`` rows."""
+  """``"dense"`` or ``"direct"``, whichever the cost model says is faster for ``batch`` rows.
+
+  Example:
+    >>> import jax, tnjax
+    >>> ttm = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=32)
+    >>> choose_path(ttm, batch=1), choose_path(ttm, batch=16384)
+    ('direct', 'dense')
+  """
   costs = path_costs(ttm, batch, cost)
   return "dense" if costs["dense"] < costs["direct"] else "direct"
 
@@ -232,6 +253,13 @@ def linear(ttm: TTMatrix, x: jax.Array, *, path: str = "auto", precision=None, c
 
   Raises:
     ValueError: on an unknown path or a shape mismatch.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, tnjax
+    >>> ttm = tnjax.random_ttm(jax.random.key(0), (4, 4), (4, 8), rank=3)
+    >>> x = jnp.ones((2, 16))
+    >>> bool(jnp.allclose(linear(ttm, x, path="direct"), x @ tnjax.to_dense(ttm), atol=1e-5))
+    True
   """
   if path not in PATHS:
     raise ValueError(f"linear: path={path!r} but one of {PATHS} is expected")
@@ -283,6 +311,13 @@ def gather_rows(ttm: TTMatrix, ids: jax.Array) -> jax.Array:
 
   Complexity:
     Building the tables, plus per id 2 * r[s] * prod(out_dims) FLOPs.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, tnjax
+    >>> ttm = tnjax.random_ttm(jax.random.key(0), (4, 5), (2, 3), rank=2)
+    >>> ids = jnp.array([[0, 19], [7, 7]])
+    >>> bool(jnp.allclose(tnjax.gather_rows(ttm, ids), tnjax.to_dense(ttm)[ids], atol=1e-6))
+    True
   """
   ids = jnp.asarray(ids)
   if not jnp.issubdtype(ids.dtype, jnp.integer):

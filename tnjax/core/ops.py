@@ -25,6 +25,12 @@ def to_dense(tt: TT) -> jax.Array:
 
   Complexity:
     O(prod(n) * r^2) time, O(prod(n) * r) memory at the last step.
+
+  Example:
+    >>> import jax.numpy as jnp, tnjax
+    >>> x = jnp.arange(8.0).reshape(2, 2, 2)
+    >>> bool(jnp.allclose(tnjax.to_dense(tnjax.tt_svd(x)), x, atol=1e-5))
+    True
   """
   check_tt("to_dense", "tt", tt)
   flat = as_tt(tt)
@@ -76,6 +82,12 @@ def matvec_plan(ttm: TTMatrix, batch: int) -> opt_einsum.contract.PathInfo:
   """The contraction plan :func:`matvec` uses for ``batch`` rows: path, FLOPs, largest intermediate.
 
   Useful to see why a path was chosen, e.g. ``print(matvec_plan(w, 16384))``.
+
+  Example:
+    >>> import jax, tnjax
+    >>> ttm = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=8)
+    >>> tnjax.matvec_plan(ttm, batch=1).opt_cost < tnjax.matvec_plan(ttm, batch=1024).opt_cost
+    True
   """
   return _matvec_expression(tuple(c.shape for c in ttm.cores), batch)[2]
 
@@ -139,6 +151,13 @@ def add(a: TT, b: TT) -> TT:
 
   Raises:
     ValueError: when the formats or mode sizes differ.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, tnjax
+    >>> a = tnjax.random_tt(jax.random.key(0), (3, 4, 5), rank=2)
+    >>> s = tnjax.add(a, a)
+    >>> s.ranks, bool(jnp.allclose(tnjax.to_dense(s), 2 * tnjax.to_dense(a), atol=1e-5))
+    ((1, 4, 4, 1), True)
   """
   _check_same_modes("add", a, b)
   ca, cb = as_tt(a).cores, as_tt(b).cores
@@ -155,7 +174,14 @@ def add(a: TT, b: TT) -> TT:
 
 
 def scale(tt: TT, alpha) -> TT:
-  """``alpha * tt``, applied to the first core (ranks unchanged). ``alpha`` is a scalar."""
+  """``alpha * tt``, applied to the first core (ranks unchanged). ``alpha`` is a scalar.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, tnjax
+    >>> a = tnjax.random_tt(jax.random.key(0), (3, 4), rank=2)
+    >>> bool(jnp.allclose(tnjax.to_dense(tnjax.scale(a, -2.0)), -2 * tnjax.to_dense(a)))
+    True
+  """
   check_tt("scale", "tt", tt)
   alpha = jnp.asarray(alpha)
   if alpha.ndim != 0:
@@ -168,6 +194,12 @@ def inner(a: TT, b: TT) -> jax.Array:
 
   Complexity:
     O(d n r^3) for ranks r on both sides.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, tnjax
+    >>> a = tnjax.random_tt(jax.random.key(0), (3, 4, 5), rank=2)
+    >>> bool(jnp.allclose(tnjax.inner(a, a), jnp.sum(tnjax.to_dense(a) ** 2), rtol=1e-5))
+    True
   """
   _check_same_modes("inner", a, b)
   v = jnp.ones((1, 1), dtype=jnp.result_type(a.dtype, b.dtype))
@@ -182,6 +214,12 @@ def norm(tt: TT) -> jax.Array:
   The squared norm is accumulated in the cores' dtype, so for a difference
   of two nearly equal tensors the result is accurate only to about
   ``sqrt(eps) * ||a||``; compare dense tensors or round first where that matters.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, tnjax
+    >>> a = tnjax.random_tt(jax.random.key(0), (3, 4, 5), rank=2)
+    >>> bool(jnp.allclose(tnjax.norm(a), jnp.linalg.norm(tnjax.to_dense(a)), rtol=1e-5))
+    True
   """
   check_tt("norm", "tt", tt)
   return jnp.sqrt(jnp.maximum(inner(tt, tt), 0))

@@ -71,6 +71,12 @@ class TensorTrain(_TTBase):
   ``cores[0][:, i1, :] @ ... @ cores[d-1][:, id, :]`` (a 1 x 1 matrix).
 
   Build one with :meth:`from_cores` (validates) or :func:`tnjax.tt_svd`.
+
+  Example:
+    >>> import jax.numpy as jnp, tnjax
+    >>> tt = tnjax.TensorTrain((jnp.ones((1, 2, 3)), jnp.ones((3, 4, 1))))
+    >>> tt.dims, tt.ranks, tt.num_params
+    ((2, 4), (1, 3, 1), 18)
   """
 
   cores: tuple[jax.Array, ...]
@@ -105,6 +111,12 @@ class TTMatrix(_TTBase):
   order, and entry ``W[(i), (j)] = cores[0][:, i1, j1, :] @ ... @ cores[d-1][:, id, jd, :]``.
 
   Build one with :meth:`from_cores` (validates) or :func:`tnjax.ttm_svd`.
+
+  Example:
+    >>> import jax, tnjax
+    >>> ttm = tnjax.random_ttm(jax.random.key(0), (2, 3), (4, 5), rank=2)
+    >>> ttm.in_dims, ttm.out_dims, ttm.shape, ttm.ranks
+    ((2, 3), (4, 5), (6, 20), (1, 2, 1))
   """
 
   cores: tuple[jax.Array, ...]

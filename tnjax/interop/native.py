@@ -28,7 +28,17 @@ def _key(path) -> str:
 
 
 def save_model(model: GPT, path) -> pathlib.Path:
-  """Writes ``config.json`` (format marker, tnjax version, GPTConfig) and ``model.safetensors`` (all parameters)."""
+  """Writes ``config.json`` (format marker, tnjax version, GPTConfig) and ``model.safetensors`` (all parameters).
+
+  Example:
+    >>> import tempfile
+    >>> from flax import nnx
+    >>> from tnjax.models import GPT, preset
+    >>> model = GPT(preset("tiny", layers={"mlp.c_fc": {"kind": "ttm", "rank": 4}}), rngs=nnx.Rngs(0))
+    >>> path = save_model(model, tempfile.mkdtemp())
+    >>> is_native(path), load_model(path).num_params == model.num_params
+    (True, True)
+  """
   from safetensors.numpy import save_file
 
   path = pathlib.Path(path)
@@ -41,6 +51,7 @@ def save_model(model: GPT, path) -> pathlib.Path:
 
 
 def is_native(path) -> bool:
+  """Whether ``path`` holds a model written by :func:`save_model` (its config.json says so)."""
   cfg = pathlib.Path(path) / "config.json"
   return cfg.exists() and json.loads(cfg.read_text()).get("format") == FORMAT
 

@@ -32,6 +32,10 @@ class LayerSpec:
     path: TTM contraction path, "auto", "dense" or "direct".
     quant: None, or "int8" for weight-only per-channel int8 storage
       (projections only; see :func:`tnjax.compress.quantize_int8`).
+
+  Example:
+    >>> LayerSpec.coerce({"kind": "ttm", "rank": 16}, "mlp.c_fc")
+    LayerSpec(kind='ttm', rank=16, num_cores=3, in_dims=None, out_dims=None, path='auto', quant=None)
   """
 
   kind: str = "dense"
@@ -93,6 +97,13 @@ class GPTConfig:
       dict of "d_ff" (MLP width), "qk_dim" (query/key width per head) and
       "v_dim" (value width per head); what MoDeGPT compression produces.
       Attention keeps the scale 1 / sqrt(d_model / n_head).
+
+  Example:
+    >>> cfg = GPTConfig(n_layer=2, layers={"mlp.c_fc": {"kind": "ttm", "rank": 8}, "h.0.mlp.c_fc": "dense"})
+    >>> cfg.spec("mlp.c_fc", 0).kind, cfg.spec("mlp.c_fc", 1).kind, cfg.ff_dim
+    ('dense', 'ttm', 3072)
+    >>> GPTConfig.from_json(cfg.to_json()) == cfg
+    True
   """
 
   vocab_size: int = 50257
@@ -204,7 +215,13 @@ PRESETS = {
 
 
 def preset(name: str, **overrides) -> GPTConfig:
-  """A named configuration ("gpt2" = 124M, "gpt2-medium", "gpt2-large", "tiny" for CPU tests), with overrides."""
+  """A named configuration ("gpt2" = 124M, "gpt2-medium", "gpt2-large", "tiny" for CPU tests), with overrides.
+
+  Example:
+    >>> cfg = preset("gpt2", n_layer=6)
+    >>> cfg.n_layer, cfg.d_model, cfg.vocab_size
+    (6, 768, 50257)
+  """
   if name not in PRESETS:
     raise ValueError(f"preset: name={name!r} but one of {sorted(PRESETS)} is expected")
   return GPTConfig(**{**PRESETS[name], **overrides})

@@ -58,6 +58,13 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0
     ValueError: for ids out of range, prompt + new tokens longer than
       block_size, a negative temperature, top_k outside [1, vocab], or a
       missing rng when sampling.
+
+  Example:
+    >>> from flax import nnx
+    >>> from tnjax.models import GPT, preset
+    >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
+    >>> generate(model, [1, 2, 3], 5, temperature=0.0).shape
+    (8,)
   """
   fn = "generate"
   ids = jnp.asarray(prompt_ids)

@@ -33,7 +33,15 @@ def _dtype(cfg: GPTConfig):
 
 def make_linear(spec: LayerSpec, in_features: int, out_features: int, *, std: float, use_bias: bool,
                 dtype, rngs: nnx.Rngs) -> nnx.Module:
-  """One projection, dense or tensorized by ``spec``, with dense-equivalent init std ``std``."""
+  """One projection, dense or tensorized by ``spec``, with dense-equivalent init std ``std``.
+
+  Example:
+    >>> from tnjax.models import LayerSpec
+    >>> layer = make_linear(LayerSpec("lowrank", rank=4), 16, 32, std=0.02, use_bias=True, dtype=None,
+    ...                     rngs=nnx.Rngs(0))
+    >>> type(layer).__name__, layer.num_params
+    ('LowRankLinear', 224)
+  """
   if spec.kind == "ttm":
     return TTMLinear(in_features, out_features, rank=spec.rank, in_dims=spec.in_dims, out_dims=spec.out_dims,
                      num_cores=spec.num_cores, use_bias=use_bias, path=spec.path, dtype=dtype, kernel_std=std,
@@ -48,7 +56,13 @@ def make_linear(spec: LayerSpec, in_features: int, out_features: int, *, std: fl
 
 
 def dense_kernel(layer: nnx.Module) -> jax.Array:
-  """The (in, out) dense kernel of any projection (reconstructed for tensorized ones)."""
+  """The (in, out) dense kernel of any projection (reconstructed for tensorized ones).
+
+  Example:
+    >>> from tnjax.nn import TTMLinear
+    >>> dense_kernel(TTMLinear(12, 20, rank=2, rngs=nnx.Rngs(0))).shape
+    (12, 20)
+  """
   return layer.kernel[...] if isinstance(layer, nnx.Linear) else layer.kernel
 
 

@@ -369,8 +369,8 @@ class MPSEmbedding(nnx.Module):
     >>> import numpy as np
     >>> table = np.random.default_rng(0).normal(size=(10, 12))
     >>> emb = MPSEmbedding.from_dense(table, feature_dims=(2, 2, 3))  # exact (full rank)
-    >>> bool(jnp.allclose(emb(jnp.arange(10)), table, atol=1e-5)), [c.shape for c in emb.cores][1]
-    (True, (10, 2, 2, 3))
+    >>> bool(jnp.allclose(emb(jnp.arange(10)), table, atol=1e-5)), emb.ranks
+    (True, (1, 2, 3, 1))
   """
 
   def __init__(self, num_embeddings: int, features: int, *, rank=None, feature_dims=None, num_cores: int = 3,
@@ -467,6 +467,13 @@ class LowRankLinear(nnx.Module):
     rngs: ``nnx.Rngs``; needed unless ``u`` and ``v`` are given.
     u, v: existing factors of shapes (in_features, r) and (r, out_features).
     quant: None, or "int8" (factors stored as int8 with per-column scales).
+
+  Example:
+    >>> import numpy as np
+    >>> w = np.random.default_rng(0).normal(size=(64, 32))
+    >>> layer = LowRankLinear.from_dense(w, rank=8)
+    >>> layer.rank, layer.num_params, layer(jnp.ones((3, 64))).shape
+    (8, 768, (3, 32))
   """
 
   def __init__(self, in_features: int, out_features: int, *, rank: int | None = None, use_bias: bool = True,

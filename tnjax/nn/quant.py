@@ -41,7 +41,14 @@ def quantize(w) -> tuple[jax.Array, jax.Array]:
 
 
 def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
-  """``q * scale`` in ``dtype``."""
+  """``q * scale`` in ``dtype``.
+
+  Example:
+    >>> w = jnp.array([[0.5, -1.0], [0.25, 2.0]])
+    >>> q, s = quantize(w)
+    >>> bool(jnp.all(jnp.abs(dequantize(q, s) - w) <= s / 2))
+    True
+  """
   return (q.astype(jnp.float32) * scale).astype(dtype)
 
 
