@@ -26,6 +26,13 @@ def compress(model: GPT, method: str, *, rank: int | None = None, ratio: float |
   Raises:
     ValueError: for an unknown method, a target the method does not take, or
       the methods' own argument errors.
+
+  Example:
+    >>> from flax import nnx
+    >>> from tnjax.models import GPT, preset
+    >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
+    >>> compress(model, "mpo", rank=4).config.spec("attn.c_proj", 1).kind
+    'ttm'
   """
   fn = "compress"
   if method == "tensorgpt":
@@ -53,7 +60,17 @@ def compressed_part(model: GPT, method: str, layers=None) -> list[str]:
 
 
 def summary(before: GPT, after: GPT, names: list[str]) -> dict:
-  """Parameter and byte accounting: whole model and per compressed layer (biases included)."""
+  """Parameter and byte accounting: whole model and per compressed layer (biases included).
+
+  Example:
+    >>> from flax import nnx
+    >>> from tnjax.compress import svd_compress
+    >>> from tnjax.models import GPT, preset
+    >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
+    >>> s = summary(model, svd_compress(model, ratio=0.5, layers=["h.0.mlp.c_fc"]), ["h.0.mlp.c_fc"])
+    >>> round(s["part_kept"], 2), s["params_before"] - s["params_after"]
+    (0.5, 32896)
+  """
   rows = []
   for name in names:
     b, a = _model.count_params(_model.get_layer(before, name)), _model.count_params(_model.get_layer(after, name))
@@ -195,7 +212,12 @@ def run(model: GPT, method: str, out_dir, *, targets: list[dict], valid_ids=None
 
 
 def parse_targets(rank: str | None, ratio: str | None, rtol: str | None) -> list[dict]:
-  """``--rank/--ratio/--rtol`` strings (comma-separated for a sweep) as target dicts."""
+  """``--rank/--ratio/--rtol`` strings (comma-separated for a sweep) as target dicts.
+
+  Example:
+    >>> parse_targets(None, "0.5,0.7", None)
+    [{'ratio': 0.5}, {'ratio': 0.7}]
+  """
   given = {k: v for k, v in (("rank", rank), ("ratio", ratio), ("rtol", rtol)) if v is not None}
   if len(given) > 1:
     raise ValueError(f"compress: {sorted(given)} given but at most one of --rank, --ratio, --rtol is expected")

@@ -35,7 +35,14 @@ from tnjax.core.tensor_train import TTMatrix
 
 
 class CostModel(NamedTuple):
-  """Roofline constants: peak FLOP/s, memory bytes/s, seconds per kernel launch, bytes per element."""
+  """Roofline constants: peak FLOP/s, memory bytes/s, seconds per kernel launch, bytes per element.
+
+  Example:
+    >>> slow = CostModel(peak_flops=1e14, bandwidth=1e12, launch=5e-6)  # a smaller GPU
+    >>> import jax, tnjax
+    >>> choose_path(tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=16), 1, slow)
+    'direct'
+  """
 
   peak_flops: float = 4.0e14
   bandwidth: float = 2.5e12

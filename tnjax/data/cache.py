@@ -89,6 +89,12 @@ def train_batch(tokens: np.ndarray, step: int, batch_size: int, block_size: int,
 
   Returns:
     ``(x, y)`` int32 arrays of shape (batch_size, block_size), y shifted by one.
+
+  Example:
+    >>> import numpy as np
+    >>> x, y = train_batch(np.arange(100), step=3, batch_size=2, block_size=8, seed=0)
+    >>> x.shape, bool((y[:, :-1] == x[:, 1:]).all())
+    ((2, 8), True)
   """
   n = len(tokens) - block_size - 1
   if n < 1:
@@ -98,7 +104,15 @@ def train_batch(tokens: np.ndarray, step: int, batch_size: int, block_size: int,
 
 
 def eval_batches(tokens: np.ndarray, num_batches: int, batch_size: int, block_size: int):
-  """Fixed, evenly spaced windows for validation: the same every call."""
+  """Fixed, evenly spaced windows for validation: the same every call.
+
+  Example:
+    >>> import numpy as np
+    >>> batches = eval_batches(np.arange(100), num_batches=3, batch_size=2, block_size=8)
+    >>> x, y = batches[0]
+    >>> len(batches), x.shape
+    (3, (2, 8))
+  """
   n = len(tokens) - block_size - 1
   if n < 1:
     raise ValueError(f"eval_batches: {len(tokens)} tokens but more than block_size + 1 = {block_size + 1} are needed")

@@ -22,6 +22,14 @@ def load_tokenizer(path) -> Tokenizer:
 
   Raises:
     ValueError: when none of those files exists.
+
+  Example:
+    >>> import tempfile, pathlib
+    >>> from tnjax.data import SAMPLE_DIR, train_tokenizer
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> train_tokenizer([SAMPLE_DIR / "valid.txt"], 300).save(str(d / "tokenizer.json"))
+    >>> load_tokenizer(d).get_vocab_size()
+    300
   """
   path = pathlib.Path(path)
   if path.is_file():
@@ -45,6 +53,12 @@ def train_tokenizer(files: Sequence, vocab_size: int, *, min_frequency: int = 2,
 
   Raises:
     ValueError: on a missing file or too small a vocabulary.
+
+  Example:
+    >>> from tnjax.data import SAMPLE_DIR
+    >>> tok = train_tokenizer([SAMPLE_DIR / "valid.txt"], 300)
+    >>> tok.get_vocab_size(), tok.decode(tok.encode("In the beginning").ids)
+    (300, 'In the beginning')
   """
   files = [str(f) for f in files]
   for f in files:

@@ -128,7 +128,14 @@ def load_hf_gpt2(path, *, dtype: str | None = None) -> GPT:
 
 
 def hf_config(cfg: GPTConfig) -> dict:
-  """The Hugging Face ``config.json`` dict of a :class:`GPTConfig`."""
+  """The Hugging Face ``config.json`` dict of a :class:`GPTConfig`.
+
+  Example:
+    >>> from tnjax.models import preset
+    >>> hf = hf_config(preset("gpt2"))
+    >>> hf["n_embd"], hf["n_layer"], hf["vocab_size"], config_from_hf(hf) == preset("gpt2")
+    (768, 12, 50257, True)
+  """
   return {
       "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
       "n_positions": cfg.block_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
@@ -179,6 +186,16 @@ def save_hf_gpt2(model: GPT, path) -> pathlib.Path:
   reconstruction (Hugging Face has no TT layers), int8 weights dequantized,
   and blocks narrowed by MoDeGPT zero-padded to full width (same function);
   use :func:`tnjax.interop.save_model` to keep the compact form.
+
+  Example:
+    >>> import tempfile
+    >>> from flax import nnx
+    >>> from tnjax.models import GPT, preset
+    >>> model = GPT(preset("tiny", layers={"mlp.c_fc": {"kind": "ttm", "rank": 8}}), rngs=nnx.Rngs(0))
+    >>> path = save_hf_gpt2(model, tempfile.mkdtemp())
+    >>> dense = load_hf_gpt2(path)  # the TT layer comes back as its dense reconstruction
+    >>> bool(jnp.allclose(dense(jnp.ones((1, 4), jnp.int32)), model(jnp.ones((1, 4), jnp.int32)), atol=1e-4))
+    True
   """
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,11 @@ class TrainConfig:
     batch_size: sequences per optimizer step (split into ``grad_accum`` micro-batches).
     dtype: computation dtype ("float32" or "bfloat16"; parameters and optimizer stay float32).
     fsdp: shard parameters and optimizer state over devices, not only the batch.
+
+  Example:
+    >>> cfg = TrainConfig(steps=1000, layers={"mlp.c_fc": {"kind": "ttm", "rank": 64}}, dtype="bfloat16")
+    >>> cfg.validate().batch_size, cfg.model
+    (16, 'tiny')
   """
 
   model: str = "tiny"
@@ -103,6 +108,10 @@ def apply_overrides(base: dict, overrides: list[str]) -> dict:
   ``field.key=value`` sets one key of a dict field, the rest after the first
   dot being the key: ``layers.mlp.c_fc={"kind": "ttm", "rank": 32}``,
   ``model_overrides.n_layer=4``.
+
+  Example:
+    >>> apply_overrides({"steps": 10, "layers": {}}, ["steps=500", 'layers.mlp.c_fc={"kind": "ttm", "rank": 8}'])
+    {'steps': 500, 'layers': {'mlp.c_fc': {'kind': 'ttm', 'rank': 8}}}
   """
   out = json.loads(json.dumps(base))
   for item in overrides:
@@ -122,7 +131,13 @@ def apply_overrides(base: dict, overrides: list[str]) -> dict:
 
 
 def resolve(config_file: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
-  """Defaults, then a TOML file's top-level keys, then ``--set`` overrides."""
+  """Defaults, then a TOML file's top-level keys, then ``--set`` overrides.
+
+  Example:
+    >>> cfg = resolve(None, ["steps=50", "lr=1e-3"])
+    >>> cfg.steps, cfg.lr
+    (50, 0.001)
+  """
   d = TrainConfig().to_dict()
   if config_file:
     try:
