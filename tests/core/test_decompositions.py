@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -252,3 +254,45 @@ def test_truncate_errors():
     tnjax.truncate(tt, rtol=float("inf"))
   with pytest.raises(ValueError, match=r"truncate: tt is a list but a TensorTrain or TTMatrix"):
     tnjax.truncate(list(tt.cores))
+
+
+def _decaying(rng, m, n, power=0.5):
+  """A matrix with singular values i^-power, like trained weights (slow decay)."""
+  k = min(m, n)
+  u, _ = np.linalg.qr(rng.normal(size=(m, k)))
+  v, _ = np.linalg.qr(rng.normal(size=(n, k)))
+  return (u * np.arange(1, k + 1) ** -power) @ v.T
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape,in_dims,out_dims", [((96, 384), (4, 4, 6), (6, 8, 8)),
+                                                    ((1000, 48), (10, 10, 10), (4, 4, 3))])
+def test_gram_method_matches_svd_truncation(rng, dtype, shape, in_dims, out_dims):
+  """The Gram-eigh steps give the exact truncation error (within 1%) at equal ranks, eager and jitted."""
+  w = jnp.asarray(_decaying(rng, *shape), dtype)
+  for rank in (2, 8, 24):
+    errs = {}
+    for method in ("svd", "gram"):
+      f = functools.partial(tnjax.ttm_svd, in_dims=in_dims, out_dims=out_dims, max_rank=rank, method=method)
+      for label, g in (("eager", f), ("jit", jax.jit(f))):
+        ttm = g(w)
+        errs[method, label] = float(jnp.linalg.norm(tnjax.to_dense(ttm) - w) / jnp.linalg.norm(w))
+        assert ttm.ranks == tnjax.ttm_svd(w, in_dims, out_dims, max_rank=rank).ranks
+    for label in ("eager", "jit"):
+      assert errs["gram", label] <= 1.01 * errs["svd", label] + 1e-6, errs
+  # Tolerances pick the same ranks and keep the bound.
+  a = tnjax.ttm_svd(w, in_dims, out_dims, rtol=0.4, method="gram")
+  assert a.ranks == tnjax.ttm_svd(w, in_dims, out_dims, rtol=0.4).ranks
+  assert float(jnp.linalg.norm(tnjax.to_dense(a) - w) / jnp.linalg.norm(w)) <= 0.4 * (1 + 1e-5)
+
+
+def test_gram_method_orthonormal_cores_and_errors(rng):
+  x = jnp.asarray(rng.normal(size=(6, 7, 8, 5)))
+  tt = tnjax.tt_svd(x, max_rank=4, method="gram")
+  for core in tt.cores[:-1]:
+    g = core.reshape(-1, core.shape[-1])
+    np.testing.assert_allclose(g.T @ g, np.eye(g.shape[1]), atol=1e-10)
+  with pytest.raises(ValueError, match=r"tt_svd: method='qr' but one of \('svd', 'gram'\)"):
+    tnjax.tt_svd(x, method="qr")
+  with pytest.raises(ValueError, match=r"ttm_svd: method='eig' but one of"):
+    tnjax.ttm_svd(jnp.ones((4, 4)), (2, 2), (2, 2), method="eig")

@@ -56,28 +56,75 @@ def _thin_svd(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return jnp.linalg.svd(a, full_matrices=False)
 
 
-def _truncated_svd(a: jax.Array, cap: int | None, delta2) -> tuple[jax.Array, jax.Array]:
+def _svd_factors(a: jax.Array):
+  """Squared singular values (descending) and ``r -> (u[:, :r], s[:r] vt[:r])`` from a thin SVD."""
+  u, s, vt = _thin_svd(a)
+  return s * s, lambda r: (u[:, :r], s[:r, None] * vt[:r])
+
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _gram_factors(a: jax.Array):
+  """The same from the eigendecomposition of the smaller Gram matrix (``a a^T`` or ``a^T a``).
+
+  One matmul and a small ``eigh`` instead of an SVD of a very wide or tall
+  unfolding: much faster on GPUs, with the leading singular vectors as
+  accurate as an SVD's; singular values below about ``sqrt(eps) * s_max``
+  are not resolved, which matters only for near-exact reconstructions.
+  """
+  m, n = a.shape
+  if m <= n:
+    lam, v = jnp.linalg.eigh(jnp.matmul(a, a.T, precision=_HIGHEST))
+    u = v[:, ::-1]
+    # sv = u^T a: the rows s_i v_i^T, no division by small singular values.
+    return jnp.maximum(lam[::-1], 0), lambda r: (u[:, :r], jnp.matmul(u[:, :r].T, a, precision=_HIGHEST))
+  lam, v = jnp.linalg.eigh(jnp.matmul(a.T, a, precision=_HIGHEST))
+  v = v[:, ::-1]
+
+  def factors(r):
+    # a v_r = q rr is orthonormalized by QR: u = q, and a v_r v_r^T = q (rr v_r^T).
+    q, rr = jnp.linalg.qr(jnp.matmul(a, v[:, :r], precision=_HIGHEST))
+    return q, jnp.matmul(rr, v[:, :r].T, precision=_HIGHEST)
+
+  return jnp.maximum(lam[::-1], 0), factors
+
+
+METHODS = ("svd", "gram")
+
+
+def _truncated_svd(a: jax.Array, cap: int | None, delta2, method: str = "svd") -> tuple[jax.Array, jax.Array]:
   """Factors a (m, n) matrix as u (m, r) @ sv (r, n), truncated by a cap and a tolerance.
 
   Args:
     a: the matrix.
     cap: static upper bound on r, or None.
     delta2: squared Frobenius error allowed (array or float), or None.
+    method: "svd" (LAPACK / cuSOLVER SVD) or "gram" (eigh of the smaller Gram matrix).
 
   Returns:
     ``(u, sv)`` with orthonormal (or, under the mask, zero-padded) columns in u.
   """
-  u, s, vt = _thin_svd(a)
-  r = s.shape[0] if cap is None else min(cap, s.shape[0])
+  s2, factors = (_gram_factors if method == "gram" else _svd_factors)(a)
+  r = s2.shape[0] if cap is None else min(cap, s2.shape[0])
+  mask = None
   if delta2 is not None:
-    tail2 = jnp.cumsum((s * s)[::-1])[::-1]  # tail2[i] = ||s[i:]||^2
+    tail2 = jnp.cumsum(s2[::-1])[::-1]  # tail2[i] = ||s[i:]||^2
     needed = jnp.maximum(jnp.sum(tail2 > delta2), 1)
     if _checks.is_concrete(needed):
       r = min(r, int(needed))
     else:
-      mask = (jnp.arange(r) < needed).astype(s.dtype)
-      return u[:, :r] * mask[None, :], (s[:r] * mask)[:, None] * vt[:r]
-  return u[:, :r], s[:r, None] * vt[:r]
+      mask = (jnp.arange(r) < needed).astype(a.dtype)
+  u, sv = factors(r)
+  if mask is not None:
+    u, sv = u * mask[None, :], sv * mask[:, None]
+  return u, sv
+
+
+def _check_method(fn: str, method: str) -> str:
+  if method not in METHODS:
+    raise ValueError(f"{fn}: method={method!r} but one of {METHODS} is expected")
+  return method
 
 
 def _bond_delta2(total_norm2, rtol: float | None, num_bonds: int):
@@ -86,7 +133,7 @@ def _bond_delta2(total_norm2, rtol: float | None, num_bonds: int):
   return (rtol * rtol / num_bonds) * total_norm2
 
 
-def tt_svd(x, max_rank=None, rtol=None) -> TensorTrain:
+def tt_svd(x, max_rank=None, rtol=None, method: str = "svd") -> TensorTrain:
   """Decomposes a dense tensor into TT format with TT-SVD (Oseledets 2011).
 
   Args:
@@ -95,6 +142,11 @@ def tt_svd(x, max_rank=None, rtol=None) -> TensorTrain:
       d - 1 ints, one per bond. Caps above the largest useful rank are clamped.
     rtol: relative Frobenius error bound, see the module docstring for where
       ranks are chosen (host when eager, a masked fixed buffer under jit).
+    method: "svd" (default), or "gram": each step from the eigendecomposition
+      of the unfolding's smaller Gram matrix, several times faster on GPUs for
+      the very wide first unfoldings; truncation errors match "svd" to well
+      under 1% (tested), but tiny singular values are not resolved, so exact
+      (full-rank) reconstructions are accurate only to about sqrt(eps).
 
   Returns:
     A :class:`TensorTrain` with cores (r[k], n[k], r[k+1]) and
@@ -125,6 +177,7 @@ def tt_svd(x, max_rank=None, rtol=None) -> TensorTrain:
   dims = x.shape
   caps = _checks.bond_caps(fn, "max_rank", max_rank, len(dims) - 1)
   rtol = _checks.check_rtol(fn, rtol)
+  method = _check_method(fn, method)
   _checks.check_finite(fn, "x", x)
   delta2 = _bond_delta2(jnp.sum(x * x), rtol, len(dims) - 1)
 
@@ -132,13 +185,13 @@ def tt_svd(x, max_rank=None, rtol=None) -> TensorTrain:
   rest = x.reshape(1, -1)
   for k, n in enumerate(dims[:-1]):
     r_prev = rest.shape[0]
-    u, rest = _truncated_svd(rest.reshape(r_prev * n, -1), caps[k], delta2)
+    u, rest = _truncated_svd(rest.reshape(r_prev * n, -1), caps[k], delta2, method)
     cores.append(u.reshape(r_prev, n, u.shape[1]))
   cores.append(rest.reshape(rest.shape[0], dims[-1], 1))
   return TensorTrain(tuple(cores))
 
 
-def ttm_svd(w, in_dims, out_dims, max_rank=None, rtol=None) -> TTMatrix:
+def ttm_svd(w, in_dims, out_dims, max_rank=None, rtol=None, method: str = "svd") -> TTMatrix:
   """Decomposes a matrix into TT-matrix (MPO) format by interleaving row and column modes.
 
   The matrix is zero-padded to ``(prod(in_dims), prod(out_dims))`` when it is
@@ -153,6 +206,7 @@ def ttm_svd(w, in_dims, out_dims, max_rank=None, rtol=None) -> TTMatrix:
     max_rank: static cap on ranks (int or d - 1 ints), as in :func:`tt_svd`.
     rtol: relative Frobenius error bound on the (padded) matrix, as in
       :func:`tt_svd`; padding adds no error, so it bounds ``||w - W||/||w||``.
+    method: "svd" or "gram", as in :func:`tt_svd`.
 
   Returns:
     A :class:`TTMatrix` with cores (r[k], n_in[k], n_out[k], r[k+1]).
@@ -192,12 +246,13 @@ def ttm_svd(w, in_dims, out_dims, max_rank=None, rtol=None) -> TTMatrix:
   # Checked here so that errors name ttm_svd, not tt_svd.
   _checks.bond_caps(fn, "max_rank", max_rank, d - 1)
   _checks.check_rtol(fn, rtol)
+  _check_method(fn, method)
   _checks.check_finite(fn, "w", w)
   w = jnp.pad(w, ((0, rows - w.shape[0]), (0, cols - w.shape[1])))
   x = w.reshape(in_dims + out_dims)
   x = x.transpose([p for k in range(d) for p in (k, d + k)])
   x = x.reshape([i * o for i, o in zip(in_dims, out_dims)])
-  return split_modes(tt_svd(x, max_rank=max_rank, rtol=rtol), in_dims, out_dims)
+  return split_modes(tt_svd(x, max_rank=max_rank, rtol=rtol, method=method), in_dims, out_dims)
 
 
 def _orthogonalize_left(cores: list[jax.Array], stop: int) -> None:
