@@ -186,3 +186,11 @@ def test_compressed_models_jit_and_grad(trained, ids):
     np.testing.assert_allclose(jax.jit(loss)(params), loss(params), rtol=1e-6)
     grads = jax.grad(loss)(params)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_mpo_gram_method_matches_svd(trained, ids):
+  ref = trained(ids)
+  errs = [rel_err(mpo_compress(trained, chi=8, method=m), ref, ids) for m in ("svd", "gram")]
+  assert errs[1] == pytest.approx(errs[0], rel=0.01)
+  with pytest.raises(ValueError, match=r"ttm_svd: method='fast' but one of"):
+    mpo_compress(trained, chi=8, method="fast")

@@ -96,7 +96,7 @@ def _ttm_params(in_dims, out_dims, rank: int) -> int:
 
 
 def mpo_compress(model: GPT, *, chi: int | None = None, ratio: float | None = None, rtol: float | None = None,
-                 layers=None, num_cores: int = 3) -> GPT:
+                 layers=None, num_cores: int = 3, method: str = "svd") -> GPT:
   """CompactifAI's step one: every selected projection becomes an MPO (TT-matrix) of bond dimension chi.
 
   Each kernel is decomposed by :func:`tnjax.ttm_svd` into ``num_cores``
@@ -110,6 +110,7 @@ def mpo_compress(model: GPT, *, chi: int | None = None, ratio: float | None = No
     rtol: per-layer relative Frobenius error bound (ranks chosen per bond).
     layers: names (see :func:`tnjax.compress.resolve_layers`); default all projections.
     num_cores: MPO sites per layer.
+    method: TT-SVD steps, "svd" or "gram" (faster on GPUs, same truncation; see :func:`tnjax.tt_svd`).
 
   Raises:
     ValueError: as :func:`svd_compress`, and for num_cores < 1.
@@ -141,7 +142,8 @@ def mpo_compress(model: GPT, *, chi: int | None = None, ratio: float | None = No
       cap = _model.largest_rank(functools.partial(_ttm_params, in_dims, out_dims), value * m * n, full)
       if _ttm_params(in_dims, out_dims, cap) >= m * n:
         continue
-    new = TTMLinear.from_dense(w, _bias(layer), rank=cap, rtol=rtol, in_dims=in_dims, out_dims=out_dims)
+    new = TTMLinear.from_dense(w, _bias(layer), rank=cap, rtol=rtol, in_dims=in_dims, out_dims=out_dims,
+                               method=method)
     replaced[name] = new
     specs[name] = LayerSpec(kind="ttm", rank=max(new.ranks), in_dims=in_dims, out_dims=out_dims,
                             num_cores=num_cores, path=_model.spec_of(model.config, name).path)

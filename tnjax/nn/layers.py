@@ -177,10 +177,11 @@ class TTMLinear(nnx.Module):
 
   @classmethod
   def from_dense(cls, kernel, bias=None, *, rank=None, rtol=None, in_dims=None, out_dims=None,
-                 num_cores: int = 3, **kwargs) -> TTMLinear:
-    """A layer whose kernel is ``ttm_svd(kernel, ..., max_rank=rank, rtol=rtol)``.
+                 num_cores: int = 3, method: str = "svd", **kwargs) -> TTMLinear:
+    """A layer whose kernel is ``ttm_svd(kernel, ..., max_rank=rank, rtol=rtol, method=method)``.
 
     With neither rank nor rtol the decomposition is exact (full rank).
+    ``method="gram"`` is the faster Gram-eigh TT-SVD (see :func:`tnjax.tt_svd`).
     ``kwargs`` go to the constructor (path, dtype, param_dtype, ...).
     """
     kernel = jnp.asarray(kernel)
@@ -189,7 +190,7 @@ class TTMLinear(nnx.Module):
     m, n = kernel.shape
     in_dims = _layer_dims("TTMLinear.from_dense", m, in_dims, num_cores, "in_dims", "kernel.shape[0]")
     out_dims = _layer_dims("TTMLinear.from_dense", n, out_dims, len(in_dims), "out_dims", "kernel.shape[1]")
-    layer = cls(m, n, ttm=ttm_svd(kernel, in_dims, out_dims, max_rank=rank, rtol=rtol),
+    layer = cls(m, n, ttm=ttm_svd(kernel, in_dims, out_dims, max_rank=rank, rtol=rtol, method=method),
                 use_bias=bias is not None, **kwargs)
     if bias is not None:
       layer.bias[...] = jnp.asarray(bias, layer.bias.dtype).reshape(n)
