@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 
@@ -118,10 +117,6 @@ def count_bytes(module: nnx.Module) -> int:
              for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
 
 
-def compute_dtype(cfg: GPTConfig):
-  return None if cfg.dtype is None else np.dtype(cfg.dtype)
-
-
 def largest_rank(params_at, budget: float, hi: int) -> int:
   """The largest r in [1, hi] with ``params_at(r) <= budget`` (params_at increasing); 1 when none fits."""
   lo = 1
@@ -152,7 +147,3 @@ def one_target(fn: str, **targets) -> tuple[str | None, object]:
     return None, None
   (key, value), = given.items()
   return key, value
-
-
-def replace_spec(spec: LayerSpec, **changes) -> LayerSpec:
-  return dataclasses.replace(spec, **changes)

@@ -14,6 +14,7 @@ for MPO) caps ranks; ``rtol`` bounds each layer's relative Frobenius error
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -269,5 +270,5 @@ def quantize_int8(model: GPT, *, layers=None) -> GPT:
     if use_bias and not isinstance(new, Int8Linear):
       new.bias[...] = layer.bias[...]
     replaced[name] = new
-    specs[name] = _model.replace_spec(spec, quant="int8")
+    specs[name] = dataclasses.replace(spec, quant="int8")
   return _model.rebuild(model, _model.with_specs(cfg, specs), replaced)

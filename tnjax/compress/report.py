@@ -147,10 +147,6 @@ def plot_sweep(rows: list[dict], path, *, baseline: float | None = None, title: 
     plt.close(fig)
 
 
-def _block(x):
-  return jax.block_until_ready(x)
-
-
 def run(model: GPT, method: str, out_dir, *, targets: list[dict], valid_ids=None, calib_ids=None, layers=None,
         heal_steps: int = 0, heal_lr: float = 1e-4, int8: bool = False, block_size: int | None = None,
         tokenizer=None, save: bool = True) -> dict:
@@ -183,7 +179,7 @@ def run(model: GPT, method: str, out_dir, *, targets: list[dict], valid_ids=None
   for target in targets:
     start = time.perf_counter()
     small = compress(model, method, calib=calib, layers=layers, **target)
-    _block(jax.tree_util.tree_leaves(small))
+    jax.block_until_ready(jax.tree_util.tree_leaves(small))
     compress_s = time.perf_counter() - start
     start = time.perf_counter()
     if heal_steps:

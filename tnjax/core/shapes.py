@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import math
 
+import jax
+import jax.numpy as jnp
+
 from tnjax.core import _checks
 
 # A factorization of m into d factors is "balanced" when its largest factor is
@@ -90,3 +93,10 @@ def factorize(n: int, d: int) -> tuple[int, ...]:
     if split is not None:
       return split
     m += 1
+
+
+def pad_last(x: jax.Array, size: int) -> jax.Array:
+  """``x`` zero-padded along its last axis to ``size`` entries (returned as is when already that size)."""
+  if x.shape[-1] == size:
+    return x
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])

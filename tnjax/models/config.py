@@ -8,13 +8,13 @@ import re
 from typing import Any
 
 from tnjax.core import _checks
+from tnjax.nn.quant import QUANTS
 
 # Names of the projections a spec can target. Per-layer keys prefix these with
 # "h.{i}." (e.g. "h.3.mlp.c_fc"); "embedding" and "lm_head" are global only.
 PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 GLOBAL_ONLY = ("embedding", "lm_head")
 KINDS = ("dense", "ttm", "lowrank", "mps")
-QUANTS = (None, "int8")
 BLOCK_DIMS = ("d_ff", "qk_dim", "v_dim")
 _LAYER_KEY = re.compile(r"^h\.(\d+)\.(.+)$")
 

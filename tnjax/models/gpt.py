@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tnjax.core import _checks
+from tnjax.core.shapes import pad_last
 from tnjax.models.config import GPTConfig, LayerSpec
 from tnjax.nn import Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
 
@@ -70,10 +71,6 @@ def _bias(layer: nnx.Module) -> jax.Array | None:
   return None if layer.bias is None else layer.bias[...]
 
 
-def _pad_heads(z: jax.Array, size: int) -> jax.Array:
-  return z if z.shape[-1] == size else jnp.pad(z, [(0, 0)] * (z.ndim - 1) + [(0, size - z.shape[-1])])
-
-
 def _attention(q, k, v, *, scale: float, impl, is_causal: bool = False, mask=None) -> jax.Array:
   """``jax.nn.dot_product_attention`` for query/key and value head widths that may differ (MoDeGPT).
 
@@ -83,7 +80,7 @@ def _attention(q, k, v, *, scale: float, impl, is_causal: bool = False, mask=Non
   width = max(q.shape[-1], v.shape[-1])
   if impl == "cudnn":
     width = -(-width // 8) * 8  # cuDNN's fused attention takes head widths in multiples of 8
-  y = jax.nn.dot_product_attention(_pad_heads(q, width), _pad_heads(k, width), _pad_heads(v, width),
+  y = jax.nn.dot_product_attention(pad_last(q, width), pad_last(k, width), pad_last(v, width),
                                    mask=mask, is_causal=is_causal, scale=scale, implementation=impl)
   return y[..., : v.shape[-1]]
 

@@ -18,11 +18,9 @@ from tnjax.core.decompositions import tt_svd, ttm_svd
 from tnjax.core.initializers import random_tt, random_ttm
 from tnjax.core.linear import H100, PATHS, CostModel, gather_rows, linear, transpose
 from tnjax.core.ops import to_dense
-from tnjax.core.shapes import factorize
+from tnjax.core.shapes import factorize, pad_last
 from tnjax.core.tensor_train import TTMatrix
-from tnjax.nn.quant import dequantize, quantize
-
-QUANTS = (None, "int8")
+from tnjax.nn.quant import QUANTS, dequantize, quantize
 
 
 class TTParam(nnx.Param):
@@ -45,12 +43,6 @@ def _layer_dims(fn: str, features: int, dims, num_cores: int, name: str, feature
     raise ValueError(f"{fn}: prod({name})={math.prod(dims)} but {features_name}={features}; "
                      f"expected prod({name}) >= {features_name} ({name}={dims})")
   return dims
-
-
-def _pad_last(x: jax.Array, size: int) -> jax.Array:
-  if x.shape[-1] == size:
-    return x
-  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
 
 
 def _check_quant(fn: str, quant) -> str | None:
@@ -230,7 +222,7 @@ class TTMLinear(nnx.Module):
       x = x.astype(self.dtype)
       ttm = jax.tree_util.tree_map(lambda c: c.astype(self.dtype), ttm)
       bias = None if bias is None else bias.astype(self.dtype)
-    y = linear(ttm, _pad_last(x, ttm.shape[0]), path=self.path, precision=self.precision, cost=self.cost)
+    y = linear(ttm, pad_last(x, ttm.shape[0]), path=self.path, precision=self.precision, cost=self.cost)
     y = y[..., : self.out_features]
     return _add_bias(y, bias)
 
@@ -333,7 +325,7 @@ class TTEmbedding(nnx.Module):
     ttm_t = transpose(self._compute_ttm())
     if self.dtype is not None:
       x = x.astype(self.dtype)
-    y = linear(ttm_t, _pad_last(x, ttm_t.shape[0]), path=self.path, precision=self.precision, cost=self.cost)
+    y = linear(ttm_t, pad_last(x, ttm_t.shape[0]), path=self.path, precision=self.precision, cost=self.cost)
     return y[..., : self.num_embeddings]
 
 
@@ -413,12 +405,12 @@ class MPSEmbedding(nnx.Module):
       raise ValueError(f"{fn}: table.shape={table.shape} but a 2-d (vocab, features) table is expected")
     v, f = table.shape
     dims = _layer_dims(fn, f, feature_dims, num_cores, "feature_dims", "table.shape[1]")
-    rows = _pad_last(table, math.prod(dims)).reshape((v,) + dims)
+    rows = pad_last(table, math.prod(dims)).reshape((v,) + dims)
     cores = list(jax.vmap(lambda x: tt_svd(x, max_rank=rank, rtol=rtol).cores)(rows))
     if rtol is not None:
       for k in range(len(cores) - 1):  # drop the columns that the mask zeroed in every row
         used = np.asarray(jnp.any(cores[k] != 0, axis=(0, 1, 2)))
-        r = max(int(np.nonzero(used)[0].max()) + 1 if used.any() else 1, 1)
+        r = int(np.nonzero(used)[0].max()) + 1 if used.any() else 1
         cores[k], cores[k + 1] = cores[k][..., :r], cores[k + 1][:, :r]
     return cls(v, f, cores=cores, **kwargs)
 

@@ -18,6 +18,7 @@ from flax import nnx
 from tnjax.core import _checks
 
 QMAX = 127
+QUANTS = (None, "int8")  # the storage kinds a layer's ``quant`` (and ``LayerSpec.quant``) accepts
 
 
 def quantize(w) -> tuple[jax.Array, jax.Array]:

@@ -106,10 +106,11 @@ class Trainer:
   """
 
   def __init__(self, cfg: TrainConfig, vocab_size: int, model: GPT | None = None):
-    """Builds the model from ``cfg`` (preset, overrides, layers), or continues training ``model``
-    (its config wins; ``cfg`` gives the optimizer, batches and dtype)."""
+    """Builds the model from ``cfg`` (preset, overrides, layers, dtype), or continues training ``model``
+    (its config, computation dtype included, wins; ``cfg`` gives the optimizer and batches)."""
     self.cfg = cfg
-    if model is None:
+    given = model is not None
+    if not given:
       self.model_config = preset(cfg.model, **{**cfg.model_overrides, "vocab_size": vocab_size,
                                                "block_size": cfg.block_size, "layers": cfg.layers,
                                                "dtype": None if cfg.dtype == "float32" else cfg.dtype})
@@ -119,8 +120,9 @@ class Trainer:
     self.num_params = model.num_params
     self.graphdef, params_state, self.rest = nnx.split(model, nnx.Param, ...)
     self.flat = FlatParams(params_state)
-    # Steps donate their parameters: copy, so a model passed in (whose arrays other models may share) stays valid.
-    params = {k: jnp.array(v, copy=True) for k, v in self.flat.flat(params_state).items()}
+    params = self.flat.flat(params_state)
+    if given:  # steps donate their parameters: copy, so the caller's model (and models sharing its arrays) stay valid
+      params = {k: jnp.array(v, copy=True) for k, v in params.items()}
     self.mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     micro = cfg.batch_size // cfg.grad_accum
     if micro % self.mesh.devices.size:
