@@ -194,3 +194,16 @@ def test_mpo_gram_method_matches_svd(trained, ids):
   assert errs[1] == pytest.approx(errs[0], rel=0.01)
   with pytest.raises(ValueError, match=r"ttm_svd: method='fast' but one of"):
     mpo_compress(trained, chi=8, method="fast")
+
+
+def test_ratio_counts_stored_weights_so_recompressing_never_grows(trained):
+  """A ratio is a fraction of what a layer stores now: an MPO or low-rank model compressed again gets smaller
+  (or stays), never back toward dense size."""
+  for base in (mpo_compress(trained, chi=4), svd_compress(trained, rank=4), tensorgpt_embedding(trained, rank=2)):
+    for method in (svd_compress, mpo_compress, tensorgpt_embedding):
+      out = method(base, ratio=0.5)
+      assert out.num_params <= base.num_params, (method.__name__, base.num_params, out.num_params)
+  small = mpo_compress(trained, chi=8, layers=["h.0.mlp.c_fc"])
+  again = mpo_compress(small, ratio=0.5, layers=["h.0.mlp.c_fc"])
+  before = sum(c.size for c in small.h[0].mlp.c_fc.ttm.cores)
+  assert sum(c.size for c in again.h[0].mlp.c_fc.ttm.cores) <= 0.5 * before

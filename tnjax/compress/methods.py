@@ -6,8 +6,10 @@ left untouched) whose config records the new layer kinds, so the result saves
 and loads like any tnjax model and exports to Hugging Face as dense.
 
 Targets: ``ratio`` is the fraction of a layer's weight parameters kept (bias
-excluded); a layer whose factorized form would not be smaller at that ratio
-stays as it is, so ``ratio=1`` returns an unchanged model. ``rank`` (``chi``
+excluded), counted as the layer stores them now (a layer already tensorized
+counts its cores, not the dense size); a layer whose factorized form would not
+be smaller at that ratio stays as it is, so ``ratio=1`` returns an unchanged
+model and compressing a compressed model never grows it. ``rank`` (``chi``
 for MPO) caps ranks; ``rtol`` bounds each layer's relative Frobenius error
 (ranks chosen on the host). With no target the decomposition is exact.
 """
@@ -78,10 +80,10 @@ def svd_compress(model: GPT, *, ratio: float | None = None, rank: int | None = N
     m, n = w.shape
     r = None
     if key == "ratio":
-      r = math.floor(value * m * n / (m + n))
-      if r >= min(m, n):
+      stored = _model.weights(layer)
+      r = max(math.floor(value * stored / (m + n)), 1)
+      if r >= min(m, n) or r * (m + n) >= stored:
         continue  # no smaller at this ratio
-      r = max(r, 1)
     elif key == "rank":
       r = min(value, m, n)
     new = LowRankLinear.from_dense(w, _bias(layer), rank=r, rtol=value if key == "rtol" else None)
@@ -139,9 +141,10 @@ def mpo_compress(model: GPT, *, chi: int | None = None, ratio: float | None = No
     in_dims, out_dims = factorize(m, num_cores), factorize(n, num_cores)
     cap = chi
     if key == "ratio":
+      stored = _model.weights(layer)
       full = max(_checks.full_ranks([i * o for i, o in zip(in_dims, out_dims)]) or (1,))
-      cap = _model.largest_rank(functools.partial(_ttm_params, in_dims, out_dims), value * m * n, full)
-      if _ttm_params(in_dims, out_dims, cap) >= m * n:
+      cap = _model.largest_rank(functools.partial(_ttm_params, in_dims, out_dims), value * stored, full)
+      if _ttm_params(in_dims, out_dims, cap) >= stored:
         continue
     new = TTMLinear.from_dense(w, _bias(layer), rank=cap, rtol=rtol, in_dims=in_dims, out_dims=out_dims,
                                method=method)
@@ -176,7 +179,8 @@ def tensorgpt_embedding(model: GPT, *, rank: int | None = None, ratio: float | N
   Args:
     model: the model to compress.
     rank: TT rank cap (per row for "mps").
-    ratio: fraction of the table's parameters kept; rank is the largest that fits.
+    ratio: fraction of the table's stored parameters kept; rank is the largest that fits
+      (an embedding that would not get smaller is returned unchanged).
     rtol: relative error bound, per row for "mps", of the whole table for "ttm".
     feature_dims: factorization of d_model (default ``factorize(d_model, num_cores)``).
     num_cores: d, used when feature_dims is not given.
@@ -214,7 +218,10 @@ def tensorgpt_embedding(model: GPT, *, rank: int | None = None, ratio: float | N
     else:
       params_at = lambda r: _ttm_params(vocab_dims, feature_dims, r)
       full = max(_checks.full_ranks([a * b for a, b in zip(vocab_dims, feature_dims)]) or (1,))
-    cap = _model.largest_rank(params_at, value * v * d, full)
+    stored = _model.count_params(model.wte)
+    cap = _model.largest_rank(params_at, value * stored, full)
+    if params_at(cap) >= stored:
+      return _model.rebuild(model, model.config, {})
   if form == "mps":
     wte = MPSEmbedding.from_dense(table, rank=cap, rtol=rtol, feature_dims=feature_dims)
     spec = LayerSpec(kind="mps", rank=max(wte.ranks), out_dims=feature_dims, num_cores=len(feature_dims))
