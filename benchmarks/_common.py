@@ -39,3 +39,19 @@ def emit(record: dict, out=None) -> None:
   if out is not None:
     with open(out, "a") as f:
       f.write(line + "\n")
+
+
+def time_in_jit(fn, arg_sets, repeats: int = 10) -> float:
+  """Median seconds per call of ``fn`` over ``len(arg_sets)`` calls made inside one jitted function.
+
+  Each call gets its own arguments (so nothing is cached between them) and all outputs are returned, so
+  Python dispatch, which would otherwise dominate sub-millisecond kernels, is paid once per repeat.
+  """
+  many = jax.jit(lambda sets: [fn(*a) for a in sets])
+  jax.block_until_ready(many(arg_sets))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(many(arg_sets))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) / len(arg_sets)

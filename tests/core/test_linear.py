@@ -45,6 +45,54 @@ def test_matvec_dense_and_direct_agree_in_outputs_and_gradients(rng, in_dims, ou
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("split", [1, 2, None])
+@pytest.mark.parametrize("order", ["prefix", "suffix", None])
+def test_matvec_split_every_bond_and_order_equals_dense(rng, split, order, jit):
+  w = _ttm(0, (2, 3, 4), (3, 2, 2), (3, 4))
+  x = rng.standard_normal((2, 5, 24))
+  f = (lambda w, x: L.matvec_split(w, x, split=split, order=order))
+  y = (jax.jit(f) if jit else f)(w, x)
+  assert y.shape == (2, 5, 12)
+  np.testing.assert_allclose(y, x @ ttm_full(w.cores), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("in_dims, out_dims", [((6,), (5,)), ((2, 3), (4, 2)), ((2, 2, 3, 2), (2, 3, 2, 2))])
+def test_split_gradients_equal_dense_path(rng, in_dims, out_dims):
+  w = _ttm(3, in_dims, out_dims, 3)
+  x = jnp.asarray(rng.standard_normal((7, w.shape[0])))
+  g = jnp.asarray(rng.standard_normal((7, w.shape[1])))
+  grads = {path: jax.jit(jax.grad(lambda w, x, path=path: jnp.sum(L.linear(w, x, path=path) * g),
+                                  argnums=(0, 1)))(w, x) for path in ("dense", "split")}
+  for a, b in zip(jax.tree_util.tree_leaves(grads["dense"]), jax.tree_util.tree_leaves(grads["split"])):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+  if len(in_dims) > 1:
+    check_grads(lambda w, x: L.matvec_split(w, x, split=1, order="prefix"), (w, x), order=2, modes=("fwd", "rev"))
+
+
+def test_split_under_vmap_and_in_bfloat16(rng):
+  ws = [_ttm(s, (4, 6), (8, 4), 3, jnp.float32) for s in range(3)]
+  stacked = jax.tree_util.tree_map(lambda *c: jnp.stack(c), *ws)
+  x = jnp.asarray(rng.standard_normal((3, 5, 24)), jnp.float32)
+  out = jax.vmap(lambda w, x: L.linear(w, x, path="split"))(stacked, x)
+  for i, w in enumerate(ws):
+    np.testing.assert_allclose(out[i], np.asarray(x[i]) @ ttm_full(w.cores), rtol=1e-5, atol=1e-5)
+  wb = jax.tree_util.tree_map(lambda c: c.astype(jnp.bfloat16), ws[0])
+  yb = L.matvec_split(wb, x[0].astype(jnp.bfloat16))
+  ref = np.asarray(x[0].astype(jnp.bfloat16), np.float64) @ ttm_full(
+      [np.asarray(c, np.float64) for c in wb.cores])
+  assert yb.dtype == jnp.bfloat16
+  assert np.linalg.norm(np.asarray(yb, np.float64) - ref) / np.linalg.norm(ref) < 1e-2
+
+
+def test_split_cost_model_prefers_two_core_layouts_with_small_intermediates():
+  small_mid = tnjax.random_ttm(jax.random.key(0), (96, 8), (16, 192), rank=4)  # prefix: 16 x 4 x 8 per token
+  big_mid = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=8)
+  assert L.choose_path(small_mid, 16384) == "split"
+  assert L._best_split(tuple(c.shape for c in small_mid.cores), 16384, L.H100)[1:] == (1, "prefix")
+  assert L.choose_path(big_mid, 16384) == "dense"
+
+
 def test_direct_gradient_numerically(rng):
   w = _ttm(2, (2, 3, 2), (2, 2, 3), 2)
   x = jnp.asarray(rng.standard_normal((3, 12)))
@@ -71,9 +119,12 @@ def test_vmap_and_batch_shapes(rng):
     np.testing.assert_allclose(out[i], np.asarray(x[i]) @ ttm_full(w.cores), atol=1e-10)
 
 
-def test_cost_model_picks_direct_for_one_token_and_dense_for_16k_at_rank_64():
+def test_cost_model_picks_split_for_one_token_and_dense_for_16k_at_rank_64():
+  # as measured on an H100 (benchmarks/results/decode_h100.jsonl): at one token the two merged factors beat
+  # core-by-core absorption, and rebuilding W costs more than both
   w = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=64)
-  assert L.choose_path(w, 1) == "direct"
+  assert L.choose_path(w, 1) == "split"
+  assert L.path_costs(w, 1)["dense"] > L.path_costs(w, 1)["direct"]
   assert L.choose_path(w, 16384) == "dense"
   costs = L.path_costs(w, 16384)
   assert costs["direct"] > 10 * costs["dense"]  # the intermediates are memory-bound
@@ -83,7 +134,8 @@ def test_auto_path_runs_the_chosen_path():
   w = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=64)
   one = jax.make_jaxpr(lambda x: L.linear(w, x))(jnp.ones((1, 768), jnp.float32))
   many = jax.make_jaxpr(lambda x: L.linear(w, x))(jnp.ones((16384, 768), jnp.float32))
-  assert "custom_vjp_call" in str(one) and "custom_vjp_call" not in str(many)
+  assert "f32[768,3072]" in str(many) and "f32[768,3072]" not in str(one)  # W rebuilt only for many tokens
+  assert "custom_vjp_call" not in str(one)  # the split path, not the direct one
 
 
 def test_transpose_and_gather_rows(rng):
@@ -114,7 +166,7 @@ def test_gather_rows_split_balances_tables_and_tokens():
 
 def test_linear_errors():
   w = _ttm(0, (2, 3), (3, 2), 2)
-  with pytest.raises(ValueError, match=r"linear: path='fast' but one of \('auto', 'dense', 'direct'\)"):
+  with pytest.raises(ValueError, match=r"linear: path='fast' but one of \('auto', 'dense', 'direct', 'split', 'fus"):
     L.linear(w, jnp.ones((2, 6)), path="fast")
   with pytest.raises(ValueError, match=r"matvec_direct: order=\(0, 0\) but a connected order of cores 0..1"):
     L.matvec_direct(w, jnp.ones((2, 6)), order=(0, 0))
@@ -123,5 +175,13 @@ def test_linear_errors():
     L.matvec_direct(w3, jnp.ones((2, 12)), order=(0, 2, 1))
   with pytest.raises(ValueError, match=r"matvec_dense: x.shape\[-1\]=5 but prod\(in_dims\)=6"):
     L.matvec_dense(w, jnp.ones((2, 5)))
+  with pytest.raises(ValueError, match=r"matvec_split: split=2 but a bond 1..1 is expected"):
+    L.matvec_split(w, jnp.ones((2, 6)), split=2)
+  with pytest.raises(ValueError, match=r"matvec_split: split=1 but a bond 1..0 is expected \(a single-core"):
+    L.matvec_split(_ttm(0, (6,), (4,), 1), jnp.ones((2, 6)), split=1)
+  with pytest.raises(ValueError, match=r"matvec_split: order='middle' but one of \('prefix', 'suffix'\)"):
+    L.matvec_split(w, jnp.ones((2, 6)), order="middle")
+  with pytest.raises(ValueError, match=r"matvec_split: x.shape\[-1\]=5 but prod\(in_dims\)=6"):
+    L.matvec_split(w, jnp.ones((2, 5)))
   with pytest.raises(ValueError, match=r"gather_rows: ids.dtype=float64 but an integer dtype"):
     L.gather_rows(w, jnp.ones(3))

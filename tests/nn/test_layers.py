@@ -21,7 +21,7 @@ def _count(module):
   return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
 
 
-@pytest.mark.parametrize("path", ["dense", "direct", "auto"])
+@pytest.mark.parametrize("path", ["dense", "direct", "split", "auto"])
 @pytest.mark.parametrize("in_f, out_f", [(24, 36), (50, 30), (7, 5)])
 def test_ttm_linear_full_rank_reproduces_nnx_linear(in_f, out_f, path):
   ref = nnx.Linear(in_f, out_f, rngs=nnx.Rngs(0), bias_init=nnx.initializers.normal(1.0))
@@ -40,14 +40,16 @@ def test_ttm_linear_paths_agree_in_outputs_and_gradients():
     return jnp.sum(jnp.sin(model(x)))
 
   results = {}
-  for path in ("dense", "direct"):
+  for path in ("dense", "direct", "split"):
     layer.path = path
     results[path] = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(layer, x)
-  (va, (ga, gxa)), (vb, (gb, gxb)) = results["dense"], results["direct"]
-  np.testing.assert_allclose(va, vb, rtol=1e-5)
-  np.testing.assert_allclose(gxa, gxb, rtol=1e-4, atol=1e-6)
-  for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  va, (ga, gxa) = results["dense"]
+  for other in ("direct", "split"):
+    vb, (gb, gxb) = results[other]
+    np.testing.assert_allclose(va, vb, rtol=1e-5)
+    np.testing.assert_allclose(gxa, gxb, rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_ttm_linear_vmap_matches_batch():
@@ -166,7 +168,7 @@ def test_bfloat16_compute():
      r"TTMLinear: rank=None but a random init needs rank \(or pass ttm= instead\)"),
     (lambda: TTEmbedding(16, 16, rank=2), r"TTEmbedding: rngs=None but a random init needs rngs"),
     (lambda: TTMLinear(16, 16, rank=2, path="fast", rngs=nnx.Rngs(0)),
-     r"TTMLinear: path='fast' but one of \('auto', 'dense', 'direct'\)"),
+     r"TTMLinear: path='fast' but one of \('auto', 'dense', 'direct', 'split', 'fused'\)"),
     (lambda: TTMLinear(16, 16, rank=2, in_dims=(3, 5), rngs=nnx.Rngs(0)),
      r"TTMLinear: prod\(in_dims\)=15 but in_features=16"),
     (lambda: TTMLinear(0, 16, rank=2, rngs=nnx.Rngs(0)), r"TTMLinear: in_features=0 but a positive integer"),

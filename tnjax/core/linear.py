@@ -11,12 +11,26 @@ A TTM layer computes ``x @ W`` for ``W = to_dense(ttm)``. Two ways:
   cores) is chosen by the cost model. Its backward (:func:`matvec_direct`'s
   ``custom_vjp``) keeps only ``x`` and the cores as residuals and recomputes
   the intermediates, so activation memory stays near a dense layer's.
+* ``"fused"``: the Pallas kernel of :mod:`tnjax.core.fused` (two-core
+  layouts such as :func:`tnjax.core.fused.fused_dims`, ranks <= 16, on a
+  GPU); anywhere else it falls back to ``"auto"``'s choice. Never picked by
+  ``"auto"``.
+* ``"split"``: merge the cores on each side of one bond into two factors,
+  ``A`` (in_1, out_1, r) and ``B`` (r, in_2, out_2), then two matmuls with
+  ``x`` (:func:`matvec_split`). Two large contractions instead of d small
+  ones: the fastest path at decode-time token counts, and at many tokens for
+  two-core layouts whose intermediate (tokens x out_1 x r x in_2) is small.
 
 The cost model estimates time as a roofline per contraction step,
 ``max(flops / peak_flops, bytes / bandwidth) + launch``, summed over steps,
-where bytes count every operand read and result written. Defaults describe an
-H100 in bf16 (:data:`H100`). ``"auto"`` picks the path with the smaller
-forward estimate (backward costs scale alike for both).
+where bytes count every operand read and result written, and a relayout
+(transpose copy) of an operand that XLA has to make before a contraction is
+a step of its own. Defaults describe an H100 in bf16 (:data:`H100`),
+calibrated on ``benchmarks/bench_ttm_linear.py`` and ``bench_decode.py``:
+XLA's dense matmul at 16k x 768 x 3072 runs at ~550 TFLOP/s, and 2 TB/s is
+the effective bandwidth of the small contractions and relayouts.
+``"auto"`` picks the path with the smallest forward estimate (backward costs
+scale alike).
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import opt_einsum
 
+from tnjax.core.fused import fused_supported, matvec_fused
 from tnjax.core.ops import check_matvec_args, to_dense
 from tnjax.core.tensor_train import TTMatrix
 
@@ -41,18 +56,19 @@ class CostModel(NamedTuple):
     >>> slow = CostModel(peak_flops=1e14, bandwidth=1e12, launch=5e-6)  # a smaller GPU
     >>> import jax, tnjax
     >>> choose_path(tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=16), 1, slow)
-    'direct'
+    'split'
   """
 
-  peak_flops: float = 4.0e14
-  bandwidth: float = 2.5e12
+  peak_flops: float = 5.5e14
+  bandwidth: float = 2.0e12
   launch: float = 4.0e-6
   itemsize: int = 2
 
 
 H100 = CostModel()
 
-PATHS = ("auto", "dense", "direct")
+PATHS = ("auto", "dense", "direct", "split", "fused")
+SPLIT_ORDERS = ("prefix", "suffix")
 
 
 def transpose(ttm: TTMatrix) -> TTMatrix:
@@ -115,6 +131,7 @@ def _direct_steps(shapes: tuple[tuple[int, ...], ...], batch: int, order: tuple[
     done.append(k)
     new = batch * (rest_in // i) * outs * o * shapes[min(done)][0] * shapes[max(done)][3]
     steps.append((2 * state * o * added, state + r * i * o * r_next + new))
+    steps.append((0, 2 * new))  # the einsum's result relaid out for the next contraction
   return steps
 
 
@@ -128,15 +145,51 @@ def _best_direct(shapes: tuple[tuple[int, ...], ...], batch: int, cost: CostMode
   return best
 
 
-def _dense_seconds(shapes: tuple[tuple[int, ...], ...], batch: int, cost: CostModel) -> float:
-  seconds, left = 0.0, shapes[0][1] * shapes[0][2] * shapes[0][3]
+def _merge_steps(shapes: tuple[tuple[int, ...], ...]) -> list[tuple[float, float]]:
+  """(flops, elements) of contracting a run of cores into one (as :func:`_merge_run`)."""
+  steps, left = [], math.prod(shapes[0])
   for r, i, o, r_next in shapes[1:]:
     new = left // r * i * o * r_next
-    seconds += _step_seconds(2 * (left // r) * r * i * o * r_next, left + r * i * o * r_next + new, cost)
+    steps.append((2 * (left // r) * r * i * o * r_next, left + r * i * o * r_next + new))
     left = new
+  return steps
+
+
+def _dense_seconds(shapes: tuple[tuple[int, ...], ...], batch: int, cost: CostModel) -> float:
   m = math.prod(s[1] for s in shapes)
   n = math.prod(s[2] for s in shapes)
-  return seconds + _step_seconds(2 * batch * m * n, batch * m + m * n + batch * n, cost)
+  # the merged cores come out with in and out modes interleaved: one relayout of W, then the matmul
+  steps = _merge_steps(shapes) + [(0, 2 * m * n), (2 * batch * m * n, batch * m + m * n + batch * n)]
+  return sum(_step_seconds(f, e, cost) for f, e in steps)
+
+
+def _split_steps(shapes: tuple[tuple[int, ...], ...], batch: int, s: int, order: str):
+  """(flops, elements) of each step of :func:`matvec_split` at bond ``s``: merging both factors, then two
+  contractions and the relayouts XLA makes around them (measured on an H100: the prefix order transposes x
+  and the intermediate; the suffix order the intermediate and the result)."""
+  i1, o1 = math.prod(x[1] for x in shapes[:s]), math.prod(x[2] for x in shapes[:s])
+  i2, o2 = math.prod(x[1] for x in shapes[s:]), math.prod(x[2] for x in shapes[s:])
+  r, n = shapes[s][0], batch
+  steps = _merge_steps(shapes[:s]) + _merge_steps(shapes[s:])
+  if order == "prefix":
+    mid = n * o1 * r * i2
+    return steps + [(0, 2 * n * i1 * i2), (2 * mid * i1, n * i1 * i2 + i1 * o1 * r + mid), (0, 2 * mid),
+                    (2 * mid * o2, mid + r * i2 * o2 + n * o1 * o2)]
+  mid = n * i1 * r * o2
+  return steps + [(2 * mid * i2, n * i1 * i2 + r * i2 * o2 + mid), (0, 2 * mid),
+                  (2 * mid * o1, mid + i1 * o1 * r + n * o1 * o2), (0, 2 * n * o1 * o2)]
+
+
+@functools.lru_cache(maxsize=512)
+def _best_split(shapes: tuple[tuple[int, ...], ...], batch: int, cost: CostModel):
+  """(seconds, bond, order) of the cheapest split, or None for a single core."""
+  best = None
+  for s in range(1, len(shapes)):
+    for order in SPLIT_ORDERS:
+      seconds = sum(_step_seconds(f, e, cost) for f, e in _split_steps(shapes, batch, s, order))
+      if best is None or seconds < best[0]:
+        best = (seconds, s, order)
+  return best
 
 
 def path_costs(ttm: TTMatrix, batch: int, cost: CostModel = H100) -> dict[str, float]:
@@ -146,23 +199,26 @@ def path_costs(ttm: TTMatrix, batch: int, cost: CostModel = H100) -> dict[str, f
     >>> import jax, tnjax
     >>> ttm = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=16)
     >>> sorted(path_costs(ttm, batch=16384))
-    ['dense', 'direct']
+    ['dense', 'direct', 'split']
   """
   shapes = tuple(c.shape for c in ttm.cores)
-  return {"dense": _dense_seconds(shapes, batch, cost), "direct": _best_direct(shapes, batch, cost)[0]}
+  costs = {"dense": _dense_seconds(shapes, batch, cost), "direct": _best_direct(shapes, batch, cost)[0]}
+  split = _best_split(shapes, batch, cost)
+  costs["split"] = math.inf if split is None else split[0]
+  return costs
 
 
 def choose_path(ttm: TTMatrix, batch: int, cost: CostModel = H100) -> str:
-  """``"dense"`` or ``"direct"``, whichever the cost model says is faster for ``batch`` rows.
+  """``"dense"``, ``"direct"`` or ``"split"``, whichever the cost model says is fastest for ``batch`` rows.
 
   Example:
     >>> import jax, tnjax
     >>> ttm = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=32)
     >>> choose_path(ttm, batch=1), choose_path(ttm, batch=16384)
-    ('direct', 'dense')
+    ('split', 'dense')
   """
   costs = path_costs(ttm, batch, cost)
-  return "dense" if costs["dense"] < costs["direct"] else "direct"
+  return min(costs, key=costs.get)
 
 
 def _labels(d: int):
@@ -248,13 +304,85 @@ def matvec_dense(ttm: TTMatrix, x: jax.Array, *, precision=None) -> jax.Array:
   return out.reshape(x.shape[:-1] + (ttm.shape[1],))
 
 
+def _split_impl(cores, x: jax.Array, s: int, order: str, precision) -> jax.Array:
+  a = _merge_run(cores[:s])[0]  # (in_1, out_1, r)
+  b = _merge_run(cores[s:])[..., 0]  # (r, in_2, out_2)
+  xs = x.reshape(x.shape[0], a.shape[0], b.shape[1])
+  if order == "prefix":
+    u = jnp.einsum("nab,apr->nprb", xs, a, precision=precision)
+    y = jnp.einsum("nprb,rbq->npq", u, b, precision=precision)
+  else:
+    z = jnp.einsum("nab,rbq->narq", xs, b, precision=precision)
+    y = jnp.einsum("narq,apr->npq", z, a, precision=precision)
+  return y.reshape(x.shape[0], -1)
+
+
+def matvec_split(ttm: TTMatrix, x: jax.Array, *, split: int | None = None, order: str | None = None,
+                 precision=None, cost: CostModel = H100) -> jax.Array:
+  """``x @ to_dense(ttm)`` through two factors merged at one bond; W is never formed.
+
+  The cores left of bond ``split`` merge into ``A`` (in_1, out_1, r), those
+  right of it into ``B`` (r, in_2, out_2), with in_1 = prod(in_dims[:split])
+  and so on. With x as (tokens, in_1, in_2), ``order="prefix"`` contracts in_1
+  with A first (intermediate tokens x out_1 x r x in_2), ``"suffix"``
+  contracts in_2 with B first (tokens x in_1 x r x out_2); the other factor
+  follows. Gradients are plain autodiff (the intermediate is kept).
+
+  Args:
+    ttm: cores (r[k], n_in[k], n_out[k], r[k+1]); a single core is one matmul.
+    x: (..., prod(in_dims)).
+    split: the bond, 1..d-1; by default (with ``order``) the cheapest under ``cost``.
+    order: "prefix" or "suffix"; by default the cheaper at ``split``.
+    precision: passed to each einsum.
+    cost: the cost model that picks the defaults.
+
+  Returns:
+    (..., prod(out_dims)).
+
+  Raises:
+    ValueError: on a bond out of range, an unknown order or a shape mismatch.
+
+  Complexity:
+    Merging: as rebuilding W for the two halves (in_1 out_1 r + r in_2 out_2
+    entries). Per token: 2 r in_1 in_2 out_1 + 2 r out_1 in_2 out_2 FLOPs
+    (prefix), 2 r in_1 in_2 out_2 + 2 r in_1 out_1 out_2 (suffix).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, tnjax
+    >>> ttm = tnjax.random_ttm(jax.random.key(0), (2, 3, 4), (4, 3, 2), rank=3)
+    >>> x = jax.random.normal(jax.random.key(1), (5, 24))
+    >>> y = matvec_split(ttm, x, split=1, order="suffix")
+    >>> bool(jnp.allclose(y, x @ tnjax.to_dense(ttm), atol=1e-5))
+    True
+  """
+  fn = "matvec_split"
+  rows = _as_rows(fn, ttm, x)
+  d = ttm.ndim
+  if split is not None and (isinstance(split, bool) or not isinstance(split, int) or not 1 <= split < d):
+    raise ValueError(f"{fn}: split={split!r} but a bond 1..{d - 1} is expected"
+                     + (" (a single-core TT-matrix has none)" if d == 1 else ""))
+  if order is not None and order not in SPLIT_ORDERS:
+    raise ValueError(f"{fn}: order={order!r} but one of {SPLIT_ORDERS} is expected")
+  if d == 1:
+    return matvec_dense(ttm, x, precision=precision)
+  shapes = tuple(c.shape for c in ttm.cores)
+  if split is None or order is None:
+    candidates = [(sum(_step_seconds(f, e, cost) for f, e in _split_steps(shapes, rows.shape[0], s, o)), s, o)
+                  for s in ([split] if split is not None else range(1, d))
+                  for o in ([order] if order is not None else SPLIT_ORDERS)]
+    _, split, order = min(candidates)
+  out = _split_impl(tuple(ttm.cores), rows, split, order, precision)
+  return out.reshape(x.shape[:-1] + (ttm.shape[1],))
+
+
 def linear(ttm: TTMatrix, x: jax.Array, *, path: str = "auto", precision=None, cost: CostModel = H100) -> jax.Array:
   """``x @ to_dense(ttm)`` by the path given, or by the cost model's choice for this many rows.
 
   Args:
     ttm: the weight, (prod(in_dims), prod(out_dims)) as a TTMatrix.
     x: (..., prod(in_dims)).
-    path: "auto", "dense" or "direct" (static).
+    path: "auto", "dense", "direct", "split" or "fused" (static; "fused" runs
+      the Pallas kernel where it can and falls back to "auto" elsewhere).
     precision: passed to the contractions.
     cost: roofline constants for "auto" (and the direct order).
 
@@ -270,10 +398,16 @@ def linear(ttm: TTMatrix, x: jax.Array, *, path: str = "auto", precision=None, c
   """
   if path not in PATHS:
     raise ValueError(f"linear: path={path!r} but one of {PATHS} is expected")
+  if path == "fused":
+    if fused_supported(ttm) and jax.default_backend() == "gpu":
+      return matvec_fused(ttm, x)
+    path = "auto"
   if path == "auto":
     path = choose_path(ttm, math.prod(_as_rows("linear", ttm, x).shape[:-1]), cost)
   if path == "dense":
     return matvec_dense(ttm, x, precision=precision)
+  if path == "split":
+    return matvec_split(ttm, x, precision=precision, cost=cost)
   return matvec_direct(ttm, x, precision=precision, cost=cost)
 
 

@@ -29,7 +29,7 @@ class LayerSpec:
     rank: TT rank or low-rank r; required unless kind is "dense".
     num_cores: number of TT cores when dims are not given.
     in_dims, out_dims: explicit TT mode sizes (default: ``tnjax.factorize``).
-    path: TTM contraction path, "auto", "dense" or "direct".
+    path: TTM contraction path, "auto", "dense", "direct" or "split".
     quant: None, or "int8" for weight-only per-channel int8 storage
       (projections only; see :func:`tnjax.compress.quantize_int8`).
 

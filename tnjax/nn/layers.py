@@ -127,7 +127,8 @@ class TTMLinear(nnx.Module):
     num_cores: d, used when dims are not given.
     use_bias: add a bias (zeros at init).
     path: "auto" (cost model, per token count at trace time), "dense"
-      (rebuild W, one matmul) or "direct" (core by core, W never formed); see
+      (rebuild W, one matmul), "direct" (core by core, W never formed) or
+      "split" (two merged factors, two matmuls); see
       :mod:`tnjax.core.linear`.
     dtype: computation dtype (e.g. bfloat16); None keeps the input's.
     param_dtype: dtype of cores and bias.
@@ -243,7 +244,7 @@ class TTEmbedding(nnx.Module):
     num_cores: d, used when dims are not given.
     std: std of the dense-equivalent table at init; default
       ``1 / sqrt(features)``, as ``nnx.Embed``. GPT-2 uses 0.02.
-    path: contraction path of :meth:`attend` ("auto", "dense", "direct").
+    path: contraction path of :meth:`attend` ("auto", "dense", "direct", "split").
     dtype, param_dtype, cost, precision, rngs: as :class:`TTMLinear`.
     ttm: existing cores of shape (prod(vocab_dims), prod(feature_dims)).
 
