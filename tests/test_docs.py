@@ -11,7 +11,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODULES = ["tnjax.core.decompositions", "tnjax.core.ops", "tnjax.core.initializers", "tnjax.core.shapes",
            "tnjax.nn.layers", "tnjax.nn.quant", "tnjax.models.gpt", "tnjax.models.config", "tnjax.models.generate",
-           "tnjax.core.tensor_train", "tnjax.core.linear", "tnjax.core.fused", "tnjax.compress.methods", "tnjax.compress.modegpt",
+           "tnjax.core.tensor_train", "tnjax.core.linear", "tnjax.core.fused", "tnjax.compress.methods",
+           "tnjax.compress.modegpt",
            "tnjax.compress.tuning", "tnjax.compress._model", "tnjax.compress.report", "tnjax.interop.native",
            "tnjax.interop.hf", "tnjax.eval", "tnjax.train.config", "tnjax.train.loop", "tnjax.data.tokenizer",
            "tnjax.data.cache"]

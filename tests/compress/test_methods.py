@@ -207,3 +207,33 @@ def test_ratio_counts_stored_weights_so_recompressing_never_grows(trained):
   again = mpo_compress(small, ratio=0.5, layers=["h.0.mlp.c_fc"])
   before = sum(c.size for c in small.h[0].mlp.c_fc.ttm.cores)
   assert sum(c.size for c in again.h[0].mlp.c_fc.ttm.cores) <= 0.5 * before
+
+
+def test_mpo_fused_layout_uses_the_kernel_layout_and_keeps_it_through_save(tmp_path):
+  from tnjax.models import GPT, preset
+
+  model = GPT(preset("tiny", d_model=256), rngs=nnx.Rngs(0))
+  ids = jnp.arange(24).reshape(2, 12)
+  ref = model(ids)
+  errs = []
+  for chi in (4, 16):
+    small = mpo_compress(model, chi=chi, layout="fused", layers=["mlp.c_fc", "mlp.c_proj"])
+    errs.append(rel_err(small, ref, ids))
+  up, down = small.h[1].mlp.c_fc, small.h[1].mlp.c_proj
+  assert (up.in_dims, up.out_dims, up.ranks, up.path) == ((16, 16), (64, 16), (1, 16, 1), "fused")
+  assert (down.in_dims, down.out_dims) == ((16, 64), (16, 16))
+  assert errs[1] < errs[0]
+  # off a GPU the fused path falls back to the cost model's pure-JAX path
+  np.testing.assert_allclose(small(ids), jax.jit(lambda m, i: m(i))(small, ids), rtol=1e-5, atol=1e-5)
+  save_model(small, tmp_path / "m")
+  again = load_model(tmp_path / "m")
+  assert again.h[1].mlp.c_fc.path == "fused"
+  np.testing.assert_allclose(again(ids), small(ids), rtol=1e-5, atol=1e-6)
+  fitted = mpo_compress(model, ratio=0.5, layout="fused", layers=["mlp.c_fc"])
+  assert max(fitted.h[0].mlp.c_fc.ranks) == 16  # ratio 0.5 would allow more; the kernel takes at most 16
+  with pytest.raises(ValueError, match=r"mpo_compress: layout='wide' but 'balanced' or 'fused' is expected"):
+    mpo_compress(model, chi=4, layout="wide")
+  with pytest.raises(ValueError, match=r"mpo_compress: chi=32 but the fused layout takes at most 16"):
+    mpo_compress(model, chi=32, layout="fused")
+  with pytest.raises(ValueError, match=r"mpo_compress: layer h.0.attn.c_attn is 128 x 384: fused_dims: in_features"):
+    mpo_compress(GPT(preset("tiny"), rngs=nnx.Rngs(0)), chi=4, layout="fused")

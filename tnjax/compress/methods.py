@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tnjax.compress import _model
-from tnjax.core import _checks
+from tnjax.core import _checks, fused
 from tnjax.core.shapes import factorize
 from tnjax.models.config import LayerSpec
 from tnjax.models.gpt import GPT, dense_kernel
@@ -99,12 +99,14 @@ def _ttm_params(in_dims, out_dims, rank: int) -> int:
 
 
 def mpo_compress(model: GPT, *, chi: int | None = None, ratio: float | None = None, rtol: float | None = None,
-                 layers=None, num_cores: int = 3, method: str = "svd") -> GPT:
+                 layers=None, num_cores: int = 3, method: str = "svd", layout: str = "balanced") -> GPT:
   """CompactifAI's step one: every selected projection becomes an MPO (TT-matrix) of bond dimension chi.
 
   Each kernel is decomposed by :func:`tnjax.ttm_svd` into ``num_cores``
   cores with :func:`tnjax.factorize` dims; the layer becomes a
-  :class:`tnjax.nn.TTMLinear`.
+  :class:`tnjax.nn.TTMLinear`. With ``layout="fused"`` every layer gets the
+  two cores of :func:`tnjax.core.fused.fused_dims` and ``path="fused"``, so
+  on a GPU it runs the fused Pallas kernels (bond dimensions up to 16).
 
   Args:
     model: the model to compress.
@@ -112,11 +114,14 @@ def mpo_compress(model: GPT, *, chi: int | None = None, ratio: float | None = No
     ratio: fraction of each layer's weights kept; chi is the largest that fits.
     rtol: per-layer relative Frobenius error bound (ranks chosen per bond).
     layers: names (see :func:`tnjax.compress.resolve_layers`); default all projections.
-    num_cores: MPO sites per layer.
+    num_cores: MPO sites per layer ("balanced" layout).
     method: TT-SVD steps, "svd" or "gram" (faster on GPUs, same truncation; see :func:`tnjax.tt_svd`).
+    layout: "balanced" (``factorize`` dims, ``num_cores`` sites) or "fused" (two sites in the fused
+      kernel's layout; widths must be multiples of 256, chi <= 16).
 
   Raises:
-    ValueError: as :func:`svd_compress`, and for num_cores < 1.
+    ValueError: as :func:`svd_compress`, for num_cores < 1, an unknown layout, and for the fused layout a
+      width it cannot take or a bond dimension above 16.
 
   Complexity:
     One TT-SVD per layer, O(n[0]^2 m n) for an (m, n) kernel (a QR first
@@ -133,24 +138,40 @@ def mpo_compress(model: GPT, *, chi: int | None = None, ratio: float | None = No
   fn = "mpo_compress"
   key, value = _target(fn, chi=chi, ratio=ratio, rtol=rtol)
   num_cores = _checks.check_positive_int(fn, "num_cores", num_cores)
+  if layout not in ("balanced", "fused"):
+    raise ValueError(f"{fn}: layout={layout!r} but 'balanced' or 'fused' is expected")
+  if layout == "fused":
+    num_cores = 2
+    if chi is not None and chi > fused.MAX_RANK:
+      raise ValueError(f"{fn}: chi={chi} but the fused layout takes at most {fused.MAX_RANK}")
   replaced, specs = {}, {}
   for name in _model.resolve_layers(fn, model.config, [] if (key, value) == ("ratio", 1) else layers):
     layer = _model.get_layer(model, name)
     w = dense_kernel(layer)
     m, n = w.shape
-    in_dims, out_dims = factorize(m, num_cores), factorize(n, num_cores)
+    if layout == "fused":
+      try:
+        in_dims, out_dims = fused.fused_dims(m, n)
+      except ValueError as err:
+        raise ValueError(f"{fn}: layer {name} is {m} x {n}: {err}") from None
+    else:
+      in_dims, out_dims = factorize(m, num_cores), factorize(n, num_cores)
     cap = chi
     if key == "ratio":
       stored = _model.weights(layer)
       full = max(_checks.full_ranks([i * o for i, o in zip(in_dims, out_dims)]) or (1,))
+      if layout == "fused":
+        full = min(full, fused.MAX_RANK)
       cap = _model.largest_rank(functools.partial(_ttm_params, in_dims, out_dims), value * stored, full)
       if _ttm_params(in_dims, out_dims, cap) >= stored:
         continue
     new = TTMLinear.from_dense(w, _bias(layer), rank=cap, rtol=rtol, in_dims=in_dims, out_dims=out_dims,
                                method=method)
     replaced[name] = new
+    path = "fused" if layout == "fused" else _model.spec_of(model.config, name).path
+    new.path = path
     specs[name] = LayerSpec(kind="ttm", rank=max(new.ranks), in_dims=in_dims, out_dims=out_dims,
-                            num_cores=num_cores, path=_model.spec_of(model.config, name).path)
+                            num_cores=num_cores, path=path)
   return _model.rebuild(model, _model.with_specs(model.config, specs), replaced)
 
 
