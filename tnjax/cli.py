@@ -72,7 +72,8 @@ def cmd_compress(args) -> int:
   layers = args.layers.split(",") if args.layers else None
   report = run(model, args.method, args.out, targets=targets, valid_ids=_text_ids(tok, args.valid, args.max_tokens),
                calib_ids=_text_ids(tok, args.calib, None), layers=layers, heal_steps=args.heal_steps,
-               heal_lr=args.heal_lr, int8=args.int8, block_size=args.block_size, tokenizer=tok)
+               heal_lr=args.heal_lr, int8=args.int8, block_size=args.block_size, tokenizer=tok,
+               layout=args.layout)
   for r in report["runs"]:
     s = r["summary"]
     ppl = "" if r["perplexity"] is None else f", val ppl {r['perplexity']:.3f}"
@@ -122,6 +123,8 @@ def main(argv=None) -> int:
                   "comma-separated for a sweep (writes perplexity.png)")
   co.add_argument("--rtol", help="relative Frobenius error per layer (per row for tensorgpt)")
   co.add_argument("--layers", help="comma-separated layer names, e.g. mlp.c_fc,h.11.attn.c_proj (mpo, svd)")
+  co.add_argument("--layout", choices=["balanced", "fused"], default=None,
+                  help="mpo only: 'fused' makes two-core layers run by the fused GPU kernels (rank <= 16)")
   co.add_argument("--calib", help="text file: calibration for modegpt, training text for --heal-steps")
   co.add_argument("--valid", help="text file for validation perplexity before and after")
   co.add_argument("--max-tokens", type=int, default=None, help="score only the first N validation tokens")

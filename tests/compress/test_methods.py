@@ -229,6 +229,8 @@ def test_mpo_fused_layout_uses_the_kernel_layout_and_keeps_it_through_save(tmp_p
   again = load_model(tmp_path / "m")
   assert again.h[1].mlp.c_fc.path == "fused"
   np.testing.assert_allclose(again(ids), small(ids), rtol=1e-5, atol=1e-6)
+  by_name = compress(model, "mpo", rank=4, layout="fused", layers=["mlp.c_fc"])
+  assert by_name.h[0].mlp.c_fc.path == "fused" and by_name.config.spec("mlp.c_fc", 0).in_dims == (16, 16)
   fitted = mpo_compress(model, ratio=0.5, layout="fused", layers=["mlp.c_fc"])
   assert max(fitted.h[0].mlp.c_fc.ranks) == 16  # ratio 0.5 would allow more; the kernel takes at most 16
   with pytest.raises(ValueError, match=r"mpo_compress: layout='wide' but 'balanced' or 'fused' is expected"):

@@ -20,12 +20,14 @@ METHODS = ("tensorgpt", "mpo", "modegpt", "svd")
 
 
 def compress(model: GPT, method: str, *, rank: int | None = None, ratio: float | None = None,
-             rtol: float | None = None, calib=None, layers=None) -> GPT:
+             rtol: float | None = None, calib=None, layers=None, layout: str | None = None) -> GPT:
   """One method by name: "tensorgpt" (embedding), "mpo" (rank = chi), "modegpt" (ratio only) or "svd".
 
+  ``layout`` is mpo's (:func:`tnjax.compress.mpo_compress`): "balanced" (default) or "fused".
+
   Raises:
-    ValueError: for an unknown method, a target the method does not take, or
-      the methods' own argument errors.
+    ValueError: for an unknown method, a target or layout the method does not
+      take, or the methods' own argument errors.
 
   Example:
     >>> from flax import nnx
@@ -35,12 +37,14 @@ def compress(model: GPT, method: str, *, rank: int | None = None, ratio: float |
     'ttm'
   """
   fn = "compress"
+  if layout is not None and method != "mpo":
+    raise ValueError(f"{fn}: layout={layout!r} but only mpo takes a layout")
   if method == "tensorgpt":
     if layers is not None:
       raise ValueError(f"{fn}: layers={layers!r} but tensorgpt compresses the embedding only")
     return tensorgpt_embedding(model, rank=rank, ratio=ratio, rtol=rtol)
   if method == "mpo":
-    return mpo_compress(model, chi=rank, ratio=ratio, rtol=rtol, layers=layers)
+    return mpo_compress(model, chi=rank, ratio=ratio, rtol=rtol, layers=layers, layout=layout or "balanced")
   if method == "svd":
     return svd_compress(model, rank=rank, ratio=ratio, rtol=rtol, layers=layers)
   if method == "modegpt":
@@ -149,7 +153,7 @@ def plot_sweep(rows: list[dict], path, *, baseline: float | None = None, title: 
 
 def run(model: GPT, method: str, out_dir, *, targets: list[dict], valid_ids=None, calib_ids=None, layers=None,
         heal_steps: int = 0, heal_lr: float = 1e-4, int8: bool = False, block_size: int | None = None,
-        tokenizer=None, save: bool = True) -> dict:
+        tokenizer=None, save: bool = True, layout: str | None = None) -> dict:
   """Compresses ``model`` at each target ({"rank"|"ratio"|"rtol": value}), evaluates, saves and reports.
 
   Writes ``out_dir/report.json`` and ``report.md``; the compressed model (tnjax
@@ -178,7 +182,7 @@ def run(model: GPT, method: str, out_dir, *, targets: list[dict], valid_ids=None
             "runs": []}
   for target in targets:
     start = time.perf_counter()
-    small = compress(model, method, calib=calib, layers=layers, **target)
+    small = compress(model, method, calib=calib, layers=layers, layout=layout, **target)
     jax.block_until_ready(jax.tree_util.tree_leaves(small))
     compress_s = time.perf_counter() - start
     start = time.perf_counter()
