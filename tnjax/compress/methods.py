@@ -28,7 +28,7 @@ from tnjax.core import _checks, fused
 from tnjax.core.shapes import factorize
 from tnjax.models.config import LayerSpec
 from tnjax.models.gpt import GPT, dense_kernel
-from tnjax.nn import Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
+from tnjax.nn import BTTLinear, Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
 
 
 def _bias(layer):
@@ -289,6 +289,8 @@ def quantize_int8(model: GPT, *, layers=None) -> GPT:
     if isinstance(layer, TTMLinear):
       new = TTMLinear(layer.in_features, layer.out_features, ttm=layer.ttm, use_bias=use_bias, path=layer.path,
                       quant="int8")
+    elif isinstance(layer, BTTLinear):
+      new = BTTLinear(layer.in_features, layer.out_features, btt=layer.btt, use_bias=use_bias, quant="int8")
     elif isinstance(layer, LowRankLinear):
       new = LowRankLinear(layer.in_features, layer.out_features, u=layer.u[...], v=layer.v[...], use_bias=use_bias,
                           quant="int8")

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from typing import Any
 
 from tnjax.core import _checks
+from tnjax.core.btt import btt_dims, check_btt_dims
 from tnjax.nn.quant import QUANTS
 
 # Names of the projections a spec can target. Per-layer keys prefix these with
 # "h.{i}." (e.g. "h.3.mlp.c_fc"); "embedding" and "lm_head" are global only.
 PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 GLOBAL_ONLY = ("embedding", "lm_head")
-KINDS = ("dense", "ttm", "lowrank", "mps")
+KINDS = ("dense", "ttm", "btt", "lowrank", "mps")
 BLOCK_DIMS = ("d_ff", "qk_dim", "v_dim")
 _LAYER_KEY = re.compile(r"^h\.(\d+)\.(.+)$")
 
@@ -24,11 +26,14 @@ class LayerSpec:
   """How one projection is stored.
 
   Attributes:
-    kind: "dense", "ttm" (TT-matrix / MPO cores), "lowrank" (U V factors) or,
-      for the embedding only, "mps" (one TT / MPS per token row: TensorGPT).
-    rank: TT rank or low-rank r; required unless kind is "dense".
-    num_cores: number of TT cores when dims are not given.
-    in_dims, out_dims: explicit TT mode sizes (default: ``tnjax.factorize``).
+    kind: "dense", "ttm" (TT-matrix / MPO cores), "btt" (Block Tensor-Train,
+      projections and an untied head only; Monarch at rank 1), "lowrank"
+      (U V factors) or, for the embedding only, "mps" (one TT / MPS per token
+      row: TensorGPT).
+    rank: TT, BTT or low-rank r; required unless kind is "dense".
+    num_cores: number of TT cores when dims are not given (BTT has two).
+    in_dims, out_dims: explicit TT mode sizes (default: ``tnjax.factorize``;
+      for BTT two each, default :func:`tnjax.core.btt.btt_dims`).
     path: TTM contraction path, "auto", "dense", "direct" or "split".
     quant: None, or "int8" for weight-only per-channel int8 storage
       (projections only; see :func:`tnjax.compress.quantize_int8`).
@@ -166,10 +171,52 @@ class GPTConfig:
     for key, spec in self.layers.items():
       if spec.kind == "mps" and key != "embedding":
         raise ValueError(f"GPTConfig: layers[{key!r}].kind='mps' but 'mps' is for the embedding only")
+      if spec.kind == "btt" and key == "embedding":
+        raise ValueError("GPTConfig: layers['embedding'].kind='btt' but 'btt' is for projections and an untied "
+                         "lm_head; use 'dense', 'ttm' or 'mps' for the embedding")
       if spec.quant is not None and key == "embedding":
         raise ValueError(f"GPTConfig: layers['embedding'].quant={spec.quant!r} but only projections are quantized")
+    for key, spec in self.layers.items():
+      self._check_fit(key, spec)
     if self.tie_embeddings and "lm_head" in self.layers:
       raise ValueError("GPTConfig: layers['lm_head'] is set but tie_embeddings=True (the head is the embedding)")
+
+  def projection_shape(self, name: str, layer: int) -> tuple[int, int]:
+    """(in_features, out_features) of projection ``name`` in block ``layer`` ("lm_head": (d_model, vocab_size)).
+
+    Example:
+      >>> GPTConfig().projection_shape("attn.c_attn", 0), GPTConfig().projection_shape("mlp.c_proj", 0)
+      ((768, 2304), (3072, 768))
+    """
+    d = self.d_model
+    if name == "lm_head":
+      return d, self.vocab_size
+    f, qk, v = self.block_dims(layer)
+    return {"attn.c_attn": (d, self.n_head * (2 * qk + v)), "attn.c_proj": (self.n_head * v, d),
+            "mlp.c_fc": (d, f), "mlp.c_proj": (f, d)}[name]
+
+  def _check_fit(self, key: str, spec: LayerSpec) -> None:
+    """A TT or BTT spec's dims must cover the projection and (BTT) its rank fit the blocks, in every block."""
+    m = _LAYER_KEY.match(key)
+    name = m.group(2) if m else key
+    if spec.kind not in ("ttm", "btt") or name == "embedding":
+      return
+    where = f"GPTConfig: layers[{key!r}]"
+    for layer in ([int(m.group(1))] if m else range(self.n_layer)):
+      n_in, n_out = self.projection_shape(name, layer)
+      if spec.kind == "btt":
+        default_in, default_out = btt_dims(n_in, n_out)
+        dims = (spec.in_dims or default_in, spec.out_dims or default_out)
+        check_btt_dims(where, *dims, spec.rank)
+      else:
+        dims = (spec.in_dims, spec.out_dims)
+        if None not in dims and len(dims[0]) != len(dims[1]):
+          raise ValueError(f"{where}: in_dims={dims[0]}, out_dims={dims[1]} but one entry per core in both is "
+                           "expected")
+      for size, field, got in ((n_in, "in_dims", dims[0]), (n_out, "out_dims", dims[1])):
+        if got is not None and math.prod(got) < size:
+          raise ValueError(f"{where}: prod({field})={math.prod(got)} but the projection has {size} "
+                           f"{'inputs' if field == 'in_dims' else 'outputs'}; expected prod({field}) >= {size}")
 
   def spec(self, name: str, layer: int | None = None) -> LayerSpec:
     """The spec of projection ``name`` in block ``layer`` (most specific key wins)."""

@@ -4,8 +4,8 @@ Pre-LayerNorm blocks, tanh-approximated GELU, causal attention through
 ``jax.nn.dot_product_attention`` (so GPU backends can use fused attention),
 learned position embeddings and a head tied to the token embedding unless
 the config unties it. Each projection is ``nnx.Linear`` (kernel laid out
-(in, out), like GPT-2's Conv1D), :class:`tnjax.nn.TTMLinear` or
-:class:`tnjax.nn.LowRankLinear`, as the config's ``layers`` say.
+(in, out), like GPT-2's Conv1D), :class:`tnjax.nn.TTMLinear`,
+:class:`tnjax.nn.BTTLinear` or :class:`tnjax.nn.LowRankLinear`, as the config's ``layers`` say.
 
 Dropout applies to embeddings and to the attention and MLP outputs; fused
 attention has no dropout on attention probabilities, so GPT-2's ``attn_pdrop``
@@ -23,7 +23,7 @@ from flax import nnx
 from tnjax.core import _checks
 from tnjax.core.shapes import pad_last
 from tnjax.models.config import GPTConfig, LayerSpec
-from tnjax.nn import Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
+from tnjax.nn import BTTLinear, Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
 
 KVCache = list  # one (k, v) pair per block, each (batch, block_size, n_head, head_dim)
 
@@ -47,6 +47,9 @@ def make_linear(spec: LayerSpec, in_features: int, out_features: int, *, std: fl
     return TTMLinear(in_features, out_features, rank=spec.rank, in_dims=spec.in_dims, out_dims=spec.out_dims,
                      num_cores=spec.num_cores, use_bias=use_bias, path=spec.path, dtype=dtype, kernel_std=std,
                      rngs=rngs, quant=spec.quant)
+  if spec.kind == "btt":
+    return BTTLinear(in_features, out_features, rank=spec.rank, in_dims=spec.in_dims, out_dims=spec.out_dims,
+                     use_bias=use_bias, dtype=dtype, kernel_std=std, rngs=rngs, quant=spec.quant)
   if spec.kind == "lowrank":
     return LowRankLinear(in_features, out_features, rank=min(spec.rank, in_features, out_features),
                          use_bias=use_bias, dtype=dtype, kernel_std=std, rngs=rngs, quant=spec.quant)
