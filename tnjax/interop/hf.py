@@ -118,6 +118,9 @@ def load_hf_gpt2(path, *, dtype: str | None = None) -> GPT:
   if missing or unexpected:
     raise ValueError(f"{fn}: checkpoint tensors missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                      f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+  wte = np.asarray(tensors["wte.weight"])
+  if wte.shape[0] == cfg.vocab_size < cfg.padded_vocab:  # tnjax pads the table; the rows past the vocabulary stay 0
+    tensors["wte.weight"] = np.pad(wte, ((0, cfg.padded_vocab - cfg.vocab_size), (0, 0)))
   for name, variable in targets.items():
     _assign(fn, name, variable, tensors[name])
   if not cfg.tie_embeddings:
@@ -200,8 +203,7 @@ def save_hf_gpt2(model: GPT, path) -> pathlib.Path:
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   cfg = model.config
-  wte = model.wte.embedding
-  tensors = {"transformer.wte.weight": wte[...] if isinstance(wte, nnx.Variable) else wte,
+  tensors = {"transformer.wte.weight": model.embedding_table,
              "transformer.wpe.weight": model.wpe.embedding[...],
              "transformer.ln_f.weight": model.ln_f.scale[...], "transformer.ln_f.bias": model.ln_f.bias[...]}
   for i, block in enumerate(model.h):

@@ -98,6 +98,12 @@ class GPTConfig:
     attention_impl: passed to ``jax.nn.dot_product_attention``
       (None: XLA default; "cudnn" on GPUs for fused attention).
     dtype: computation dtype (e.g. "bfloat16"); None keeps float32.
+    vocab_multiple: a dense tied embedding table gets ``vocab_size`` rounded
+      up to a multiple of this many rows (:attr:`padded_vocab`; 50257 ->
+      50304 at 128), so the LM-head matmul has tensor-core-friendly shapes.
+      Padding rows are never looked up, their logits are masked out of the
+      loss and sliced off ``model(ids)``; exports and tokenizer-facing shapes
+      keep ``vocab_size``. Configs saved before this field existed load with 1.
     dims: per-block sizes that differ from the defaults, keyed "h.{i}", each a
       dict of "d_ff" (MLP width), "qk_dim" (query/key width per head) and
       "v_dim" (value width per head); what MoDeGPT compression produces.
@@ -125,6 +131,7 @@ class GPTConfig:
   attention_impl: str | None = None
   dtype: str | None = None
   dims: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+  vocab_multiple: int = 128
 
   def __post_init__(self):
     # Frozen dataclass, not a pytree: normalizing here is safe and keeps
@@ -141,11 +148,24 @@ class GPTConfig:
     return 4 * self.d_model if self.d_ff is None else self.d_ff
 
   @property
+  def padded_vocab(self) -> int:
+    """Rows of the token-embedding table: ``vocab_size`` rounded up to ``vocab_multiple`` for a dense tied
+    embedding, else ``vocab_size`` (TT embeddings pad their own way; an untied head is never padded).
+
+    Example:
+      >>> GPTConfig().padded_vocab, GPTConfig(vocab_multiple=1).padded_vocab
+      (50304, 50257)
+    """
+    if self.spec("embedding").kind != "dense" or not self.tie_embeddings:
+      return self.vocab_size
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+  @property
   def head_dim(self) -> int:
     return self.d_model // self.n_head
 
   def validate(self) -> None:
-    for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "vocab_multiple"):
       _checks.check_positive_int("GPTConfig", name, getattr(self, name))
     if self.d_model % self.n_head:
       raise ValueError(f"GPTConfig: d_model={self.d_model} but it must be divisible by n_head={self.n_head}")
@@ -246,7 +266,7 @@ class GPTConfig:
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
       raise ValueError(f"GPTConfig: unknown fields {sorted(unknown)}")
-    return cls(**d)
+    return cls(**{"vocab_multiple": 1, **d})  # saved before vocab padding existed: no padding
 
   @classmethod
   def from_json(cls, text: str) -> GPTConfig:

@@ -177,7 +177,7 @@ class GPT(nnx.Module):
                              feature_dims=emb.out_dims, num_cores=emb.num_cores, std=cfg.init_std, path=emb.path,
                              dtype=dtype, rngs=rngs)
     elif emb.kind == "dense":
-      self.wte = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
+      self.wte = nnx.Embed(cfg.padded_vocab, cfg.d_model, dtype=dtype,
                            embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
     else:
       raise ValueError(f"GPT: layers['embedding'].kind={emb.kind!r} but 'dense', 'ttm' or 'mps' is expected")
@@ -215,9 +215,27 @@ class GPT(nnx.Module):
     logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
     return logits, (None if cache is None else new_cache)
 
-  def __call__(self, ids, *, deterministic: bool = True) -> jax.Array:
-    """Logits (batch, time, vocab_size) for integer ids (batch, time), time <= block_size."""
-    return self._forward(self._check_ids(ids), None, 0, deterministic)[0]
+  def __call__(self, ids, *, deterministic: bool = True, padded_logits: bool = False) -> jax.Array:
+    """Logits (batch, time, vocab_size) for integer ids (batch, time), time <= block_size.
+
+    ``padded_logits=True`` returns (batch, time, padded_vocab) with the padding
+    columns at -inf (what a softmax over them gives zero weight), which avoids
+    slicing the largest activation in a training step.
+    """
+    logits = self._forward(self._check_ids(ids), None, 0, deterministic)[0]
+    return self._mask_padding(logits) if padded_logits else logits[..., : self.config.vocab_size]
+
+  def _mask_padding(self, logits: jax.Array) -> jax.Array:
+    vocab = self.config.vocab_size
+    if logits.shape[-1] == vocab:
+      return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, jnp.asarray(-jnp.inf, logits.dtype))
+
+  @property
+  def embedding_table(self) -> jax.Array:
+    """The dense (vocab_size, d_model) token-embedding table, whatever its storage, padding removed."""
+    table = self.wte.embedding
+    return (table[...] if isinstance(table, nnx.Variable) else table)[: self.config.vocab_size]
 
   def init_cache(self, batch: int, dtype=jnp.float32) -> KVCache:
     """Zeroed keys and values for every block: (batch, block_size, n_head, qk_dim or v_dim) each."""
@@ -228,8 +246,12 @@ class GPT(nnx.Module):
 
   def step(self, ids, cache: KVCache, pos) -> tuple[jax.Array, KVCache]:
     """Logits for ``ids`` placed at positions pos.., reading and extending the KV cache."""
-    return self._forward(self._check_ids(ids, pos), cache, pos, True)
+    logits, cache = self._forward(self._check_ids(ids, pos), cache, pos, True)
+    return logits[..., : self.config.vocab_size], cache
 
   @property
   def num_params(self) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nnx.state(self, nnx.Param)))
+    """Parameters, not counting the embedding's padding rows (never used)."""
+    cfg = self.config
+    padding = (cfg.padded_vocab - cfg.vocab_size) * cfg.d_model
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nnx.state(self, nnx.Param))) - padding

@@ -149,7 +149,7 @@ class Trainer:
 
   def _loss(self, params, x, y, key):
     model = nnx.merge(self.graphdef, self.flat.state(params), _reseed(self.rest, key))
-    return _cross_entropy(model(x, deterministic=not self.dropout), y)
+    return _cross_entropy(model(x, deterministic=not self.dropout, padded_logits=True), y)
 
   def _train_step(self, params, opt_state, x, y, key):
     def micro(carry, xy):
@@ -166,7 +166,7 @@ class Trainer:
 
   def _eval_loss(self, params, x, y):
     model = nnx.merge(self.graphdef, self.flat.state(params), self.rest)
-    return _cross_entropy(model(x), y)
+    return _cross_entropy(model(x, padded_logits=True), y)
 
   def put_batch(self, x, y):
     a = self.cfg.grad_accum
