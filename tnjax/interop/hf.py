@@ -205,7 +205,9 @@ def save_hf_gpt2(model: GPT, path) -> pathlib.Path:
   cfg = model.config
   tensors = {"transformer.wte.weight": model.embedding_table,
              "transformer.wpe.weight": model.wpe.embedding[...],
-             "transformer.ln_f.weight": model.ln_f.scale[...], "transformer.ln_f.bias": model.ln_f.bias[...]}
+             # muP's output multiplier scales only the head's input: fold it into the final norm
+             "transformer.ln_f.weight": model.ln_f.scale[...] * cfg.output_multiplier,
+             "transformer.ln_f.bias": model.ln_f.bias[...] * cfg.output_multiplier}
   for i, block in enumerate(model.h):
     p = f"transformer.h.{i}."
     for name, ln in (("ln_1", block.ln_1), ("ln_2", block.ln_2)):

@@ -104,6 +104,14 @@ class GPTConfig:
       Padding rows are never looked up, their logits are masked out of the
       loss and sliced off ``model(ids)``; exports and tokenizer-facing shapes
       keep ``vocab_size``. Configs saved before this field existed load with 1.
+    mup_base_width: None (standard parametrization), or the width at which
+      this model's muP parametrization equals the standard one. Then every
+      projection's init std is scaled by ``sqrt(mup_base_width / d_model)``
+      (TT-matrix cores balanced by their own fan-ins, as BTT cores always
+      are) and the LM head's input by ``mup_base_width / d_model``;
+      :func:`tnjax.train.mup_multipliers` gives the matching per-core
+      learning rates. Widths change by heads at a fixed head width, so the
+      attention scale stays ``1 / sqrt(head_dim)``.
     dims: per-block sizes that differ from the defaults, keyed "h.{i}", each a
       dict of "d_ff" (MLP width), "qk_dim" (query/key width per head) and
       "v_dim" (value width per head); what MoDeGPT compression produces.
@@ -132,6 +140,7 @@ class GPTConfig:
   dtype: str | None = None
   dims: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
   vocab_multiple: int = 128
+  mup_base_width: int | None = None
 
   def __post_init__(self):
     # Frozen dataclass, not a pytree: normalizing here is safe and keeps
@@ -159,6 +168,38 @@ class GPTConfig:
     if self.spec("embedding").kind != "dense" or not self.tie_embeddings:
       return self.vocab_size
     return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+  @property
+  def projection_std(self) -> float:
+    """Init std of the (non-residual) projections: ``init_std``, times ``sqrt(mup_base_width / d_model)`` under muP."""
+    return self.init_std * (1.0 if self.mup_base_width is None else math.sqrt(self.mup_base_width / self.d_model))
+
+  @property
+  def output_multiplier(self) -> float:
+    """Scale of the LM head's input: 1, or ``mup_base_width / d_model`` under muP."""
+    return 1.0 if self.mup_base_width is None else self.mup_base_width / self.d_model
+
+  def at_width(self, d_model: int) -> GPTConfig:
+    """This configuration widened or narrowed to ``d_model`` by heads at a fixed head width, with ``d_ff`` scaled
+    alike: the base model of muP.
+
+    Example:
+      >>> base = GPTConfig(d_model=768, n_head=12).at_width(256)
+      >>> base.d_model, base.n_head, base.ff_dim
+      (256, 4, 1024)
+    """
+    fn = "GPTConfig.at_width"
+    if (d_model * self.n_head) % self.d_model or d_model % self.head_dim:
+      raise ValueError(f"{fn}: d_model={d_model} but a multiple of head_dim={self.head_dim} is expected (widths "
+                       f"change by heads; d_model={self.d_model}, n_head={self.n_head})")
+    if self.dims:
+      raise ValueError(f"{fn}: dims={self.dims} (per-block widths) cannot be rescaled; expected no dims")
+    fixed = sorted(k for k, v in self.layers.items() if v.in_dims is not None or v.out_dims is not None)
+    if fixed:
+      raise ValueError(f"{fn}: layers {fixed} give explicit in_dims/out_dims, which do not rescale; expected "
+                       "default dims")
+    d_ff = None if self.d_ff is None else self.d_ff * d_model // self.d_model
+    return self.replace(d_model=d_model, n_head=d_model // self.head_dim, d_ff=d_ff)
 
   @property
   def head_dim(self) -> int:
@@ -198,6 +239,8 @@ class GPTConfig:
         raise ValueError(f"GPTConfig: layers['embedding'].quant={spec.quant!r} but only projections are quantized")
     for key, spec in self.layers.items():
       self._check_fit(key, spec)
+    if self.mup_base_width is not None:
+      _checks.check_positive_int("GPTConfig", "mup_base_width", self.mup_base_width)
     if self.tie_embeddings and "lm_head" in self.layers:
       raise ValueError("GPTConfig: layers['lm_head'] is set but tie_embeddings=True (the head is the embedding)")
 

@@ -32,9 +32,15 @@ def _dtype(cfg: GPTConfig):
   return None if cfg.dtype is None else jnp.dtype(cfg.dtype)
 
 
+def _balance(cfg: GPTConfig) -> str:
+  """muP balances TT-matrix cores by their fan-ins (BTT cores always are)."""
+  return "equal" if cfg.mup_base_width is None else "fan_in"
+
+
 def make_linear(spec: LayerSpec, in_features: int, out_features: int, *, std: float, use_bias: bool,
-                dtype, rngs: nnx.Rngs) -> nnx.Module:
-  """One projection, dense or tensorized by ``spec``, with dense-equivalent init std ``std``.
+                dtype, rngs: nnx.Rngs, balance: str = "equal") -> nnx.Module:
+  """One projection, dense or tensorized by ``spec``, with dense-equivalent init std ``std`` (``balance``: how
+  TT-matrix cores share it, see :class:`tnjax.nn.TTMLinear`).
 
   Example:
     >>> from tnjax.models import LayerSpec
@@ -46,7 +52,7 @@ def make_linear(spec: LayerSpec, in_features: int, out_features: int, *, std: fl
   if spec.kind == "ttm":
     return TTMLinear(in_features, out_features, rank=spec.rank, in_dims=spec.in_dims, out_dims=spec.out_dims,
                      num_cores=spec.num_cores, use_bias=use_bias, path=spec.path, dtype=dtype, kernel_std=std,
-                     rngs=rngs, quant=spec.quant)
+                     rngs=rngs, quant=spec.quant, balance=balance)
   if spec.kind == "btt":
     return BTTLinear(in_features, out_features, rank=spec.rank, in_dims=spec.in_dims, out_dims=spec.out_dims,
                      use_bias=use_bias, dtype=dtype, kernel_std=std, rngs=rngs, quant=spec.quant)
@@ -97,9 +103,10 @@ class Attention(nnx.Module):
     self.scale = 1.0 / math.sqrt(cfg.head_dim)
     h = cfg.n_head
     self.c_attn = make_linear(cfg.spec("attn.c_attn", index), d, h * (2 * self.qk_dim + self.v_dim),
-                              std=cfg.init_std, use_bias=True, dtype=dtype, rngs=rngs)
+                              std=cfg.projection_std, use_bias=True, dtype=dtype, rngs=rngs, balance=_balance(cfg))
     self.c_proj = make_linear(cfg.spec("attn.c_proj", index), h * self.v_dim, d,
-                              std=cfg.init_std / math.sqrt(2 * cfg.n_layer), use_bias=True, dtype=dtype, rngs=rngs)
+                              std=cfg.projection_std / math.sqrt(2 * cfg.n_layer), use_bias=True, dtype=dtype,
+                              rngs=rngs, balance=_balance(cfg))
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
   def __call__(self, x, cache=None, pos=0, *, deterministic: bool = True):
@@ -126,10 +133,10 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   def __init__(self, cfg: GPTConfig, index: int, rngs: nnx.Rngs):
     d, f, dtype = cfg.d_model, cfg.block_dims(index)[0], _dtype(cfg)
-    self.c_fc = make_linear(cfg.spec("mlp.c_fc", index), d, f, std=cfg.init_std, use_bias=True, dtype=dtype,
-                            rngs=rngs)
-    self.c_proj = make_linear(cfg.spec("mlp.c_proj", index), f, d, std=cfg.init_std / math.sqrt(2 * cfg.n_layer),
-                              use_bias=True, dtype=dtype, rngs=rngs)
+    self.c_fc = make_linear(cfg.spec("mlp.c_fc", index), d, f, std=cfg.projection_std, use_bias=True, dtype=dtype,
+                            rngs=rngs, balance=_balance(cfg))
+    self.c_proj = make_linear(cfg.spec("mlp.c_proj", index), f, d, std=cfg.projection_std / math.sqrt(2 * cfg.n_layer),
+                              use_bias=True, dtype=dtype, rngs=rngs, balance=_balance(cfg))
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
   def __call__(self, x, *, deterministic: bool = True):
@@ -212,6 +219,8 @@ class GPT(nnx.Module):
       x, c = block(x, None if cache is None else cache[i], pos, deterministic=deterministic)
       new_cache.append(c)
     x = self.ln_f(x)
+    if self.config.output_multiplier != 1.0:
+      x = x * jnp.asarray(self.config.output_multiplier, x.dtype)
     logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
     return logits, (None if cache is None else new_cache)
 

@@ -93,7 +93,8 @@ def _core_params(cores) -> int:
   return sum(math.prod(c.shape) for c in cores)
 
 
-def _make_cores(fn: str, rows: tuple, cols: tuple, *, rank, num_cores, std, param_dtype, rngs, ttm) -> nnx.List:
+def _make_cores(fn: str, rows: tuple, cols: tuple, *, rank, num_cores, std, param_dtype, rngs, ttm,
+                balance: str = "equal") -> nnx.List:
   """Cores as TTParams: given ones (checked to cover the sizes) or a random init.
 
   ``rows`` and ``cols`` are (size name, size, dims name, dims or None).
@@ -103,7 +104,7 @@ def _make_cores(fn: str, rows: tuple, cols: tuple, *, rank, num_cores, std, para
     _need_init(fn, rank, rngs, "ttm=")
     row_dims = _layer_dims(fn, n_rows, row_dims, num_cores, row_dims_name, rows_name)
     col_dims = _layer_dims(fn, n_cols, col_dims, len(row_dims), col_dims_name, cols_name)
-    ttm = random_ttm(rngs.params(), row_dims, col_dims, rank, std=std, dtype=param_dtype)
+    ttm = random_ttm(rngs.params(), row_dims, col_dims, rank, std=std, dtype=param_dtype, balance=balance)
   elif not isinstance(ttm, TTMatrix):
     raise ValueError(f"{fn}: ttm is a {type(ttm).__name__} but a TTMatrix is expected")
   elif ttm.shape[0] < n_rows or ttm.shape[1] < n_cols:
@@ -141,6 +142,9 @@ class TTMLinear(nnx.Module):
     ttm: existing cores to wrap (e.g. from ``ttm_svd``) instead of a random init.
     quant: None, or "int8": cores stored as int8 with per-channel scales
       (:mod:`tnjax.nn.quant`), dequantized when the layer runs.
+    balance: how a random init spreads ``kernel_std`` over the cores: "equal"
+      stds, or "fan_in" (each core's variance proportional to one over its own
+      fan-in ``r[k] * n_in[k]``: the muP init); see :func:`tnjax.random_ttm`.
 
   Example:
     >>> from flax import nnx
@@ -152,7 +156,8 @@ class TTMLinear(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, rank=None, in_dims=None, out_dims=None,
                num_cores: int = 3, use_bias: bool = True, path: str = "auto", dtype=None,
                param_dtype=jnp.float32, kernel_std: float | None = None, cost: CostModel = H100,
-               precision=None, rngs: nnx.Rngs | None = None, ttm: TTMatrix | None = None, quant=None):
+               precision=None, rngs: nnx.Rngs | None = None, ttm: TTMatrix | None = None, quant=None,
+               balance: str = "equal"):
     fn = "TTMLinear"
     self.in_features = _checks.check_positive_int(fn, "in_features", in_features)
     self.out_features = _checks.check_positive_int(fn, "out_features", out_features)
@@ -161,7 +166,8 @@ class TTMLinear(nnx.Module):
     std = 1.0 / math.sqrt(in_features) if kernel_std is None else kernel_std
     cores = _make_cores(fn, ("in_features", in_features, "in_dims", in_dims),
                         ("out_features", out_features, "out_dims", out_dims),
-                        rank=rank, num_cores=num_cores, std=std, param_dtype=param_dtype, rngs=rngs, ttm=ttm)
+                        rank=rank, num_cores=num_cores, std=std, param_dtype=param_dtype, rngs=rngs, ttm=ttm,
+                        balance=balance)
     self.quant = _check_quant(fn, quant)
     values, scales = _stored([c[...] for c in cores], self.quant)
     self.cores = nnx.List([TTParam(v) for v in values])
@@ -647,3 +653,36 @@ class LowRankLinear(nnx.Module):
       bias = None if bias is None else bias.astype(self.dtype)
     y = jnp.matmul(jnp.matmul(x, u, precision=self.precision), v, precision=self.precision)
     return _add_bias(y, bias)
+
+
+def hidden_fan_ins(module: nnx.Module) -> dict[str, int]:
+  """The fan-in of every hidden matrix in ``module``, by dotted parameter name (as ``nnx.to_flat_state``).
+
+  Hidden matrices are projection kernels, TT-matrix and BTT cores and
+  low-rank factors; each core is a batched matrix whose fan-in is the number
+  of inputs one of its outputs sums over: ``r[k] * n_in[k]`` for TT-matrix
+  core k, ``m1`` and ``r * m2`` for the BTT cores, ``in`` for ``u`` and ``r``
+  for ``v``. Embeddings, norms, biases, int8 layers and an untied ``lm_head``
+  (scaled by the model's output multiplier instead) are absent: muP keeps
+  their learning rates. Used by :func:`tnjax.train.mup_multipliers`.
+
+  Example:
+    >>> from flax import nnx
+    >>> hidden_fan_ins(BTTLinear(768, 3072, rank=4, rngs=nnx.Rngs(0)))
+    {'cores.0': 32, 'cores.1': 96}
+  """
+  out = {}
+  for path, node in nnx.iter_graph(module):
+    if path[:1] == ("lm_head",):
+      continue
+    prefix = "".join(f"{p}." for p in path)
+    if isinstance(node, nnx.Linear):
+      out[prefix + "kernel"] = node.kernel.shape[0]
+    elif isinstance(node, TTMLinear) and node.quant is None:
+      out.update({f"{prefix}cores.{k}": c.shape[0] * c.shape[1] for k, c in enumerate(node.cores)})
+    elif isinstance(node, BTTLinear) and node.quant is None:
+      left, right = node.cores
+      out.update({prefix + "cores.0": left.shape[1], prefix + "cores.1": right.shape[1] * right.shape[2]})
+    elif isinstance(node, LowRankLinear) and node.quant is None:
+      out.update({prefix + "u": node.u.shape[0], prefix + "v": node.v.shape[0]})
+  return out
