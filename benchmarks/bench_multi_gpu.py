@@ -71,6 +71,7 @@ def main():
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "0,1").split(",") if d]
   print(f"{'model':<12} {'variant':<11} {'mode':<6} {'devices':>7} {'tokens/s':>11} {'scaling':>8}")
+  failed = 0
   for model in args.models.split(","):
     for variant in args.variants.split(","):
       base = None
@@ -86,18 +87,22 @@ def main():
         out = subprocess.run(cmd, env=worker_env, capture_output=True, text=True)
         if out.returncode:
           print(f"{model:<12} {variant:<11} {mode:<6} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+          failed += 1
           continue
         record = json.loads(out.stdout.strip().splitlines()[-1])
         base = record["tokens_per_s"] if mode == "single" else base
         scaling = record["tokens_per_s"] / (record["devices"] * base) if base else None
-        print(f"{model:<12} {variant:<11} {mode:<6} {record['devices']:>7} {record['tokens_per_s']:>11,.0f} "
-              f"{scaling:>7.0%}" if scaling else "", flush=True)
+        shown = f"{scaling:>7.0%}" if scaling else f"{'-':>8}"
+        print(f"{model:<12} {variant:<11} {mode:<6} {record['devices']:>7} {record['tokens_per_s']:>11,.0f} {shown}",
+              flush=True)
         line = json.dumps({"bench": "multi_gpu", "model": model, "variant": variant, "mode": mode,
                            "per_device_batch": args.per_device, "block": args.block, "scaling": scaling,
                            "command": " ".join(sys.argv), **record})
         if args.out:
           with open(args.out, "a") as f:
             f.write(line + "\n")
+  if failed:
+    raise SystemExit(f"bench_multi_gpu: {failed} configuration(s) failed")
 
 
 if __name__ == "__main__":
