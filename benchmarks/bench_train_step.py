@@ -34,14 +34,15 @@ def _kind(kind, rank, names, **extra):
   return {n: {"kind": kind, "rank": rank, **extra} for n in names}
 
 
-def _fused_ttm(rank, d):
-  """Two-core TT-matrix layers in the fused kernels' layout, run by them (path "fused")."""
+def _fused_ttm(rank, d, path="fused"):
+  """Two-core TT-matrix layers in the fused kernels' layout, run by them (path "fused", or "fused_fwd": the
+  forward kernel with the rebuild-W backward)."""
   shapes = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d)}
   out = {}
   for name, (m, n) in shapes.items():
     in_dims, out_dims = fused_dims(m, n)
     out[name] = {"kind": "ttm", "rank": rank, "num_cores": 2, "in_dims": list(in_dims), "out_dims": list(out_dims),
-                 "path": "fused"}
+                 "path": path}
   return out
 
 
@@ -55,6 +56,8 @@ def variants(d: int) -> dict:
       "btt-all-r4": lambda: (128, _kind("btt", 4, ALL)), "btt-all-r8": lambda: (128, _kind("btt", 8, ALL)),
       "ttm-all-r16": lambda: (128, _kind("ttm", 16, ALL)), "ttm-all-r64": lambda: (128, _kind("ttm", 64, ALL)),
       "ttm-fused-all-r4": lambda: (128, _fused_ttm(4, d)), "ttm-fused-all-r8": lambda: (128, _fused_ttm(8, d)),
+      "ttm-fusedfwd-all-r4": lambda: (128, _fused_ttm(4, d, "fused_fwd")),
+      "ttm-fusedfwd-all-r8": lambda: (128, _fused_ttm(8, d, "fused_fwd")),
       "lowrank-all-r128": lambda: (128, _kind("lowrank", 128, ALL)),
   }
 

@@ -31,12 +31,14 @@ def main():
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--tokens", type=int, default=16384)
   parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--ranks", default="4,8,16,32")
+  parser.add_argument("--layouts", default="ttm3,fused_dims")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   env = environment()
   gpu = env["platform"] == "gpu"
   dtype = jnp.bfloat16
-  m, n, tokens, calls, ranks = 768, 3072, args.tokens, 8, (4, 8, 16, 32)
+  m, n, tokens, calls, ranks = 768, 3072, args.tokens, 8, tuple(int(r) for r in args.ranks.split(","))
   if args.smoke:
     m, n, tokens, calls, ranks, args.repeats = 256, 512, 256, 2, (4,), 2
   key = jax.random.key(0)
@@ -44,6 +46,7 @@ def main():
   gs = [jax.random.normal(jax.random.key(100 + i), (tokens, n), dtype) for i in range(calls)]
   w = (jax.random.normal(key, (m, n)) * 0.02).astype(dtype)
   layouts = {"ttm3": (tnjax.factorize(m, 3), tnjax.factorize(n, 3)), "fused_dims": F.fused_dims(m, n)}
+  layouts = {k: v for k, v in layouts.items() if k in args.layouts.split(",")}
   if gpu:  # the kernel on this device against a float32 reference, forward and gradients
     ttm = tnjax.random_ttm(key, *layouts["fused_dims"], 8, std=0.02)
     x32 = jax.random.normal(jax.random.key(3), (333, m))
@@ -70,7 +73,7 @@ def main():
       ttm = tnjax.random_ttm(key, in_dims, out_dims, rank, std=0.02, dtype=dtype)
       paths = ["dense", "split", "auto"] + (["direct"] if rank <= 8 else [])
       if gpu and F.fused_supported(ttm):
-        paths.append("fused")
+        paths += ["fused", "fused_fwd"]
       for mode in ("fwd", "fwd+bwd"):
         times = {}
         for path in ["matmul"] + paths:

@@ -90,3 +90,25 @@ def test_errors():
     F.matvec_fused(w, jnp.ones((2, 5)))
   with pytest.raises(ValueError, match=r"fused_dims: in_features=100 but a multiple of 256 is needed"):
     F.fused_dims(100, 256)
+
+
+@pytest.mark.parametrize("layout, tokens", [(1, 37), (2, 5)])
+def test_fused_forward_with_dense_backward_equals_float64_reference(rng, layout, tokens):
+  """backward="dense" (path "fused_fwd"): the kernel forward, the rebuild-W backward."""
+  in_dims, out_dims, rank = LAYOUTS[layout]
+  w, x, g = _case(rng, in_dims, out_dims, rank, tokens)
+  full = ttm_full([np.asarray(c, np.float64) for c in w.cores])
+  x64, g64 = x.astype(np.float64), g.astype(np.float64)
+  loss = lambda w, x: jnp.sum(F.matvec_fused(w, x, interpret=True, backward="dense") * g)
+  value, (dw, dx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(w, x)
+  np.testing.assert_allclose(value, np.sum((x64 @ full) * g64), rtol=1e-4)
+  np.testing.assert_allclose(dx, g64 @ full.T, rtol=1e-4, atol=1e-4 * np.abs(g64 @ full.T).max())
+  w64 = jax.tree_util.tree_map(lambda c: jnp.asarray(c, jnp.float64), w)
+  _, project = jax.vjp(tnjax.to_dense, w64)
+  (ref,) = project(jnp.asarray(x64.T @ g64))
+  for got, want in zip(dw.cores, ref.cores):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(np.asarray(want)).max())
+  with pytest.raises(ValueError, match="backward='fast' but one of"):
+    F.matvec_fused(w, x, interpret=True, backward="fast")
+  # off a GPU the path falls back to "auto"
+  np.testing.assert_allclose(L.linear(w, x, path="fused_fwd"), L.linear(w, x, path="auto"), rtol=1e-6)

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from tnjax.core.ops import check_matvec_args
+from tnjax.core.ops import check_matvec_args, to_dense
 from tnjax.core.tensor_train import TTMatrix
 
 MAX_RANK = 16
@@ -341,9 +341,32 @@ def _fused_bwd(block, num_warps, backward, interpret, residuals, g):
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _fused_dense_bwd(cores, rows, block, num_warps, interpret):
+  return _fused_forward(cores, rows, block, num_warps, interpret)
+
+
+def _fused_dense_bwd_fwd(cores, rows, block, num_warps, interpret):
+  return _fused_forward(cores, rows, block, num_warps, interpret), (cores, rows)
+
+
+def _fused_dense_bwd_bwd(block, num_warps, interpret, residuals, g):
+  """The backward of rebuilding W: two full matmuls (dx = g W^T, dW = x^T g) and dW projected onto the cores."""
+  cores, rows = residuals
+  w, project = jax.vjp(lambda cs: to_dense(TTMatrix(cs)), cores)
+  dx = jnp.matmul(g, w.T.astype(g.dtype)).astype(rows.dtype)
+  dw = jnp.matmul(rows.T, g.astype(rows.dtype), preferred_element_type=jnp.float32)
+  (dcores,) = project(dw.astype(w.dtype))
+  return dcores, dx
+
+
+_fused_dense_bwd.defvjp(_fused_dense_bwd_fwd, _fused_dense_bwd_bwd)
+BACKWARDS = ("kernels", "dense")
+
 def matvec_fused(ttm: TTMatrix, x: jax.Array, *, block_tokens: int | None = None, num_warps: int = 4,
                  backward_block: int = 4, backward_warps: int = 4, backward_programs: int = 264,
-                 interpret: bool = False) -> jax.Array:
+                 interpret: bool = False, backward: str = "kernels") -> jax.Array:
   """``x @ to_dense(ttm)`` for a two-core TT-matrix in one fused kernel; see the module docstring.
 
   Args:
@@ -357,9 +380,11 @@ def matvec_fused(ttm: TTMatrix, x: jax.Array, *, block_tokens: int | None = None
     backward_programs: programs of the backward kernels (each sums its share of the core gradients;
       264 is two per multiprocessor of an H100).
     interpret: run the kernel's program through the Pallas interpreter (any backend; for tests).
+    backward: "kernels" (the two backward kernels) or "dense" (rebuild W and take two full matmuls, the
+      backward of the "dense" path): the forward and the backward each on the path that is faster for it.
 
   Returns:
-    (..., p * q) in x's dtype. Its VJP runs the two backward kernels.
+    (..., p * q) in x's dtype. Its VJP runs the two backward kernels, or the dense backward.
 
   Raises:
     ValueError: on an unsupported layout, a bad ``block_tokens`` or a shape mismatch.
@@ -383,8 +408,13 @@ def matvec_fused(ttm: TTMatrix, x: jax.Array, *, block_tokens: int | None = None
     if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens < least \
         or block_tokens & (block_tokens - 1):
       raise ValueError(f"{fn}: block_tokens={block_tokens!r} but a power of two >= {least} is expected")
+  if backward not in BACKWARDS:
+    raise ValueError(f"{fn}: backward={backward!r} but one of {BACKWARDS} is expected")
   rows = x.reshape(-1, ttm.shape[0])
   cores = tuple(c.astype(x.dtype) for c in ttm.cores)
-  out = _fused(cores, rows, block_tokens, num_warps, (backward_block, backward_warps, backward_programs),
-               interpret)
+  if backward == "dense":
+    out = _fused_dense_bwd(cores, rows, block_tokens, num_warps, interpret)
+  else:
+    out = _fused(cores, rows, block_tokens, num_warps, (backward_block, backward_warps, backward_programs),
+                 interpret)
   return out.reshape(x.shape[:-1] + (ttm.shape[1],))

@@ -14,7 +14,8 @@ A TTM layer computes ``x @ W`` for ``W = to_dense(ttm)``. Two ways:
 * ``"fused"``: the Pallas kernel of :mod:`tnjax.core.fused` (two-core
   layouts such as :func:`tnjax.core.fused.fused_dims`, ranks <= 16, on a
   GPU); anywhere else it falls back to ``"auto"``'s choice. Never picked by
-  ``"auto"``.
+  ``"auto"``. ``"fused_fwd"`` runs the forward kernel and the backward of
+  ``"dense"`` (rebuild W, two full matmuls): each direction on its faster path.
 * ``"split"``: merge the cores on each side of one bond into two factors,
   ``A`` (in_1, out_1, r) and ``B`` (r, in_2, out_2), then two matmuls with
   ``x`` (:func:`matvec_split`). Two large contractions instead of d small
@@ -67,7 +68,7 @@ class CostModel(NamedTuple):
 
 H100 = CostModel()
 
-PATHS = ("auto", "dense", "direct", "split", "fused")
+PATHS = ("auto", "dense", "direct", "split", "fused", "fused_fwd")
 SPLIT_ORDERS = ("prefix", "suffix")
 
 
@@ -381,8 +382,10 @@ def linear(ttm: TTMatrix, x: jax.Array, *, path: str = "auto", precision=None, c
   Args:
     ttm: the weight, (prod(in_dims), prod(out_dims)) as a TTMatrix.
     x: (..., prod(in_dims)).
-    path: "auto", "dense", "direct", "split" or "fused" (static; "fused" runs
-      the Pallas kernel where it can and falls back to "auto" elsewhere).
+    path: "auto", "dense", "direct", "split", "fused" or "fused_fwd" (static;
+      "fused" runs the Pallas kernels forward and backward where it can,
+      "fused_fwd" the forward kernel with the rebuild-W backward, and both fall
+      back to "auto" elsewhere).
     precision: passed to the contractions.
     cost: roofline constants for "auto" (and the direct order).
 
@@ -398,9 +401,9 @@ def linear(ttm: TTMatrix, x: jax.Array, *, path: str = "auto", precision=None, c
   """
   if path not in PATHS:
     raise ValueError(f"linear: path={path!r} but one of {PATHS} is expected")
-  if path == "fused":
+  if path in ("fused", "fused_fwd"):
     if fused_supported(ttm) and jax.default_backend() == "gpu":
-      return matvec_fused(ttm, x)
+      return matvec_fused(ttm, x, backward="kernels" if path == "fused" else "dense")
     path = "auto"
   if path == "auto":
     path = choose_path(ttm, math.prod(_as_rows("linear", ttm, x).shape[:-1]), cost)
