@@ -110,5 +110,10 @@ def test_fused_forward_with_dense_backward_equals_float64_reference(rng, layout,
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(np.asarray(want)).max())
   with pytest.raises(ValueError, match="backward='fast' but one of"):
     F.matvec_fused(w, x, interpret=True, backward="fast")
-  # off a GPU the path falls back to "auto"
-  np.testing.assert_allclose(L.linear(w, x, path="fused_fwd"), L.linear(w, x, path="auto"), rtol=1e-6)
+  # off a GPU the path falls back to "auto", and says why
+  with pytest.warns(UserWarning, match=r"path='fused_fwd' falls back to 'auto': the default backend is 'cpu'"):
+    y = L.linear(w, x, path="fused_fwd")
+  np.testing.assert_allclose(y, L.linear(w, x, path="auto"), rtol=1e-6)
+  three = tnjax.random_ttm(jax.random.key(0), (4, 4, 4), (4, 4, 4), rank=2)
+  with pytest.warns(UserWarning, match="falls back to 'auto': the fused kernel takes a two-core TTMatrix"):
+    L.linear(three, jnp.ones((2, 64), jnp.float32), path="fused")

@@ -94,6 +94,21 @@ def fused_supported(ttm: TTMatrix) -> bool:
   return _layout(ttm)[0] is not None
 
 
+def fused_unavailable(ttm: TTMatrix) -> str | None:
+  """Why :func:`matvec_fused` cannot run this TT-matrix here (no GPU backend, or a layout it does not take),
+  or None when it can.
+
+  Example:
+    >>> import jax, tnjax
+    >>> fused_unavailable(tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=8))
+    'the fused kernel takes a two-core TTMatrix'
+  """
+  why = _layout(ttm)[1]
+  if why is None and jax.default_backend() != "gpu":
+    why = f"the default backend is {jax.default_backend()!r}, and the kernels are compiled for GPUs (Triton)"
+  return why
+
+
 def fused_dims(in_features: int, out_features: int) -> tuple[tuple[int, int], tuple[int, int]]:
   """Two-core dims for a layer the fused kernel takes: in (16, in / 16), out (out / 16, 16).
 

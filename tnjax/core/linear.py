@@ -39,13 +39,14 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import opt_einsum
 
-from tnjax.core.fused import fused_supported, matvec_fused
+from tnjax.core.fused import fused_unavailable, matvec_fused
 from tnjax.core.ops import check_matvec_args, to_dense
 from tnjax.core.tensor_train import TTMatrix
 
@@ -402,8 +403,11 @@ def linear(ttm: TTMatrix, x: jax.Array, *, path: str = "auto", precision=None, c
   if path not in PATHS:
     raise ValueError(f"linear: path={path!r} but one of {PATHS} is expected")
   if path in ("fused", "fused_fwd"):
-    if fused_supported(ttm) and jax.default_backend() == "gpu":
+    why = fused_unavailable(ttm)
+    if why is None:
       return matvec_fused(ttm, x, backward="kernels" if path == "fused" else "dense")
+    # said once per call site and reason (Python's default warning filter), at trace time
+    warnings.warn(f"linear: path={path!r} falls back to 'auto': {why}", stacklevel=2)
     path = "auto"
   if path == "auto":
     path = choose_path(ttm, math.prod(_as_rows("linear", ttm, x).shape[:-1]), cost)
