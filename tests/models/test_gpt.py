@@ -141,3 +141,19 @@ def test_vocab_padding_is_invisible_outside_the_loss():
   # a config written before the field existed means no padding; tensorized embeddings are never padded
   assert GPTConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "vocab_multiple"}).padded_vocab == 300
   assert cfg.replace(layers={"embedding": {"kind": "ttm", "rank": 4}}).padded_vocab == 300
+
+
+def test_flops_per_token_by_hand():
+  def flops(layers, rows=64):
+    return nnx.eval_shape(lambda: GPT(preset("tiny", layers=layers), rngs=nnx.Rngs(0))).flops_per_token(rows)
+
+  # tiny: d 128, ff 512, 2 layers, 4 heads, block 128, vocab 512
+  projections = 2 * (128 * 384 + 128 * 128 + 128 * 512 + 512 * 128)
+  attention = 2 * 128 * 4 * (32 + 32)
+  assert flops({}) == 2 * (projections + attention) + 2 * 128 * 512
+  # BTT 128 -> 512 at rank 4: dims (16, 8) -> (16, 32), 2 r (m n1 + n m2) per token
+  assert flops({}) - flops({"mlp.c_fc": {"kind": "btt", "rank": 4}}) == 2 * (2 * 128 * 512 - 8 * (128 * 16 + 512 * 8))
+  assert flops({}) - flops({"attn.c_proj": {"kind": "lowrank", "rank": 8}}) == 2 * (2 * 128 * 128 - 2 * 8 * 256)
+  # a TT-matrix that rebuilds W costs the matmul plus the rebuild spread over the rows
+  ttm = {"mlp.c_proj": {"kind": "ttm", "rank": 4, "path": "dense"}}
+  assert flops(ttm, rows=64) > flops(ttm, rows=4096) > flops({})

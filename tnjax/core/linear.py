@@ -210,6 +210,40 @@ def path_costs(ttm: TTMatrix, batch: int, cost: CostModel = H100) -> dict[str, f
   return costs
 
 
+def path_flops(ttm: TTMatrix, batch: int, path: str = "auto", cost: CostModel = H100) -> int:
+  """Forward FLOPs (2 per multiply-add) of ``linear(ttm, x, path=path)`` on ``batch`` rows.
+
+  "dense" counts rebuilding W once plus the matmul; "direct" and "split" their
+  contraction steps in the order the cost model picks; "auto" the path it
+  picks; "fused" and "fused_fwd" count as "split" (the kernel makes the same
+  two products, keeping the intermediate on chip).
+
+  Example:
+    >>> import jax, tnjax
+    >>> ttm = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=16)
+    >>> path_flops(ttm, 16384, "dense") - 2 * 16384 * 768 * 3072  # rebuilding W
+    3391488
+  """
+  if path not in PATHS:
+    raise ValueError(f"path_flops: path={path!r} but one of {PATHS} is expected")
+  shapes = tuple(c.shape for c in ttm.cores)
+  if path == "auto":
+    path = choose_path(ttm, batch, cost)
+  if path in ("fused", "fused_fwd"):
+    path = "split"
+  if path == "split" and len(shapes) == 1:
+    path = "dense"  # one core is W itself
+  if path == "dense":
+    m, n = math.prod(s[1] for s in shapes), math.prod(s[2] for s in shapes)
+    steps = _merge_steps(shapes) + [(2 * batch * m * n, 0)]
+  elif path == "direct":
+    steps = _direct_steps(shapes, batch, _best_direct(shapes, batch, cost)[1])
+  else:
+    _, bond, order = _best_split(shapes, batch, cost)
+    steps = _split_steps(shapes, batch, bond, order)
+  return int(sum(f for f, _ in steps))
+
+
 def choose_path(ttm: TTMatrix, batch: int, cost: CostModel = H100) -> str:
   """``"dense"``, ``"direct"`` or ``"split"``, whichever the cost model says is fastest for ``batch`` rows.
 

@@ -21,7 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tnjax.core import _checks
+from tnjax.core.linear import path_flops
 from tnjax.core.shapes import pad_last
+from tnjax.core.tensor_train import TTMatrix
 from tnjax.models.config import GPTConfig, LayerSpec
 from tnjax.nn import BTTLinear, Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
 
@@ -74,6 +76,22 @@ def dense_kernel(layer: nnx.Module) -> jax.Array:
     (12, 20)
   """
   return layer.kernel[...] if isinstance(layer, nnx.Linear) else layer.kernel
+
+
+def linear_flops(layer: nnx.Module, rows: int) -> int:
+  """Forward FLOPs (2 per multiply-add, bias excluded) of a projection of any kind on ``rows`` rows.
+
+  Example:
+    >>> linear_flops(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), 10)
+    10240
+  """
+  if hasattr(layer, "flops"):  # TT-matrix (by its path), BTT, low-rank
+    return layer.flops(rows)
+  if isinstance(layer, nnx.Linear):
+    m, n = layer.kernel.shape
+  else:  # Int8Linear
+    m, n = layer.in_features, layer.out_features
+  return 2 * rows * m * n
 
 
 def _bias(layer: nnx.Module) -> jax.Array | None:
@@ -257,6 +275,38 @@ class GPT(nnx.Module):
     """Logits for ``ids`` placed at positions pos.., reading and extending the KV cache."""
     logits, cache = self._forward(self._check_ids(ids, pos), cache, pos, True)
     return logits[..., : self.config.vocab_size], cache
+
+  def flops_per_token(self, rows: int | None = None) -> float:
+    """Forward FLOPs per token (2 per multiply-add): every projection by its kind and path, the LM head, and
+    attention's two products over the full ``block_size`` context (as PaLM's 6N + 12 L H Q T count, which
+    ignores the causal mask). A training step costs about 3x this per token (backward = 2x forward).
+
+    ``rows`` is the tokens per forward call (a micro-batch), default ``block_size``: TT-matrix layers that
+    rebuild W spread that cost over them, and the cost model's path choice depends on it.
+
+    Example:
+      >>> from tnjax.models import preset
+      >>> model = nnx.eval_shape(lambda: GPT(preset("gpt2", vocab_multiple=1), rngs=nnx.Rngs(0)))
+      >>> round(model.flops_per_token() / 1e6, 1)  # 2 * 85M block params + 2 * 38.6M head + attention
+      284.8
+    """
+    cfg = self.config
+    rows = cfg.block_size if rows is None else _checks.check_positive_int("GPT.flops_per_token", "rows", rows)
+    total = 0
+    for i, block in enumerate(self.h):
+      for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+        total += linear_flops(layer, rows)
+      _, qk, v = cfg.block_dims(i)
+      total += 2 * rows * cfg.block_size * cfg.n_head * (qk + v)
+    if self.lm_head is not None:
+      total += linear_flops(self.lm_head, rows)
+    elif isinstance(self.wte, TTEmbedding):
+      head = TTMatrix(tuple(jax.ShapeDtypeStruct(tuple(c.shape[k] for k in (0, 2, 1, 3)), c.dtype)
+                            for c in self.wte.cores))  # the transposed table's cores, shapes only
+      total += path_flops(head, rows, self.wte.path, self.wte.cost)
+    else:  # a dense table, or an MPS one rebuilt for the head
+      total += 2 * rows * cfg.d_model * self.wte.num_embeddings
+    return total / rows
 
   @property
   def num_params(self) -> int:

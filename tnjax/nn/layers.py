@@ -14,10 +14,19 @@ import numpy as np
 from flax import nnx
 
 from tnjax.core import _checks
-from tnjax.core.btt import BlockTT, btt_dims, btt_from_dense, btt_matvec, btt_to_dense, check_btt_dims, random_btt
+from tnjax.core.btt import (
+    BlockTT,
+    btt_dims,
+    btt_flops,
+    btt_from_dense,
+    btt_matvec,
+    btt_to_dense,
+    check_btt_dims,
+    random_btt,
+)
 from tnjax.core.decompositions import tt_svd, ttm_svd
 from tnjax.core.initializers import random_tt, random_ttm
-from tnjax.core.linear import H100, PATHS, CostModel, gather_rows, linear, transpose
+from tnjax.core.linear import H100, PATHS, CostModel, gather_rows, linear, path_flops, transpose
 from tnjax.core.ops import to_dense
 from tnjax.core.shapes import factorize, pad_last
 from tnjax.core.tensor_train import TTMatrix
@@ -222,6 +231,11 @@ class TTMLinear(nnx.Module):
   def kernel(self) -> jax.Array:
     """The dense-equivalent (in_features, out_features) kernel, padding removed."""
     return to_dense(self.ttm)[: self.in_features, : self.out_features]
+
+  def flops(self, rows: int) -> int:
+    """Forward FLOPs on ``rows`` rows by this layer's path (:func:`tnjax.core.linear.path_flops`), bias excluded."""
+    shapes = TTMatrix(tuple(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in self.cores))
+    return path_flops(shapes, rows, self.path, self.cost)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     _checks.check_last_dim("TTMLinear", x, self.in_features, "in_features")
@@ -552,6 +566,10 @@ class BTTLinear(nnx.Module):
     """The dense-equivalent (in_features, out_features) kernel, padding removed."""
     return btt_to_dense(self.btt)[: self.in_features, : self.out_features]
 
+  def flops(self, rows: int) -> int:
+    """Forward FLOPs on ``rows`` rows: two batched matmuls, ``2 rows r (m n1 + n m2)``."""
+    return btt_flops(BlockTT(tuple(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in self.cores)), rows)
+
   def __call__(self, x: jax.Array) -> jax.Array:
     _checks.check_last_dim("BTTLinear", x, self.in_features, "in_features")
     btt, bias = self.btt, None if self.bias is None else self.bias[...]
@@ -644,6 +662,10 @@ class LowRankLinear(nnx.Module):
   def kernel(self) -> jax.Array:
     u, v = _weights([self.u, self.v], self.scales)
     return u @ v
+
+  def flops(self, rows: int) -> int:
+    """Forward FLOPs on ``rows`` rows: ``2 rows r (in + out)``."""
+    return 2 * rows * self.rank * (self.in_features + self.out_features)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     _checks.check_last_dim("LowRankLinear", x, self.in_features, "in_features")
