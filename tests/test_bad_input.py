@@ -4,8 +4,8 @@ usage error) and changes no input file."""
 
 import hashlib
 import json
-import re
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -297,7 +297,8 @@ def test_cli_expected_failures_exit_2_with_one_line(files, capsys):
     (["generate", "--model", "m", "--prompt", "p", "--temperature", "-1"], r"--temperature: -1.0 but a number >= 0"),
     (["generate", "--model", "m", "--prompt", "p", "--top-k", "0"], r"--top-k: 0 but an integer >= 1"),
     (["generate", "--model", "m", "--prompt", "p", "--max-new-tokens", "0"], r"--max-new-tokens: 0 but an integer"),
-    (["compress", "--model", "m", "--method", "svd", "--out", "o", "--heal-lr", "0"], r"--heal-lr: 0.0 but a number > 0"),
+    (["compress", "--model", "m", "--method", "svd", "--out", "o", "--heal-lr", "0"],
+     r"--heal-lr: 0.0 but a number > 0"),
     (["compress", "--model", "m", "--method", "svd", "--out", "o", "--heal-lr", "nan"], r"--heal-lr: nan but"),
     (["compress", "--model", "m", "--method", "svd", "--out", "o", "--heal-steps", "-2"], r"--heal-steps: -2 but"),
     (["compress", "--model", "m", "--method", "lora", "--out", "o"], r"--method: invalid choice: 'lora'"),

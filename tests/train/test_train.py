@@ -183,3 +183,81 @@ def test_example_configs_resolve(name):
   cfg = resolve(str(ROOT / "examples" / "configs" / f"{name}.toml"))
   assert cfg.model == "gpt2" and cfg.model_overrides["d_model"] == 512 and cfg.train_files
   assert (cfg.layers == {}) == (name == "corpus_dense")
+
+
+def test_moved_run_resumes_states_the_schedule_change_and_logs_each_step_once(tmp_path, monkeypatch, capsys):
+  import shutil
+  import warnings
+
+  import tqdm
+
+  first = tmp_path / "first"
+  train(_cfg(first, "steps=4", "checkpoint_every=2", "eval_every=4"), progress=False)
+  with open(first / "metrics.jsonl", "a") as f:  # as if the run had logged two steps past its last checkpoint
+    f.write(json.dumps({"step": 5, "loss": 9.0}) + "\n" + json.dumps({"step": 6, "loss": 9.0}) + "\n")
+  moved = tmp_path / "elsewhere" / "moved"
+  shutil.move(str(first), str(moved))
+  bars = []
+  real = tqdm.tqdm
+  monkeypatch.setattr(tqdm, "tqdm", lambda *a, **k: bars.append(k) or real(*a, **k))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    train(_cfg(moved, "steps=6", "checkpoint_every=2", "eval_every=4"), resume=True, progress=False)
+  err = capsys.readouterr().err
+  assert "resuming at step 4 with steps=6 (the saved run had steps=4)" in err and "schedule" in err
+  steps = [m["step"] for m in map(json.loads, (moved / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+  assert steps == [1, 2, 3, 4, 5, 6] and _losses(moved)[5] != 9.0
+  assert bars and bars[0]["initial"] == 5  # the bar (and its ETA) starts after the first, compiling, step
+  ours = [w for w in caught if issubclass(w.category, DeprecationWarning) and "tnjax" in w.filename]
+  assert not ours, [str(w.message) for w in ours]
+
+
+def test_tokenizer_is_rebuilt_when_its_sources_change(tmp_path, capsys):
+  from tnjax.train.loop import _tokenizer
+
+  text = tmp_path / "a.txt"
+  text.write_text((SAMPLE_DIR / "valid.txt").read_text()[:20000])
+  out = tmp_path / "run"
+  out.mkdir()
+  cfg = _cfg(out, f"train_files=[\"{text}\"]", "vocab_size=300")
+  assert _tokenizer(cfg, out, resume=False).get_vocab_size() == 300
+  assert _tokenizer(cfg, out, resume=False).get_vocab_size() == 300 and capsys.readouterr().err == ""
+  with pytest.raises(ValueError, match=r"train: --resume but .*tokenizer.json was made from other training files"):
+    _tokenizer(_cfg(out, f"train_files=[\"{text}\"]", "vocab_size=280"), out, resume=True)
+  assert _tokenizer(_cfg(out, f"train_files=[\"{text}\"]", "vocab_size=280"), out, resume=False).get_vocab_size() \
+      == 280
+  assert "tokenizer.json was made from other training files or another vocab_size; training a new one" in \
+      capsys.readouterr().err
+
+
+def test_diverging_loss_is_an_error_and_closes_the_checkpoint_manager(tmp_path, monkeypatch):
+  from tnjax.train import Trainer, loop
+
+  closed = []
+  real = loop._checkpoint_manager
+
+  def manager(out, cfg):
+    m = real(out, cfg)
+    close = m.close
+    m.close = lambda: closed.append(True) or close()
+    return m
+
+  monkeypatch.setattr(loop, "_checkpoint_manager", manager)
+  monkeypatch.setattr(Trainer, "step", lambda self, step, tokens: (np.float32(np.nan), np.float32(0)))
+  with pytest.raises(ValueError, match=r"train: loss=nan at step 1: training diverged; lower lr"):
+    train(_cfg(tmp_path / "run", "steps=3"), progress=False)
+  assert closed == [True]
+
+
+def test_plot_uses_a_figure_not_the_global_backend(tmp_path):
+  import matplotlib
+  import matplotlib.pyplot as plt
+
+  from tnjax.compress.report import plot_sweep
+  from tnjax.train.loop import _plot
+
+  backend, figures = matplotlib.get_backend(), plt.get_fignums()
+  _plot([{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, "val_loss": 2.5}], tmp_path / "loss.png")
+  plot_sweep([{"method": "svd", "kept": 0.5, "perplexity": 10.0}], tmp_path / "sweep.png")
+  assert matplotlib.get_backend() == backend and plt.get_fignums() == figures
+  assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "sweep.png").stat().st_size > 0

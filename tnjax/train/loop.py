@@ -3,10 +3,13 @@ orbax checkpoints with exact resume, metrics, a loss plot and a report."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -339,9 +342,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
     board = _tensorboard(out / "tensorboard")
     rates = _loop(cfg, trainer, manager, train_tokens, valid, start, progress, metrics_path, board)
-    manager.wait_until_finished()
   finally:
-    manager.close()
+    with _interrupt_after():
+      manager.wait_until_finished()
+      manager.close()
     if board is not None:
       board.close()
 
@@ -368,6 +372,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
       f"- {k.replace('_', ' ')}: {v:,.2f}" if isinstance(v, float) else f"- {k.replace('_', ' ')}: {v}"
       for k, v in report.items()) + "\n\n![loss](loss.png)\n")
   return report
+
+
+@contextlib.contextmanager
+def _interrupt_after():
+  """Holds Ctrl-C until the block ends, so it never lands inside orbax's save threads (which would log a traceback
+  and could leave a save half-finalized). Only in the main thread with Python's default handler; restored after."""
+  if threading.current_thread() is not threading.main_thread() or \
+      signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    yield
+    return
+  received = []
+  signal.signal(signal.SIGINT, lambda *_: received.append(True))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  if received:
+    raise KeyboardInterrupt
 
 
 def _finite(what: str, value: float, step: int, cfg: TrainConfig) -> float:
@@ -416,7 +438,8 @@ def _loop(cfg: TrainConfig, trainer: Trainer, manager, train_tokens, valid, star
       log({"step": done, "val_loss": val, "val_ppl": math.exp(val)})
       bar.write(f"step {done}: validation loss {val:.4f}, perplexity {math.exp(val):.2f}")
     if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-      manager.save(done, args=ocp.args.StandardSave({"params": trainer.params, "opt_state": trainer.opt_state}))
+      with _interrupt_after():
+        manager.save(done, args=ocp.args.StandardSave({"params": trainer.params, "opt_state": trainer.opt_state}))
   if bar is not None:
     bar.close()
   return rates
