@@ -1,6 +1,6 @@
 """The ``tnjax`` command: ``tnjax train``, ``tnjax eval``, ``tnjax generate``, ``tnjax compress``.
 
-One error boundary (:func:`main`): an expected failure (a missing, unreadable
+One error boundary (`main`): an expected failure (a missing, unreadable
 or undecodable file, a corrupt or mismatched model or checkpoint, a bad value)
 prints one line naming the file or argument and exits 2; Ctrl-C prints one
 line and exits 130; anything else keeps its traceback.

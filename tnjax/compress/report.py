@@ -24,7 +24,7 @@ def compress(model: GPT, method: str, *, rank: int | None = None, ratio: float |
              rtol: float | None = None, calib=None, layers=None, layout: str | None = None) -> GPT:
   """One method by name: "tensorgpt" (embedding), "mpo" (rank = chi), "modegpt" (ratio only) or "svd".
 
-  ``layout`` is mpo's (:func:`tnjax.compress.mpo_compress`): "balanced" (default) or "fused".
+  ``layout`` is mpo's ([`mpo_compress`][tnjax.compress.mpo_compress]): "balanced" (default) or "fused".
 
   Raises:
     ValueError: for an unknown method, a target or layout the method does not

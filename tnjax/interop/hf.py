@@ -30,7 +30,7 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers o
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
-  """A :class:`GPTConfig` from a Hugging Face GPT-2 ``config.json`` dict; refuses what it cannot honour, by name."""
+  """A `GPTConfig` from a Hugging Face GPT-2 ``config.json`` dict; refuses what it cannot honour, by name."""
   fn = "load_hf_gpt2"
   if hf.get("model_type") != "gpt2":
     raise ValueError(f"{fn}: config model_type={hf.get('model_type')!r} but 'gpt2' is expected")
@@ -91,7 +91,7 @@ def _hf_tensors(model: GPT) -> dict[str, tuple[nnx.Variable | None, np.ndarray |
 
 
 def load_hf_gpt2(path, *, dtype: str | None = None) -> GPT:
-  """Loads a local Hugging Face GPT-2 directory into a dense :class:`tnjax.models.GPT`.
+  """Loads a local Hugging Face GPT-2 directory into a dense [`GPT`][tnjax.models.GPT].
 
   Args:
     path: directory with ``config.json`` and ``model.safetensors`` (or a
@@ -130,7 +130,7 @@ def load_hf_gpt2(path, *, dtype: str | None = None) -> GPT:
 
 
 def hf_config(cfg: GPTConfig) -> dict:
-  """The Hugging Face ``config.json`` dict of a :class:`GPTConfig`.
+  """The Hugging Face ``config.json`` dict of a `GPTConfig`.
 
   Example:
     >>> from tnjax.models import preset
@@ -187,7 +187,7 @@ def save_hf_gpt2(model: GPT, path) -> pathlib.Path:
   Tensorized projections and embeddings are written as their dense
   reconstruction (Hugging Face has no TT layers), int8 weights dequantized,
   and blocks narrowed by MoDeGPT zero-padded to full width (same function);
-  use :func:`tnjax.interop.save_model` to keep the compact form.
+  use [`save_model`][tnjax.interop.save_model] to keep the compact form.
 
   Example:
     >>> import tempfile

@@ -53,7 +53,7 @@ def save_model(model: GPT, path) -> pathlib.Path:
 
 
 def is_native(path) -> bool:
-  """Whether ``path`` holds a model written by :func:`save_model` (its config.json says so)."""
+  """Whether ``path`` holds a model written by `save_model` (its config.json says so)."""
   cfg = pathlib.Path(path) / "config.json"
   if not cfg.is_file():
     return False
@@ -65,7 +65,7 @@ def is_native(path) -> bool:
 
 
 def load_model(path) -> GPT:
-  """Loads a directory written by :func:`save_model`.
+  """Loads a directory written by `save_model`.
 
   Raises:
     ValueError: missing files, a directory of another format, or parameters
@@ -93,12 +93,12 @@ def load_model(path) -> GPT:
 
 
 def model_tensors(module: nnx.Module) -> dict[str, jax.Array]:
-  """Every parameter of a module (a GPT or one layer) by dotted name, as :func:`save_model` stores them."""
+  """Every parameter of a module (a GPT or one layer) by dotted name, as `save_model` stores them."""
   return {_key(p): v[...] for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
 def model_from_tensors(cfg: GPTConfig, tensors: dict, *, fn: str = "model_from_tensors") -> GPT:
-  """A GPT of config ``cfg`` holding ``tensors`` (names as :func:`model_tensors` gives them).
+  """A GPT of config ``cfg`` holding ``tensors`` (names as `model_tensors` gives them).
 
   TT cores (``TTParam``) take their shapes from the tensors, so per-layer
   ranks need not match the config's; every other parameter must match.

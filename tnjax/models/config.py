@@ -31,7 +31,7 @@ class LayerSpec:
     in_dims, out_dims: explicit TT mode sizes (default: ``tnjax.factorize``).
     path: TTM contraction path, "auto", "dense", "direct" or "split".
     quant: None, or "int8" for weight-only per-channel int8 storage
-      (projections only; see :func:`tnjax.compress.quantize_int8`).
+      (projections only; see [`quantize_int8`][tnjax.compress.quantize_int8]).
 
   Example:
     >>> LayerSpec.coerce({"kind": "ttm", "rank": 16}, "mlp.c_fc")
@@ -88,7 +88,7 @@ class GPTConfig:
       are scaled by 1 / sqrt(2 * n_layer) as in GPT-2).
     layers: tensorization of projections, keyed by "embedding", "lm_head",
       a projection name (all blocks: "mlp.c_fc") or "h.{i}.{name}" (one
-      block). Values are :class:`LayerSpec`, a kind string or a dict. The most
+      block). Values are `LayerSpec`, a kind string or a dict. The most
       specific key wins; unnamed projections are dense.
     attention_impl: passed to ``jax.nn.dot_product_attention``
       (None: XLA default; "cudnn" on GPUs for fused attention).

@@ -4,8 +4,8 @@ Pre-LayerNorm blocks, tanh-approximated GELU, causal attention through
 ``jax.nn.dot_product_attention`` (so GPU backends can use fused attention),
 learned position embeddings and a head tied to the token embedding unless
 the config unties it. Each projection is ``nnx.Linear`` (kernel laid out
-(in, out), like GPT-2's Conv1D), :class:`tnjax.nn.TTMLinear` or
-:class:`tnjax.nn.LowRankLinear`, as the config's ``layers`` say.
+(in, out), like GPT-2's Conv1D), [`TTMLinear`][tnjax.nn.TTMLinear] or
+[`LowRankLinear`][tnjax.nn.LowRankLinear], as the config's ``layers`` say.
 
 Dropout applies to embeddings and to the attention and MLP outputs; fused
 attention has no dropout on attention probabilities, so GPT-2's ``attn_pdrop``
@@ -151,7 +151,7 @@ class GPT(nnx.Module):
   """GPT-2 language model.
 
   Call ``model(ids)`` for logits of shape (batch, time, vocab_size); use
-  :meth:`init_cache` and :meth:`step` (or :func:`tnjax.models.generate`) for
+  `init_cache` and `step` (or [`generate`][tnjax.models.generate]) for
   KV-cached decoding.
 
   Example:

@@ -1,7 +1,7 @@
 """Flax NNX layers over the core: TT-matrix (MPO) linear, TT embedding with a tied head, low-rank linear.
 
 Each module is a thin wrapper: parameters are held as NNX variables and the
-math is the core's pure functions (:mod:`tnjax.core.linear`).
+math is the core's pure functions ([`tnjax.core.linear`][tnjax.core.linear]).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class TTMLinear(nnx.Module):
   ``(r[k], n_in[k], n_out[k], r[k+1])`` with ``prod(in_dims) >= in_features``
   and ``prod(out_dims) >= out_features``. Inputs are zero-padded to
   ``prod(in_dims)`` and outputs sliced back to ``out_features``, so padding
-  never shows in outputs; :attr:`kernel` returns the unpadded dense W.
+  never shows in outputs; `kernel` returns the unpadded dense W.
 
   Args:
     in_features, out_features: layer sizes.
@@ -129,7 +129,7 @@ class TTMLinear(nnx.Module):
     path: "auto" (cost model, per token count at trace time), "dense"
       (rebuild W, one matmul), "direct" (core by core, W never formed) or
       "split" (two merged factors, two matmuls); see
-      :mod:`tnjax.core.linear`.
+      [`tnjax.core.linear`][tnjax.core.linear].
     dtype: computation dtype (e.g. bfloat16); None keeps the input's.
     param_dtype: dtype of cores and bias.
     kernel_std: std of the dense-equivalent W at init; default
@@ -139,7 +139,7 @@ class TTMLinear(nnx.Module):
     rngs: ``nnx.Rngs``; needed unless ``ttm`` is given.
     ttm: existing cores to wrap (e.g. from ``ttm_svd``) instead of a random init.
     quant: None, or "int8": cores stored as int8 with per-channel scales
-      (:mod:`tnjax.nn.quant`), dequantized when the layer runs.
+      ([`tnjax.nn.quant`][tnjax.nn.quant]), dequantized when the layer runs.
 
   Example:
     >>> from flax import nnx
@@ -174,7 +174,7 @@ class TTMLinear(nnx.Module):
     """A layer whose kernel is ``ttm_svd(kernel, ..., max_rank=rank, rtol=rtol, method=method)``.
 
     With neither rank nor rtol the decomposition is exact (full rank).
-    ``method="gram"`` is the faster Gram-eigh TT-SVD (see :func:`tnjax.tt_svd`).
+    ``method="gram"`` is the faster Gram-eigh TT-SVD (see [`tt_svd`][tnjax.tt_svd]).
     ``kwargs`` go to the constructor (path, dtype, param_dtype, ...).
     """
     kernel = jnp.asarray(kernel)
@@ -232,7 +232,7 @@ class TTEmbedding(nnx.Module):
   """A token embedding whose (num_embeddings, features) table is a TT-matrix.
 
   A lookup gathers, per token, one slice of each core and contracts them: the
-  table is never built in the forward pass. :meth:`attend` computes
+  table is never built in the forward pass. `attend` computes
   ``x @ E.T`` for a tied LM head. Vocabularies that do not factor (50257) are
   padded to ``prod(vocab_dims)``; padding rows are never returned.
 
@@ -244,8 +244,8 @@ class TTEmbedding(nnx.Module):
     num_cores: d, used when dims are not given.
     std: std of the dense-equivalent table at init; default
       ``1 / sqrt(features)``, as ``nnx.Embed``. GPT-2 uses 0.02.
-    path: contraction path of :meth:`attend` ("auto", "dense", "direct", "split").
-    dtype, param_dtype, cost, precision, rngs: as :class:`TTMLinear`.
+    path: contraction path of `attend` ("auto", "dense", "direct", "split").
+    dtype, param_dtype, cost, precision, rngs: as `TTMLinear`.
     ttm: existing cores of shape (prod(vocab_dims), prod(feature_dims)).
 
   Example:
@@ -346,7 +346,7 @@ class MPSEmbedding(nnx.Module):
   ``feature_dims`` and held as a TT with cores (r[k], n[k], r[k+1]); the layer
   stores them stacked over the vocabulary, core k of shape
   (num_embeddings, r[k], n[k], r[k+1]). A lookup gathers each token's cores
-  and contracts them; :meth:`attend` (the tied head) rebuilds the table.
+  and contracts them; `attend` (the tied head) rebuilds the table.
   At rank 1 a row costs ``sum(feature_dims)`` numbers instead of ``features``.
 
   Args:
@@ -357,7 +357,7 @@ class MPSEmbedding(nnx.Module):
     std: std of the dense-equivalent table at init (default ``1 / sqrt(features)``).
     dtype, param_dtype: computation and storage dtypes.
     rngs: ``nnx.Rngs`` for a random init.
-    cores: existing stacked cores (see :meth:`from_dense`).
+    cores: existing stacked cores (see `from_dense`).
 
   Example:
     >>> import numpy as np
@@ -501,7 +501,7 @@ class LowRankLinear(nnx.Module):
 
   @classmethod
   def from_dense(cls, kernel, bias=None, *, rank=None, rtol=None, **kwargs) -> LowRankLinear:
-    """Truncated SVD of ``kernel`` (rank cap and/or relative Frobenius tolerance, as :func:`tt_svd`),
+    """Truncated SVD of ``kernel`` (rank cap and/or relative Frobenius tolerance, as `tt_svd`),
     split as ``u = U sqrt(S)``, ``v = sqrt(S) V^T``."""
     kernel = jnp.asarray(kernel)
     if kernel.ndim != 2:

@@ -22,7 +22,7 @@ class TrainConfig:
   """Everything a training run depends on. Defaults train a tiny TTM-GPT on the packaged sample in ~1 minute on CPU.
 
   Attributes:
-    model: a preset of :func:`tnjax.models.preset`.
+    model: a preset of [`preset`][tnjax.models.preset].
     model_overrides: GPTConfig fields to change (vocab_size and block_size are set from
       the tokenizer and ``block_size``).
     layers: tensorization (GPTConfig.layers); default: all four projections TTM rank 16.
