@@ -235,6 +235,9 @@ def test_compress_api_refusals(files, tmp_path):
     run(model, "svd", tmp_path / "a", targets=[{"rank": None}])
   with pytest.raises(ValueError, match=r"compress: svd at rank=4096 keeps .* but fewer are expected"):
     run(model, "svd", tmp_path / "b", targets=[{"rank": 4096}])
+  ttm = GPT(preset("tiny", **SMALL_MODEL, layers={"mlp.c_fc": {"kind": "ttm", "rank": 4}}), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"compress: method='modegpt' but layers \['h.0.mlp.c_fc'\] are not dense"):
+    run(ttm, "modegpt", tmp_path / "c", targets=[{"ratio": 0.9}], calib_ids=list(range(300)) * 4)
   before = _digest(files["model"])
   with pytest.raises(ValueError, match=r"compress: out_dir .*model already holds \['config.json', "
                                        r"'model.safetensors'\]; choose a new directory or pass --overwrite"):

@@ -53,6 +53,13 @@ def compress(model: GPT, method: str, *, rank: int | None = None, ratio: float |
       raise ValueError(f"{fn}: rank={rank!r}, rtol={rtol!r}, ratio={ratio!r} but modegpt takes a ratio only")
     if layers is not None:
       raise ValueError(f"{fn}: layers={layers!r} but modegpt compresses every block (allocation is global)")
+    # Its factors are dense: on TT-matrix (or other tensorized) layers the result would be larger than the input.
+    cfg = model.config
+    tensorized = [n for n in _model.projection_names(cfg) if cfg.spec(n.split(".", 2)[2], int(n.split(".")[1])).kind
+                  != "dense"]
+    if tensorized:
+      raise ValueError(f"{fn}: method='modegpt' but layers {tensorized[:4]}{'...' if len(tensorized) > 4 else ''} "
+                       "are not dense; modegpt expects dense projections (it would make these larger)")
     return modegpt_compress(model, calib, ratio=ratio)
   raise ValueError(f"{fn}: method={method!r} but one of {METHODS} is expected")
 
