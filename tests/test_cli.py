@@ -56,6 +56,7 @@ def test_compress_sweep_writes_report_plot_and_models(model_dir, tmp_path, capsy
   assert (out / "ratio-0.5" / "model" / "tokenizer.json").exists()
 
 
+@pytest.mark.slow  # calibration, healing and int8 end to end
 def test_compress_modegpt_heal_int8(model_dir, tmp_path, capsys):
   d, text = model_dir
   out = tmp_path / "mode"

@@ -121,7 +121,7 @@ def test_int8_round_trip_and_bytes(trained, ids):
 
 @pytest.mark.parametrize("make", [
     lambda m, ids: svd_compress(m, ratio=0.5),
-    lambda m, ids: quantize_int8(mpo_compress(m, rtol=0.5)),
+    pytest.param(lambda m, ids: quantize_int8(mpo_compress(m, rtol=0.5)), marks=pytest.mark.slow),
     lambda m, ids: tensorgpt_embedding(m, rtol=0.2),
     lambda m, ids: quantize_int8(svd_compress(m, rank=4)),
     lambda m, ids: modegpt_compress(m, ids, ratio=0.5),
@@ -174,6 +174,7 @@ def test_bad_arguments(trained, ids, call, match):
     call(trained, ids)
 
 
+@pytest.mark.slow  # three compressions, jit and grad each
 def test_compressed_models_jit_and_grad(trained, ids):
   """A compressed model is an ordinary NNX model: jit, and gradients reach the cores and factors."""
   for small in (mpo_compress(trained, chi=4), tensorgpt_embedding(trained, rank=2),
@@ -196,6 +197,7 @@ def test_mpo_gram_method_matches_svd(trained, ids):
     mpo_compress(trained, chi=8, method="fast")
 
 
+@pytest.mark.slow  # nine compressions
 def test_ratio_counts_stored_weights_so_recompressing_never_grows(trained):
   """A ratio is a fraction of what a layer stores now: an MPO or low-rank model compressed again gets smaller
   (or stays), never back toward dense size."""
@@ -209,6 +211,7 @@ def test_ratio_counts_stored_weights_so_recompressing_never_grows(trained):
   assert sum(c.size for c in again.h[0].mlp.c_fc.ttm.cores) <= 0.5 * before
 
 
+@pytest.mark.slow  # a d_model=256 model, several compressions
 def test_mpo_fused_layout_uses_the_kernel_layout_and_keeps_it_through_save(tmp_path):
   from tnjax.models import GPT, preset
 

@@ -102,6 +102,7 @@ def _cli(out, *extra):
   return [sys.executable, "-m", "tnjax.cli", "train", "--no-progress", *sets]
 
 
+@pytest.mark.slow  # three training processes
 def test_kill_and_resume_reproduces_uninterrupted_losses(tmp_path):
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
   full, cut = tmp_path / "full", tmp_path / "cut"
@@ -152,6 +153,7 @@ with jax.numpy_dtype_promotion("standard"):
 """
 
 
+@pytest.mark.slow  # two 4-device training processes
 def test_data_parallel_and_fsdp_match_one_device(tmp_path):
   base = ["steps=8", "eval_every=8", "checkpoint_every=8"]
   train(_cfg(tmp_path / "one", *base), progress=False)
