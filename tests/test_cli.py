@@ -167,3 +167,20 @@ def test_ctrl_c_exits_130_keeps_the_checkpoint_and_a_corrupt_one_is_one_line(tmp
   assert r.returncode == 2 and "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr, r.stderr
   assert lines[-1].startswith(f"tnjax train: train: checkpoint at step {latest + 1} in ") and \
       "could not be restored" in lines[-1], r.stderr
+
+
+def test_unexpected_errors_keep_their_traceback_and_ctrl_c_is_130(monkeypatch, capsys):
+  import tnjax.cli
+
+  def boom(args):
+    raise RuntimeError("a bug, not a bad input")
+
+  def interrupted(args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(tnjax.cli, "cmd_eval", boom)
+  with pytest.raises(RuntimeError, match="a bug"):  # not swallowed: its traceback reaches the user
+    main(["eval", "--model", "m", "--text", "t"])
+  monkeypatch.setattr(tnjax.cli, "cmd_eval", interrupted)
+  assert main(["eval", "--model", "m", "--text", "t"]) == 130
+  assert capsys.readouterr().err == "tnjax eval: interrupted; checkpoints and files already written are intact\n"

@@ -50,11 +50,12 @@ SWEEPS = [
     ("mpo", lambda m, ids, r: mpo_compress(m, chi=r), [2, 8, 32]),
     ("tensorgpt", lambda m, ids, r: tensorgpt_embedding(m, rank=r), [1, 2, 4]),
     ("tensorgpt ttm", lambda m, ids, r: tensorgpt_embedding(m, rank=r, form="ttm"), [2, 8, 32]),
-    ("modegpt", lambda m, ids, r: modegpt_compress(m, ids, ratio=r, allocation="uniform"), [0.3, 0.6, 0.9]),
+    pytest.param("modegpt", lambda m, ids, r: modegpt_compress(m, ids, ratio=r, allocation="uniform"),
+                 [0.3, 0.6, 0.9], marks=pytest.mark.slow, id="modegpt"),
 ]
 
 
-@pytest.mark.parametrize("name,method,ranks", SWEEPS, ids=[s[0] for s in SWEEPS])
+@pytest.mark.parametrize("name,method,ranks", SWEEPS, ids=[getattr(s, "id", None) or s[0] for s in SWEEPS])
 def test_error_falls_as_rank_grows(trained, ids, name, method, ranks):
   ref = trained(ids)
   errors = [rel_err(method(trained, ids, r), ref, ids) for r in ranks]

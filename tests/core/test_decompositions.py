@@ -95,7 +95,7 @@ def test_tt_svd_float32_and_int_input(rng):
   assert jnp.issubdtype(tnjax.tt_svd(np.arange(24).reshape(2, 3, 4)).dtype, jnp.floating)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(dims=st.lists(st.integers(1, 5), min_size=1, max_size=4),
        max_rank=st.integers(1, 6), rtol=st.sampled_from([None, 0.01, 0.1, 0.3]), seed=st.integers(0, 1000))
 def test_tt_svd_properties(dims, max_rank, rtol, seed):
@@ -272,7 +272,7 @@ def _decaying(rng, m, n, power=0.5):
 def test_gram_method_matches_svd_truncation(rng, dtype, shape, in_dims, out_dims):
   """The Gram-eigh steps give the exact truncation error (within 1%) at equal ranks, eager and jitted."""
   w = jnp.asarray(_decaying(rng, *shape), dtype)
-  for rank in (2, 8, 24):
+  for rank in (2, 24):
     errs = {}
     for method in ("svd", "gram"):
       f = functools.partial(tnjax.ttm_svd, in_dims=in_dims, out_dims=out_dims, max_rank=rank, method=method)
