@@ -77,8 +77,9 @@ class TrainConfig:
       ValueError: naming the field, the value and what is expected.
     """
     fn = "TrainConfig"
+    hints = typing.get_type_hints(type(self))
     for f in dataclasses.fields(self):
-      _check_type(fn, f.name, getattr(self, f.name), f.type)
+      _check_type(fn, f.name, getattr(self, f.name), hints[f.name])
     for name in ("block_size", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every",
                  "checkpoint_every", "keep", "vocab_size"):
       _checks.check_positive_int(fn, name, getattr(self, name))
@@ -146,8 +147,7 @@ def _matches(value, tp) -> bool:
   return isinstance(value, origin or tp)
 
 
-def _check_type(fn: str, name: str, value, annotation) -> None:
-  tp = typing.get_type_hints(TrainConfig)[name] if isinstance(annotation, str) else annotation
+def _check_type(fn: str, name: str, value, tp) -> None:
   if not _matches(value, tp):
     expected = getattr(tp, "__name__", None) if typing.get_origin(tp) is None else None
     raise ValueError(f"{fn}: {name}={value!r} ({type(value).__name__}) but {expected or tp} is expected")
