@@ -1,29 +1,131 @@
-"""Training throughput: tokens/s of one jitted AdamW step, dense GPT-2 vs TTM-tensorized GPT-2.
+"""Training throughput: tokens/s of one jitted AdamW step, a plain-JAX GPT-2 reference vs tnjax's dense,
+TT-matrix, Block-TT (BTT) and low-rank GPT-2s.
 
-Uses tnjax.train.Trainer (the same step ``tnjax train`` runs) on random
-tokens, so no corpus is needed. Ratios are against the dense model in the
-same run.
+tnjax variants use tnjax.train.Trainer (the same step ``tnjax train`` runs);
+the reference is GPT-2 written directly in JAX below (float32 parameters,
+bfloat16 compute, tied embedding, the same optax AdamW, clipping and
+schedule), at the true vocabulary (50257) and padded to 50304. Random
+tokens, so no corpus is needed. Ratios are within one run: "vs dense" against
+tnjax's dense model, "vs plain" against the plain-JAX step at the same
+(padded) vocabulary.
 
-Run: python benchmarks/bench_train_step.py [--smoke] [--attention cudnn] [--out results.jsonl]
+Run: python benchmarks/bench_train_step.py [--smoke] [--attention cudnn] [--variants a,b] [--out results.jsonl]
 """
 
 import argparse
+import math
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
+from tnjax.core.fused import fused_dims
 from tnjax.train import TrainConfig, Trainer
 
 from _common import emit, environment
 
-
-def _ttm(rank, names):
-  return {n: {"kind": "ttm", "rank": rank} for n in names}
-
-
 MLP = ("mlp.c_fc", "mlp.c_proj")
 ALL = ("attn.c_attn", "attn.c_proj") + MLP
+
+
+def _kind(kind, rank, names, **extra):
+  return {n: {"kind": kind, "rank": rank, **extra} for n in names}
+
+
+def _fused_ttm(rank, d):
+  """Two-core TT-matrix layers in the fused kernels' layout, run by them (path "fused")."""
+  shapes = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d)}
+  out = {}
+  for name, (m, n) in shapes.items():
+    in_dims, out_dims = fused_dims(m, n)
+    out[name] = {"kind": "ttm", "rank": rank, "num_cores": 2, "in_dims": list(in_dims), "out_dims": list(out_dims),
+                 "path": "fused"}
+  return out
+
+
+def variants(d: int) -> dict:
+  """name -> (vocab_multiple, layers) of the tnjax variants, built on demand (fused layouts need
+  d_model % 256 == 0); the "plain-*" entries are the reference steps."""
+  return {
+      "plain-50257": None, "plain-padded": None,
+      "dense-50257": lambda: (1, {}), "dense": lambda: (128, {}),
+      "btt-all-r1": lambda: (128, _kind("btt", 1, ALL)), "btt-all-r2": lambda: (128, _kind("btt", 2, ALL)),
+      "btt-all-r4": lambda: (128, _kind("btt", 4, ALL)), "btt-all-r8": lambda: (128, _kind("btt", 8, ALL)),
+      "ttm-all-r16": lambda: (128, _kind("ttm", 16, ALL)), "ttm-all-r64": lambda: (128, _kind("ttm", 64, ALL)),
+      "ttm-fused-all-r4": lambda: (128, _fused_ttm(4, d)), "ttm-fused-all-r8": lambda: (128, _fused_ttm(8, d)),
+      "lowrank-all-r128": lambda: (128, _kind("lowrank", 128, ALL)),
+  }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plain-JAX reference: GPT-2 as a dict of arrays, nothing but jax, jax.nn and optax.
+
+def _plain_params(key, vocab, block, d, n_layer):
+  keys = iter(jax.random.split(key, 4 + 4 * n_layer))
+  normal = lambda shape, std: std * jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
+  resid = 0.02 / math.sqrt(2 * n_layer)
+  blocks = [{"ln1": (jnp.ones(d), jnp.zeros(d)), "ln2": (jnp.ones(d), jnp.zeros(d)),
+             "attn": (normal((d, 3 * d), 0.02), jnp.zeros(3 * d)), "proj": (normal((d, d), resid), jnp.zeros(d)),
+             "fc": (normal((d, 4 * d), 0.02), jnp.zeros(4 * d)), "fc2": (normal((4 * d, d), resid), jnp.zeros(d))}
+            for _ in range(n_layer)]
+  return {"wte": normal((vocab, d), 0.02), "wpe": normal((block, d), 0.01), "blocks": blocks,
+          "ln_f": (jnp.ones(d), jnp.zeros(d))}
+
+
+def _plain_loss(params, x, y, n_head, vocab, attention):
+  bf = jnp.bfloat16
+
+  def ln(h, p):
+    h32 = h.astype(jnp.float32)
+    mean, var = h32.mean(-1, keepdims=True), h32.var(-1, keepdims=True)
+    return ((h32 - mean) * jax.lax.rsqrt(var + 1e-5) * p[0] + p[1]).astype(bf)
+
+  def dense(h, p):
+    return h @ p[0].astype(bf) + p[1].astype(bf)
+
+  b, t = x.shape
+  h = (params["wte"][x] + params["wpe"][:t]).astype(bf)
+  for p in params["blocks"]:
+    q, k, v = jnp.split(dense(ln(h, p["ln1"]), p["attn"]), 3, axis=-1)
+    q, k, v = (z.reshape(b, t, n_head, -1) for z in (q, k, v))
+    a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention).reshape(b, t, -1)
+    h = h + dense(a, p["proj"])
+    h = h + dense(jax.nn.gelu(dense(ln(h, p["ln2"]), p["fc"]), approximate=True), p["fc2"])
+  logits = (ln(h, params["ln_f"]) @ params["wte"].astype(bf).T).astype(jnp.float32)
+  if logits.shape[-1] > vocab:
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, y[..., None], axis=-1))
+
+
+class PlainStep:
+  """A jitted plain-JAX GPT-2 training step with tnjax's optimizer settings."""
+
+  def __init__(self, cfg: TrainConfig, vocab: int, rows: int, d: int, n_layer: int, n_head: int, attention):
+    self.cfg = cfg
+    params = _plain_params(jax.random.key(cfg.seed), rows, cfg.block_size, d, n_layer)
+    self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(params)) - (rows - vocab) * d  # as tnjax
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps, cfg.lr * cfg.min_lr_ratio)
+    mask = jax.tree_util.tree_map(lambda a: a.ndim >= 2, params)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                     optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask))
+    self.params, self.opt_state = params, tx.init(params)
+
+    def step(params, opt_state, x, y):
+      loss, grads = jax.value_and_grad(_plain_loss)(params, x, y, n_head, vocab, attention)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    self._step = jax.jit(step, donate_argnums=(0, 1))
+
+  def step(self, step: int, tokens):
+    from tnjax.data import train_batch
+
+    x, y = train_batch(tokens, step, self.cfg.batch_size, self.cfg.block_size, self.cfg.seed)
+    self.params, self.opt_state, loss = self._step(self.params, self.opt_state, jnp.asarray(x), jnp.asarray(y))
+    return loss
 
 
 def main():
@@ -31,38 +133,58 @@ def main():
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--attention", default=None, help="jax.nn.dot_product_attention implementation, e.g. cudnn")
   parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--variants", default=None, help="comma-separated names (default: all)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   env = environment()
   if args.smoke:
-    model, batch, block, dtype, vocab = "tiny", 4, 64, "float32", 512
-    variants = {"dense": {}, "ttm-mlp-r8": _ttm(8, MLP)}
+    model, batch, block, dtype, vocab, d, n_layer, n_head = "tiny", 4, 64, "float32", 500, 128, 2, 4
+    names = ["plain-50257", "plain-padded", "dense", "btt-all-r2", "ttm-all-r16"]
   else:
-    model, batch, block, dtype, vocab = "gpt2", 16, 1024, "bfloat16", 50257
-    variants = {"dense": {}, "ttm-mlp-r64": _ttm(64, MLP), "ttm-mlp-r16": _ttm(16, MLP),
-                "ttm-all-r64": _ttm(64, ALL), "ttm-all-r16": _ttm(16, ALL)}
+    model, batch, block, dtype, vocab, d, n_layer, n_head = "gpt2", 16, 1024, "bfloat16", 50257, 768, 12, 12
+    names = list(variants(d))
+  if args.variants:
+    names = args.variants.split(",")
+  table = variants(d)
+  unknown = sorted(set(names) - set(table))
+  if unknown:
+    raise SystemExit(f"bench_train_step: unknown variants {unknown}; known: {sorted(table)}")
   tokens = np.random.default_rng(0).integers(0, vocab, 2_000_000).astype(np.uint16)
   print(f"# {env['device']} jax {env['jax']} {model} batch {batch}x{block} {dtype} attention={args.attention}")
-  print(f"{'variant':<14} {'params':>12} {'step ms':>9} {'tokens/s':>11} {'vs dense':>9}")
-  base = None
-  for name, layers in variants.items():
-    cfg = TrainConfig(model=model, layers=layers, batch_size=batch, block_size=block, dtype=dtype,
-                      model_overrides={"attention_impl": args.attention}, steps=1000, warmup=10)
-    trainer = Trainer(cfg, vocab)
+  print(f"{'variant':<18} {'params':>12} {'step ms':>9} {'tokens/s':>11} {'vs dense':>9} {'vs plain':>9}")
+  rates, rows = {}, []
+  for name in names:
+    cfg = TrainConfig(model=model, batch_size=batch, block_size=block, dtype=dtype, steps=1000, warmup=10)
+    if name.startswith("plain"):
+      padded = -(-vocab // 128) * 128 if name == "plain-padded" else vocab
+      runner = PlainStep(cfg, vocab, padded, d, n_layer, n_head, args.attention)
+    else:
+      multiple, layers = table[name]()
+      cfg.layers = layers
+      cfg.model_overrides = {"attention_impl": args.attention, "vocab_multiple": multiple}
+      runner = Trainer(cfg, vocab)
     for s in range(2):
-      jax.block_until_ready(trainer.step(s, tokens))
+      jax.block_until_ready(runner.step(s, tokens))
     times = []
     for s in range(2, 2 + args.steps):
       start = time.perf_counter()
-      jax.block_until_ready(trainer.step(s, tokens))
+      jax.block_until_ready(runner.step(s, tokens))
       times.append(time.perf_counter() - start)
     sec = float(np.median(times))
-    rate = batch * block / sec
-    base = base or rate
-    print(f"{name:<14} {trainer.num_params:>12,d} {sec * 1e3:>9.2f} {rate:>11,.0f} {rate / base:>8.2f}x")
+    rates[name] = batch * block / sec
+    rows.append((name, runner.num_params, sec))
+    del runner
+  dense = rates.get("dense")
+  for name, params, sec in rows:
+    rate = rates[name]
+    plain = rates.get("plain-50257" if name.endswith("50257") else "plain-padded")
+    vs_dense = rate / dense if dense else None
+    vs_plain = rate / plain if plain else None
+    fmt = lambda v: f"{v:>8.2f}x" if v else f"{'-':>9}"  # noqa: E731
+    print(f"{name:<18} {params:>12,d} {sec * 1e3:>9.2f} {rate:>11,.0f} {fmt(vs_dense)} {fmt(vs_plain)}")
     emit({"bench": "train_step", "variant": name, "model": model, "batch": batch, "block": block, "dtype": dtype,
-          "attention": args.attention, "params": trainer.num_params, "step_seconds": sec, "tokens_per_s": rate,
-          "ratio_vs_dense": rate / base, **env}, args.out)
+          "attention": args.attention, "params": params, "step_seconds": sec, "tokens_per_s": rate,
+          "ratio_vs_dense": vs_dense, "ratio_vs_plain": vs_plain, **env}, args.out)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,13 @@ so ``import tnjax`` pulls in only jax, numpy and opt_einsum.
 """
 
 from tnjax.core import (
+    BlockTT,
     TensorTrain,
     TTMatrix,
     add,
+    btt_from_dense,
+    btt_matvec,
+    btt_to_dense,
     factorize,
     gather_rows,
     inner,
@@ -16,6 +20,7 @@ from tnjax.core import (
     matvec_plan,
     norm,
     orthogonalize,
+    random_btt,
     random_tt,
     random_ttm,
     scale,
@@ -29,7 +34,7 @@ from tnjax.core import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "TensorTrain", "TTMatrix",
+    "TensorTrain", "TTMatrix", "BlockTT", "btt_from_dense", "btt_matvec", "btt_to_dense", "random_btt",
     "tt_svd", "ttm_svd", "truncate", "orthogonalize",
     "to_dense", "matvec", "matvec_plan", "add", "scale", "inner", "norm",
     "random_tt", "random_ttm", "factorize", "transpose", "gather_rows",

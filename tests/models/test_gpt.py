@@ -6,7 +6,7 @@ from flax import nnx
 
 from tests.hf_fixtures import hf_logits, make_hf_gpt2
 from tnjax.interop import load_hf_gpt2
-from tnjax.models import GPT, generate, preset
+from tnjax.models import GPT, GPTConfig, generate, preset
 from tnjax.nn import LowRankLinear, TTEmbedding, TTMLinear
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -115,3 +115,32 @@ def test_bad_inputs():
     generate(model, [1, 2], 4, temperature=1.0, top_k=0, rng=jax.random.key(0))
   with pytest.raises(ValueError, match=r"generate: max_new_tokens=0 but a positive integer"):
     generate(model, [1, 2], 0)
+
+
+def test_vocab_padding_is_invisible_outside_the_loss():
+  cfg = preset("tiny", vocab_size=300)
+  exact = GPT(cfg.replace(vocab_multiple=1), rngs=nnx.Rngs(0))
+  padded = GPT(cfg, rngs=nnx.Rngs(0))
+  assert cfg.padded_vocab == 384 and padded.wte.embedding.shape == (384, 128)
+  assert padded.num_params == exact.num_params and padded.embedding_table.shape == (300, 128)
+  # the same weights on the vocabulary's rows give the same logits, loss and gradients
+  padded.wte.embedding[...] = jnp.zeros((384, 128), jnp.float32).at[:300].set(exact.wte.embedding[...])
+  nnx.update(padded, nnx.state(exact, nnx.Not(nnx.PathContains("wte"))))
+  ids = _ids((2, 16), vocab=300)
+  np.testing.assert_allclose(padded(ids), exact(ids), atol=1e-6)
+  full = padded(ids, padded_logits=True)
+  assert full.shape == (2, 16, 384) and bool(jnp.all(jnp.isneginf(full[..., 300:])))
+
+  def loss(model):
+    logp = jax.nn.log_softmax(model(ids[:, :-1], padded_logits=True), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
+
+  (l_pad, g_pad), (l_exact, g_exact) = (nnx.value_and_grad(loss)(m) for m in (padded, exact))
+  np.testing.assert_allclose(l_pad, l_exact, rtol=1e-6)
+  np.testing.assert_allclose(g_pad.wte.embedding[...][:300], g_exact.wte.embedding[...], atol=1e-7)
+  assert not bool(jnp.any(g_pad.wte.embedding[...][300:]))
+  cache = padded.init_cache(1)
+  assert padded.step(ids[:1, :3], cache, 0)[0].shape == (1, 3, 300)
+  # a config written before the field existed means no padding; tensorized embeddings are never padded
+  assert GPTConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "vocab_multiple"}).padded_vocab == 300
+  assert cfg.replace(layers={"embedding": {"kind": "ttm", "rank": 4}}).padded_vocab == 300

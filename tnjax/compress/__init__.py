@@ -9,7 +9,7 @@
 """
 
 from tnjax.compress._model import count_bytes, count_params, get_layer, projection_names, resolve_layers
-from tnjax.compress.methods import embedding_table, mpo_compress, quantize_int8, svd_compress, tensorgpt_embedding
+from tnjax.compress.methods import mpo_compress, quantize_int8, svd_compress, tensorgpt_embedding
 from tnjax.compress.modegpt import allocate, calibrate, cr_select, modegpt_compress, nystrom_select, whitened_svd
 from tnjax.compress.tuning import choose_layers, heal, layer_sensitivity
 
@@ -17,5 +17,4 @@ __all__ = [
     "svd_compress", "mpo_compress", "tensorgpt_embedding", "quantize_int8", "modegpt_compress",
     "layer_sensitivity", "choose_layers", "heal", "calibrate", "allocate", "nystrom_select", "cr_select",
     "whitened_svd", "count_params", "count_bytes", "get_layer", "projection_names", "resolve_layers",
-    "embedding_table",
 ]

@@ -20,15 +20,12 @@ import dataclasses
 import functools
 import math
 
-import jax.numpy as jnp
-from flax import nnx
-
 from tnjax.compress import _model
 from tnjax.core import _checks, fused
 from tnjax.core.shapes import factorize
 from tnjax.models.config import LayerSpec
 from tnjax.models.gpt import GPT, dense_kernel
-from tnjax.nn import Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
+from tnjax.nn import BTTLinear, Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
 
 
 def _bias(layer):
@@ -180,12 +177,6 @@ def _mps_params(dims, rank: int) -> int:
   return sum(r[k] * dims[k] * r[k + 1] for k in range(len(dims)))
 
 
-def embedding_table(model: GPT) -> jnp.ndarray:
-  """The dense (vocab, d_model) token-embedding table, whatever its storage."""
-  table = model.wte.embedding
-  return table[...] if isinstance(table, nnx.Variable) else table
-
-
 def tensorgpt_embedding(model: GPT, *, rank: int | None = None, ratio: float | None = None,
                         rtol: float | None = None, feature_dims=None, num_cores: int = 3,
                         form: str = "mps") -> GPT:
@@ -222,7 +213,7 @@ def tensorgpt_embedding(model: GPT, *, rank: int | None = None, ratio: float | N
   key, value = _target(fn, rank=rank, ratio=ratio, rtol=rtol)
   if form not in ("mps", "ttm"):
     raise ValueError(f"{fn}: form={form!r} but 'mps' or 'ttm' is expected")
-  table = embedding_table(model)
+  table = model.embedding_table
   v, d = table.shape
   feature_dims = (factorize(d, num_cores) if feature_dims is None
                   else _checks.check_dims(fn, "feature_dims", feature_dims))
@@ -289,6 +280,8 @@ def quantize_int8(model: GPT, *, layers=None) -> GPT:
     if isinstance(layer, TTMLinear):
       new = TTMLinear(layer.in_features, layer.out_features, ttm=layer.ttm, use_bias=use_bias, path=layer.path,
                       quant="int8")
+    elif isinstance(layer, BTTLinear):
+      new = BTTLinear(layer.in_features, layer.out_features, btt=layer.btt, use_bias=use_bias, quant="int8")
     elif isinstance(layer, LowRankLinear):
       new = LowRankLinear(layer.in_features, layer.out_features, u=layer.u[...], v=layer.v[...], use_bias=use_bias,
                           quant="int8")

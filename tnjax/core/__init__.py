@@ -1,5 +1,6 @@
 """tnjax core: TT / TT-matrix pytrees, decompositions, contractions. Imports only jax, numpy, opt_einsum."""
 
+from tnjax.core.btt import BlockTT, btt_from_dense, btt_matvec, btt_to_dense, random_btt
 from tnjax.core.decompositions import orthogonalize, truncate, tt_svd, ttm_svd
 from tnjax.core.initializers import random_tt, random_ttm
 from tnjax.core.linear import gather_rows, transpose
@@ -8,7 +9,7 @@ from tnjax.core.shapes import factorize
 from tnjax.core.tensor_train import TensorTrain, TTMatrix
 
 __all__ = [
-    "TensorTrain", "TTMatrix",
+    "TensorTrain", "TTMatrix", "BlockTT", "btt_from_dense", "btt_matvec", "btt_to_dense", "random_btt",
     "tt_svd", "ttm_svd", "truncate", "orthogonalize",
     "to_dense", "matvec", "matvec_plan", "add", "scale", "inner", "norm",
     "random_tt", "random_ttm", "factorize", "transpose", "gather_rows",

@@ -25,7 +25,12 @@ def _ranks(fn: str, rank, dims: tuple[int, ...]) -> tuple[int, ...]:
   return caps
 
 
-def _random_cores(fn: str, key, dims, rank, std, dtype) -> TensorTrain:
+BALANCES = ("equal", "fan_in")
+
+
+def _random_cores(fn: str, key, dims, rank, std, dtype, fan_ins=None) -> TensorTrain:
+  """Cores with Var(dense entry) = std^2: equal core stds, or (``fan_ins`` given, one per core) each core's
+  variance proportional to ``1 / fan_ins[k]``."""
   std = float(std)
   if not math.isfinite(std) or std < 0:
     raise ValueError(f"{fn}: std={std!r} but a finite number >= 0 is expected")
@@ -33,11 +38,18 @@ def _random_cores(fn: str, key, dims, rank, std, dtype) -> TensorTrain:
   # A dense entry is a sum of prod(interior ranks) products of d independent
   # zero-mean core entries, so Var = prod(r) * prod_k s_k^2. Equal s_k give
   # the dense entries exactly std (tensorly-torch omits the prod(r) factor).
-  core_std = (std * std / math.prod(ranks)) ** (0.5 / len(dims))
-  keys = jax.random.split(key, len(dims))
+  # With s_k^2 = c / f_k: c^d = std^2 * prod(f) / prod(r).
+  d = len(dims)
+  if fan_ins is None:
+    core_vars = [(std * std / math.prod(ranks)) ** (1.0 / d)] * d
+  else:
+    f = [fan(ranks[k]) for k, fan in enumerate(fan_ins)]
+    c = (std * std * math.prod(f) / math.prod(ranks)) ** (1.0 / d)
+    core_vars = [c / fk for fk in f]
+  keys = jax.random.split(key, d)
   return TensorTrain(tuple(
-      core_std * jax.random.normal(k, (ranks[i], n, ranks[i + 1]), dtype)
-      for i, (k, n) in enumerate(zip(keys, dims))))
+      math.sqrt(v) * jax.random.normal(k, (ranks[i], n, ranks[i + 1]), dtype)
+      for i, (k, n, v) in enumerate(zip(keys, dims, core_vars))))
 
 
 def random_tt(key, dims, rank, *, std: float = 1.0, dtype=jnp.float32) -> TensorTrain:
@@ -65,7 +77,8 @@ def random_tt(key, dims, rank, *, std: float = 1.0, dtype=jnp.float32) -> Tensor
   return _random_cores(fn, key, dims, rank, std, dtype)
 
 
-def random_ttm(key, in_dims, out_dims, rank, *, std: float = 1.0, dtype=jnp.float32) -> TTMatrix:
+def random_ttm(key, in_dims, out_dims, rank, *, std: float = 1.0, dtype=jnp.float32,
+               balance: str = "equal") -> TTMatrix:
   """A random TTMatrix whose dense matrix has entries of mean 0 and standard deviation ``std``.
 
   For a layer initialized like ``nnx.Linear`` (lecun normal), pass
@@ -77,6 +90,9 @@ def random_ttm(key, in_dims, out_dims, rank, *, std: float = 1.0, dtype=jnp.floa
     rank: as in `random_tt`, with bond limits of the merged modes n_in[k] * n_out[k].
     std: standard deviation of the dense matrix's entries.
     dtype: core dtype.
+    balance: "equal" (every core the same std) or "fan_in" (core k's
+      variance proportional to ``1 / (r[k] * n_in[k])``, its own fan-in: the
+      structure-aware muP init; the dense std is ``std`` either way).
 
   Raises:
     ValueError: as `random_tt`, and when the dims differ in length.
@@ -93,5 +109,8 @@ def random_ttm(key, in_dims, out_dims, rank, *, std: float = 1.0, dtype=jnp.floa
   if len(in_dims) != len(out_dims):
     raise ValueError(f"{fn}: len(in_dims)={len(in_dims)} but len(out_dims)={len(out_dims)}; "
                      "expected one entry per core in both")
+  if balance not in BALANCES:
+    raise ValueError(f"{fn}: balance={balance!r} but one of {BALANCES} is expected")
   merged = tuple(i * o for i, o in zip(in_dims, out_dims))
-  return split_modes(_random_cores(fn, key, merged, rank, std, dtype), in_dims, out_dims)
+  fan_ins = None if balance == "equal" else [lambda r, n=n: r * n for n in in_dims]
+  return split_modes(_random_cores(fn, key, merged, rank, std, dtype, fan_ins), in_dims, out_dims)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import opt_einsum
 
 from tnjax.core import _checks
+from tnjax.core.btt import BlockTT, btt_matvec, btt_to_dense
 from tnjax.core.tensor_train import TT, TensorTrain, TTMatrix, as_tt, check_tt, like
 
 
@@ -21,7 +22,8 @@ def to_dense(tt: TT) -> jax.Array:
 
   Returns:
     For a TensorTrain, an array of shape ``dims``; for a TTMatrix, a matrix
-    of shape ``(prod(in_dims), prod(out_dims))``.
+    of shape ``(prod(in_dims), prod(out_dims))``; for a
+    `tnjax.core.btt.BlockTT`, its (m, n) matrix.
 
   Complexity:
     O(prod(n) * r^2) time, O(prod(n) * r) memory at the last step.
@@ -32,6 +34,8 @@ def to_dense(tt: TT) -> jax.Array:
     >>> bool(jnp.allclose(tnjax.to_dense(tnjax.tt_svd(x)), x, atol=1e-5))
     True
   """
+  if isinstance(tt, BlockTT):
+    return btt_to_dense(tt)
   check_tt("to_dense", "tt", tt)
   flat = as_tt(tt)
   out = flat.cores[0].reshape(-1, flat.cores[0].shape[-1])  # (n0, r1)
@@ -100,8 +104,11 @@ def matvec(ttm: TTMatrix, x: jax.Array, *, precision=None) -> jax.Array:
   shapes, so one token and 16k tokens may take different paths; see
   `matvec_plan`.
 
+  A `tnjax.core.btt.BlockTT` is taken too (two batched matmuls,
+  `tnjax.core.btt.btt_matvec`).
+
   Args:
-    ttm: a TTMatrix with cores (r[k], n_in[k], n_out[k], r[k+1]).
+    ttm: a TTMatrix with cores (r[k], n_in[k], n_out[k], r[k+1]), or a BlockTT.
     x: array of shape (..., prod(in_dims)).
     precision: passed to ``jnp.einsum``.
 
@@ -121,6 +128,8 @@ def matvec(ttm: TTMatrix, x: jax.Array, *, precision=None) -> jax.Array:
     >>> tnjax.matvec(w, jnp.ones((5, 16))).shape
     (5, 6)
   """
+  if isinstance(ttm, BlockTT):
+    return btt_matvec(ttm, x, precision=precision)
   x = jnp.asarray(x)
   check_matvec_args("matvec", ttm, x)
   cols = ttm.shape[1]

@@ -120,6 +120,9 @@ def load_hf_gpt2(path, *, dtype: str | None = None) -> GPT:
   if missing or unexpected:
     raise ValueError(f"{fn}: checkpoint tensors missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                      f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+  wte = np.asarray(tensors["wte.weight"])
+  if wte.shape[0] == cfg.vocab_size < cfg.padded_vocab:  # tnjax pads the table; the rows past the vocabulary stay 0
+    tensors["wte.weight"] = np.pad(wte, ((0, cfg.padded_vocab - cfg.vocab_size), (0, 0)))
   for name, variable in targets.items():
     _assign(fn, name, variable, tensors[name])
   if not cfg.tie_embeddings:
@@ -202,10 +205,11 @@ def save_hf_gpt2(model: GPT, path) -> pathlib.Path:
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   cfg = model.config
-  wte = model.wte.embedding
-  tensors = {"transformer.wte.weight": wte[...] if isinstance(wte, nnx.Variable) else wte,
+  tensors = {"transformer.wte.weight": model.embedding_table,
              "transformer.wpe.weight": model.wpe.embedding[...],
-             "transformer.ln_f.weight": model.ln_f.scale[...], "transformer.ln_f.bias": model.ln_f.bias[...]}
+             # muP's output multiplier scales only the head's input: fold it into the final norm
+             "transformer.ln_f.weight": model.ln_f.scale[...] * cfg.output_multiplier,
+             "transformer.ln_f.bias": model.ln_f.bias[...] * cfg.output_multiplier}
   for i, block in enumerate(model.h):
     p = f"transformer.h.{i}."
     for name, ln in (("ln_1", block.ln_1), ("ln_2", block.ln_2)):

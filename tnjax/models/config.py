@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from typing import Any
 
 from tnjax.core import _checks
+from tnjax.core.btt import btt_dims, check_btt_dims
 from tnjax.nn.quant import QUANTS
 
 # Names of the projections a spec can target. Per-layer keys prefix these with
 # "h.{i}." (e.g. "h.3.mlp.c_fc"); "embedding" and "lm_head" are global only.
 PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 GLOBAL_ONLY = ("embedding", "lm_head")
-KINDS = ("dense", "ttm", "lowrank", "mps")
+KINDS = ("dense", "ttm", "btt", "lowrank", "mps")
 BLOCK_DIMS = ("d_ff", "qk_dim", "v_dim")
 _LAYER_KEY = re.compile(r"^h\.(\d+)\.(.+)$")
 
@@ -24,11 +26,14 @@ class LayerSpec:
   """How one projection is stored.
 
   Attributes:
-    kind: "dense", "ttm" (TT-matrix / MPO cores), "lowrank" (U V factors) or,
-      for the embedding only, "mps" (one TT / MPS per token row: TensorGPT).
-    rank: TT rank or low-rank r; required unless kind is "dense".
-    num_cores: number of TT cores when dims are not given.
-    in_dims, out_dims: explicit TT mode sizes (default: ``tnjax.factorize``).
+    kind: "dense", "ttm" (TT-matrix / MPO cores), "btt" (Block Tensor-Train,
+      projections and an untied head only; Monarch at rank 1), "lowrank"
+      (U V factors) or, for the embedding only, "mps" (one TT / MPS per token
+      row: TensorGPT).
+    rank: TT, BTT or low-rank r; required unless kind is "dense".
+    num_cores: number of TT cores when dims are not given (BTT has two).
+    in_dims, out_dims: explicit TT mode sizes (default: ``tnjax.factorize``;
+      for BTT two each, default `tnjax.core.btt.btt_dims`).
     path: TTM contraction path, "auto", "dense", "direct" or "split".
     quant: None, or "int8" for weight-only per-channel int8 storage
       (projections only; see [`quantize_int8`][tnjax.compress.quantize_int8]).
@@ -93,6 +98,20 @@ class GPTConfig:
     attention_impl: passed to ``jax.nn.dot_product_attention``
       (None: XLA default; "cudnn" on GPUs for fused attention).
     dtype: computation dtype (e.g. "bfloat16"); None keeps float32.
+    vocab_multiple: a dense tied embedding table gets ``vocab_size`` rounded
+      up to a multiple of this many rows (`padded_vocab`; 50257 ->
+      50304 at 128), so the LM-head matmul has tensor-core-friendly shapes.
+      Padding rows are never looked up, their logits are masked out of the
+      loss and sliced off ``model(ids)``; exports and tokenizer-facing shapes
+      keep ``vocab_size``. Configs saved before this field existed load with 1.
+    mup_base_width: None (standard parametrization), or the width at which
+      this model's muP parametrization equals the standard one. Then every
+      projection's init std is scaled by ``sqrt(mup_base_width / d_model)``
+      (TT-matrix cores balanced by their own fan-ins, as BTT cores always
+      are) and the LM head's input by ``mup_base_width / d_model``;
+      `tnjax.train.mup_multipliers` gives the matching per-core
+      learning rates. Widths change by heads at a fixed head width, so the
+      attention scale stays ``1 / sqrt(head_dim)``.
     dims: per-block sizes that differ from the defaults, keyed "h.{i}", each a
       dict of "d_ff" (MLP width), "qk_dim" (query/key width per head) and
       "v_dim" (value width per head); what MoDeGPT compression produces.
@@ -120,6 +139,8 @@ class GPTConfig:
   attention_impl: str | None = None
   dtype: str | None = None
   dims: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+  vocab_multiple: int = 128
+  mup_base_width: int | None = None
 
   def __post_init__(self):
     # Frozen dataclass, not a pytree: normalizing here is safe and keeps
@@ -136,11 +157,56 @@ class GPTConfig:
     return 4 * self.d_model if self.d_ff is None else self.d_ff
 
   @property
+  def padded_vocab(self) -> int:
+    """Rows of the token-embedding table: ``vocab_size`` rounded up to ``vocab_multiple`` for a dense tied
+    embedding, else ``vocab_size`` (TT embeddings pad their own way; an untied head is never padded).
+
+    Example:
+      >>> GPTConfig().padded_vocab, GPTConfig(vocab_multiple=1).padded_vocab
+      (50304, 50257)
+    """
+    if self.spec("embedding").kind != "dense" or not self.tie_embeddings:
+      return self.vocab_size
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+  @property
+  def projection_std(self) -> float:
+    """Init std of the (non-residual) projections: ``init_std``, times ``sqrt(mup_base_width / d_model)`` under muP."""
+    return self.init_std * (1.0 if self.mup_base_width is None else math.sqrt(self.mup_base_width / self.d_model))
+
+  @property
+  def output_multiplier(self) -> float:
+    """Scale of the LM head's input: 1, or ``mup_base_width / d_model`` under muP."""
+    return 1.0 if self.mup_base_width is None else self.mup_base_width / self.d_model
+
+  def at_width(self, d_model: int) -> GPTConfig:
+    """This configuration widened or narrowed to ``d_model`` by heads at a fixed head width, with ``d_ff`` scaled
+    alike: the base model of muP.
+
+    Example:
+      >>> base = GPTConfig(d_model=768, n_head=12).at_width(256)
+      >>> base.d_model, base.n_head, base.ff_dim
+      (256, 4, 1024)
+    """
+    fn = "GPTConfig.at_width"
+    if (d_model * self.n_head) % self.d_model or d_model % self.head_dim:
+      raise ValueError(f"{fn}: d_model={d_model} but a multiple of head_dim={self.head_dim} is expected (widths "
+                       f"change by heads; d_model={self.d_model}, n_head={self.n_head})")
+    if self.dims:
+      raise ValueError(f"{fn}: dims={self.dims} (per-block widths) cannot be rescaled; expected no dims")
+    fixed = sorted(k for k, v in self.layers.items() if v.in_dims is not None or v.out_dims is not None)
+    if fixed:
+      raise ValueError(f"{fn}: layers {fixed} give explicit in_dims/out_dims, which do not rescale; expected "
+                       "default dims")
+    d_ff = None if self.d_ff is None else self.d_ff * d_model // self.d_model
+    return self.replace(d_model=d_model, n_head=d_model // self.head_dim, d_ff=d_ff)
+
+  @property
   def head_dim(self) -> int:
     return self.d_model // self.n_head
 
   def validate(self) -> None:
-    for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "vocab_multiple"):
       _checks.check_positive_int("GPTConfig", name, getattr(self, name))
     if self.d_model % self.n_head:
       raise ValueError(f"GPTConfig: d_model={self.d_model} but it must be divisible by n_head={self.n_head}")
@@ -166,10 +232,54 @@ class GPTConfig:
     for key, spec in self.layers.items():
       if spec.kind == "mps" and key != "embedding":
         raise ValueError(f"GPTConfig: layers[{key!r}].kind='mps' but 'mps' is for the embedding only")
+      if spec.kind == "btt" and key == "embedding":
+        raise ValueError("GPTConfig: layers['embedding'].kind='btt' but 'btt' is for projections and an untied "
+                         "lm_head; use 'dense', 'ttm' or 'mps' for the embedding")
       if spec.quant is not None and key == "embedding":
         raise ValueError(f"GPTConfig: layers['embedding'].quant={spec.quant!r} but only projections are quantized")
+    for key, spec in self.layers.items():
+      self._check_fit(key, spec)
+    if self.mup_base_width is not None:
+      _checks.check_positive_int("GPTConfig", "mup_base_width", self.mup_base_width)
     if self.tie_embeddings and "lm_head" in self.layers:
       raise ValueError("GPTConfig: layers['lm_head'] is set but tie_embeddings=True (the head is the embedding)")
+
+  def projection_shape(self, name: str, layer: int) -> tuple[int, int]:
+    """(in_features, out_features) of projection ``name`` in block ``layer`` ("lm_head": (d_model, vocab_size)).
+
+    Example:
+      >>> GPTConfig().projection_shape("attn.c_attn", 0), GPTConfig().projection_shape("mlp.c_proj", 0)
+      ((768, 2304), (3072, 768))
+    """
+    d = self.d_model
+    if name == "lm_head":
+      return d, self.vocab_size
+    f, qk, v = self.block_dims(layer)
+    return {"attn.c_attn": (d, self.n_head * (2 * qk + v)), "attn.c_proj": (self.n_head * v, d),
+            "mlp.c_fc": (d, f), "mlp.c_proj": (f, d)}[name]
+
+  def _check_fit(self, key: str, spec: LayerSpec) -> None:
+    """A TT or BTT spec's dims must cover the projection and (BTT) its rank fit the blocks, in every block."""
+    m = _LAYER_KEY.match(key)
+    name = m.group(2) if m else key
+    if spec.kind not in ("ttm", "btt") or name == "embedding":
+      return
+    where = f"GPTConfig: layers[{key!r}]"
+    for layer in ([int(m.group(1))] if m else range(self.n_layer)):
+      n_in, n_out = self.projection_shape(name, layer)
+      if spec.kind == "btt":
+        default_in, default_out = btt_dims(n_in, n_out)
+        dims = (spec.in_dims or default_in, spec.out_dims or default_out)
+        check_btt_dims(where, *dims, spec.rank)
+      else:
+        dims = (spec.in_dims, spec.out_dims)
+        if None not in dims and len(dims[0]) != len(dims[1]):
+          raise ValueError(f"{where}: in_dims={dims[0]}, out_dims={dims[1]} but one entry per core in both is "
+                           "expected")
+      for size, field, got in ((n_in, "in_dims", dims[0]), (n_out, "out_dims", dims[1])):
+        if got is not None and math.prod(got) < size:
+          raise ValueError(f"{where}: prod({field})={math.prod(got)} but the projection has {size} "
+                           f"{'inputs' if field == 'in_dims' else 'outputs'}; expected prod({field}) >= {size}")
 
   def spec(self, name: str, layer: int | None = None) -> LayerSpec:
     """The spec of projection ``name`` in block ``layer`` (most specific key wins)."""
@@ -199,7 +309,7 @@ class GPTConfig:
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
       raise ValueError(f"GPTConfig: unknown fields {sorted(unknown)}")
-    return cls(**d)
+    return cls(**{"vocab_multiple": 1, **d})  # saved before vocab padding existed: no padding
 
   @classmethod
   def from_json(cls, text: str) -> GPTConfig:

@@ -4,8 +4,8 @@ Pre-LayerNorm blocks, tanh-approximated GELU, causal attention through
 ``jax.nn.dot_product_attention`` (so GPU backends can use fused attention),
 learned position embeddings and a head tied to the token embedding unless
 the config unties it. Each projection is ``nnx.Linear`` (kernel laid out
-(in, out), like GPT-2's Conv1D), [`TTMLinear`][tnjax.nn.TTMLinear] or
-[`LowRankLinear`][tnjax.nn.LowRankLinear], as the config's ``layers`` say.
+(in, out), like GPT-2's Conv1D), [`TTMLinear`][tnjax.nn.TTMLinear],
+[`BTTLinear`][tnjax.nn.BTTLinear] or [`LowRankLinear`][tnjax.nn.LowRankLinear], as the config's ``layers`` say.
 
 Dropout applies to embeddings and to the attention and MLP outputs; fused
 attention has no dropout on attention probabilities, so GPT-2's ``attn_pdrop``
@@ -23,7 +23,7 @@ from flax import nnx
 from tnjax.core import _checks
 from tnjax.core.shapes import pad_last
 from tnjax.models.config import GPTConfig, LayerSpec
-from tnjax.nn import Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
+from tnjax.nn import BTTLinear, Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
 
 KVCache = list  # one (k, v) pair per block, each (batch, block_size, n_head, head_dim)
 
@@ -32,9 +32,15 @@ def _dtype(cfg: GPTConfig):
   return None if cfg.dtype is None else jnp.dtype(cfg.dtype)
 
 
+def _balance(cfg: GPTConfig) -> str:
+  """muP balances TT-matrix cores by their fan-ins (BTT cores always are)."""
+  return "equal" if cfg.mup_base_width is None else "fan_in"
+
+
 def make_linear(spec: LayerSpec, in_features: int, out_features: int, *, std: float, use_bias: bool,
-                dtype, rngs: nnx.Rngs) -> nnx.Module:
-  """One projection, dense or tensorized by ``spec``, with dense-equivalent init std ``std``.
+                dtype, rngs: nnx.Rngs, balance: str = "equal") -> nnx.Module:
+  """One projection, dense or tensorized by ``spec``, with dense-equivalent init std ``std`` (``balance``: how
+  TT-matrix cores share it, see [`TTMLinear`][tnjax.nn.TTMLinear]).
 
   Example:
     >>> from tnjax.models import LayerSpec
@@ -46,7 +52,10 @@ def make_linear(spec: LayerSpec, in_features: int, out_features: int, *, std: fl
   if spec.kind == "ttm":
     return TTMLinear(in_features, out_features, rank=spec.rank, in_dims=spec.in_dims, out_dims=spec.out_dims,
                      num_cores=spec.num_cores, use_bias=use_bias, path=spec.path, dtype=dtype, kernel_std=std,
-                     rngs=rngs, quant=spec.quant)
+                     rngs=rngs, quant=spec.quant, balance=balance)
+  if spec.kind == "btt":
+    return BTTLinear(in_features, out_features, rank=spec.rank, in_dims=spec.in_dims, out_dims=spec.out_dims,
+                     use_bias=use_bias, dtype=dtype, kernel_std=std, rngs=rngs, quant=spec.quant)
   if spec.kind == "lowrank":
     return LowRankLinear(in_features, out_features, rank=min(spec.rank, in_features, out_features),
                          use_bias=use_bias, dtype=dtype, kernel_std=std, rngs=rngs, quant=spec.quant)
@@ -94,9 +103,10 @@ class Attention(nnx.Module):
     self.scale = 1.0 / math.sqrt(cfg.head_dim)
     h = cfg.n_head
     self.c_attn = make_linear(cfg.spec("attn.c_attn", index), d, h * (2 * self.qk_dim + self.v_dim),
-                              std=cfg.init_std, use_bias=True, dtype=dtype, rngs=rngs)
+                              std=cfg.projection_std, use_bias=True, dtype=dtype, rngs=rngs, balance=_balance(cfg))
     self.c_proj = make_linear(cfg.spec("attn.c_proj", index), h * self.v_dim, d,
-                              std=cfg.init_std / math.sqrt(2 * cfg.n_layer), use_bias=True, dtype=dtype, rngs=rngs)
+                              std=cfg.projection_std / math.sqrt(2 * cfg.n_layer), use_bias=True, dtype=dtype,
+                              rngs=rngs, balance=_balance(cfg))
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
   def __call__(self, x, cache=None, pos=0, *, deterministic: bool = True):
@@ -123,10 +133,10 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   def __init__(self, cfg: GPTConfig, index: int, rngs: nnx.Rngs):
     d, f, dtype = cfg.d_model, cfg.block_dims(index)[0], _dtype(cfg)
-    self.c_fc = make_linear(cfg.spec("mlp.c_fc", index), d, f, std=cfg.init_std, use_bias=True, dtype=dtype,
-                            rngs=rngs)
-    self.c_proj = make_linear(cfg.spec("mlp.c_proj", index), f, d, std=cfg.init_std / math.sqrt(2 * cfg.n_layer),
-                              use_bias=True, dtype=dtype, rngs=rngs)
+    self.c_fc = make_linear(cfg.spec("mlp.c_fc", index), d, f, std=cfg.projection_std, use_bias=True, dtype=dtype,
+                            rngs=rngs, balance=_balance(cfg))
+    self.c_proj = make_linear(cfg.spec("mlp.c_proj", index), f, d, std=cfg.projection_std / math.sqrt(2 * cfg.n_layer),
+                              use_bias=True, dtype=dtype, rngs=rngs, balance=_balance(cfg))
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
   def __call__(self, x, *, deterministic: bool = True):
@@ -174,7 +184,7 @@ class GPT(nnx.Module):
                              feature_dims=emb.out_dims, num_cores=emb.num_cores, std=cfg.init_std, path=emb.path,
                              dtype=dtype, rngs=rngs)
     elif emb.kind == "dense":
-      self.wte = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
+      self.wte = nnx.Embed(cfg.padded_vocab, cfg.d_model, dtype=dtype,
                            embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
     else:
       raise ValueError(f"GPT: layers['embedding'].kind={emb.kind!r} but 'dense', 'ttm' or 'mps' is expected")
@@ -209,12 +219,32 @@ class GPT(nnx.Module):
       x, c = block(x, None if cache is None else cache[i], pos, deterministic=deterministic)
       new_cache.append(c)
     x = self.ln_f(x)
+    if self.config.output_multiplier != 1.0:
+      x = x * jnp.asarray(self.config.output_multiplier, x.dtype)
     logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
     return logits, (None if cache is None else new_cache)
 
-  def __call__(self, ids, *, deterministic: bool = True) -> jax.Array:
-    """Logits (batch, time, vocab_size) for integer ids (batch, time), time <= block_size."""
-    return self._forward(self._check_ids(ids), None, 0, deterministic)[0]
+  def __call__(self, ids, *, deterministic: bool = True, padded_logits: bool = False) -> jax.Array:
+    """Logits (batch, time, vocab_size) for integer ids (batch, time), time <= block_size.
+
+    ``padded_logits=True`` returns (batch, time, padded_vocab) with the padding
+    columns at -inf (what a softmax over them gives zero weight), which avoids
+    slicing the largest activation in a training step.
+    """
+    logits = self._forward(self._check_ids(ids), None, 0, deterministic)[0]
+    return self._mask_padding(logits) if padded_logits else logits[..., : self.config.vocab_size]
+
+  def _mask_padding(self, logits: jax.Array) -> jax.Array:
+    vocab = self.config.vocab_size
+    if logits.shape[-1] == vocab:
+      return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, jnp.asarray(-jnp.inf, logits.dtype))
+
+  @property
+  def embedding_table(self) -> jax.Array:
+    """The dense (vocab_size, d_model) token-embedding table, whatever its storage, padding removed."""
+    table = self.wte.embedding
+    return (table[...] if isinstance(table, nnx.Variable) else table)[: self.config.vocab_size]
 
   def init_cache(self, batch: int, dtype=jnp.float32) -> KVCache:
     """Zeroed keys and values for every block: (batch, block_size, n_head, qk_dim or v_dim) each."""
@@ -225,8 +255,12 @@ class GPT(nnx.Module):
 
   def step(self, ids, cache: KVCache, pos) -> tuple[jax.Array, KVCache]:
     """Logits for ``ids`` placed at positions pos.., reading and extending the KV cache."""
-    return self._forward(self._check_ids(ids, pos), cache, pos, True)
+    logits, cache = self._forward(self._check_ids(ids, pos), cache, pos, True)
+    return logits[..., : self.config.vocab_size], cache
 
   @property
   def num_params(self) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nnx.state(self, nnx.Param)))
+    """Parameters, not counting the embedding's padding rows (never used)."""
+    cfg = self.config
+    padding = (cfg.padded_vocab - cfg.vocab_size) * cfg.d_model
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nnx.state(self, nnx.Param))) - padding

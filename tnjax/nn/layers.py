@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from tnjax.core import _checks
+from tnjax.core.btt import BlockTT, btt_dims, btt_from_dense, btt_matvec, btt_to_dense, check_btt_dims, random_btt
 from tnjax.core.decompositions import tt_svd, ttm_svd
 from tnjax.core.initializers import random_tt, random_ttm
 from tnjax.core.linear import H100, PATHS, CostModel, gather_rows, linear, transpose
@@ -92,7 +93,8 @@ def _core_params(cores) -> int:
   return sum(math.prod(c.shape) for c in cores)
 
 
-def _make_cores(fn: str, rows: tuple, cols: tuple, *, rank, num_cores, std, param_dtype, rngs, ttm) -> nnx.List:
+def _make_cores(fn: str, rows: tuple, cols: tuple, *, rank, num_cores, std, param_dtype, rngs, ttm,
+                balance: str = "equal") -> nnx.List:
   """Cores as TTParams: given ones (checked to cover the sizes) or a random init.
 
   ``rows`` and ``cols`` are (size name, size, dims name, dims or None).
@@ -102,7 +104,7 @@ def _make_cores(fn: str, rows: tuple, cols: tuple, *, rank, num_cores, std, para
     _need_init(fn, rank, rngs, "ttm=")
     row_dims = _layer_dims(fn, n_rows, row_dims, num_cores, row_dims_name, rows_name)
     col_dims = _layer_dims(fn, n_cols, col_dims, len(row_dims), col_dims_name, cols_name)
-    ttm = random_ttm(rngs.params(), row_dims, col_dims, rank, std=std, dtype=param_dtype)
+    ttm = random_ttm(rngs.params(), row_dims, col_dims, rank, std=std, dtype=param_dtype, balance=balance)
   elif not isinstance(ttm, TTMatrix):
     raise ValueError(f"{fn}: ttm is a {type(ttm).__name__} but a TTMatrix is expected")
   elif ttm.shape[0] < n_rows or ttm.shape[1] < n_cols:
@@ -140,6 +142,9 @@ class TTMLinear(nnx.Module):
     ttm: existing cores to wrap (e.g. from ``ttm_svd``) instead of a random init.
     quant: None, or "int8": cores stored as int8 with per-channel scales
       ([`tnjax.nn.quant`][tnjax.nn.quant]), dequantized when the layer runs.
+    balance: how a random init spreads ``kernel_std`` over the cores: "equal"
+      stds, or "fan_in" (each core's variance proportional to one over its own
+      fan-in ``r[k] * n_in[k]``: the muP init); see [`random_ttm`][tnjax.random_ttm].
 
   Example:
     >>> from flax import nnx
@@ -151,7 +156,8 @@ class TTMLinear(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, rank=None, in_dims=None, out_dims=None,
                num_cores: int = 3, use_bias: bool = True, path: str = "auto", dtype=None,
                param_dtype=jnp.float32, kernel_std: float | None = None, cost: CostModel = H100,
-               precision=None, rngs: nnx.Rngs | None = None, ttm: TTMatrix | None = None, quant=None):
+               precision=None, rngs: nnx.Rngs | None = None, ttm: TTMatrix | None = None, quant=None,
+               balance: str = "equal"):
     fn = "TTMLinear"
     self.in_features = _checks.check_positive_int(fn, "in_features", in_features)
     self.out_features = _checks.check_positive_int(fn, "out_features", out_features)
@@ -160,7 +166,8 @@ class TTMLinear(nnx.Module):
     std = 1.0 / math.sqrt(in_features) if kernel_std is None else kernel_std
     cores = _make_cores(fn, ("in_features", in_features, "in_dims", in_dims),
                         ("out_features", out_features, "out_dims", out_dims),
-                        rank=rank, num_cores=num_cores, std=std, param_dtype=param_dtype, rngs=rngs, ttm=ttm)
+                        rank=rank, num_cores=num_cores, std=std, param_dtype=param_dtype, rngs=rngs, ttm=ttm,
+                        balance=balance)
     self.quant = _check_quant(fn, quant)
     values, scales = _stored([c[...] for c in cores], self.quant)
     self.cores = nnx.List([TTParam(v) for v in values])
@@ -450,6 +457,112 @@ class MPSEmbedding(nnx.Module):
     return jnp.matmul(x.astype(table.dtype), table.T)
 
 
+class BTTLinear(nnx.Module):
+  """A dense layer whose kernel is a Block Tensor-Train matrix (`tnjax.core.btt`); Monarch at rank 1.
+
+  ``x @ W`` is two batched matmuls; parameters and multiply-adds per token
+  are both ``r * (m * n1 + n * m2)`` for ``m = m1 * m2`` inputs and
+  ``n = n1 * n2`` outputs. Sizes that do not factor are padded internally,
+  as `TTMLinear`.
+
+  Args:
+    in_features, out_features: layer sizes.
+    rank: r, at most ``min(m1, n2)``.
+    in_dims, out_dims: (m1, m2) and (n1, n2); default `tnjax.core.btt.btt_dims`.
+    use_bias, dtype, param_dtype, precision: as ``nnx.Linear``.
+    kernel_std: std of the dense-equivalent W at init (default ``1 / sqrt(in_features)``); each core's std
+      follows its own fan-in (`tnjax.core.btt.btt_core_stds`).
+    rngs: ``nnx.Rngs``; needed unless ``btt`` is given.
+    btt: existing cores to wrap (e.g. from `tnjax.btt_from_dense`).
+    quant: None, or "int8" (cores stored as int8 with per-channel scales).
+
+  Example:
+    >>> from flax import nnx
+    >>> layer = BTTLinear(768, 3072, rank=4, rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((2, 768))).shape, layer.in_dims, layer.out_dims, layer.num_params
+    ((2, 3072), (32, 24), (48, 64), 445440)
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, rank=None, in_dims=None, out_dims=None,
+               use_bias: bool = True, dtype=None, param_dtype=jnp.float32, kernel_std: float | None = None,
+               precision=None, rngs: nnx.Rngs | None = None, btt: BlockTT | None = None, quant=None):
+    fn = "BTTLinear"
+    self.in_features = _checks.check_positive_int(fn, "in_features", in_features)
+    self.out_features = _checks.check_positive_int(fn, "out_features", out_features)
+    self.dtype, self.precision = dtype, precision
+    if btt is None:
+      _need_init(fn, rank, rngs, "btt=")
+      default_in, default_out = btt_dims(in_features, out_features)
+      in_dims = _layer_dims(fn, in_features, default_in if in_dims is None else in_dims, 2, "in_dims", "in_features")
+      out_dims = _layer_dims(fn, out_features, default_out if out_dims is None else out_dims, 2, "out_dims",
+                             "out_features")
+      in_dims, out_dims, rank = check_btt_dims(fn, in_dims, out_dims, rank)
+      std = 1.0 / math.sqrt(in_features) if kernel_std is None else kernel_std
+      btt = random_btt(rngs.params(), in_dims, out_dims, rank, std=std, dtype=param_dtype)
+    elif not isinstance(btt, BlockTT):
+      raise ValueError(f"{fn}: btt is a {type(btt).__name__} but a BlockTT is expected")
+    elif btt.shape[0] < in_features or btt.shape[1] < out_features:
+      raise ValueError(f"{fn}: btt.shape={btt.shape} but it must cover (in_features, out_features)="
+                       f"({in_features}, {out_features})")
+    self.quant = _check_quant(fn, quant)
+    values, scales = _stored([jnp.asarray(c, param_dtype) for c in btt.cores], self.quant)
+    self.cores = nnx.List([TTParam(v) for v in values])
+    self.scales = None if scales is None else nnx.List([TTParam(v) for v in scales])
+    self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+  @classmethod
+  def from_dense(cls, kernel, bias=None, *, rank: int, in_dims=None, out_dims=None, **kwargs) -> BTTLinear:
+    """A layer whose kernel is the best rank-``rank`` BTT approximation of ``kernel`` (per-block SVD)."""
+    fn = "BTTLinear.from_dense"
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != 2:
+      raise ValueError(f"{fn}: kernel.shape={kernel.shape} but a 2-d (in, out) kernel is expected")
+    m, n = kernel.shape
+    default_in, default_out = btt_dims(m, n)
+    in_dims = _layer_dims(fn, m, default_in if in_dims is None else in_dims, 2, "in_dims", "kernel.shape[0]")
+    out_dims = _layer_dims(fn, n, default_out if out_dims is None else out_dims, 2, "out_dims", "kernel.shape[1]")
+    layer = cls(m, n, btt=btt_from_dense(kernel, in_dims, out_dims, rank), use_bias=bias is not None, **kwargs)
+    if bias is not None:
+      layer.bias[...] = jnp.asarray(bias, layer.bias.dtype).reshape(n)
+    return layer
+
+  @property
+  def btt(self) -> BlockTT:
+    return BlockTT(tuple(_weights(self.cores, self.scales)))
+
+  @property
+  def in_dims(self) -> tuple[int, int]:
+    return (self.cores[0].shape[1], self.cores[0].shape[0])
+
+  @property
+  def out_dims(self) -> tuple[int, int]:
+    return (self.cores[0].shape[3], self.cores[1].shape[3])
+
+  @property
+  def rank(self) -> int:
+    return self.cores[0].shape[2]
+
+  @property
+  def num_params(self) -> int:
+    scales = 0 if self.scales is None else _core_params(self.scales)
+    return _core_params(self.cores) + scales + (self.out_features if self.bias is not None else 0)
+
+  @property
+  def kernel(self) -> jax.Array:
+    """The dense-equivalent (in_features, out_features) kernel, padding removed."""
+    return btt_to_dense(self.btt)[: self.in_features, : self.out_features]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _checks.check_last_dim("BTTLinear", x, self.in_features, "in_features")
+    btt, bias = self.btt, None if self.bias is None else self.bias[...]
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+      btt = jax.tree_util.tree_map(lambda c: c.astype(self.dtype), btt)
+      bias = None if bias is None else bias.astype(self.dtype)
+    y = btt_matvec(btt, pad_last(x, btt.shape[0]), precision=self.precision)[..., : self.out_features]
+    return _add_bias(y, bias)
+
+
 class LowRankLinear(nnx.Module):
   """A dense layer with kernel ``W = u @ v`` of rank r: the truncated-SVD baseline.
 
@@ -540,3 +653,36 @@ class LowRankLinear(nnx.Module):
       bias = None if bias is None else bias.astype(self.dtype)
     y = jnp.matmul(jnp.matmul(x, u, precision=self.precision), v, precision=self.precision)
     return _add_bias(y, bias)
+
+
+def hidden_fan_ins(module: nnx.Module) -> dict[str, int]:
+  """The fan-in of every hidden matrix in ``module``, by dotted parameter name (as ``nnx.to_flat_state``).
+
+  Hidden matrices are projection kernels, TT-matrix and BTT cores and
+  low-rank factors; each core is a batched matrix whose fan-in is the number
+  of inputs one of its outputs sums over: ``r[k] * n_in[k]`` for TT-matrix
+  core k, ``m1`` and ``r * m2`` for the BTT cores, ``in`` for ``u`` and ``r``
+  for ``v``. Embeddings, norms, biases, int8 layers and an untied ``lm_head``
+  (scaled by the model's output multiplier instead) are absent: muP keeps
+  their learning rates. Used by `tnjax.train.mup_multipliers`.
+
+  Example:
+    >>> from flax import nnx
+    >>> hidden_fan_ins(BTTLinear(768, 3072, rank=4, rngs=nnx.Rngs(0)))
+    {'cores.0': 32, 'cores.1': 96}
+  """
+  out = {}
+  for path, node in nnx.iter_graph(module):
+    if path[:1] == ("lm_head",):
+      continue
+    prefix = "".join(f"{p}." for p in path)
+    if isinstance(node, nnx.Linear):
+      out[prefix + "kernel"] = node.kernel.shape[0]
+    elif isinstance(node, TTMLinear) and node.quant is None:
+      out.update({f"{prefix}cores.{k}": c.shape[0] * c.shape[1] for k, c in enumerate(node.cores)})
+    elif isinstance(node, BTTLinear) and node.quant is None:
+      left, right = node.cores
+      out.update({prefix + "cores.0": left.shape[1], prefix + "cores.1": right.shape[1] * right.shape[2]})
+    elif isinstance(node, LowRankLinear) and node.quant is None:
+      out.update({prefix + "u": node.u.shape[0], prefix + "v": node.v.shape[0]})
+  return out

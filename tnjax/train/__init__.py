@@ -2,6 +2,7 @@
 
 from tnjax.train.config import TrainConfig, apply_overrides, resolve
 from tnjax.train.loop import FlatParams, Trainer, make_optimizer, param_shardings, train
+from tnjax.train.mup import mup_multipliers, scale_by_multipliers
 
 __all__ = ["TrainConfig", "resolve", "apply_overrides", "train", "Trainer", "FlatParams", "make_optimizer",
-           "param_shardings"]
+           "param_shardings", "mup_multipliers", "scale_by_multipliers"]

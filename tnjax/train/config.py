@@ -15,6 +15,7 @@ from tnjax.core import _checks
 from tnjax.data import SAMPLE_DIR
 
 _TTM16 = {"kind": "ttm", "rank": 16}
+PARAMETRIZATIONS = ("standard", "mup")
 
 
 @dataclasses.dataclass
@@ -32,6 +33,12 @@ class TrainConfig:
     batch_size: sequences per optimizer step (split into ``grad_accum`` micro-batches).
     dtype: computation dtype ("float32" or "bfloat16"; parameters and optimizer stay float32).
     fsdp: shard parameters and optimizer state over devices, not only the batch.
+    parametrization: "standard", or "mup": the model gets ``mup_base_width``
+      (init stds and output multiplier, see ``GPTConfig.mup_base_width``)
+      and every hidden matrix and TT/BTT core its own learning-rate
+      multiplier (`tnjax.train.mup_multipliers`), so ``lr`` tuned at
+      ``d_model = mup_base_width`` carries over to wider models.
+    mup_base_width: the width at which muP equals the standard parametrization.
 
   Example:
     >>> cfg = TrainConfig(steps=1000, layers={"mlp.c_fc": {"kind": "ttm", "rank": 64}}, dtype="bfloat16")
@@ -68,6 +75,8 @@ class TrainConfig:
   keep: int = 3
   seed: int = 0
   fsdp: bool = False
+  parametrization: str = "standard"
+  mup_base_width: int = 128
   out_dir: str = "runs/tiny-ttm"
 
   def validate(self) -> TrainConfig:
@@ -90,6 +99,9 @@ class TrainConfig:
     if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup < 0:
       raise ValueError(f"{fn}: lr={self.lr}, min_lr_ratio={self.min_lr_ratio}, warmup={self.warmup} but lr > 0, "
                        "0 <= min_lr_ratio <= 1 and warmup >= 0 are expected")
+    if self.parametrization not in PARAMETRIZATIONS:
+      raise ValueError(f"{fn}: parametrization={self.parametrization!r} but one of {PARAMETRIZATIONS} is expected")
+    _checks.check_positive_int(fn, "mup_base_width", self.mup_base_width)
     # Optimizer and seed: a negative clip norm flips the gradients, b >= 1 never forgets.
     for name, ok, expected in (("grad_clip", self.grad_clip > 0, "grad_clip > 0"),
                                ("b1", 0 <= self.b1 < 1, "0 <= b1 < 1"), ("b2", 0 <= self.b2 < 1, "0 <= b2 < 1"),
@@ -104,12 +116,15 @@ class TrainConfig:
     return self
 
   def model_config(self, vocab_size: int):
-    """The GPTConfig this run builds (preset, overrides, layers, dtype) for a tokenizer of ``vocab_size``."""
+    """The GPTConfig this run builds (preset, overrides, layers, dtype, muP base width) for a tokenizer of
+    ``vocab_size``."""
     from tnjax.models import preset
 
+    mup = self.mup_base_width if self.parametrization == "mup" else None
     try:
       return preset(self.model, **{**self.model_overrides, "vocab_size": vocab_size, "block_size": self.block_size,
-                                   "layers": self.layers, "dtype": None if self.dtype == "float32" else self.dtype})
+                                   "layers": self.layers, "dtype": None if self.dtype == "float32" else self.dtype,
+                                   "mup_base_width": mup})
     except (TypeError, ValueError) as e:  # GPTConfig raises TypeError for unknown or ill-typed overrides
       raise ValueError(f"TrainConfig: model={self.model!r}, model_overrides={self.model_overrides!r}, "
                        f"layers={self.layers!r} do not make a model: {e}") from e

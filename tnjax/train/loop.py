@@ -25,6 +25,7 @@ from tnjax.data import eval_batches, load_tokenizer, token_cache, train_batch, t
 from tnjax.data.cache import file_sha256
 from tnjax.models import GPT
 from tnjax.train.config import TrainConfig
+from tnjax.train.mup import mup_multipliers, scale_by_multipliers
 
 
 def _name(path) -> str:
@@ -48,9 +49,10 @@ class FlatParams:
     return self.treedef.unflatten([flat[n] for n in self.names])
 
 
-def make_optimizer(cfg: TrainConfig, params: dict) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, params: dict, multipliers: dict | None = None) -> optax.GradientTransformation:
   """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``, global-norm clipping,
-  and weight decay only on matrices and TT cores (not on norms and biases).
+  and weight decay only on matrices and TT cores (not on norms and biases); with ``multipliers``
+  (``{name: float}`` for some of ``params``, e.g. muP's), each parameter's update is scaled by its own.
 
   Example:
     >>> import jax.numpy as jnp
@@ -65,8 +67,14 @@ def make_optimizer(cfg: TrainConfig, params: dict) -> optax.GradientTransformati
       init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup, decay_steps=max(cfg.steps, cfg.warmup + 1),
       end_value=cfg.lr * cfg.min_lr_ratio)
   decay = {k: v.ndim >= 2 for k, v in params.items()}
-  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                     optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay))
+  tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                   optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay))
+  if not multipliers:
+    return tx
+  unknown = sorted(set(multipliers) - set(params))
+  if unknown:
+    raise ValueError(f"make_optimizer: multipliers name {unknown[:4]} but the parameters have no such names")
+  return optax.chain(tx, scale_by_multipliers({k: float(multipliers.get(k, 1.0)) for k in params}))
 
 
 def param_shardings(params: dict, mesh, fsdp: bool) -> dict:
@@ -134,7 +142,10 @@ class Trainer:
                        f"{self.mesh.devices.size} devices")
     self.shardings = param_shardings(params, self.mesh, cfg.fsdp)
     self.params = jax.device_put(params, self.shardings)
-    self.tx = make_optimizer(cfg, params)
+    multipliers = None
+    if self.model_config.mup_base_width is not None:  # ".value" ends the names of nnx variables' arrays
+      multipliers = {f"{k}.value": v for k, v in mup_multipliers(self.model_config).items()}
+    self.tx = make_optimizer(cfg, params, multipliers)
     # Moments follow their parameters' sharding; scalars (the step count) are replicated.
     opt_state = jax.jit(self.tx.init)(self.params)
     replicated = NamedSharding(self.mesh, P())
@@ -153,7 +164,7 @@ class Trainer:
 
   def _loss(self, params, x, y, key):
     model = nnx.merge(self.graphdef, self.flat.state(params), _reseed(self.rest, key))
-    return _cross_entropy(model(x, deterministic=not self.dropout), y)
+    return _cross_entropy(model(x, deterministic=not self.dropout, padded_logits=True), y)
 
   def _train_step(self, params, opt_state, x, y, key):
     def micro(carry, xy):
@@ -161,16 +172,19 @@ class Trainer:
       loss, grads = jax.value_and_grad(self._loss)(params, xy[0], xy[1], jax.random.fold_in(key, i))
       return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads), i + 1), None
 
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    (loss, grads, _), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros, 0), (x, y))
     n = x.shape[0]
-    grads = jax.tree_util.tree_map(lambda g: g / n, grads)
+    if n == 1:  # no accumulation: skip the scan and the zeroed gradient buffers (a dense step's last few %)
+      loss, grads = jax.value_and_grad(self._loss)(params, x[0], y[0], jax.random.fold_in(key, 0))
+    else:
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+      (loss, grads, _), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros, 0), (x, y))
+      grads = jax.tree_util.tree_map(lambda g: g / n, grads)
     updates, opt_state = self.tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss / n, optax.tree.norm(grads)
 
   def _eval_loss(self, params, x, y):
     model = nnx.merge(self.graphdef, self.flat.state(params), self.rest)
-    return _cross_entropy(model(x), y)
+    return _cross_entropy(model(x, padded_logits=True), y)
 
   def put_batch(self, x, y):
     a = self.cfg.grad_accum
