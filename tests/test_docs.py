@@ -37,6 +37,7 @@ def test_docstring_examples(name, default_jax_config):
   assert result.attempted > 0 and result.failed == 0
 
 
+@pytest.mark.slow  # about 30 s of eager TT-SVDs at GPT-2 sizes; .ci/run runs it
 def test_readme_python_block(default_jax_config):
   blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
   assert blocks

@@ -78,7 +78,14 @@ def test_few_steps_lower_the_loss_and_write_outputs(tmp_path):
   assert events and events[0].stat().st_size > 0
 
 
-def test_refuses_silent_fresh_start_and_bad_resume(tmp_path):
+def test_resume_refusals_a_moved_run_and_a_corrupt_checkpoint(tmp_path, monkeypatch, capsys):
+  """One short run, then: refusals; a moved run that resumes with more steps (said on stderr), logs each step once,
+  starts its progress bar after the compiling step and warns of no deprecation; and a corrupt checkpoint."""
+  import shutil
+  import warnings
+
+  import tqdm
+
   out = tmp_path / "run"
   train(_cfg(out, "steps=4", "checkpoint_every=2", "eval_every=4"), progress=False)
   with pytest.raises(ValueError, match=r"already has checkpoints; pass --resume"):
@@ -87,12 +94,31 @@ def test_refuses_silent_fresh_start_and_bad_resume(tmp_path):
     train(_cfg(out, "steps=6", "checkpoint_every=2", "eval_every=4", "lr=0.5"), resume=True, progress=False)
   with pytest.raises(ValueError, match=r"--resume but .*train_config.json does not exist"):
     train(_cfg(tmp_path / "empty", "steps=4"), resume=True, progress=False)
-  latest = out / "checkpoints" / "4"
-  for f in latest.rglob("*"):
+
+  with open(out / "metrics.jsonl", "a") as f:  # as if the run had logged two steps past its last checkpoint
+    f.write(json.dumps({"step": 5, "loss": 9.0}) + "\n" + json.dumps({"step": 6, "loss": 9.0}) + "\n")
+  moved = tmp_path / "elsewhere" / "moved"
+  shutil.move(str(out), str(moved))
+  bars = []
+  real = tqdm.tqdm
+  monkeypatch.setattr(tqdm, "tqdm", lambda *a, **k: bars.append(k) or real(*a, **k))
+  capsys.readouterr()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    train(_cfg(moved, "steps=6", "checkpoint_every=2", "eval_every=4"), resume=True, progress=False)
+  err = capsys.readouterr().err
+  assert "resuming at step 4 with steps=6 (the saved run had steps=4)" in err and "schedule" in err
+  steps = [m["step"] for m in map(json.loads, (moved / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+  assert steps == [1, 2, 3, 4, 5, 6] and _losses(moved)[5] != 9.0
+  assert bars and bars[0]["initial"] == 5  # the bar (and its ETA) starts after the first, compiling, step
+  ours = [w for w in caught if issubclass(w.category, DeprecationWarning) and "tnjax" in w.filename]
+  assert not ours, [str(w.message) for w in ours]
+
+  for f in (moved / "checkpoints" / "6").rglob("*"):
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(b"garbage")
-  with pytest.raises(ValueError, match=r"checkpoint at step 4 .* could not be restored"):
-    train(_cfg(out, "steps=6", "checkpoint_every=2", "eval_every=4"), resume=True, progress=False)
+  with pytest.raises(ValueError, match=r"checkpoint at step 6 .* could not be restored"):
+    train(_cfg(moved, "steps=8", "checkpoint_every=2", "eval_every=4"), resume=True, progress=False)
 
 
 def _cli(out, *extra):
@@ -185,33 +211,6 @@ def test_example_configs_resolve(name):
   cfg = resolve(str(ROOT / "examples" / "configs" / f"{name}.toml"))
   assert cfg.model == "gpt2" and cfg.model_overrides["d_model"] == 512 and cfg.train_files
   assert (cfg.layers == {}) == (name == "corpus_dense")
-
-
-def test_moved_run_resumes_states_the_schedule_change_and_logs_each_step_once(tmp_path, monkeypatch, capsys):
-  import shutil
-  import warnings
-
-  import tqdm
-
-  first = tmp_path / "first"
-  train(_cfg(first, "steps=4", "checkpoint_every=2", "eval_every=4"), progress=False)
-  with open(first / "metrics.jsonl", "a") as f:  # as if the run had logged two steps past its last checkpoint
-    f.write(json.dumps({"step": 5, "loss": 9.0}) + "\n" + json.dumps({"step": 6, "loss": 9.0}) + "\n")
-  moved = tmp_path / "elsewhere" / "moved"
-  shutil.move(str(first), str(moved))
-  bars = []
-  real = tqdm.tqdm
-  monkeypatch.setattr(tqdm, "tqdm", lambda *a, **k: bars.append(k) or real(*a, **k))
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    train(_cfg(moved, "steps=6", "checkpoint_every=2", "eval_every=4"), resume=True, progress=False)
-  err = capsys.readouterr().err
-  assert "resuming at step 4 with steps=6 (the saved run had steps=4)" in err and "schedule" in err
-  steps = [m["step"] for m in map(json.loads, (moved / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
-  assert steps == [1, 2, 3, 4, 5, 6] and _losses(moved)[5] != 9.0
-  assert bars and bars[0]["initial"] == 5  # the bar (and its ETA) starts after the first, compiling, step
-  ours = [w for w in caught if issubclass(w.category, DeprecationWarning) and "tnjax" in w.filename]
-  assert not ours, [str(w.message) for w in ours]
 
 
 def test_tokenizer_is_rebuilt_when_its_sources_change(tmp_path, capsys):
