@@ -16,6 +16,7 @@ def _ids(shape, vocab=512, seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
 
 
+@pytest.mark.slow  # layer-level full-rank tests (tests/nn) stay in the default run
 def test_tensorized_at_full_rank_gives_dense_logits():
   small = dict(vocab_size=128, d_model=64, n_head=2, block_size=32)  # full-rank TT-SVDs stay cheap
   dense = GPT(preset("tiny", **small), rngs=nnx.Rngs(0))
