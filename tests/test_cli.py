@@ -122,6 +122,7 @@ def _train_argv(out, text, *extra):
   return ["train", "--no-progress"] + [a for s in sets for a in ("--set", s)]
 
 
+@pytest.mark.slow  # two real processes; the in-process Ctrl-C test below stays in the default run
 def test_ctrl_c_exits_130_keeps_the_checkpoint_and_a_corrupt_one_is_one_line(tmp_path):
   """Real processes: SIGINT mid-run keeps a checkpoint that restores; a corrupt one is one line, exit 2."""
   import os

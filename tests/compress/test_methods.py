@@ -115,7 +115,11 @@ def test_int8_round_trip_and_bytes(trained, ids):
   scales = 2 * (3 * d + d + f + d)
   assert count_bytes(trained) - count_bytes(q) == 4 * w8 - (w8 + 4 * scales)
   assert rel_err(q, trained(ids), ids) < 0.02
-  # On top of MPO and SVD: cores and factors quantized, logits close to the float model.
+
+
+@pytest.mark.slow  # two compressions, then int8 on each
+def test_int8_on_top_of_mpo_and_svd(trained, ids):
+  """Cores and factors quantized, logits close to the float model."""
   for base in (mpo_compress(trained, chi=8), svd_compress(trained, rank=8)):
     assert rel_err(quantize_int8(base), base(ids), ids) < 0.02
 

@@ -50,6 +50,7 @@ def test_forward_and_gradients_equal_float64_reference(rng, layout, tokens):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(np.asarray(want)).max())
 
 
+@pytest.mark.slow  # GPT-2-sized kernels in Pallas interpret mode on CPU
 def test_batch_shapes_bfloat16_and_linear_path(rng):
   w, x, _ = _case(rng, (16, 48), (192, 16), 8, 6)
   x3 = x.reshape(2, 3, 768)
