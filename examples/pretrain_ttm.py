@@ -1,7 +1,7 @@
 """Pre-train a GPT whose MLPs are TT-matrices, next to the dense GPT of the same shape, and compare.
 
   python examples/pretrain_ttm.py --smoke            # tiny models on the packaged sample, CPU, about a minute
-  python examples/pretrain_ttm.py --corpus           # the 6-layer GPTs of examples/configs on the project corpus (GPU)
+  python examples/pretrain_ttm.py --corpus           # the 6-layer GPTs of examples/configs (GPU)
 
 Each run is an ordinary ``tnjax train`` run (checkpoints, report.md, loss.png in its directory).
 """

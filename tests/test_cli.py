@@ -1,5 +1,6 @@
 import json
 
+import jax
 import pytest
 
 from tests.data.test_tokenizer import TEXT
@@ -33,7 +34,7 @@ def test_eval_and_generate(model_dir, capsys):
 def test_errors_exit_2(model_dir, tmp_path, capsys):
   d, _ = model_dir
   assert main(["eval", "--model", str(tmp_path / "nowhere"), "--text", "x"]) == 2
-  assert "config.json does not exist" in capsys.readouterr().err
+  assert "nowhere is not a directory" in capsys.readouterr().err
   assert main(["generate", "--model", str(d), "--prompt", "the", "--max-new-tokens", "100"]) == 2
   assert "but block_size=64" in capsys.readouterr().err
 
@@ -55,6 +56,7 @@ def test_compress_sweep_writes_report_plot_and_models(model_dir, tmp_path, capsy
   assert (out / "ratio-0.5" / "model" / "tokenizer.json").exists()
 
 
+@pytest.mark.slow  # calibration, healing and int8 end to end
 def test_compress_modegpt_heal_int8(model_dir, tmp_path, capsys):
   d, text = model_dir
   out = tmp_path / "mode"
@@ -78,3 +80,116 @@ def test_compress_errors_exit_2(model_dir, tmp_path, capsys, extra, match):
   d, _ = model_dir
   assert main(["compress", "--model", str(d), "--out", str(tmp_path / "o")] + extra) == 2
   assert match in capsys.readouterr().err
+
+
+def test_version_help_and_list_fields(capsys):
+  import tnjax
+
+  with pytest.raises(SystemExit) as e:
+    main(["--version"])
+  assert e.value.code == 0 and capsys.readouterr().out.strip() == f"tnjax {tnjax.__version__}"
+  with pytest.raises(SystemExit) as e:
+    main(["train", "--help"])
+  out = capsys.readouterr().out
+  assert e.value.code == 0 and "grad_clip (float) = 1.0" in out and "layers={}" in out and "dense" in out
+  assert main(["train", "--list-fields"]) == 0
+  out = capsys.readouterr().out
+  from tnjax.train import TrainConfig
+
+  assert all(f"  {name} (" in out for name in TrainConfig().to_dict())
+
+
+def test_compress_refuses_to_overwrite_a_run_unless_asked(model_dir, tmp_path, capsys):
+  d, _ = model_dir
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "report.md").write_text("# Training report")
+  (run / "report.json").write_text("{}")
+  assert main(["compress", "--model", str(d), "--method", "svd", "--ratio", "0.5", "--out", str(run)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "already holds ['report.json', 'report.md']" in err and "--overwrite" in err
+  assert (run / "report.md").read_text() == "# Training report" and not (run / "model").exists()
+  assert main(["compress", "--model", str(d), "--method", "svd", "--ratio", "0.5", "--out", str(run),
+               "--overwrite"]) == 0
+  assert "# tnjax compress: svd" in (run / "report.md").read_text() and (run / "model" / "config.json").exists()
+  assert not [p for p in run.rglob("*.tmp")]
+
+
+def _train_argv(out, text, *extra):
+  sets = ['model_overrides={"n_layer": 1, "d_model": 32, "n_head": 2}', "layers={}", "vocab_size=300",
+          "block_size=16", "batch_size=2", "eval_batches=1", "log_every=1000", "eval_every=100000", "keep=2",
+          f"train_files=[\"{text}\"]", f"valid_files=[\"{text}\"]", f"out_dir={out}", *extra]
+  return ["train", "--no-progress"] + [a for s in sets for a in ("--set", s)]
+
+
+@pytest.mark.slow  # two real processes; the in-process Ctrl-C test below stays in the default run
+def test_ctrl_c_exits_130_keeps_the_checkpoint_and_a_corrupt_one_is_one_line(tmp_path):
+  """Real processes: SIGINT mid-run keeps a checkpoint that restores; a corrupt one is one line, exit 2."""
+  import os
+  import pathlib
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from tnjax.data import SAMPLE_DIR
+  from tnjax.train import resolve
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = {**os.environ, "PYTHONPATH": str(root)}
+  text = tmp_path / "text.txt"
+  text.write_text((SAMPLE_DIR / "valid.txt").read_text()[:20000])
+  out = tmp_path / "run"
+  argv = _train_argv(out, text, "steps=1000000", "checkpoint_every=2")
+  proc = subprocess.Popen([sys.executable, "-m", "tnjax", *argv], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while not (out / "checkpoints" / "4").exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-2000:]
+  assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("tnjax train: interrupted"), err[-2000:]
+
+  # The last checkpoint restores into a fresh trainer (no training step: nothing more to compile).
+  from tnjax.data import load_tokenizer
+  from tnjax.train import Trainer, loop
+
+  latest = max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+  sets = argv[3::2]  # the --set values
+  cfg = resolve(None, sets)
+  with jax.numpy_dtype_promotion("standard"):  # optax mixes its int step count with floats
+    trainer = Trainer(cfg, load_tokenizer(out / "tokenizer.json").get_vocab_size())
+    manager = loop._checkpoint_manager(out, cfg)
+    try:
+      assert loop._restore(manager, trainer) == latest
+    finally:
+      manager.close()
+
+  for f in (out / "checkpoints" / str(latest)).rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(b"garbage")
+  again = [a for s in sets if not s.startswith("steps=") for a in ("--set", s)]
+  r = subprocess.run([sys.executable, "-m", "tnjax", "train", *again, "--set", f"steps={latest + 5}", "--resume"],
+                     env=env, capture_output=True, text=True, timeout=300)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr, r.stderr
+  assert lines[-1].startswith(f"tnjax train: train: checkpoint at step {latest} in ") and \
+      "could not be restored" in lines[-1], r.stderr
+
+
+def test_unexpected_errors_keep_their_traceback_and_ctrl_c_is_130(monkeypatch, capsys):
+  import tnjax.cli
+
+  def boom(args):
+    raise RuntimeError("a bug, not a bad input")
+
+  def interrupted(args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(tnjax.cli, "cmd_eval", boom)
+  with pytest.raises(RuntimeError, match="a bug"):  # not swallowed: its traceback reaches the user
+    main(["eval", "--model", "m", "--text", "t"])
+  monkeypatch.setattr(tnjax.cli, "cmd_eval", interrupted)
+  assert main(["eval", "--model", "m", "--text", "t"]) == 130
+  assert capsys.readouterr().err == "tnjax eval: interrupted; checkpoints and files already written are intact\n"

@@ -15,7 +15,7 @@ MODULES = ["tnjax.core.decompositions", "tnjax.core.ops", "tnjax.core.initialize
            "tnjax.compress.modegpt",
            "tnjax.compress.tuning", "tnjax.compress._model", "tnjax.compress.report", "tnjax.interop.native",
            "tnjax.interop.hf", "tnjax.eval", "tnjax.train.config", "tnjax.train.loop", "tnjax.data.tokenizer",
-           "tnjax.data.cache"]
+           "tnjax.data.cache", "tnjax._io"]
 
 
 @pytest.fixture
@@ -37,6 +37,7 @@ def test_docstring_examples(name, default_jax_config):
   assert result.attempted > 0 and result.failed == 0
 
 
+@pytest.mark.slow  # about 30 s of eager TT-SVDs at GPT-2 sizes; .ci/run runs it
 def test_readme_python_block(default_jax_config):
   blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
   assert blocks
@@ -65,3 +66,23 @@ def test_every_example_has_a_smoke_run_in_ci():
   ci = (ROOT / ".ci" / "run").read_text()
   for example in (ROOT / "examples").glob("*.py"):
     assert "--smoke" in example.read_text() and example.stem in ci, example
+
+
+def test_no_sphinx_roles_in_docstrings_or_pages():
+  """mkdocstrings' google style does not render :func: and friends; links are [`name`][tnjax.path] or backticks."""
+  role = re.compile(r":(mod|attr|func|class|meth|data|obj|exc):`")
+  found = [f"{p.relative_to(ROOT)}:{i + 1}" for p in [*(ROOT / "tnjax").rglob("*.py"), *(ROOT / "docs").rglob("*.md")]
+           for i, line in enumerate(p.read_text().splitlines()) if role.search(line)]
+  assert not found, found
+
+
+def test_readme_and_example_configs_name_only_files_in_the_repository():
+  for path in [ROOT / "README.md", ROOT / "docs" / "getting-started.md", *(ROOT / "examples" / "configs").glob("*")]:
+    text = path.read_text()
+    assert "../" not in text and "shared/" not in text, path
+  for config in (ROOT / "examples" / "configs").glob("*.toml"):
+    import tomllib
+
+    files = [f for key in ("train_files", "valid_files", "test_files")
+             for f in tomllib.loads(config.read_text()).get(key, [])]
+    assert all((ROOT / f).is_file() for f in files), (config, files)

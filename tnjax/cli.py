@@ -1,4 +1,10 @@
-"""The ``tnjax`` command: ``tnjax train``, ``tnjax eval``, ``tnjax generate``, ``tnjax compress``."""
+"""The ``tnjax`` command: ``tnjax train``, ``tnjax eval``, ``tnjax generate``, ``tnjax compress``.
+
+One error boundary (`main`): an expected failure (a missing, unreadable
+or undecodable file, a corrupt or mismatched model or checkpoint, a bad value)
+prints one line naming the file or argument and exits 2; Ctrl-C prints one
+line and exits 130; anything else keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +18,30 @@ def _load(model_dir: str, tokenizer: str | None):
   from tnjax.data import load_tokenizer
   from tnjax.interop import load_any
 
+  if not pathlib.Path(model_dir).is_dir():
+    raise ValueError(f"--model {model_dir} is not a directory; a tnjax or Hugging Face GPT-2 model directory is "
+                     "expected")
   return load_any(model_dir), load_tokenizer(tokenizer or model_dir)
+
+
+def _text_ids(tok, command: str, arg: str, path: str | None, max_tokens: int | None = None):
+  from tnjax._io import read_text
+
+  if path is None:
+    return None
+  ids = tok.encode(read_text(command, arg, path)).ids
+  if not ids:
+    raise ValueError(f"{command}: {arg} file {path} encodes to no tokens; a non-empty text file is expected")
+  return ids[:max_tokens] if max_tokens else ids
 
 
 def cmd_eval(args) -> int:
   from tnjax.eval import perplexity
 
   model, tok = _load(args.model, args.tokenizer)
-  text = pathlib.Path(args.text).read_text(encoding="utf-8")
-  ids = tok.encode(text).ids
-  if args.max_tokens:
-    ids = ids[: args.max_tokens]
+  ids = _text_ids(tok, "eval", "--text", args.text, args.max_tokens)
   result = perplexity(model, ids, block_size=args.block_size, stride=args.stride)
-  print(json.dumps({"model": args.model, "text": args.text, **result}))
+  print(json.dumps({"model": args.model, "text": args.text, **result}, allow_nan=False))
   return 0
 
 
@@ -36,7 +53,7 @@ def cmd_generate(args) -> int:
   model, tok = _load(args.model, args.tokenizer)
   prompt = tok.encode(args.prompt).ids
   if not prompt:
-    raise SystemExit("tnjax generate: the prompt encodes to no tokens")
+    raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens; a non-empty prompt is expected")
   out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                  rng=jax.random.key(args.seed))
   print(tok.decode([int(t) for t in out]))
@@ -50,18 +67,14 @@ def cmd_train(args) -> int:
     jax.distributed.initialize()  # reads the coordinator, process count and id from the environment
   from tnjax.train import resolve, train
 
+  if args.list_fields:
+    print(_fields_help())
+    return 0
   cfg = resolve(args.config, args.set)
   report = train(cfg, resume=args.resume, progress=not args.no_progress)
-  print(json.dumps(report, indent=2))
+  print(json.dumps(report, indent=2, allow_nan=False))
   print(f"run directory: {cfg.out_dir} (report.md, loss.png, model/)")
   return 0
-
-
-def _text_ids(tok, path: str | None, max_tokens: int | None):
-  if path is None:
-    return None
-  ids = tok.encode(pathlib.Path(path).read_text(encoding="utf-8")).ids
-  return ids[:max_tokens] if max_tokens else ids
 
 
 def cmd_compress(args) -> int:
@@ -70,10 +83,11 @@ def cmd_compress(args) -> int:
   targets = parse_targets(args.rank, args.ratio, args.rtol)
   model, tok = _load(args.model, args.tokenizer)
   layers = args.layers.split(",") if args.layers else None
-  report = run(model, args.method, args.out, targets=targets, valid_ids=_text_ids(tok, args.valid, args.max_tokens),
-               calib_ids=_text_ids(tok, args.calib, None), layers=layers, heal_steps=args.heal_steps,
+  report = run(model, args.method, args.out, targets=targets,
+               valid_ids=_text_ids(tok, "compress", "--valid", args.valid, args.max_tokens),
+               calib_ids=_text_ids(tok, "compress", "--calib", args.calib), layers=layers, heal_steps=args.heal_steps,
                heal_lr=args.heal_lr, int8=args.int8, block_size=args.block_size, tokenizer=tok,
-               layout=args.layout)
+               layout=args.layout, overwrite=args.overwrite)
   for r in report["runs"]:
     s = r["summary"]
     ppl = "" if r["perplexity"] is None else f", val ppl {r['perplexity']:.3f}"
@@ -83,36 +97,87 @@ def cmd_compress(args) -> int:
   return 0
 
 
-def main(argv=None) -> int:
+def _fields_help() -> str:
+  """Every TrainConfig field with its type and default, and how to ask for a dense or a TT-matrix model."""
+  import dataclasses
+
+  from tnjax.train import TrainConfig
+
+  cfg = TrainConfig()
+  rows = [f"  {f.name} ({f.type}) = {json.dumps(getattr(cfg, f.name))}" for f in dataclasses.fields(cfg)]
+  return "\n".join([
+      "fields (set with --set KEY=VALUE, values in JSON, or as top-level keys of a --config TOML file):", *rows, "",
+      "examples:",
+      "  tnjax train                                    # the defaults: a tiny TTM-GPT on the packaged sample",
+      "  tnjax train --set 'layers={}'                  # the same GPT, dense (no tensorized layer)",
+      "  tnjax train --set 'layers.mlp.c_fc={\"kind\": \"ttm\", \"rank\": 64}' --set steps=1000",
+      "  tnjax train --set 'train_files=[\"my.txt\"]' --set 'valid_files=[\"my_valid.txt\"]' --set out_dir=runs/mine",
+      "  layer kinds: dense, ttm (rank), lowrank (rank), mps (embedding); 'model_overrides.n_layer=4' sets a "
+      "GPTConfig field"])
+
+
+def _int_at_least(low: int):
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} but an integer >= {low} is expected") from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f"{value} but an integer >= {low} is expected")
+    return value
+  return parse
+
+
+def _float_at_least(low: float, strict: bool):
+  expected = f"a number {'>' if strict else '>='} {low}"
+
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} but {expected} is expected") from None
+    if not (value > low if strict else value >= low) or value != value or value == float("inf"):
+      raise argparse.ArgumentTypeError(f"{value} but {expected} (finite) is expected")
+    return value
+  return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+  from tnjax import __version__
+
   parser = argparse.ArgumentParser(prog="tnjax", description="Tensor networks for language models.")
+  parser.add_argument("--version", action="version", version=f"tnjax {__version__}")
   sub = parser.add_subparsers(dest="command", required=True)
 
-  tr = sub.add_parser("train", help="pre-train a (tensorized) GPT; no arguments: a tiny TTM-GPT on the sample corpus")
+  tr = sub.add_parser("train", help="pre-train a (tensorized) GPT; no arguments: a tiny TTM-GPT on the sample corpus",
+                      epilog=_fields_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
   tr.add_argument("--config", help="TOML file of TrainConfig fields")
   tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="override a field, e.g. steps=1000, layers.mlp.c_fc={\"kind\":\"ttm\",\"rank\":64}")
   tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
   tr.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
   tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+  tr.add_argument("--list-fields", action="store_true", help="print every field with its default, and exit")
   tr.set_defaults(run=cmd_train)
 
+  positive, at_least_2, non_negative = _int_at_least(1), _int_at_least(2), _int_at_least(0)
   ev = sub.add_parser("eval", help="perplexity of a model on a text file")
   ev.add_argument("--model", required=True, help="tnjax or Hugging Face GPT-2 directory")
   ev.add_argument("--text", required=True, help="UTF-8 text file")
   ev.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
-  ev.add_argument("--block-size", type=int, default=None)
-  ev.add_argument("--stride", type=int, default=None)
-  ev.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+  ev.add_argument("--block-size", type=at_least_2, default=None)
+  ev.add_argument("--stride", type=positive, default=None)
+  ev.add_argument("--max-tokens", type=at_least_2, default=None, help="score only the first N tokens")
   ev.set_defaults(run=cmd_eval)
 
   gen = sub.add_parser("generate", help="continue a prompt")
   gen.add_argument("--model", required=True, help="tnjax or Hugging Face GPT-2 directory")
   gen.add_argument("--prompt", required=True)
   gen.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
-  gen.add_argument("--max-new-tokens", type=int, default=50)
-  gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  gen.add_argument("--top-k", type=int, default=None)
-  gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--max-new-tokens", type=positive, default=50)
+  gen.add_argument("--temperature", type=_float_at_least(0.0, strict=False), default=0.0, help="0 = greedy")
+  gen.add_argument("--top-k", type=positive, default=None)
+  gen.add_argument("--seed", type=non_negative, default=0)
   gen.set_defaults(run=cmd_generate)
 
   co = sub.add_parser("compress", help="compress a trained model (TensorGPT, MPO, MoDeGPT, SVD)")
@@ -127,20 +192,37 @@ def main(argv=None) -> int:
                   help="mpo only: 'fused' makes two-core layers run by the fused GPU kernels (rank <= 16)")
   co.add_argument("--calib", help="text file: calibration for modegpt, training text for --heal-steps")
   co.add_argument("--valid", help="text file for validation perplexity before and after")
-  co.add_argument("--max-tokens", type=int, default=None, help="score only the first N validation tokens")
-  co.add_argument("--block-size", type=int, default=None, help="window for evaluation and calibration")
-  co.add_argument("--heal-steps", type=int, default=0, help="fine-tune this many steps after compressing")
-  co.add_argument("--heal-lr", type=float, default=1e-4)
+  co.add_argument("--max-tokens", type=at_least_2, default=None, help="score only the first N validation tokens")
+  co.add_argument("--block-size", type=at_least_2, default=None, help="window for evaluation and calibration")
+  co.add_argument("--heal-steps", type=non_negative, default=0, help="fine-tune this many steps after compressing")
+  co.add_argument("--heal-lr", type=_float_at_least(0.0, strict=True), default=1e-4)
   co.add_argument("--int8", action="store_true", help="weight-only int8 on top (after healing)")
   co.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
-  co.add_argument("--out", required=True, help="output directory (model/, report.json, report.md)")
+  co.add_argument("--out", required=True, help="output directory (model/, report.json, report.md); refused when it "
+                  "already holds a model or a report, unless --overwrite")
+  co.add_argument("--overwrite", action="store_true", help="replace the models and reports already in --out")
   co.set_defaults(run=cmd_compress)
+  return parser
 
-  args = parser.parse_args(argv)
+
+def _one_line(e: BaseException) -> str:
+  if isinstance(e, OSError) and e.filename is not None:
+    text = f"{e.filename}: {e.strerror or e}"
+  else:
+    text = str(e) or type(e).__name__
+  return " ".join(text.split())
+
+
+def main(argv=None) -> int:
+  """Runs one command; returns its exit code: 0, 2 for an expected failure (one line on stderr), 130 for Ctrl-C."""
+  args = _parser().parse_args(argv)
   try:
     return args.run(args)
-  except ValueError as e:
-    print(f"tnjax {args.command}: {e}", file=sys.stderr)
+  except KeyboardInterrupt:
+    print(f"tnjax {args.command}: interrupted; checkpoints and files already written are intact", file=sys.stderr)
+    return 130
+  except (ValueError, OSError) as e:  # expected: bad values, files missing, unreadable, corrupt or mismatched
+    print(f"tnjax {args.command}: {_one_line(e)}", file=sys.stderr)
     return 2
 
 

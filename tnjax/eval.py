@@ -43,7 +43,7 @@ def perplexity(model, token_ids, *, block_size: int | None = None, stride: int |
   """Perplexity of a token sequence under ``model`` with overlapping windows.
 
   Args:
-    model: a :class:`tnjax.models.GPT`.
+    model: a [`GPT`][tnjax.models.GPT].
     token_ids: 1-d integer ids (at least 2).
     block_size: window length (default: the model's block_size).
     stride: step between windows (default: block_size, no overlap); smaller
@@ -54,8 +54,8 @@ def perplexity(model, token_ids, *, block_size: int | None = None, stride: int |
     nats, and how many tokens were scored.
 
   Raises:
-    ValueError: on fewer than 2 tokens, ids outside the vocabulary, or
-      block_size / stride out of range.
+    ValueError: on fewer than 2 tokens, ids outside the vocabulary,
+      block_size / stride out of range, or a non-finite result.
 
   Example:
     >>> import numpy as np
@@ -90,4 +90,7 @@ def perplexity(model, token_ids, *, block_size: int | None = None, stride: int |
     nll, n = _window_nll(graphdef, state, jnp.asarray(window), jnp.asarray(weights))
     total, count = total + float(nll), count + float(n)
   mean = total / count
+  if not math.isfinite(mean):
+    raise ValueError(f"{fn}: the mean negative log-likelihood is {mean} (NaN or infinite) but a finite value is "
+                     "expected; the model's parameters hold non-finite values")
   return {"perplexity": math.exp(mean), "nll": mean, "tokens": int(count)}

@@ -50,11 +50,12 @@ SWEEPS = [
     ("mpo", lambda m, ids, r: mpo_compress(m, chi=r), [2, 8, 32]),
     ("tensorgpt", lambda m, ids, r: tensorgpt_embedding(m, rank=r), [1, 2, 4]),
     ("tensorgpt ttm", lambda m, ids, r: tensorgpt_embedding(m, rank=r, form="ttm"), [2, 8, 32]),
-    ("modegpt", lambda m, ids, r: modegpt_compress(m, ids, ratio=r, allocation="uniform"), [0.3, 0.6, 0.9]),
+    pytest.param("modegpt", lambda m, ids, r: modegpt_compress(m, ids, ratio=r, allocation="uniform"),
+                 [0.3, 0.6, 0.9], marks=pytest.mark.slow, id="modegpt"),
 ]
 
 
-@pytest.mark.parametrize("name,method,ranks", SWEEPS, ids=[s[0] for s in SWEEPS])
+@pytest.mark.parametrize("name,method,ranks", SWEEPS, ids=[getattr(s, "id", None) or s[0] for s in SWEEPS])
 def test_error_falls_as_rank_grows(trained, ids, name, method, ranks):
   ref = trained(ids)
   errors = [rel_err(method(trained, ids, r), ref, ids) for r in ranks]
@@ -114,14 +115,18 @@ def test_int8_round_trip_and_bytes(trained, ids):
   scales = 2 * (3 * d + d + f + d)
   assert count_bytes(trained) - count_bytes(q) == 4 * w8 - (w8 + 4 * scales)
   assert rel_err(q, trained(ids), ids) < 0.02
-  # On top of MPO and SVD: cores and factors quantized, logits close to the float model.
+
+
+@pytest.mark.slow  # two compressions, then int8 on each
+def test_int8_on_top_of_mpo_and_svd(trained, ids):
+  """Cores and factors quantized, logits close to the float model."""
   for base in (mpo_compress(trained, chi=8), svd_compress(trained, rank=8)):
     assert rel_err(quantize_int8(base), base(ids), ids) < 0.02
 
 
 @pytest.mark.parametrize("make", [
     lambda m, ids: svd_compress(m, ratio=0.5),
-    lambda m, ids: quantize_int8(mpo_compress(m, rtol=0.5)),
+    pytest.param(lambda m, ids: quantize_int8(mpo_compress(m, rtol=0.5)), marks=pytest.mark.slow),
     lambda m, ids: tensorgpt_embedding(m, rtol=0.2),
     lambda m, ids: quantize_int8(svd_compress(m, rank=4)),
     lambda m, ids: modegpt_compress(m, ids, ratio=0.5),
@@ -174,6 +179,7 @@ def test_bad_arguments(trained, ids, call, match):
     call(trained, ids)
 
 
+@pytest.mark.slow  # three compressions, jit and grad each
 def test_compressed_models_jit_and_grad(trained, ids):
   """A compressed model is an ordinary NNX model: jit, and gradients reach the cores and factors."""
   for small in (mpo_compress(trained, chi=4), tensorgpt_embedding(trained, rank=2),
@@ -196,6 +202,7 @@ def test_mpo_gram_method_matches_svd(trained, ids):
     mpo_compress(trained, chi=8, method="fast")
 
 
+@pytest.mark.slow  # nine compressions
 def test_ratio_counts_stored_weights_so_recompressing_never_grows(trained):
   """A ratio is a fraction of what a layer stores now: an MPO or low-rank model compressed again gets smaller
   (or stays), never back toward dense size."""
@@ -209,6 +216,7 @@ def test_ratio_counts_stored_weights_so_recompressing_never_grows(trained):
   assert sum(c.size for c in again.h[0].mlp.c_fc.ttm.cores) <= 0.5 * before
 
 
+@pytest.mark.slow  # a d_model=256 model, several compressions
 def test_mpo_fused_layout_uses_the_kernel_layout_and_keeps_it_through_save(tmp_path):
   from tnjax.models import GPT, preset
 

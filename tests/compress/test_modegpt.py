@@ -70,6 +70,7 @@ def test_calibration_and_block_dims(trained, ids):
   np.testing.assert_allclose(logits, small(ids[:1]), atol=1e-5)
 
 
+@pytest.mark.slow  # HF export and torch reference
 def test_modegpt_exports_to_hugging_face_as_dense(trained, ids, tmp_path):
   """Narrowed blocks are zero-padded back to GPT-2 widths: transformers computes the same logits."""
   from transformers import GPT2LMHeadModel

@@ -95,7 +95,7 @@ def test_tt_svd_float32_and_int_input(rng):
   assert jnp.issubdtype(tnjax.tt_svd(np.arange(24).reshape(2, 3, 4)).dtype, jnp.floating)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(dims=st.lists(st.integers(1, 5), min_size=1, max_size=4),
        max_rank=st.integers(1, 6), rtol=st.sampled_from([None, 0.01, 0.1, 0.3]), seed=st.integers(0, 1000))
 def test_tt_svd_properties(dims, max_rank, rtol, seed):
@@ -264,13 +264,15 @@ def _decaying(rng, m, n, power=0.5):
   return (u * np.arange(1, k + 1) ** -power) @ v.T
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("shape,in_dims,out_dims", [((96, 384), (4, 4, 6), (6, 8, 8)),
-                                                    ((1000, 48), (10, 10, 10), (4, 4, 3))])
+# One case by default; float32 and the tall shape are in the slow run.
+@pytest.mark.parametrize("dtype", [np.float64, pytest.param(np.float32, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("shape,in_dims,out_dims", [
+    ((96, 384), (4, 4, 6), (6, 8, 8)),
+    pytest.param((1000, 48), (10, 10, 10), (4, 4, 3), marks=pytest.mark.slow)])
 def test_gram_method_matches_svd_truncation(rng, dtype, shape, in_dims, out_dims):
   """The Gram-eigh steps give the exact truncation error (within 1%) at equal ranks, eager and jitted."""
   w = jnp.asarray(_decaying(rng, *shape), dtype)
-  for rank in (2, 8, 24):
+  for rank in (2, 24):
     errs = {}
     for method in ("svd", "gram"):
       f = functools.partial(tnjax.ttm_svd, in_dims=in_dims, out_dims=out_dims, max_rank=rank, method=method)

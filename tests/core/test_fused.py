@@ -30,7 +30,8 @@ def _case(rng, in_dims, out_dims, rank, tokens):
 
 
 # token counts: the few-token forward without padding (1, 4) and padded (21), the many-token one (300)
-@pytest.mark.parametrize("layout, tokens", [(0, 1), (0, 300), (1, 4), (2, 21), (3, 1)])
+@pytest.mark.parametrize("layout, tokens", [(0, 1), (0, 300), pytest.param(1, 4, marks=pytest.mark.slow),
+                                           pytest.param(2, 21, marks=pytest.mark.slow), (3, 1)])
 def test_forward_and_gradients_equal_float64_reference(rng, layout, tokens):
   in_dims, out_dims, rank = LAYOUTS[layout]
   w, x, g = _case(rng, in_dims, out_dims, rank, tokens)
@@ -49,6 +50,7 @@ def test_forward_and_gradients_equal_float64_reference(rng, layout, tokens):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(np.asarray(want)).max())
 
 
+@pytest.mark.slow  # GPT-2-sized kernels in Pallas interpret mode on CPU
 def test_batch_shapes_bfloat16_and_linear_path(rng):
   w, x, _ = _case(rng, (16, 48), (192, 16), 8, 6)
   x3 = x.reshape(2, 3, 768)

@@ -57,7 +57,8 @@ def test_matvec_split_every_bond_and_order_equals_dense(rng, split, order, jit):
   np.testing.assert_allclose(y, x @ ttm_full(w.cores), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("in_dims, out_dims", [((6,), (5,)), ((2, 3), (4, 2)), ((2, 2, 3, 2), (2, 3, 2, 2))])
+@pytest.mark.parametrize("in_dims, out_dims", [((6,), (5,)), ((2, 3), (4, 2)),
+                                                  pytest.param((2, 2, 3, 2), (2, 3, 2, 2), marks=pytest.mark.slow)])
 def test_split_gradients_equal_dense_path(rng, in_dims, out_dims):
   w = _ttm(3, in_dims, out_dims, 3)
   x = jnp.asarray(rng.standard_normal((7, w.shape[0])))

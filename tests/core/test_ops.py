@@ -79,11 +79,16 @@ def test_matvec_errors():
     tnjax.matvec(_tt(0, (4, 4), 2), jnp.ones(16))
 
 
-def test_matvec_and_to_dense_gradients(rng):
+# First derivatives by default; second derivatives (forward over reverse) in the slow run.
+GRAD_ORDERS = [1, pytest.param(2, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("order", GRAD_ORDERS)
+def test_matvec_and_to_dense_gradients(rng, order):
   w = _ttm(3, (2, 3, 2), (3, 2, 2), 3)
   x = jnp.asarray(rng.standard_normal((4, 12)))
-  check_grads(lambda w, x: tnjax.matvec(w, x), (w, x), order=2, modes=("fwd", "rev"))
-  check_grads(tnjax.to_dense, (w,), order=2, modes=("fwd", "rev"))
+  check_grads(lambda w, x: tnjax.matvec(w, x), (w, x), order=order, modes=("fwd", "rev"))
+  check_grads(tnjax.to_dense, (w,), order=order, modes=("fwd", "rev"))
   check_grads(tnjax.to_dense, (_tt(4, (3, 4, 2), 2),), order=1, modes=("rev",))
 
 
@@ -131,9 +136,10 @@ def test_add_scale_inner_norm_match_dense(jit):
   np.testing.assert_allclose(tt_full(tnjax.add(one, one).cores), 2 * tt_full(one.cores), atol=1e-12)
 
 
-def test_inner_gradient():
+@pytest.mark.parametrize("order", GRAD_ORDERS)
+def test_inner_gradient(order):
   a, b = _tt(0, (3, 4, 2), 2), _tt(1, (3, 4, 2), 3)
-  check_grads(tnjax.inner, (a, b), order=2, modes=("fwd", "rev"))
+  check_grads(tnjax.inner, (a, b), order=order, modes=("fwd", "rev"))
 
 
 @pytest.mark.parametrize(
@@ -153,7 +159,7 @@ def test_algebra_errors(fn, args, match):
     fn(*args())
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(in_dims=st.lists(st.integers(1, 4), min_size=1, max_size=3), seed=st.integers(0, 1000),
        rank=st.integers(1, 4), batch=st.integers(1, 5))
 def test_matvec_property(in_dims, seed, rank, batch):

@@ -20,8 +20,9 @@ def _ids(vocab, shape=(2, 17), seed=0):
 @pytest.mark.parametrize("overrides", [
     dict(),
     dict(tie_word_embeddings=False),
-    dict(n_embd=48, n_head=3, n_layer=3, vocab_size=211, n_inner=80),
-    dict(n_embd=16, n_head=2, n_layer=1, n_positions=20, tie_word_embeddings=False, layer_norm_epsilon=1e-3),
+    pytest.param(dict(n_embd=48, n_head=3, n_layer=3, vocab_size=211, n_inner=80), marks=pytest.mark.slow),
+    pytest.param(dict(n_embd=16, n_head=2, n_layer=1, n_positions=20, tie_word_embeddings=False,
+                      layer_norm_epsilon=1e-3), marks=pytest.mark.slow),
 ])
 def test_logits_match_transformers(tmp_path, overrides):
   hf = make_hf_gpt2(tmp_path, **overrides)

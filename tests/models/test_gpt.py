@@ -16,9 +16,11 @@ def _ids(shape, vocab=512, seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
 
 
+@pytest.mark.slow  # layer-level full-rank tests (tests/nn) stay in the default run
 def test_tensorized_at_full_rank_gives_dense_logits():
-  dense = GPT(preset("tiny"), rngs=nnx.Rngs(0))
-  cfg = preset("tiny", layers={"embedding": {"kind": "ttm", "rank": 4}, "mlp.c_fc": {"kind": "ttm", "rank": 4},
+  small = dict(vocab_size=128, d_model=64, n_head=2, block_size=32)  # full-rank TT-SVDs stay cheap
+  dense = GPT(preset("tiny", **small), rngs=nnx.Rngs(0))
+  cfg = preset("tiny", **small, layers={"embedding": {"kind": "ttm", "rank": 4}, "mlp.c_fc": {"kind": "ttm", "rank": 4},
                                "mlp.c_proj": {"kind": "ttm", "rank": 4}, "attn.c_attn": {"kind": "lowrank", "rank": 4},
                                "h.1.attn.c_proj": {"kind": "ttm", "rank": 4}})
   tt = GPT(cfg, rngs=nnx.Rngs(1))
@@ -38,7 +40,7 @@ def test_tensorized_at_full_rank_gives_dense_logits():
       else:
         setattr(parent_t, name, cls.from_dense(src.kernel[...], src.bias[...]))
   assert isinstance(tt.h[0].attn.c_attn, LowRankLinear)
-  ids = _ids((2, 24))
+  ids = _ids((2, 24), vocab=128)
   np.testing.assert_allclose(tt(ids), dense(ids), atol=1e-4)
 
 
@@ -49,8 +51,9 @@ def test_kv_cached_steps_equal_full_forward():
   cache = model.init_cache(2)
   logits, cache = model.step(ids[:, :5], cache, 0)
   pieces = [logits]
+  step = nnx.jit(lambda m, i, c, p: m.step(i, c, p))  # one function: one compilation for every position
   for t in range(5, 12):
-    logits, cache = nnx.jit(lambda m, i, c, p: m.step(i, c, p))(model, ids[:, t:t + 1], cache, t)
+    logits, cache = step(model, ids[:, t:t + 1], cache, t)
     pieces.append(logits)
   np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
 
@@ -68,6 +71,7 @@ def test_forward_under_jit_and_grad():
   assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
 
 
+@pytest.mark.slow  # HF parity of logits stays in the default run (tests/interop)
 def test_greedy_generation_equals_hugging_face(tmp_path):
   hf = make_hf_gpt2(tmp_path, vocab_size=97, n_positions=40)
   model = load_hf_gpt2(tmp_path)

@@ -71,6 +71,7 @@ BTT_LAYERS = {"mlp.c_fc": {"kind": "btt", "rank": 4}, "mlp.c_proj": {"kind": "bt
               "h.1.attn.c_attn": {"kind": "btt", "rank": 1}}
 
 
+@pytest.mark.slow  # end to end: save, load, HF export and int8
 def test_gpt_with_btt_layers_saves_loads_exports_and_quantizes(tmp_path):
   from transformers import GPT2LMHeadModel
 

@@ -78,7 +78,14 @@ def test_few_steps_lower_the_loss_and_write_outputs(tmp_path):
   assert events and events[0].stat().st_size > 0
 
 
-def test_refuses_silent_fresh_start_and_bad_resume(tmp_path):
+def test_resume_refusals_a_moved_run_and_a_corrupt_checkpoint(tmp_path, monkeypatch, capsys):
+  """One short run, then: refusals; a moved run that resumes with more steps (said on stderr), logs each step once,
+  starts its progress bar after the compiling step and warns of no deprecation; and a corrupt checkpoint."""
+  import shutil
+  import warnings
+
+  import tqdm
+
   out = tmp_path / "run"
   train(_cfg(out, "steps=4", "checkpoint_every=2", "eval_every=4"), progress=False)
   with pytest.raises(ValueError, match=r"already has checkpoints; pass --resume"):
@@ -87,12 +94,31 @@ def test_refuses_silent_fresh_start_and_bad_resume(tmp_path):
     train(_cfg(out, "steps=6", "checkpoint_every=2", "eval_every=4", "lr=0.5"), resume=True, progress=False)
   with pytest.raises(ValueError, match=r"--resume but .*train_config.json does not exist"):
     train(_cfg(tmp_path / "empty", "steps=4"), resume=True, progress=False)
-  latest = out / "checkpoints" / "4"
-  for f in latest.rglob("*"):
+
+  with open(out / "metrics.jsonl", "a") as f:  # as if the run had logged two steps past its last checkpoint
+    f.write(json.dumps({"step": 5, "loss": 9.0}) + "\n" + json.dumps({"step": 6, "loss": 9.0}) + "\n")
+  moved = tmp_path / "elsewhere" / "moved"
+  shutil.move(str(out), str(moved))
+  bars = []
+  real = tqdm.tqdm
+  monkeypatch.setattr(tqdm, "tqdm", lambda *a, **k: bars.append(k) or real(*a, **k))
+  capsys.readouterr()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    train(_cfg(moved, "steps=6", "checkpoint_every=2", "eval_every=4"), resume=True, progress=False)
+  err = capsys.readouterr().err
+  assert "resuming at step 4 with steps=6 (the saved run had steps=4)" in err and "schedule" in err
+  steps = [m["step"] for m in map(json.loads, (moved / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+  assert steps == [1, 2, 3, 4, 5, 6] and _losses(moved)[5] != 9.0
+  assert bars and bars[0]["initial"] == 5  # the bar (and its ETA) starts after the first, compiling, step
+  ours = [w for w in caught if issubclass(w.category, DeprecationWarning) and "tnjax" in w.filename]
+  assert not ours, [str(w.message) for w in ours]
+
+  for f in (moved / "checkpoints" / "6").rglob("*"):
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(b"garbage")
-  with pytest.raises(ValueError, match=r"checkpoint at step 4 .* could not be restored"):
-    train(_cfg(out, "steps=6", "checkpoint_every=2", "eval_every=4"), resume=True, progress=False)
+  with pytest.raises(ValueError, match=r"checkpoint at step 6 .* could not be restored"):
+    train(_cfg(moved, "steps=8", "checkpoint_every=2", "eval_every=4"), resume=True, progress=False)
 
 
 def _cli(out, *extra):
@@ -102,6 +128,7 @@ def _cli(out, *extra):
   return [sys.executable, "-m", "tnjax.cli", "train", "--no-progress", *sets]
 
 
+@pytest.mark.slow  # three training processes
 def test_kill_and_resume_reproduces_uninterrupted_losses(tmp_path):
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
   full, cut = tmp_path / "full", tmp_path / "cut"
@@ -152,6 +179,7 @@ with jax.numpy_dtype_promotion("standard"):
 """
 
 
+@pytest.mark.slow  # two 4-device training processes
 def test_data_parallel_and_fsdp_match_one_device(tmp_path):
   base = ["steps=8", "eval_every=8", "checkpoint_every=8"]
   train(_cfg(tmp_path / "one", *base), progress=False)
@@ -183,3 +211,54 @@ def test_example_configs_resolve(name):
   cfg = resolve(str(ROOT / "examples" / "configs" / f"{name}.toml"))
   assert cfg.model == "gpt2" and cfg.model_overrides["d_model"] == 512 and cfg.train_files
   assert (cfg.layers == {}) == (name == "corpus_dense")
+
+
+def test_tokenizer_is_rebuilt_when_its_sources_change(tmp_path, capsys):
+  from tnjax.train.loop import _tokenizer
+
+  text = tmp_path / "a.txt"
+  text.write_text((SAMPLE_DIR / "valid.txt").read_text()[:20000])
+  out = tmp_path / "run"
+  out.mkdir()
+  cfg = _cfg(out, f"train_files=[\"{text}\"]", "vocab_size=300")
+  assert _tokenizer(cfg, out, resume=False).get_vocab_size() == 300
+  assert _tokenizer(cfg, out, resume=False).get_vocab_size() == 300 and capsys.readouterr().err == ""
+  with pytest.raises(ValueError, match=r"train: --resume but .*tokenizer.json was made from other training files"):
+    _tokenizer(_cfg(out, f"train_files=[\"{text}\"]", "vocab_size=280"), out, resume=True)
+  assert _tokenizer(_cfg(out, f"train_files=[\"{text}\"]", "vocab_size=280"), out, resume=False).get_vocab_size() \
+      == 280
+  assert "tokenizer.json was made from other training files or another vocab_size; training a new one" in \
+      capsys.readouterr().err
+
+
+def test_diverging_loss_is_an_error_and_closes_the_checkpoint_manager(tmp_path, monkeypatch):
+  from tnjax.train import Trainer, loop
+
+  closed = []
+  real = loop._checkpoint_manager
+
+  def manager(out, cfg):
+    m = real(out, cfg)
+    close = m.close
+    m.close = lambda: closed.append(True) or close()
+    return m
+
+  monkeypatch.setattr(loop, "_checkpoint_manager", manager)
+  monkeypatch.setattr(Trainer, "step", lambda self, step, tokens: (np.float32(np.nan), np.float32(0)))
+  with pytest.raises(ValueError, match=r"train: loss=nan at step 1: training diverged; lower lr"):
+    train(_cfg(tmp_path / "run", "steps=3"), progress=False)
+  assert closed == [True]
+
+
+def test_plot_uses_a_figure_not_the_global_backend(tmp_path):
+  import matplotlib
+  import matplotlib.pyplot as plt
+
+  from tnjax.compress.report import plot_sweep
+  from tnjax.train.loop import _plot
+
+  backend, figures = matplotlib.get_backend(), plt.get_fignums()
+  _plot([{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, "val_loss": 2.5}], tmp_path / "loss.png")
+  plot_sweep([{"method": "svd", "kept": 0.5, "perplexity": 10.0}], tmp_path / "sweep.png")
+  assert matplotlib.get_backend() == backend and plt.get_fignums() == figures
+  assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "sweep.png").stat().st_size > 0

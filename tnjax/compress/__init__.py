@@ -1,11 +1,11 @@
 """Compression of trained GPTs: pure model -> model functions.
 
-* :func:`svd_compress` — truncated SVD per projection, the baseline.
-* :func:`mpo_compress`, :func:`layer_sensitivity`, :func:`choose_layers`,
-  :func:`heal`, :func:`quantize_int8` — CompactifAI (MPO, profiling, healing, int8).
-* :func:`tensorgpt_embedding` — TensorGPT (an MPS per token row, or one TT-matrix).
-* :func:`modegpt_compress`, :func:`calibrate` — MoDeGPT (Nystrom, CR, whitened SVD).
-* :func:`compress` and :func:`tnjax.compress.report.run` — what ``tnjax compress`` runs.
+* `svd_compress` — truncated SVD per projection, the baseline.
+* `mpo_compress`, `layer_sensitivity`, `choose_layers`,
+  `heal`, `quantize_int8` — CompactifAI (MPO, profiling, healing, int8).
+* `tensorgpt_embedding` — TensorGPT (an MPS per token row, or one TT-matrix).
+* `modegpt_compress`, `calibrate` — MoDeGPT (Nystrom, CR, whitened SVD).
+* `compress` and [`run`][tnjax.compress.report.run] — what ``tnjax compress`` runs.
 """
 
 from tnjax.compress._model import count_bytes, count_params, get_layer, projection_names, resolve_layers

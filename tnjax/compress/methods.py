@@ -1,7 +1,7 @@
 """Training-free compression by factorization: truncated SVD (the baseline), MPO (CompactifAI), TensorGPT
 embeddings, and weight-only int8 on top of any of them.
 
-Every function maps a :class:`tnjax.models.GPT` to a new one (the input is
+Every function maps a [`GPT`][tnjax.models.GPT] to a new one (the input is
 left untouched) whose config records the new layer kinds, so the result saves
 and loads like any tnjax model and exports to Hugging Face as dense.
 
@@ -52,7 +52,7 @@ def svd_compress(model: GPT, *, ratio: float | None = None, rank: int | None = N
     ratio: fraction of each layer's weights kept: r = floor(ratio m n / (m + n)).
     rank: r for every layer (capped at min(m, n); the full rank is exact).
     rtol: per-layer relative Frobenius error bound.
-    layers: names (see :func:`tnjax.compress.resolve_layers`); default every
+    layers: names (see `tnjax.compress._model.resolve_layers`); default every
       attention and MLP projection.
 
   Raises:
@@ -99,10 +99,10 @@ def mpo_compress(model: GPT, *, chi: int | None = None, ratio: float | None = No
                  layers=None, num_cores: int = 3, method: str = "svd", layout: str = "balanced") -> GPT:
   """CompactifAI's step one: every selected projection becomes an MPO (TT-matrix) of bond dimension chi.
 
-  Each kernel is decomposed by :func:`tnjax.ttm_svd` into ``num_cores``
-  cores with :func:`tnjax.factorize` dims; the layer becomes a
-  :class:`tnjax.nn.TTMLinear`. With ``layout="fused"`` every layer gets the
-  two cores of :func:`tnjax.core.fused.fused_dims` and ``path="fused"``, so
+  Each kernel is decomposed by [`ttm_svd`][tnjax.ttm_svd] into ``num_cores``
+  cores with [`factorize`][tnjax.factorize] dims; the layer becomes a
+  [`TTMLinear`][tnjax.nn.TTMLinear]. With ``layout="fused"`` every layer gets the
+  two cores of [`fused_dims`][tnjax.core.fused.fused_dims] and ``path="fused"``, so
   on a GPU it runs the fused Pallas kernels (bond dimensions up to 16).
 
   Args:
@@ -110,14 +110,14 @@ def mpo_compress(model: GPT, *, chi: int | None = None, ratio: float | None = No
     chi: bond dimension (rank cap) of every layer.
     ratio: fraction of each layer's weights kept; chi is the largest that fits.
     rtol: per-layer relative Frobenius error bound (ranks chosen per bond).
-    layers: names (see :func:`tnjax.compress.resolve_layers`); default all projections.
+    layers: names (see `tnjax.compress._model.resolve_layers`); default all projections.
     num_cores: MPO sites per layer ("balanced" layout).
-    method: TT-SVD steps, "svd" or "gram" (faster on GPUs, same truncation; see :func:`tnjax.tt_svd`).
+    method: TT-SVD steps, "svd" or "gram" (faster on GPUs, same truncation; see [`tt_svd`][tnjax.tt_svd]).
     layout: "balanced" (``factorize`` dims, ``num_cores`` sites) or "fused" (two sites in the fused
       kernel's layout; widths must be multiples of 256, chi <= 16).
 
   Raises:
-    ValueError: as :func:`svd_compress`, for num_cores < 1, an unknown layout, and for the fused layout a
+    ValueError: as `svd_compress`, for num_cores < 1, an unknown layout, and for the fused layout a
       width it cannot take or a bond dimension above 16.
 
   Complexity:
@@ -184,8 +184,8 @@ def tensorgpt_embedding(model: GPT, *, rank: int | None = None, ratio: float | N
 
   ``form="mps"`` (the paper): each row, reshaped to ``feature_dims``, is
   decomposed by TT-SVD into its own MPS, vmapped over the vocabulary
-  (:class:`tnjax.nn.MPSEmbedding`). ``form="ttm"``: the whole table as one
-  TT-matrix (:class:`tnjax.nn.TTEmbedding`). A tied head keeps reading the
+  ([`MPSEmbedding`][tnjax.nn.MPSEmbedding]). ``form="ttm"``: the whole table as one
+  TT-matrix ([`TTEmbedding`][tnjax.nn.TTEmbedding]). A tied head keeps reading the
   (compressed) embedding, so it stays tied.
 
   Args:
@@ -248,12 +248,12 @@ def quantize_int8(model: GPT, *, layers=None) -> GPT:
   """Weight-only per-channel int8 for the selected projections (dense kernels, TT cores or low-rank factors).
 
   Weights are stored as int8 with one float32 scale per output channel
-  (:func:`tnjax.nn.quantize`) and dequantized inside the layer's matmul;
-  biases, norms and embeddings stay float. Run :func:`heal` before, not after.
+  ([`quantize`][tnjax.nn.quantize]) and dequantized inside the layer's matmul;
+  biases, norms and embeddings stay float. Run `heal` before, not after.
 
   Args:
     model: a model, compressed or not.
-    layers: names as in :func:`svd_compress`; default every projection (and an untied head).
+    layers: names as in `svd_compress`; default every projection (and an untied head).
 
   Raises:
     ValueError: for an unknown layer name or a layer already quantized.

@@ -268,11 +268,11 @@ def modegpt_compress(model: GPT, calib, *, ratio: float, allocation: str = "glob
 
   Args:
     model: the model (projections may be dense or tensorized; the result is dense).
-    calib: calibration ids, (batch, time) arrays, or the list :func:`calibrate` returns.
+    calib: calibration ids, (batch, time) arrays, or the list `calibrate` returns.
     ratio: overall fraction of attention and MLP weights kept, in (0, 1].
     allocation: "global" (per-block fractions from importance, as the paper)
       or "uniform" (every block the same).
-    temperature: sharpness of the global allocation (see :func:`allocate`).
+    temperature: sharpness of the global allocation (see `allocate`).
     ridge: regularization of the correlations (fraction of their mean diagonal).
     multiple_of: round kept widths to multiples of this (8 suits GPU tensor
       cores and fused attention); widths never exceed the original.

@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 
+from tnjax._io import atomic_write, atomic_write_text
 from tnjax.compress import _model
 from tnjax.compress.methods import mpo_compress, quantize_int8, svd_compress, tensorgpt_embedding
 from tnjax.compress.modegpt import modegpt_compress
@@ -23,7 +24,7 @@ def compress(model: GPT, method: str, *, rank: int | None = None, ratio: float |
              rtol: float | None = None, calib=None, layers=None, layout: str | None = None) -> GPT:
   """One method by name: "tensorgpt" (embedding), "mpo" (rank = chi), "modegpt" (ratio only) or "svd".
 
-  ``layout`` is mpo's (:func:`tnjax.compress.mpo_compress`): "balanced" (default) or "fused".
+  ``layout`` is mpo's ([`mpo_compress`][tnjax.compress.mpo_compress]): "balanced" (default) or "fused".
 
   Raises:
     ValueError: for an unknown method, a target or layout the method does not
@@ -52,6 +53,13 @@ def compress(model: GPT, method: str, *, rank: int | None = None, ratio: float |
       raise ValueError(f"{fn}: rank={rank!r}, rtol={rtol!r}, ratio={ratio!r} but modegpt takes a ratio only")
     if layers is not None:
       raise ValueError(f"{fn}: layers={layers!r} but modegpt compresses every block (allocation is global)")
+    # Its factors are dense: on TT-matrix (or other tensorized) layers the result would be larger than the input.
+    cfg = model.config
+    tensorized = [n for n in _model.projection_names(cfg) if cfg.spec(n.split(".", 2)[2], int(n.split(".")[1])).kind
+                  != "dense"]
+    if tensorized:
+      raise ValueError(f"{fn}: method='modegpt' but layers {tensorized[:4]}{'...' if len(tensorized) > 4 else ''} "
+                       "are not dense; modegpt expects dense projections (it would make these larger)")
     return modegpt_compress(model, calib, ratio=ratio)
   raise ValueError(f"{fn}: method={method!r} but one of {METHODS} is expected")
 
@@ -117,14 +125,15 @@ def plot_sweep(rows: list[dict], path, *, baseline: float | None = None, title: 
   to zoom in (points above are drawn at the top edge, marked ^). ``ax``: draw
   into this matplotlib axis instead of a new figure (``path`` is then ignored).
   """
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A Figure with its own Agg canvas: no pyplot, so the caller's backend and open figures are untouched.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
   own = ax is None
   if own:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
   for method in dict.fromkeys(r["method"] for r in rows):
     pts = sorted((r["kept"], r["perplexity"]) for r in rows if r["method"] == method)
     if ylim is not None:
@@ -147,25 +156,44 @@ def plot_sweep(rows: list[dict], path, *, baseline: float | None = None, title: 
   ax.legend(fontsize=8)
   if own:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=pathlib.Path(path).suffix[1:] or "png"))
 
 
 def run(model: GPT, method: str, out_dir, *, targets: list[dict], valid_ids=None, calib_ids=None, layers=None,
         heal_steps: int = 0, heal_lr: float = 1e-4, int8: bool = False, block_size: int | None = None,
-        tokenizer=None, save: bool = True, layout: str | None = None) -> dict:
+        tokenizer=None, save: bool = True, layout: str | None = None, overwrite: bool = False) -> dict:
   """Compresses ``model`` at each target ({"rank"|"ratio"|"rtol": value}), evaluates, saves and reports.
 
   Writes ``out_dir/report.json`` and ``report.md``; the compressed model (tnjax
   format, plus ``tokenizer.json`` when a tokenizer is given) goes to
   ``out_dir/model`` for one target, ``out_dir/<key>-<value>/model`` for several,
-  and a sweep also writes ``perplexity.png``.
+  and a sweep also writes ``perplexity.png``. Every file is written under a
+  temporary name and renamed.
+
+  Raises:
+    ValueError: when ``out_dir`` already holds a model or a report (a training
+      run, an earlier compression, the input model itself) and ``overwrite``
+      is False; for a target missing its value; when a target does not make
+      the compressed part smaller (a rank at or above full rank, modegpt on
+      TT-matrix layers); and the methods' own errors.
   """
   from tnjax.data import eval_batches
   from tnjax.eval import perplexity
   from tnjax.interop import save_model
 
+  fn = "compress"
   out = pathlib.Path(out_dir)
+  for target in targets:
+    if len(target) != 1 or None in target.values():
+      raise ValueError(f"{fn}: target {target!r} but one of rank, ratio, rtol with a value is expected "
+                       "(--rank, --ratio or --rtol)")
+  if not overwrite:
+    outputs = ["model", "report.json", "report.md", "config.json", "model.safetensors", "perplexity.png"]
+    outputs += [f"{k}-{v}" for target in targets for k, v in target.items()]
+    found = [name for name in outputs if (out / name).exists()]
+    if found:
+      raise ValueError(f"{fn}: out_dir {out} already holds {found}; choose a new directory or pass --overwrite "
+                       "(overwrite=True) to replace them")
   out.mkdir(parents=True, exist_ok=True)
   block = min(block_size or model.config.block_size, model.config.block_size)
   evaluate = (lambda m: None) if valid_ids is None else (
@@ -185,25 +213,30 @@ def run(model: GPT, method: str, out_dir, *, targets: list[dict], valid_ids=None
     small = compress(model, method, calib=calib, layers=layers, layout=layout, **target)
     jax.block_until_ready(jax.tree_util.tree_leaves(small))
     compress_s = time.perf_counter() - start
+    (key, value), = target.items()
+    label = f"{key}={value}"
+    info = summary(model, small, names)
+    if info["part_params_after"] >= info["part_params_before"]:
+      raise ValueError(f"{fn}: {method} at {label} keeps {info['part_params_after']:,} of the compressed part's "
+                       f"{info['part_params_before']:,} parameters but fewer are expected (a rank at or above full "
+                       "rank, or layers already smaller than the method's output); choose a smaller target")
     start = time.perf_counter()
     if heal_steps:
       small = heal(small, calib_ids, heal_steps, lr=heal_lr, block_size=block)
     if int8:
       small = quantize_int8(small)
     heal_s = time.perf_counter() - start
-    (key, value), = target.items()
-    label = f"{key}={value}"
     run_info = {"target": label, "compress_s": compress_s, "heal_s": heal_s, "perplexity": evaluate(small),
-                "summary": summary(model, small, names)}
+                "summary": summary(model, small, names) if int8 else info}
     if save:
       where = out / "model" if len(targets) == 1 else out / f"{key}-{value}" / "model"
       save_model(small, where)
       if tokenizer is not None:
-        tokenizer.save(str(where / "tokenizer.json"))
+        atomic_write(where / "tokenizer.json", tokenizer.save)
       run_info["model_dir"] = str(where)
     report["runs"].append(run_info)
-  (out / "report.json").write_text(json.dumps(report, indent=2))
-  (out / "report.md").write_text(_markdown(report))
+  atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+  atomic_write_text(out / "report.md", _markdown(report))
   if len(targets) > 1 and valid_ids is not None:
     rows = [{"method": method, "kept": r["summary"]["part_kept"], "perplexity": r["perplexity"]}
             for r in report["runs"]]
@@ -222,7 +255,8 @@ def parse_targets(rank: str | None, ratio: str | None, rtol: str | None) -> list
   if len(given) > 1:
     raise ValueError(f"compress: {sorted(given)} given but at most one of --rank, --ratio, --rtol is expected")
   if not given:
-    return [{"rank": None}]
+    raise ValueError("compress: no target given but one of --rank, --ratio, --rtol is expected (without one, "
+                     "methods keep full rank and the model grows)")
   (key, text), = given.items()
   cast = int if key == "rank" else float
   try:

@@ -26,7 +26,7 @@ def layer_sensitivity(model: GPT, tokens, compress, *, layers=None, block_size: 
 
   Args:
     model: the model.
-    tokens: 1-d validation ids (see :func:`tnjax.eval.perplexity`).
+    tokens: 1-d validation ids (see [`perplexity`][tnjax.eval.perplexity]).
     compress: ``compress(model, layers=[name]) -> model``, e.g.
       ``functools.partial(mpo_compress, chi=16)``.
     layers: names to profile (default every attention and MLP projection).
@@ -69,7 +69,7 @@ def choose_layers(sensitivity: dict, params_to_remove: int) -> list[str]:
   """Layers to compress so that at least ``params_to_remove`` parameters go, least harmful first.
 
   Layers are taken in order of perplexity increase per parameter saved
-  (from :func:`layer_sensitivity`); layers that save nothing are skipped.
+  (from `layer_sensitivity`); layers that save nothing are skipped.
 
   Raises:
     ValueError: when even every layer together does not remove enough.
@@ -100,9 +100,9 @@ def heal(model: GPT, tokens, steps: int, *, lr: float = 1e-4, batch_size: int = 
 
   Args:
     model: the model (not int8-quantized: quantize after healing).
-    tokens: 1-d training ids; windows are sampled as in :func:`tnjax.train.train`.
+    tokens: 1-d training ids; windows are sampled as in [`train`][tnjax.train.train].
     steps: optimizer steps (at least 1).
-    lr, batch_size, warmup, seed: as :class:`tnjax.train.TrainConfig`
+    lr, batch_size, warmup, seed: as [`TrainConfig`][tnjax.train.TrainConfig]
       (warmup default: 10% of steps); computation runs in the model's dtype.
     block_size: window length (default the model's).
 

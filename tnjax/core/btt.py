@@ -36,8 +36,8 @@ class BlockTT:
   """A matrix in Block Tensor-Train format: cores ``left`` (m2, m1, r, n1) and ``right`` (n1, r, m2, n2).
 
   Dims and rank are derived from the core shapes (static under ``jit``).
-  Build one with :meth:`from_cores` (validates), :func:`btt_from_dense` or
-  :func:`random_btt`.
+  Build one with `from_cores` (validates), `btt_from_dense` or
+  `random_btt`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -218,7 +218,7 @@ def btt_core_stds(in_dims, out_dims, rank: int, std: float) -> tuple[float, floa
 def random_btt(key, in_dims, out_dims, rank: int, *, std: float = 1.0, dtype=jnp.float32) -> BlockTT:
   """A random BlockTT whose dense matrix has entries of mean 0 and standard deviation ``std``.
 
-  Each core's std follows its own fan-in (:func:`btt_core_stds`), the
+  Each core's std follows its own fan-in (`btt_core_stds`), the
   structure-aware (muP) init of "Compute Better Spent".
 
   Example:
@@ -239,7 +239,7 @@ def random_btt(key, in_dims, out_dims, rank: int, *, std: float = 1.0, dtype=jnp
 
 
 def btt_flops(btt: BlockTT, rows: int) -> int:
-  """FLOPs (2 per multiply-add) of :func:`btt_matvec` on ``rows`` rows: ``2 * rows * r * (m * n1 + n * m2)``.
+  """FLOPs (2 per multiply-add) of `btt_matvec` on ``rows`` rows: ``2 * rows * r * (m * n1 + n * m2)``.
 
   Example:
     >>> import jax

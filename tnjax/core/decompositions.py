@@ -149,7 +149,7 @@ def tt_svd(x, max_rank=None, rtol=None, method: str = "svd") -> TensorTrain:
       (full-rank) reconstructions are accurate only to about sqrt(eps).
 
   Returns:
-    A :class:`TensorTrain` with cores (r[k], n[k], r[k+1]) and
+    A `TensorTrain` with cores (r[k], n[k], r[k+1]) and
     ``r[k] <= min(max_rank[k-1], prod(n[:k]), prod(n[k:]))``.
 
   Raises:
@@ -201,19 +201,19 @@ def ttm_svd(w, in_dims, out_dims, max_rank=None, rtol=None, method: str = "svd")
 
   Args:
     w: matrix of shape (M, N) with M <= prod(in_dims), N <= prod(out_dims).
-    in_dims: row factors (n_in[0], ..., n_in[d-1]); see :func:`tnjax.factorize`.
+    in_dims: row factors (n_in[0], ..., n_in[d-1]); see [`factorize`][tnjax.factorize].
     out_dims: column factors, same length d as ``in_dims``.
-    max_rank: static cap on ranks (int or d - 1 ints), as in :func:`tt_svd`.
+    max_rank: static cap on ranks (int or d - 1 ints), as in `tt_svd`.
     rtol: relative Frobenius error bound on the (padded) matrix, as in
-      :func:`tt_svd`; padding adds no error, so it bounds ``||w - W||/||w||``.
-    method: "svd" or "gram", as in :func:`tt_svd`.
+      `tt_svd`; padding adds no error, so it bounds ``||w - W||/||w||``.
+    method: "svd" or "gram", as in `tt_svd`.
 
   Returns:
-    A :class:`TTMatrix` with cores (r[k], n_in[k], n_out[k], r[k+1]).
+    A `TTMatrix` with cores (r[k], n_in[k], n_out[k], r[k+1]).
 
   Raises:
     ValueError: when ``w`` is not 2-d, is larger than the dims' products, the
-      dims differ in length, or on the argument errors of :func:`tt_svd`.
+      dims differ in length, or on the argument errors of `tt_svd`.
 
   Complexity:
     One TT-SVD of a d-mode tensor with modes n_in[k] * n_out[k].

@@ -4,7 +4,7 @@ A two-core TT-matrix is a sum of r Kronecker products,
 ``W = sum_r A_r (x) B_r`` with ``A_r = core0[0, :, :, r]`` (a x p) and
 ``B_r = core1[r, :, :, 0]`` (b x q), so for one token, with its input viewed
 as an (a, b) matrix ``X``, the output viewed as (p, q) is
-``Y = sum_r A_r^T X B_r``. :func:`matvec_fused` computes that for a block of
+``Y = sum_r A_r^T X B_r``. `matvec_fused` computes that for a block of
 tokens in one kernel: ``V = X B_r`` for all the block's (token, a) rows and
 all ranks at once, a regrouping in registers to (token, q) rows, and one
 product with the A's, accumulated in float32. Only x is read and y written;
@@ -16,7 +16,7 @@ tokens: 0.71x (rank 4) and 0.85x (rank 8) of a dense matmul's time forward
 
 The Triton lowering needs every loaded block to have a power-of-two size and
 matrix-unit products at least 16 wide, so the layout is restricted (see
-:func:`fused_supported`; :func:`fused_dims` gives a layout that fits): each
+`fused_supported`; `fused_dims` gives a layout that fits): each
 mode is cut into power-of-two slabs that the kernel loops over statically
 (768 = 16 x 48 and 3072 = 192 x 16 work), and ranks go up to 16 (padded to a
 power of two with zeros). Per slab pair: ``V = X [B_1 .. B_r]``, then, with
@@ -29,7 +29,7 @@ partial sums are added in XLA. Below ``FEW_TOKENS`` tokens (decoding) the
 forward spreads 16-wide output slabs over programs instead of tokens.
 
 Where the kernel cannot run (no GPU, or an unsupported layout) use the
-pure-JAX paths (:func:`tnjax.core.linear.linear` with ``path="fused"`` falls
+pure-JAX paths ([`linear`][tnjax.core.linear.linear] with ``path="fused"`` falls
 back by itself); ``interpret=True`` runs the kernels' programs on any backend
 (slow; for tests).
 """
@@ -82,7 +82,7 @@ def _layout(ttm: TTMatrix):
 
 
 def fused_supported(ttm: TTMatrix) -> bool:
-  """Whether :func:`matvec_fused` takes this TT-matrix's layout (not whether a GPU is present).
+  """Whether `matvec_fused` takes this TT-matrix's layout (not whether a GPU is present).
 
   Example:
     >>> import jax, tnjax
@@ -385,7 +385,7 @@ def matvec_fused(ttm: TTMatrix, x: jax.Array, *, block_tokens: int | None = None
   """``x @ to_dense(ttm)`` for a two-core TT-matrix in one fused kernel; see the module docstring.
 
   Args:
-    ttm: two cores, (1, a, p, r) and (r, b, q, 1), in a layout :func:`fused_supported` accepts.
+    ttm: two cores, (1, a, p, r) and (r, b, q, 1), in a layout `fused_supported` accepts.
     x: (..., a * b), float32 or bfloat16.
     block_tokens: tokens per program (a power of two); by default the largest
       of 1..16 whose float32 tiles fit (8 for GPT-2 shapes at rank <= 8), and

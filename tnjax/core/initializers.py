@@ -87,7 +87,7 @@ def random_ttm(key, in_dims, out_dims, rank, *, std: float = 1.0, dtype=jnp.floa
   Args:
     key: a ``jax.random`` key.
     in_dims, out_dims: row and column factors, one per core.
-    rank: as in :func:`random_tt`, with bond limits of the merged modes n_in[k] * n_out[k].
+    rank: as in `random_tt`, with bond limits of the merged modes n_in[k] * n_out[k].
     std: standard deviation of the dense matrix's entries.
     dtype: core dtype.
     balance: "equal" (every core the same std) or "fan_in" (core k's
@@ -95,7 +95,7 @@ def random_ttm(key, in_dims, out_dims, rank, *, std: float = 1.0, dtype=jnp.floa
       structure-aware muP init; the dense std is ``std`` either way).
 
   Raises:
-    ValueError: as :func:`random_tt`, and when the dims differ in length.
+    ValueError: as `random_tt`, and when the dims differ in length.
 
   Example:
     >>> import jax, jax.numpy as jnp, tnjax

@@ -8,17 +8,17 @@ A TTM layer computes ``x @ W`` for ``W = to_dense(ttm)``. Two ways:
   TTM GPT-2 paper. Fast when tokens >> parameters.
 * ``"direct"``: absorb the cores into ``x`` one at a time, never forming
   ``W``. The order (which core first, growing a connected run of absorbed
-  cores) is chosen by the cost model. Its backward (:func:`matvec_direct`'s
+  cores) is chosen by the cost model. Its backward (`matvec_direct`'s
   ``custom_vjp``) keeps only ``x`` and the cores as residuals and recomputes
   the intermediates, so activation memory stays near a dense layer's.
-* ``"fused"``: the Pallas kernel of :mod:`tnjax.core.fused` (two-core
-  layouts such as :func:`tnjax.core.fused.fused_dims`, ranks <= 16, on a
+* ``"fused"``: the Pallas kernel of [`tnjax.core.fused`][tnjax.core.fused] (two-core
+  layouts such as [`fused_dims`][tnjax.core.fused.fused_dims], ranks <= 16, on a
   GPU); anywhere else it falls back to ``"auto"``'s choice. Never picked by
   ``"auto"``. ``"fused_fwd"`` runs the forward kernel and the backward of
   ``"dense"`` (rebuild W, two full matmuls): each direction on its faster path.
 * ``"split"``: merge the cores on each side of one bond into two factors,
   ``A`` (in_1, out_1, r) and ``B`` (r, in_2, out_2), then two matmuls with
-  ``x`` (:func:`matvec_split`). Two large contractions instead of d small
+  ``x`` (`matvec_split`). Two large contractions instead of d small
   ones: the fastest path at decode-time token counts, and at many tokens for
   two-core layouts whose intermediate (tokens x out_1 x r x in_2) is small.
 
@@ -26,7 +26,7 @@ The cost model estimates time as a roofline per contraction step,
 ``max(flops / peak_flops, bytes / bandwidth) + launch``, summed over steps,
 where bytes count every operand read and result written, and a relayout
 (transpose copy) of an operand that XLA has to make before a contraction is
-a step of its own. Defaults describe an H100 in bf16 (:data:`H100`),
+a step of its own. Defaults describe an H100 in bf16 (`H100`),
 calibrated on ``benchmarks/bench_ttm_linear.py`` and ``bench_decode.py``:
 XLA's dense matmul at 16k x 768 x 3072 runs at ~550 TFLOP/s, and 2 TB/s is
 the effective bandwidth of the small contractions and relayouts.
@@ -148,7 +148,7 @@ def _best_direct(shapes: tuple[tuple[int, ...], ...], batch: int, cost: CostMode
 
 
 def _merge_steps(shapes: tuple[tuple[int, ...], ...]) -> list[tuple[float, float]]:
-  """(flops, elements) of contracting a run of cores into one (as :func:`_merge_run`)."""
+  """(flops, elements) of contracting a run of cores into one (as `_merge_run`)."""
   steps, left = [], math.prod(shapes[0])
   for r, i, o, r_next in shapes[1:]:
     new = left // r * i * o * r_next
@@ -166,7 +166,7 @@ def _dense_seconds(shapes: tuple[tuple[int, ...], ...], batch: int, cost: CostMo
 
 
 def _split_steps(shapes: tuple[tuple[int, ...], ...], batch: int, s: int, order: str):
-  """(flops, elements) of each step of :func:`matvec_split` at bond ``s``: merging both factors, then two
+  """(flops, elements) of each step of `matvec_split` at bond ``s``: merging both factors, then two
   contractions and the relayouts XLA makes around them (measured on an H100: the prefix order transposes x
   and the intermediate; the suffix order the intermediate and the result)."""
   i1, o1 = math.prod(x[1] for x in shapes[:s]), math.prod(x[2] for x in shapes[:s])

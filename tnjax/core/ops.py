@@ -23,7 +23,7 @@ def to_dense(tt: TT) -> jax.Array:
   Returns:
     For a TensorTrain, an array of shape ``dims``; for a TTMatrix, a matrix
     of shape ``(prod(in_dims), prod(out_dims))``; for a
-    :class:`~tnjax.core.btt.BlockTT`, its (m, n) matrix.
+    `tnjax.core.btt.BlockTT`, its (m, n) matrix.
 
   Complexity:
     O(prod(n) * r^2) time, O(prod(n) * r) memory at the last step.
@@ -83,7 +83,7 @@ def check_matvec_args(fn: str, ttm, x: jax.Array) -> None:
 
 
 def matvec_plan(ttm: TTMatrix, batch: int) -> opt_einsum.contract.PathInfo:
-  """The contraction plan :func:`matvec` uses for ``batch`` rows: path, FLOPs, largest intermediate.
+  """The contraction plan `matvec` uses for ``batch`` rows: path, FLOPs, largest intermediate.
 
   Useful to see why a path was chosen, e.g. ``print(matvec_plan(w, 16384))``.
 
@@ -102,10 +102,10 @@ def matvec(ttm: TTMatrix, x: jax.Array, *, precision=None) -> jax.Array:
   The contraction order over ``x`` and the cores is chosen at trace time by
   opt_einsum's dynamic-programming optimizer (fewest FLOPs) from the static
   shapes, so one token and 16k tokens may take different paths; see
-  :func:`matvec_plan`.
+  `matvec_plan`.
 
-  A :class:`~tnjax.core.btt.BlockTT` is taken too (two batched matmuls,
-  :func:`~tnjax.core.btt.btt_matvec`).
+  A `tnjax.core.btt.BlockTT` is taken too (two batched matmuls,
+  `tnjax.core.btt.btt_matvec`).
 
   Args:
     ttm: a TTMatrix with cores (r[k], n_in[k], n_out[k], r[k+1]), or a BlockTT.
@@ -156,7 +156,7 @@ def _check_same_modes(fn: str, a: TT, b: TT) -> None:
 
 
 def add(a: TT, b: TT) -> TT:
-  """The sum ``a + b`` in TT format; ranks add (r_a[k] + r_b[k]). Follow with :func:`truncate`.
+  """The sum ``a + b`` in TT format; ranks add (r_a[k] + r_b[k]). Follow with `truncate`.
 
   Raises:
     ValueError: when the formats or mode sizes differ.

@@ -1,8 +1,8 @@
-"""The two pytrees of tnjax: :class:`TensorTrain` (MPS) and :class:`TTMatrix` (MPO).
+"""The two pytrees of tnjax: `TensorTrain` (MPS) and `TTMatrix` (MPO).
 
 Both hold only their cores. Dims, ranks and sizes are derived from core
 shapes, so they are static under ``jit`` and per-example under ``vmap``.
-Validation lives in :meth:`from_cores` (never in ``__post_init__``, which
+Validation lives in `from_cores` (never in ``__post_init__``, which
 ``unflatten`` also runs on non-array leaves).
 """
 
@@ -70,7 +70,7 @@ class TensorTrain(_TTBase):
   The tensor's entry ``x[i1, ..., id]`` is the matrix product
   ``cores[0][:, i1, :] @ ... @ cores[d-1][:, id, :]`` (a 1 x 1 matrix).
 
-  Build one with :meth:`from_cores` (validates) or :func:`tnjax.tt_svd`.
+  Build one with `from_cores` (validates) or [`tt_svd`][tnjax.tt_svd].
 
   Example:
     >>> import jax.numpy as jnp, tnjax
@@ -93,7 +93,7 @@ class TensorTrain(_TTBase):
 
   @property
   def shape(self) -> tuple[int, ...]:
-    """Shape of the dense tensor, equal to :attr:`dims`."""
+    """Shape of the dense tensor, equal to `dims`."""
     return self.dims
 
   @property
@@ -110,7 +110,7 @@ class TTMatrix(_TTBase):
   ``(i1, ..., id)`` and column index ``(j1, ..., jd)`` are read in row-major
   order, and entry ``W[(i), (j)] = cores[0][:, i1, j1, :] @ ... @ cores[d-1][:, id, jd, :]``.
 
-  Build one with :meth:`from_cores` (validates) or :func:`tnjax.ttm_svd`.
+  Build one with `from_cores` (validates) or [`ttm_svd`][tnjax.ttm_svd].
 
   Example:
     >>> import jax, tnjax
@@ -155,13 +155,13 @@ def as_tt(t: TT) -> TensorTrain:
 
 
 def split_modes(tt: TensorTrain, in_dims, out_dims) -> TTMatrix:
-  """Views a TensorTrain with modes n_in[k] * n_out[k] as a TTMatrix (inverse of :func:`as_tt`)."""
+  """Views a TensorTrain with modes n_in[k] * n_out[k] as a TTMatrix (inverse of `as_tt`)."""
   return TTMatrix(tuple(
       c.reshape(c.shape[0], i, o, c.shape[-1]) for c, i, o in zip(tt.cores, in_dims, out_dims)))
 
 
 def like(template: TT, tt: TensorTrain) -> TT:
-  """Inverse of :func:`as_tt`: gives ``tt`` the format (and mode split) of ``template``."""
+  """Inverse of `as_tt`: gives ``tt`` the format (and mode split) of ``template``."""
   if isinstance(template, TensorTrain):
     return tt
   return split_modes(tt, template.in_dims, template.out_dims)

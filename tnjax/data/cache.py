@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 from collections.abc import Sequence
 
 import numpy as np
 
+from tnjax._io import atomic_write, atomic_write_text, read_text
 from tnjax.data.tokenizer import EOT
 
 
-def _sha256(path: pathlib.Path) -> str:
+def file_sha256(path: pathlib.Path) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -35,11 +35,11 @@ def tokenizer_hash(tokenizer) -> str:
 
 def _manifest(files: Sequence[pathlib.Path], tokenizer) -> dict:
   return {"tokenizer": tokenizer_hash(tokenizer),
-          "files": [{"path": str(f.resolve()), "size": f.stat().st_size, "sha256": _sha256(f)} for f in files]}
+          "files": [{"path": str(f.resolve()), "size": f.stat().st_size, "sha256": file_sha256(f)} for f in files]}
 
 
 def _encode_file(path: pathlib.Path, tokenizer, chunk_lines: int = 2000) -> list[int]:
-  lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+  lines = read_text("token_cache", "text", path).splitlines(keepends=True)
   chunks = ["".join(lines[i:i + chunk_lines]) for i in range(0, len(lines), chunk_lines)]
   return [t for enc in tokenizer.encode_batch(chunks) for t in enc.ids]
 
@@ -73,12 +73,8 @@ def token_cache(files: Sequence, tokenizer, cache_dir, name: str) -> np.ndarray:
       ids.append(eot)
   if not ids:
     raise ValueError(f"token_cache: {[str(f) for f in files]} encode to no tokens")
-  tmp = binary.with_suffix(".bin.tmp")
-  np.asarray(ids, dtype).tofile(tmp)
-  os.replace(tmp, binary)
-  tmp_meta = meta.with_suffix(".json.tmp")
-  tmp_meta.write_text(json.dumps(manifest, indent=1))
-  os.replace(tmp_meta, meta)
+  atomic_write(binary, np.asarray(ids, dtype).tofile)
+  atomic_write_text(meta, json.dumps(manifest, indent=1))
   return np.memmap(binary, dtype=dtype, mode="r")
 
 

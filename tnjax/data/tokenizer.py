@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from tnjax._io import read_text
+
 EOT = "<|endoftext|>"
 
 
@@ -32,12 +34,18 @@ def load_tokenizer(path) -> Tokenizer:
     300
   """
   path = pathlib.Path(path)
-  if path.is_file():
-    return Tokenizer.from_file(str(path))
-  if (path / "tokenizer.json").exists():
-    return Tokenizer.from_file(str(path / "tokenizer.json"))
-  if (path / "vocab.json").exists() and (path / "merges.txt").exists():
-    return _byte_level(Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt"))))
+  if not path.exists():
+    raise ValueError(f"load_tokenizer: {path} does not exist; a tokenizer.json file or a directory holding one "
+                     "is expected")
+  file = path if path.is_file() else path / "tokenizer.json"
+  try:
+    if file.is_file():
+      return Tokenizer.from_file(str(file))
+    if (path / "vocab.json").exists() and (path / "merges.txt").exists():
+      file = path / "vocab.json"
+      return _byte_level(Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt"))))
+  except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+    raise ValueError(f"load_tokenizer: {file} is not a readable tokenizer ({str(e)[:200]})") from e
   raise ValueError(f"load_tokenizer: {path} has no tokenizer.json and no vocab.json + merges.txt")
 
 
@@ -72,5 +80,10 @@ def train_tokenizer(files: Sequence, vocab_size: int, *, min_frequency: int = 2,
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                 special_tokens=list(special_tokens),
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  tok.train(files, trainer)
+  try:
+    tok.train(files, trainer)
+  except Exception as e:  # tokenizers raises a bare Exception for undecodable text; name the file
+    for f in files:
+      read_text("train_tokenizer", "text", f)
+    raise ValueError(f"train_tokenizer: training on {files} failed ({e})") from e
   return tok

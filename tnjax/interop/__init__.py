@@ -9,5 +9,5 @@ __all__ = ["load_hf_gpt2", "save_hf_gpt2", "config_from_hf", "hf_config", "save_
 
 
 def load_any(path, **kwargs):
-  """A GPT from a tnjax directory (:func:`save_model`) or a Hugging Face GPT-2 directory."""
+  """A GPT from a tnjax directory (`save_model`) or a Hugging Face GPT-2 directory."""
   return load_model(path) if is_native(path) else load_hf_gpt2(path, **kwargs)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tnjax._io import read_json, read_safetensors
 from tnjax.models.config import GPTConfig
 from tnjax.models.gpt import GPT, dense_kernel
 
@@ -29,7 +30,7 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers o
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
-  """A :class:`GPTConfig` from a Hugging Face GPT-2 ``config.json`` dict; refuses what it cannot honour, by name."""
+  """A `GPTConfig` from a Hugging Face GPT-2 ``config.json`` dict; refuses what it cannot honour, by name."""
   fn = "load_hf_gpt2"
   if hf.get("model_type") != "gpt2":
     raise ValueError(f"{fn}: config model_type={hf.get('model_type')!r} but 'gpt2' is expected")
@@ -51,13 +52,11 @@ def _read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   single, index, binary = path / "model.safetensors", path / "model.safetensors.index.json", \
       path / "pytorch_model.bin"
   if single.exists():
-    from safetensors.numpy import load_file
-    return load_file(str(single))
+    return read_safetensors(fn, single)
   if index.exists():
-    from safetensors.numpy import load_file
     tensors = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-      tensors.update(load_file(str(path / shard)))
+    for shard in sorted(set(read_json(fn, index)["weight_map"].values())):
+      tensors.update(read_safetensors(fn, path / shard))
     return tensors
   if binary.exists():
     try:
@@ -92,7 +91,7 @@ def _hf_tensors(model: GPT) -> dict[str, tuple[nnx.Variable | None, np.ndarray |
 
 
 def load_hf_gpt2(path, *, dtype: str | None = None) -> GPT:
-  """Loads a local Hugging Face GPT-2 directory into a dense :class:`tnjax.models.GPT`.
+  """Loads a local Hugging Face GPT-2 directory into a dense [`GPT`][tnjax.models.GPT].
 
   Args:
     path: directory with ``config.json`` and ``model.safetensors`` (or a
@@ -107,7 +106,10 @@ def load_hf_gpt2(path, *, dtype: str | None = None) -> GPT:
   path = pathlib.Path(path)
   if not (path / "config.json").exists():
     raise ValueError(f"{fn}: {path / 'config.json'} does not exist; expected a Hugging Face GPT-2 directory")
-  cfg = config_from_hf(json.loads((path / "config.json").read_text())).replace(dtype=dtype)
+  try:
+    cfg = config_from_hf(read_json(fn, path / "config.json")).replace(dtype=dtype)
+  except (KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f"{fn}: {path / 'config.json'} is not a GPT-2 config ({type(e).__name__}: {e})") from e
   tensors = {k.removeprefix("transformer."): v for k, v in _read_tensors(path).items()
              if not k.endswith(_IGNORED_SUFFIXES)}
   model = GPT(cfg, rngs=nnx.Rngs(0))
@@ -131,7 +133,7 @@ def load_hf_gpt2(path, *, dtype: str | None = None) -> GPT:
 
 
 def hf_config(cfg: GPTConfig) -> dict:
-  """The Hugging Face ``config.json`` dict of a :class:`GPTConfig`.
+  """The Hugging Face ``config.json`` dict of a `GPTConfig`.
 
   Example:
     >>> from tnjax.models import preset
@@ -188,7 +190,7 @@ def save_hf_gpt2(model: GPT, path) -> pathlib.Path:
   Tensorized projections and embeddings are written as their dense
   reconstruction (Hugging Face has no TT layers), int8 weights dequantized,
   and blocks narrowed by MoDeGPT zero-padded to full width (same function);
-  use :func:`tnjax.interop.save_model` to keep the compact form.
+  use [`save_model`][tnjax.interop.save_model] to keep the compact form.
 
   Example:
     >>> import tempfile

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 import tnjax
+from tnjax._io import atomic_write, atomic_write_text, read_json, read_safetensors
 from tnjax.models.config import GPTConfig
 from tnjax.models.gpt import GPT
 from tnjax.nn import TTParam
@@ -43,47 +44,61 @@ def save_model(model: GPT, path) -> pathlib.Path:
 
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in model_tensors(model).items()},
-            str(path / "model.safetensors"))
+  tensors = {k: np.ascontiguousarray(np.asarray(v)) for k, v in model_tensors(model).items()}
+  # Each file is renamed into place, so overwriting a model never leaves a half-written one.
+  atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp))
   meta = {"format": FORMAT, "tnjax_version": tnjax.__version__, "config": model.config.to_dict()}
-  (path / "config.json").write_text(json.dumps(meta, indent=2))
+  atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
   return path
 
 
 def is_native(path) -> bool:
-  """Whether ``path`` holds a model written by :func:`save_model` (its config.json says so)."""
+  """Whether ``path`` holds a model written by `save_model` (its config.json says so)."""
   cfg = pathlib.Path(path) / "config.json"
-  return cfg.exists() and json.loads(cfg.read_text()).get("format") == FORMAT
+  if not cfg.is_file():
+    return False
+  try:
+    meta = json.loads(cfg.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return False  # load_model or load_hf_gpt2 then names the file
+  return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def load_model(path) -> GPT:
-  """Loads a directory written by :func:`save_model`.
+  """Loads a directory written by `save_model`.
 
   Raises:
     ValueError: missing files, a directory of another format, or parameters
       missing, unexpected or (other than TT cores) of the wrong shape, by name.
   """
-  from safetensors.numpy import load_file
-
   fn = "load_model"
   path = pathlib.Path(path)
   for name in ("config.json", "model.safetensors"):
     if not (path / name).exists():
       raise ValueError(f"{fn}: {path / name} does not exist; expected a directory written by save_model")
-  meta = json.loads((path / "config.json").read_text())
-  if meta.get("format") != FORMAT:
-    raise ValueError(f"{fn}: {path / 'config.json'} has format={meta.get('format')!r} but {FORMAT!r} is expected "
+  meta = read_json(fn, path / "config.json")
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    got = meta.get("format") if isinstance(meta, dict) else meta
+    raise ValueError(f"{fn}: {path / 'config.json'} has format={got!r} but {FORMAT!r} is expected "
                      "(for a Hugging Face directory use load_hf_gpt2)")
-  return model_from_tensors(GPTConfig.from_dict(meta["config"]), load_file(str(path / "model.safetensors")), fn=fn)
+  try:
+    cfg = GPTConfig.from_dict(meta["config"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{fn}: {path / 'config.json'} has no valid GPT config ({type(e).__name__}: {e})") from e
+  tensors = read_safetensors(fn, path / "model.safetensors")
+  try:
+    return model_from_tensors(cfg, tensors, fn=fn)
+  except ValueError as e:
+    raise ValueError(f"{e} (in {path / 'model.safetensors'})") from e
 
 
 def model_tensors(module: nnx.Module) -> dict[str, jax.Array]:
-  """Every parameter of a module (a GPT or one layer) by dotted name, as :func:`save_model` stores them."""
+  """Every parameter of a module (a GPT or one layer) by dotted name, as `save_model` stores them."""
   return {_key(p): v[...] for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
 def model_from_tensors(cfg: GPTConfig, tensors: dict, *, fn: str = "model_from_tensors") -> GPT:
-  """A GPT of config ``cfg`` holding ``tensors`` (names as :func:`model_tensors` gives them).
+  """A GPT of config ``cfg`` holding ``tensors`` (names as `model_tensors` gives them).
 
   TT cores (``TTParam``) take their shapes from the tensors, so per-layer
   ranks need not match the config's; every other parameter must match.

@@ -33,10 +33,10 @@ class LayerSpec:
     rank: TT, BTT or low-rank r; required unless kind is "dense".
     num_cores: number of TT cores when dims are not given (BTT has two).
     in_dims, out_dims: explicit TT mode sizes (default: ``tnjax.factorize``;
-      for BTT two each, default :func:`tnjax.core.btt.btt_dims`).
+      for BTT two each, default `tnjax.core.btt.btt_dims`).
     path: TTM contraction path, "auto", "dense", "direct" or "split".
     quant: None, or "int8" for weight-only per-channel int8 storage
-      (projections only; see :func:`tnjax.compress.quantize_int8`).
+      (projections only; see [`quantize_int8`][tnjax.compress.quantize_int8]).
 
   Example:
     >>> LayerSpec.coerce({"kind": "ttm", "rank": 16}, "mlp.c_fc")
@@ -93,13 +93,13 @@ class GPTConfig:
       are scaled by 1 / sqrt(2 * n_layer) as in GPT-2).
     layers: tensorization of projections, keyed by "embedding", "lm_head",
       a projection name (all blocks: "mlp.c_fc") or "h.{i}.{name}" (one
-      block). Values are :class:`LayerSpec`, a kind string or a dict. The most
+      block). Values are `LayerSpec`, a kind string or a dict. The most
       specific key wins; unnamed projections are dense.
     attention_impl: passed to ``jax.nn.dot_product_attention``
       (None: XLA default; "cudnn" on GPUs for fused attention).
     dtype: computation dtype (e.g. "bfloat16"); None keeps float32.
     vocab_multiple: a dense tied embedding table gets ``vocab_size`` rounded
-      up to a multiple of this many rows (:attr:`padded_vocab`; 50257 ->
+      up to a multiple of this many rows (`padded_vocab`; 50257 ->
       50304 at 128), so the LM-head matmul has tensor-core-friendly shapes.
       Padding rows are never looked up, their logits are masked out of the
       loss and sliced off ``model(ids)``; exports and tokenizer-facing shapes
@@ -109,7 +109,7 @@ class GPTConfig:
       projection's init std is scaled by ``sqrt(mup_base_width / d_model)``
       (TT-matrix cores balanced by their own fan-ins, as BTT cores always
       are) and the LM head's input by ``mup_base_width / d_model``;
-      :func:`tnjax.train.mup_multipliers` gives the matching per-core
+      `tnjax.train.mup_multipliers` gives the matching per-core
       learning rates. Widths change by heads at a fixed head width, so the
       attention scale stays ``1 / sqrt(head_dim)``.
     dims: per-block sizes that differ from the defaults, keyed "h.{i}", each a

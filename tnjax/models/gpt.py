@@ -4,8 +4,8 @@ Pre-LayerNorm blocks, tanh-approximated GELU, causal attention through
 ``jax.nn.dot_product_attention`` (so GPU backends can use fused attention),
 learned position embeddings and a head tied to the token embedding unless
 the config unties it. Each projection is ``nnx.Linear`` (kernel laid out
-(in, out), like GPT-2's Conv1D), :class:`tnjax.nn.TTMLinear`,
-:class:`tnjax.nn.BTTLinear` or :class:`tnjax.nn.LowRankLinear`, as the config's ``layers`` say.
+(in, out), like GPT-2's Conv1D), [`TTMLinear`][tnjax.nn.TTMLinear],
+[`BTTLinear`][tnjax.nn.BTTLinear] or [`LowRankLinear`][tnjax.nn.LowRankLinear], as the config's ``layers`` say.
 
 Dropout applies to embeddings and to the attention and MLP outputs; fused
 attention has no dropout on attention probabilities, so GPT-2's ``attn_pdrop``
@@ -42,7 +42,7 @@ def _balance(cfg: GPTConfig) -> str:
 def make_linear(spec: LayerSpec, in_features: int, out_features: int, *, std: float, use_bias: bool,
                 dtype, rngs: nnx.Rngs, balance: str = "equal") -> nnx.Module:
   """One projection, dense or tensorized by ``spec``, with dense-equivalent init std ``std`` (``balance``: how
-  TT-matrix cores share it, see :class:`tnjax.nn.TTMLinear`).
+  TT-matrix cores share it, see [`TTMLinear`][tnjax.nn.TTMLinear]).
 
   Example:
     >>> from tnjax.models import LayerSpec
@@ -179,7 +179,7 @@ class GPT(nnx.Module):
   """GPT-2 language model.
 
   Call ``model(ids)`` for logits of shape (batch, time, vocab_size); use
-  :meth:`init_cache` and :meth:`step` (or :func:`tnjax.models.generate`) for
+  `init_cache` and `step` (or [`generate`][tnjax.models.generate]) for
   KV-cached decoding.
 
   Example:

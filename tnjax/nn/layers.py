@@ -1,7 +1,7 @@
 """Flax NNX layers over the core: TT-matrix (MPO) linear, TT embedding with a tied head, low-rank linear.
 
 Each module is a thin wrapper: parameters are held as NNX variables and the
-math is the core's pure functions (:mod:`tnjax.core.linear`).
+math is the core's pure functions ([`tnjax.core.linear`][tnjax.core.linear]).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class TTMLinear(nnx.Module):
   ``(r[k], n_in[k], n_out[k], r[k+1])`` with ``prod(in_dims) >= in_features``
   and ``prod(out_dims) >= out_features``. Inputs are zero-padded to
   ``prod(in_dims)`` and outputs sliced back to ``out_features``, so padding
-  never shows in outputs; :attr:`kernel` returns the unpadded dense W.
+  never shows in outputs; `kernel` returns the unpadded dense W.
 
   Args:
     in_features, out_features: layer sizes.
@@ -140,7 +140,7 @@ class TTMLinear(nnx.Module):
     path: "auto" (cost model, per token count at trace time), "dense"
       (rebuild W, one matmul), "direct" (core by core, W never formed) or
       "split" (two merged factors, two matmuls); see
-      :mod:`tnjax.core.linear`.
+      [`tnjax.core.linear`][tnjax.core.linear].
     dtype: computation dtype (e.g. bfloat16); None keeps the input's.
     param_dtype: dtype of cores and bias.
     kernel_std: std of the dense-equivalent W at init; default
@@ -150,10 +150,10 @@ class TTMLinear(nnx.Module):
     rngs: ``nnx.Rngs``; needed unless ``ttm`` is given.
     ttm: existing cores to wrap (e.g. from ``ttm_svd``) instead of a random init.
     quant: None, or "int8": cores stored as int8 with per-channel scales
-      (:mod:`tnjax.nn.quant`), dequantized when the layer runs.
+      ([`tnjax.nn.quant`][tnjax.nn.quant]), dequantized when the layer runs.
     balance: how a random init spreads ``kernel_std`` over the cores: "equal"
       stds, or "fan_in" (each core's variance proportional to one over its own
-      fan-in ``r[k] * n_in[k]``: the muP init); see :func:`tnjax.random_ttm`.
+      fan-in ``r[k] * n_in[k]``: the muP init); see [`random_ttm`][tnjax.random_ttm].
 
   Example:
     >>> from flax import nnx
@@ -190,7 +190,7 @@ class TTMLinear(nnx.Module):
     """A layer whose kernel is ``ttm_svd(kernel, ..., max_rank=rank, rtol=rtol, method=method)``.
 
     With neither rank nor rtol the decomposition is exact (full rank).
-    ``method="gram"`` is the faster Gram-eigh TT-SVD (see :func:`tnjax.tt_svd`).
+    ``method="gram"`` is the faster Gram-eigh TT-SVD (see [`tt_svd`][tnjax.tt_svd]).
     ``kwargs`` go to the constructor (path, dtype, param_dtype, ...).
     """
     kernel = jnp.asarray(kernel)
@@ -253,7 +253,7 @@ class TTEmbedding(nnx.Module):
   """A token embedding whose (num_embeddings, features) table is a TT-matrix.
 
   A lookup gathers, per token, one slice of each core and contracts them: the
-  table is never built in the forward pass. :meth:`attend` computes
+  table is never built in the forward pass. `attend` computes
   ``x @ E.T`` for a tied LM head. Vocabularies that do not factor (50257) are
   padded to ``prod(vocab_dims)``; padding rows are never returned.
 
@@ -265,8 +265,8 @@ class TTEmbedding(nnx.Module):
     num_cores: d, used when dims are not given.
     std: std of the dense-equivalent table at init; default
       ``1 / sqrt(features)``, as ``nnx.Embed``. GPT-2 uses 0.02.
-    path: contraction path of :meth:`attend` ("auto", "dense", "direct", "split").
-    dtype, param_dtype, cost, precision, rngs: as :class:`TTMLinear`.
+    path: contraction path of `attend` ("auto", "dense", "direct", "split").
+    dtype, param_dtype, cost, precision, rngs: as `TTMLinear`.
     ttm: existing cores of shape (prod(vocab_dims), prod(feature_dims)).
 
   Example:
@@ -367,7 +367,7 @@ class MPSEmbedding(nnx.Module):
   ``feature_dims`` and held as a TT with cores (r[k], n[k], r[k+1]); the layer
   stores them stacked over the vocabulary, core k of shape
   (num_embeddings, r[k], n[k], r[k+1]). A lookup gathers each token's cores
-  and contracts them; :meth:`attend` (the tied head) rebuilds the table.
+  and contracts them; `attend` (the tied head) rebuilds the table.
   At rank 1 a row costs ``sum(feature_dims)`` numbers instead of ``features``.
 
   Args:
@@ -378,7 +378,7 @@ class MPSEmbedding(nnx.Module):
     std: std of the dense-equivalent table at init (default ``1 / sqrt(features)``).
     dtype, param_dtype: computation and storage dtypes.
     rngs: ``nnx.Rngs`` for a random init.
-    cores: existing stacked cores (see :meth:`from_dense`).
+    cores: existing stacked cores (see `from_dense`).
 
   Example:
     >>> import numpy as np
@@ -472,22 +472,22 @@ class MPSEmbedding(nnx.Module):
 
 
 class BTTLinear(nnx.Module):
-  """A dense layer whose kernel is a Block Tensor-Train matrix (:mod:`tnjax.core.btt`); Monarch at rank 1.
+  """A dense layer whose kernel is a Block Tensor-Train matrix (`tnjax.core.btt`); Monarch at rank 1.
 
   ``x @ W`` is two batched matmuls; parameters and multiply-adds per token
   are both ``r * (m * n1 + n * m2)`` for ``m = m1 * m2`` inputs and
   ``n = n1 * n2`` outputs. Sizes that do not factor are padded internally,
-  as :class:`TTMLinear`.
+  as `TTMLinear`.
 
   Args:
     in_features, out_features: layer sizes.
     rank: r, at most ``min(m1, n2)``.
-    in_dims, out_dims: (m1, m2) and (n1, n2); default :func:`tnjax.core.btt.btt_dims`.
+    in_dims, out_dims: (m1, m2) and (n1, n2); default `tnjax.core.btt.btt_dims`.
     use_bias, dtype, param_dtype, precision: as ``nnx.Linear``.
     kernel_std: std of the dense-equivalent W at init (default ``1 / sqrt(in_features)``); each core's std
-      follows its own fan-in (:func:`tnjax.core.btt.btt_core_stds`).
+      follows its own fan-in (`tnjax.core.btt.btt_core_stds`).
     rngs: ``nnx.Rngs``; needed unless ``btt`` is given.
-    btt: existing cores to wrap (e.g. from :func:`tnjax.btt_from_dense`).
+    btt: existing cores to wrap (e.g. from `tnjax.btt_from_dense`).
     quant: None, or "int8" (cores stored as int8 with per-channel scales).
 
   Example:
@@ -632,7 +632,7 @@ class LowRankLinear(nnx.Module):
 
   @classmethod
   def from_dense(cls, kernel, bias=None, *, rank=None, rtol=None, **kwargs) -> LowRankLinear:
-    """Truncated SVD of ``kernel`` (rank cap and/or relative Frobenius tolerance, as :func:`tt_svd`),
+    """Truncated SVD of ``kernel`` (rank cap and/or relative Frobenius tolerance, as `tt_svd`),
     split as ``u = U sqrt(S)``, ``v = sqrt(S) V^T``."""
     kernel = jnp.asarray(kernel)
     if kernel.ndim != 2:
@@ -686,7 +686,7 @@ def hidden_fan_ins(module: nnx.Module) -> dict[str, int]:
   core k, ``m1`` and ``r * m2`` for the BTT cores, ``in`` for ``u`` and ``r``
   for ``v``. Embeddings, norms, biases, int8 layers and an untied ``lm_head``
   (scaled by the model's output multiplier instead) are absent: muP keeps
-  their learning rates. Used by :func:`tnjax.train.mup_multipliers`.
+  their learning rates. Used by `tnjax.train.mup_multipliers`.
 
   Example:
     >>> from flax import nnx

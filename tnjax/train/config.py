@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import pathlib
+import types
+import typing
 from typing import Any
 
 from tnjax.core import _checks
@@ -19,7 +23,7 @@ class TrainConfig:
   """Everything a training run depends on. Defaults train a tiny TTM-GPT on the packaged sample in ~1 minute on CPU.
 
   Attributes:
-    model: a preset of :func:`tnjax.models.preset`.
+    model: a preset of [`preset`][tnjax.models.preset].
     model_overrides: GPTConfig fields to change (vocab_size and block_size are set from
       the tokenizer and ``block_size``).
     layers: tensorization (GPTConfig.layers); default: all four projections TTM rank 16.
@@ -32,7 +36,7 @@ class TrainConfig:
     parametrization: "standard", or "mup": the model gets ``mup_base_width``
       (init stds and output multiplier, see ``GPTConfig.mup_base_width``)
       and every hidden matrix and TT/BTT core its own learning-rate
-      multiplier (:func:`tnjax.train.mup_multipliers`), so ``lr`` tuned at
+      multiplier (`tnjax.train.mup_multipliers`), so ``lr`` tuned at
       ``d_model = mup_base_width`` carries over to wider models.
     mup_base_width: the width at which muP equals the standard parametrization.
 
@@ -76,7 +80,15 @@ class TrainConfig:
   out_dir: str = "runs/tiny-ttm"
 
   def validate(self) -> TrainConfig:
+    """Checks every field's type and range, and that the model it describes builds; returns ``self``.
+
+    Raises:
+      ValueError: naming the field, the value and what is expected.
+    """
     fn = "TrainConfig"
+    hints = typing.get_type_hints(type(self))
+    for f in dataclasses.fields(self):
+      _check_type(fn, f.name, getattr(self, f.name), hints[f.name])
     for name in ("block_size", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every",
                  "checkpoint_every", "keep", "vocab_size"):
       _checks.check_positive_int(fn, name, getattr(self, name))
@@ -90,7 +102,32 @@ class TrainConfig:
     if self.parametrization not in PARAMETRIZATIONS:
       raise ValueError(f"{fn}: parametrization={self.parametrization!r} but one of {PARAMETRIZATIONS} is expected")
     _checks.check_positive_int(fn, "mup_base_width", self.mup_base_width)
+    # Optimizer and seed: a negative clip norm flips the gradients, b >= 1 never forgets.
+    for name, ok, expected in (("grad_clip", self.grad_clip > 0, "grad_clip > 0"),
+                               ("b1", 0 <= self.b1 < 1, "0 <= b1 < 1"), ("b2", 0 <= self.b2 < 1, "0 <= b2 < 1"),
+                               ("weight_decay", self.weight_decay >= 0, "weight_decay >= 0"),
+                               ("seed", self.seed >= 0, "seed >= 0")):
+      if not (ok and math.isfinite(getattr(self, name))):
+        raise ValueError(f"{fn}: {name}={getattr(self, name)!r} but finite {expected} is expected")
+    for name in ("train_files", "valid_files"):
+      if not getattr(self, name):
+        raise ValueError(f"{fn}: {name}=[] but at least one text file is expected")
+    self.model_config(self.vocab_size)
     return self
+
+  def model_config(self, vocab_size: int):
+    """The GPTConfig this run builds (preset, overrides, layers, dtype, muP base width) for a tokenizer of
+    ``vocab_size``."""
+    from tnjax.models import preset
+
+    mup = self.mup_base_width if self.parametrization == "mup" else None
+    try:
+      return preset(self.model, **{**self.model_overrides, "vocab_size": vocab_size, "block_size": self.block_size,
+                                   "layers": self.layers, "dtype": None if self.dtype == "float32" else self.dtype,
+                                   "mup_base_width": mup})
+    except (TypeError, ValueError) as e:  # GPTConfig raises TypeError for unknown or ill-typed overrides
+      raise ValueError(f"TrainConfig: model={self.model!r}, model_overrides={self.model_overrides!r}, "
+                       f"layers={self.layers!r} do not make a model: {e}") from e
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -107,11 +144,38 @@ class TrainConfig:
     return cls(**d).validate()
 
 
-def _parse_value(text: str):
+def _matches(value, tp) -> bool:
+  """Whether a JSON/TOML value fits a field annotation (int is no bool; an int is a float)."""
+  origin, args = typing.get_origin(tp), typing.get_args(tp)
+  if tp is Any:
+    return True
+  if origin in (typing.Union, types.UnionType):
+    return any(_matches(value, a) for a in args)
+  if tp is type(None):
+    return value is None
+  if tp in (int, float):
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral if tp is int else numbers.Real)
+  if origin is list:
+    return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+  if origin is dict:
+    return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+  return isinstance(value, origin or tp)
+
+
+def _check_type(fn: str, name: str, value, tp) -> None:
+  if not _matches(value, tp):
+    expected = getattr(tp, "__name__", None) if typing.get_origin(tp) is None else None
+    raise ValueError(f"{fn}: {name}={value!r} ({type(value).__name__}) but {expected or tp} is expected")
+
+
+def _parse_value(key: str, text: str):
+  """JSON, or a bare string (a path); text that starts like a JSON object, list or string must parse."""
   try:
     return json.loads(text)
-  except json.JSONDecodeError:
-    return text  # a bare string such as a path
+  except json.JSONDecodeError as e:
+    if text.lstrip()[:1] in ("{", "[", '"'):
+      raise ValueError(f"--set: {key}={text!r} is not valid JSON ({e})") from e
+    return text
 
 
 def apply_overrides(base: dict, overrides: list[str]) -> dict:
@@ -136,9 +200,9 @@ def apply_overrides(base: dict, overrides: list[str]) -> dict:
     if sub:
       if not isinstance(out[field], dict):
         raise ValueError(f"--set: {field} is not a dict, so {key!r} cannot set a key inside it")
-      out[field][sub] = _parse_value(value)
+      out[field][sub] = _parse_value(key, value)
     else:
-      out[field] = _parse_value(value)
+      out[field] = _parse_value(key, value)
   return out
 
 
@@ -152,10 +216,19 @@ def resolve(config_file: str | None = None, overrides: list[str] | None = None) 
   """
   d = TrainConfig().to_dict()
   if config_file:
-    try:
-      import tomllib
-    except ImportError as e:  # Python 3.10
-      raise ValueError("resolve: reading a TOML config needs Python >= 3.11 (tomllib)") from e
-    with open(config_file, "rb") as f:
-      d.update(tomllib.load(f))
+    d.update(_read_toml(config_file))
   return TrainConfig.from_dict(apply_overrides(d, overrides or []))
+
+
+def _read_toml(path) -> dict:
+  try:
+    import tomllib
+  except ImportError as e:  # Python 3.10
+    raise ValueError("resolve: reading a TOML config needs Python >= 3.11 (tomllib)") from e
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ValueError(f"resolve: config file {path} does not exist or is not a file")
+  try:
+    return tomllib.loads(path.read_bytes().decode("utf-8"))
+  except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+    raise ValueError(f"resolve: config file {path} is not valid UTF-8 TOML ({e})") from e

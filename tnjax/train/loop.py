@@ -3,9 +3,13 @@ orbax checkpoints with exact resume, metrics, a loss plot and a report."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
+import signal
+import sys
+import threading
 import time
 
 import jax
@@ -16,8 +20,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from tnjax._io import atomic_write, atomic_write_text
 from tnjax.data import eval_batches, load_tokenizer, token_cache, train_batch, train_tokenizer
-from tnjax.models import GPT, preset
+from tnjax.data.cache import file_sha256
+from tnjax.models import GPT
 from tnjax.train.config import TrainConfig
 from tnjax.train.mup import mup_multipliers, scale_by_multipliers
 
@@ -119,11 +125,7 @@ class Trainer:
     self.cfg = cfg
     given = model is not None
     if not given:
-      mup = cfg.mup_base_width if cfg.parametrization == "mup" else None
-      self.model_config = preset(cfg.model, **{**cfg.model_overrides, "vocab_size": vocab_size,
-                                               "block_size": cfg.block_size, "layers": cfg.layers,
-                                               "dtype": None if cfg.dtype == "float32" else cfg.dtype,
-                                               "mup_base_width": mup})
+      self.model_config = cfg.model_config(vocab_size)
       model = GPT(self.model_config, rngs=nnx.Rngs(cfg.seed))
     else:
       self.model_config = model.config
@@ -178,7 +180,7 @@ class Trainer:
       (loss, grads, _), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros, 0), (x, y))
       grads = jax.tree_util.tree_map(lambda g: g / n, grads)
     updates, opt_state = self.tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss / n, optax.global_norm(grads)
+    return optax.apply_updates(params, updates), opt_state, loss / n, optax.tree.norm(grads)
 
   def _eval_loss(self, params, x, y):
     model = nnx.merge(self.graphdef, self.flat.state(params), self.rest)
@@ -235,26 +237,43 @@ def _tensorboard(path: pathlib.Path):
   return SummaryWriter(str(path))
 
 
-def _tokenizer(cfg: TrainConfig, out: pathlib.Path):
+def _say(message: str) -> None:
+  """A line for the person running ``train`` (stderr, so stdout stays the JSON report)."""
+  print(message, file=sys.stderr, flush=True)
+
+
+def _tokenizer(cfg: TrainConfig, out: pathlib.Path, resume: bool):
+  """The configured tokenizer, or the run's own BPE: reused only when made from the same files and vocab_size."""
   if cfg.tokenizer:
     return load_tokenizer(cfg.tokenizer)
-  saved = out / "tokenizer.json"
+  saved, source = out / "tokenizer.json", out / "tokenizer.source.json"
+  made_from = {"vocab_size": cfg.vocab_size,
+               "train_files": [{"size": f.stat().st_size, "sha256": file_sha256(f)}
+                               for f in map(pathlib.Path, cfg.train_files)]}
   if saved.exists():
-    return load_tokenizer(saved)
+    before = json.loads(source.read_text()) if source.exists() else None
+    if before == made_from or (resume and before is None):  # runs from before the source file existed
+      return load_tokenizer(saved)
+    if resume:
+      raise ValueError(f"train: --resume but {saved} was made from other training files or another vocab_size "
+                       f"({source}); its checkpoints belong to that tokenizer")
+    _say(f"train: {saved} was made from other training files or another vocab_size; training a new one")
   tok = train_tokenizer(cfg.train_files, cfg.vocab_size)
-  tok.save(str(saved))
+  atomic_write(saved, tok.save)
+  atomic_write_text(source, json.dumps(made_from, indent=1))
   return tok
 
 
 def _plot(metrics: list[dict], path: pathlib.Path) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A Figure with its own Agg canvas: no pyplot, so the caller's backend and open figures are untouched.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
   train = sorted({m["step"]: m["loss"] for m in metrics if "loss" in m}.items())
   val = sorted({m["step"]: m["val_loss"] for m in metrics if "val_loss" in m}.items())
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig = Figure(figsize=(6, 4))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
   if train:
     ax.plot(*zip(*train), label="train")
   if val:
@@ -264,97 +283,87 @@ def _plot(metrics: list[dict], path: pathlib.Path) -> None:
   ax.legend()
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
   """Runs (or resumes) a training run in ``cfg.out_dir``; returns the report dict.
 
   The run directory holds ``train_config.json`` (resolved config),
-  ``tokenizer.json``, ``cache/`` (token ids), ``checkpoints/`` (orbax, the
-  last ``keep``), ``metrics.jsonl``, ``loss.png``, ``report.json`` /
-  ``report.md``, ``model/`` (the final model in tnjax's format) and, when
-  tensorboardX is installed, ``tensorboard/`` event files.
+  ``tokenizer.json`` (and ``tokenizer.source.json``: the files and
+  vocab_size it was trained from; a change retrains it), ``cache/`` (token
+  ids), ``checkpoints/`` (orbax, the last ``keep``), ``metrics.jsonl``,
+  ``loss.png``, ``report.json`` / ``report.md``, ``model/`` (the final model
+  in tnjax's format) and, when tensorboardX is installed, ``tensorboard/``
+  event files. Every file is written under a temporary name and renamed.
+
+  A moved run directory resumes (``out_dir`` is not compared); resuming with
+  another ``steps`` says on stderr that the learning-rate schedule changes.
 
   Raises:
     ValueError: when the directory already has checkpoints and ``resume`` is
-      False, when resuming with a different configuration, or when a
-      checkpoint cannot be restored.
+      False, when resuming with a different configuration, when a checkpoint
+      cannot be restored, or when the loss becomes NaN or infinite.
   """
-  from tqdm import tqdm
-
   from tnjax.interop import save_model
 
   cfg.validate()
+  for name in ("train_files", "valid_files", "test_files"):
+    for f in getattr(cfg, name):
+      if not pathlib.Path(f).is_file():
+        raise ValueError(f"train: {name} has {f!r}, which does not exist or is not a file")
   out = pathlib.Path(cfg.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   saved_cfg = out / "train_config.json"
   has_ckpt = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
+  saved_steps = None
   if resume:
     if not saved_cfg.exists():
       raise ValueError(f"train: --resume but {saved_cfg} does not exist; nothing to resume")
-    before = {k: v for k, v in json.loads(saved_cfg.read_text()).items() if k != "steps"}
-    now = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != "steps"}
+    try:
+      before = json.loads(saved_cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"train: --resume but {saved_cfg} is not valid JSON ({e})") from e
+    saved_steps = before.get("steps")
+    # out_dir may differ (a moved run directory resumes); steps may grow (stated below).
+    before = {k: v for k, v in before.items() if k not in ("steps", "out_dir")}
+    now = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in ("steps", "out_dir")}
     if before != now:
       changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
       raise ValueError(f"train: --resume with a configuration that differs from the saved one in {changed}")
   elif has_ckpt:
     raise ValueError(f"train: {out / 'checkpoints'} already has checkpoints; pass --resume to continue, or choose "
                      "another out_dir")
-  cfg.save(saved_cfg)
+  atomic_write_text(saved_cfg, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
 
-  tok = _tokenizer(cfg, out)
+  tok = _tokenizer(cfg, out, resume)
   train_tokens = token_cache(cfg.train_files, tok, out / "cache", "train")
   valid = eval_batches(token_cache(cfg.valid_files, tok, out / "cache", "valid"), cfg.eval_batches,
                        cfg.batch_size // cfg.grad_accum, cfg.block_size)
   trainer = Trainer(cfg, tok.get_vocab_size())
-  manager = _checkpoint_manager(out, cfg)
-  start = _restore(manager, trainer) if resume and manager.latest_step() is not None else 0
   metrics_path = out / "metrics.jsonl"
-  if not resume:
-    metrics_path.write_text("")
-
-  board = _tensorboard(out / "tensorboard")
-
-  def log(record):
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+  manager = _checkpoint_manager(out, cfg)
+  board = None
+  try:  # the checkpoint manager's threads are closed on every path (errors and Ctrl-C included)
+    start = _restore(manager, trainer) if resume and manager.latest_step() is not None else 0
+    if saved_steps is not None and saved_steps != cfg.steps:
+      _say(f"train: resuming at step {start} with steps={cfg.steps} (the saved run had steps={saved_steps}): the "
+           f"warmup + cosine schedule now decays over {cfg.steps} steps, so learning rates from step {start} on "
+           "differ from the original run's")
+    # A resumed run drops what was logged after its checkpoint, so no step appears twice.
+    kept = [line for line in (metrics_path.read_text().splitlines() if resume and metrics_path.exists() else [])
+            if line.strip() and json.loads(line)["step"] <= start]
+    atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+    board = _tensorboard(out / "tensorboard")
+    rates = _loop(cfg, trainer, manager, train_tokens, valid, start, progress, metrics_path, board)
+  finally:
+    with _interrupt_after():
+      manager.wait_until_finished()
+      manager.close()
     if board is not None:
-      for k, v in record.items():
-        if k != "step":
-          board.add_scalar(k, v, record["step"])
+      board.close()
 
   tokens_per_step = cfg.batch_size * cfg.block_size
-  best, last_time, last_step, rates = math.inf, time.perf_counter(), start, []
-  bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train",
-             unit="step", dynamic_ncols=True)
-  for step in bar:
-    loss, gnorm = trainer.step(step, train_tokens)
-    done = step + 1
-    if done % cfg.log_every == 0 or done == cfg.steps:
-      loss = float(loss)
-      now = time.perf_counter()
-      rate = (done - last_step) * tokens_per_step / (now - last_time)
-      last_time, last_step = now, done
-      if done - cfg.log_every > start:  # the first interval includes compilation
-        rates.append(rate)
-      log({"step": done, "loss": loss, "grad_norm": float(gnorm), "tokens_per_s": rate})
-      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
-    if done % cfg.eval_every == 0 or done == cfg.steps:
-      val = trainer.evaluate(valid)
-      best = min(best, val)
-      log({"step": done, "val_loss": val, "val_ppl": math.exp(val)})
-      bar.write(f"step {done}: validation loss {val:.4f}, perplexity {math.exp(val):.2f}")
-    if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-      import orbax.checkpoint as ocp
-
-      manager.save(done, args=ocp.args.StandardSave({"params": trainer.params, "opt_state": trainer.opt_state}))
-  manager.wait_until_finished()
-  manager.close()
-  if board is not None:
-    board.close()
-
   metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
   vals = [m["val_loss"] for m in metrics if "val_loss" in m]
   report = {
@@ -368,13 +377,83 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
   if cfg.test_files:
     test = eval_batches(token_cache(cfg.test_files, tok, out / "cache", "test"), cfg.eval_batches,
                         cfg.batch_size // cfg.grad_accum, cfg.block_size)
-    report["test_perplexity"] = math.exp(trainer.evaluate(test))
+    report["test_perplexity"] = math.exp(_finite("test loss", trainer.evaluate(test), cfg.steps, cfg))
   save_model(trainer.model(), out / "model")
-  tok.save(str(out / "model" / "tokenizer.json"))
+  atomic_write(out / "model" / "tokenizer.json", tok.save)
   _plot(metrics, out / "loss.png")
-  (out / "report.json").write_text(json.dumps(report, indent=2))
-  (out / "report.md").write_text("# Training report\n\n" + "\n".join(
+  atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+  atomic_write_text(out / "report.md", "# Training report\n\n" + "\n".join(
       f"- {k.replace('_', ' ')}: {v:,.2f}" if isinstance(v, float) else f"- {k.replace('_', ' ')}: {v}"
       for k, v in report.items()) + "\n\n![loss](loss.png)\n")
   return report
 
+
+@contextlib.contextmanager
+def _interrupt_after():
+  """Holds Ctrl-C until the block ends, so it never lands inside orbax's save threads (which would log a traceback
+  and could leave a save half-finalized). Only in the main thread with Python's default handler; restored after."""
+  if threading.current_thread() is not threading.main_thread() or \
+      signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    yield
+    return
+  received = []
+  signal.signal(signal.SIGINT, lambda *_: received.append(True))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  if received:
+    raise KeyboardInterrupt
+
+
+def _finite(what: str, value: float, step: int, cfg: TrainConfig) -> float:
+  if not math.isfinite(value):
+    raise ValueError(f"train: {what}={value} at step {step}: training diverged; lower lr (now {cfg.lr}) or "
+                     f"grad_clip (now {cfg.grad_clip}) and start again or resume from an earlier checkpoint")
+  return value
+
+
+def _loop(cfg: TrainConfig, trainer: Trainer, manager, train_tokens, valid, start: int, progress: bool,
+          metrics_path: pathlib.Path, board) -> list[float]:
+  """Steps ``start .. cfg.steps``: logs, evaluates and checkpoints; returns the measured tokens/s."""
+  import orbax.checkpoint as ocp
+  from tqdm import tqdm
+
+  def log(record):
+    with open(metrics_path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if board is not None:
+      for k, v in record.items():
+        if k != "step":
+          board.add_scalar(k, v, record["step"])
+
+  tokens_per_step = cfg.batch_size * cfg.block_size
+  last_time, last_step, rates, bar = time.perf_counter(), start, [], None
+  for step in range(start, cfg.steps):
+    loss, gnorm = trainer.step(step, train_tokens)
+    done = step + 1
+    if bar is None:
+      # The bar starts after the first step, which compiles: its rate and ETA are those of compiled steps.
+      jax.block_until_ready(loss)
+      bar = tqdm(total=cfg.steps, initial=done, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    else:
+      bar.update(1)
+    if done % cfg.log_every == 0 or done == cfg.steps:
+      loss = _finite("loss", float(loss), done, cfg)
+      now = time.perf_counter()
+      rate = (done - last_step) * tokens_per_step / (now - last_time)
+      last_time, last_step = now, done
+      if done - cfg.log_every > start:  # the first interval includes compilation
+        rates.append(rate)
+      log({"step": done, "loss": loss, "grad_norm": float(gnorm), "tokens_per_s": rate})
+      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+    if done % cfg.eval_every == 0 or done == cfg.steps:
+      val = _finite("validation loss", trainer.evaluate(valid), done, cfg)
+      log({"step": done, "val_loss": val, "val_ppl": math.exp(val)})
+      bar.write(f"step {done}: validation loss {val:.4f}, perplexity {math.exp(val):.2f}")
+    if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+      with _interrupt_after():
+        manager.save(done, args=ocp.args.StandardSave({"params": trainer.params, "opt_state": trainer.opt_state}))
+  if bar is not None:
+    bar.close()
+  return rates

@@ -7,7 +7,7 @@ Programs V) scales each hidden matrix's learning rate by
 stays right when the model is widened. Structured layers are treated as
 their cores (Qiu, Potapczynski et al., "Compute Better Spent", ICML 2024):
 each TT-matrix or BTT core is a batched matrix with its own fan-in
-(:func:`tnjax.nn.hidden_fan_ins`), so two cores of one layer may scale
+([`hidden_fan_ins`][tnjax.nn.hidden_fan_ins]), so two cores of one layer may scale
 differently with width. Embeddings, norms and biases keep the base learning
 rate. The model side (init stds, output multiplier) is
 ``GPTConfig.mup_base_width``.

@@ -1,0 +1,314 @@
+"""A newcomer's bad inputs, each met by a clean error: the Python API raises ValueError with a message naming the
+function, the argument or file, the value and what is expected; the CLI exits 2 with one line on stderr (or argparse's
+usage error) and changes no input file."""
+
+import hashlib
+import json
+import pathlib
+import re
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.data.test_tokenizer import TEXT
+from tnjax._io import atomic_write, read_text
+from tnjax.cli import main
+from tnjax.data import load_tokenizer, train_tokenizer
+from tnjax.interop import load_hf_gpt2, load_model, save_model
+from tnjax.models import GPT, preset
+from tnjax.train import TrainConfig, resolve
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+SMALL_MODEL = dict(vocab_size=300, block_size=64, n_layer=1, n_head=2, d_model=32)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """A tiny native model with its tokenizer, a text file, a binary file and a directory."""
+  d = tmp_path_factory.mktemp("bad")
+  text = d / "text.txt"
+  text.write_text(TEXT)
+  model = d / "model"
+  save_model(GPT(preset("tiny", **SMALL_MODEL), rngs=nnx.Rngs(0)), model)
+  train_tokenizer([text], 300).save(str(model / "tokenizer.json"))
+  binary = d / "binary.bin"
+  binary.write_bytes(bytes(range(256)) * 8)
+  (d / "adir").mkdir()
+  return {"dir": d, "text": text, "model": model, "binary": binary, "adir": d / "adir"}
+
+
+def _digest(path: pathlib.Path) -> dict:
+  return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _corrupt_copy(src: pathlib.Path, dst: pathlib.Path, edit) -> pathlib.Path:
+  dst.mkdir(parents=True, exist_ok=True)
+  for f in src.iterdir():
+    (dst / f.name).write_bytes(f.read_bytes())
+  edit(dst)
+  return dst
+
+
+# --- configuration: TrainConfig fields and --set values --------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, match", [
+    (["lr=abc"], r"TrainConfig: lr='abc' \(str\) but float is expected"),
+    (["lr=NaN"], r"TrainConfig: lr=nan.*lr > 0"),
+    (["grad_clip=-1"], r"TrainConfig: grad_clip=-1 but finite grad_clip > 0 is expected"),
+    (["grad_clip=0"], r"grad_clip=0 but finite grad_clip > 0"),
+    (["b1=1.0"], r"TrainConfig: b1=1.0 but finite 0 <= b1 < 1 is expected"),
+    (["b2=-0.1"], r"TrainConfig: b2=-0.1 but finite 0 <= b2 < 1"),
+    (["weight_decay=-0.1"], r"TrainConfig: weight_decay=-0.1 but finite weight_decay >= 0"),
+    (["seed=-1"], r"TrainConfig: seed=-1 but finite seed >= 0"),
+    (["seed=1.5"], r"TrainConfig: seed=1.5 \(float\) but int is expected"),
+    (["fsdp=\"yes\""], r"TrainConfig: fsdp='yes' \(str\) but bool is expected"),
+    (["steps=true"], r"TrainConfig: steps=True \(bool\) but int is expected"),
+    (["train_files=x.txt"], r"TrainConfig: train_files='x.txt' \(str\) but list\[str\] is expected"),
+    (["valid_files=[]"], r"TrainConfig: valid_files=\[\] but at least one text file is expected"),
+    (["tokenizer=3"], r"TrainConfig: tokenizer=3 \(int\) but str \| None is expected"),
+    (["warmup=-1"], r"warmup=-1 but lr > 0, 0 <= min_lr_ratio <= 1 and warmup >= 0"),
+    (["min_lr_ratio=2"], r"min_lr_ratio=2, warmup=20 but"),
+    (["vocab_size=0"], r"TrainConfig: vocab_size=0 but a positive integer"),
+    (["model=gpt5"], r"do not make a model: preset: name='gpt5'"),
+    (["model_overrides.n_layer=\"x\""], r"do not make a model: GPTConfig: n_layer='x'"),
+    (["model_overrides.bogus=1"], r"do not make a model: .*bogus"),
+    (['layers.mlp.c_fc={"kind": "bogus"}'], r"do not make a model: GPTConfig: .*kind='bogus'"),
+    (['layers.mlp.c_fc={"kind": "ttm", rank: 8}'], r"--set: layers.mlp.c_fc=.* is not valid JSON"),
+    (['train_files=["a.txt"'], r"--set: train_files=.* is not valid JSON"),
+    (["stepz=3"], r"--set: unknown field 'stepz'"),
+    (["steps"], r"--set: 'steps' but key=value is expected"),
+])
+def test_config_values(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    resolve(None, overrides)
+
+
+def test_config_files(files, tmp_path):
+  with pytest.raises(ValueError, match=r"resolve: config file .*nope.toml does not exist"):
+    resolve(str(tmp_path / "nope.toml"))
+  with pytest.raises(ValueError, match=r"resolve: config file .*adir does not exist or is not a file"):
+    resolve(str(files["adir"]))
+  bad = tmp_path / "bad.toml"
+  bad.write_text("steps = = 3\n")
+  with pytest.raises(ValueError, match=r"resolve: config file .*bad.toml is not valid UTF-8 TOML"):
+    resolve(str(bad))
+  with pytest.raises(ValueError, match=r"resolve: config file .*binary.bin is not valid UTF-8 TOML"):
+    resolve(str(files["binary"]))
+  unknown = tmp_path / "unknown.toml"
+  unknown.write_text("stepz = 3\n")
+  with pytest.raises(ValueError, match=r"TrainConfig: unknown fields \['stepz'\]"):
+    resolve(str(unknown))
+  with pytest.raises(ValueError, match=r"TrainConfig: grad_clip=-2.0 but finite grad_clip > 0"):
+    TrainConfig(grad_clip=-2.0).validate()
+
+
+# --- files: text, tokenizers, models ---------------------------------------------------------------------------------
+
+def test_text_files(files, tmp_path):
+  with pytest.raises(ValueError, match=r"eval: --text file .*nowhere.txt does not exist"):
+    read_text("eval", "--text", tmp_path / "nowhere.txt")
+  with pytest.raises(ValueError, match=r"eval: --text file .*adir is not a regular file"):
+    read_text("eval", "--text", files["adir"])
+  with pytest.raises(ValueError, match=r"eval: --text file .*binary.bin is not UTF-8 text \(byte 128"):
+    read_text("eval", "--text", files["binary"])
+  nul = tmp_path / "nul.txt"
+  nul.write_bytes(b"abc\x00def")
+  with pytest.raises(ValueError, match=r"contains NUL bytes"):
+    read_text("eval", "--text", nul)
+  with pytest.raises(ValueError, match=r"train_tokenizer: text file .*binary.bin is not UTF-8 text"):
+    train_tokenizer([files["binary"]], 300)
+  with pytest.raises(ValueError, match=r"train_tokenizer: file .*nowhere.txt does not exist"):
+    train_tokenizer([tmp_path / "nowhere.txt"], 300)
+
+
+def test_tokenizer_files(files, tmp_path):
+  with pytest.raises(ValueError, match=r"load_tokenizer: .*nowhere does not exist"):
+    load_tokenizer(tmp_path / "nowhere")
+  garbled = tmp_path / "tokenizer.json"
+  garbled.write_text('{"version": "1.0", "model": 17')
+  with pytest.raises(ValueError, match=r"load_tokenizer: .*tokenizer.json is not a readable tokenizer"):
+    load_tokenizer(garbled)
+  with pytest.raises(ValueError, match=r"load_tokenizer: .*adir has no tokenizer.json"):
+    load_tokenizer(files["adir"])
+
+
+def _truncate(d):
+  data = (d / "model.safetensors").read_bytes()
+  (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _garble_header(d):
+  data = bytearray((d / "model.safetensors").read_bytes())
+  data[8:40] = b"#" * 32
+  (d / "model.safetensors").write_bytes(bytes(data))
+
+
+def _overwrite_values(d):
+  data = bytearray((d / "model.safetensors").read_bytes())
+  data[-4000:] = b"\xff" * 4000  # 0xffffffff is a float32 NaN
+  (d / "model.safetensors").write_bytes(bytes(data))
+
+
+def _bad_config_json(d):
+  (d / "config.json").write_text('{"format": "tnjax-gpt", "config": ')
+
+
+def _other_format(d):
+  meta = json.loads((d / "config.json").read_text())
+  (d / "config.json").write_text(json.dumps({**meta, "format": "keras"}))
+
+
+def _bad_config_field(d):
+  meta = json.loads((d / "config.json").read_text())
+  (d / "config.json").write_text(json.dumps({**meta, "config": {**meta["config"], "n_layer": "two"}}))
+
+
+def _wrong_shape(d):
+  from safetensors.numpy import load_file, save_file
+
+  tensors = load_file(str(d / "model.safetensors"))
+  name = next(k for k, v in tensors.items() if v.ndim == 1)
+  tensors[name] = np.zeros(tensors[name].shape[0] + 1, tensors[name].dtype)
+  save_file(tensors, str(d / "model.safetensors"))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_truncate, r"load_model: .*model.safetensors is not a readable safetensors file .*truncated or corrupt"),
+    (_garble_header, r"load_model: .*model.safetensors is not a readable safetensors file"),
+    (_overwrite_values, r"load_model: tensor .* in .*model.safetensors has NaN or infinite values"),
+    (_bad_config_json, r"load_model: .*config.json is not valid JSON"),
+    (_other_format, r"load_model: .*config.json has format='keras' but 'tnjax-gpt' is expected"),
+    (_bad_config_field, r"load_model: .*config.json has no valid GPT config .*n_layer='two'"),
+    (_wrong_shape, r"load_model: parameter .* has shape .* is expected \(in .*model.safetensors\)"),
+    (lambda d: (d / "model.safetensors").unlink(), r"load_model: .*model.safetensors does not exist"),
+])
+def test_corrupt_model_files(files, tmp_path, edit, match):
+  with pytest.raises(ValueError, match=match):
+    load_model(_corrupt_copy(files["model"], tmp_path / "m", edit))
+
+
+def test_corrupt_hf_files(tmp_path):
+  d = tmp_path / "hf"
+  d.mkdir()
+  (d / "config.json").write_text('{"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2}')
+  (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+  with pytest.raises(ValueError, match=r"load_hf_gpt2: .*model.safetensors is not a readable safetensors file"):
+    load_hf_gpt2(d)
+  (d / "config.json").write_text("[1, 2")
+  with pytest.raises(ValueError, match=r"load_hf_gpt2: .*config.json is not valid JSON"):
+    load_hf_gpt2(d)
+
+
+def test_non_finite_perplexity_is_an_error(files):
+  from tnjax.eval import perplexity
+
+  model = load_model(files["model"])
+  model.ln_f.scale[...] = model.ln_f.scale[...] * np.nan
+  with pytest.raises(ValueError, match=r"perplexity: the mean negative log-likelihood is nan .* finite value"):
+    perplexity(model, np.arange(40) % 300, block_size=16)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+  target = tmp_path / "report.json"
+  target.write_text("old")
+
+  def half_then_fail(tmp):
+    pathlib.Path(tmp).write_text("half")
+    raise OSError("disk full")
+
+  with pytest.raises(OSError, match="disk full"):
+    atomic_write(target, half_then_fail)
+  assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+# --- compression ------------------------------------------------------------------------------------------------------
+
+def test_compress_api_refusals(files, tmp_path):
+  from tnjax.compress.report import parse_targets, run
+
+  model = load_model(files["model"])
+  with pytest.raises(ValueError, match=r"compress: no target given but one of --rank, --ratio, --rtol"):
+    parse_targets(None, None, None)
+  with pytest.raises(ValueError, match=r"compress: target \{'rank': None\} but one of rank, ratio, rtol"):
+    run(model, "svd", tmp_path / "a", targets=[{"rank": None}])
+  with pytest.raises(ValueError, match=r"compress: svd at rank=4096 keeps .* but fewer are expected"):
+    run(model, "svd", tmp_path / "b", targets=[{"rank": 4096}])
+  ttm = GPT(preset("tiny", **SMALL_MODEL, layers={"mlp.c_fc": {"kind": "ttm", "rank": 4}}), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"compress: method='modegpt' but layers \['h.0.mlp.c_fc'\] are not dense"):
+    run(ttm, "modegpt", tmp_path / "c", targets=[{"ratio": 0.9}], calib_ids=list(range(300)) * 4)
+  before = _digest(files["model"])
+  with pytest.raises(ValueError, match=r"compress: out_dir .*model already holds \['config.json', "
+                                       r"'model.safetensors'\]; choose a new directory or pass --overwrite"):
+    run(model, "svd", files["model"], targets=[{"ratio": 0.5}])
+  assert _digest(files["model"]) == before
+
+
+# --- the CLI, in process: exit code 2 and one line -------------------------------------------------------------------
+
+def _cli_cases(f):
+  m, t, b, a, nowhere = str(f["model"]), str(f["text"]), str(f["binary"]), str(f["adir"]), str(f["dir"] / "nowhere")
+  return [
+      (["eval", "--model", m, "--text", nowhere], r"eval: --text file .*nowhere does not exist"),
+      (["eval", "--model", m, "--text", a], r"eval: --text file .*adir is not a regular file"),
+      (["eval", "--model", m, "--text", b], r"eval: --text file .*binary.bin is not UTF-8 text"),
+      (["eval", "--model", nowhere, "--text", t], r"--model .*nowhere is not a directory"),
+      (["eval", "--model", t, "--text", t], r"--model .*text.txt is not a directory"),
+      (["eval", "--model", a, "--text", t], r"load_hf_gpt2: .*adir/config.json does not exist"),
+      (["eval", "--model", m, "--text", t, "--tokenizer", b], r"load_tokenizer: .*binary.bin is not a readable"),
+      (["eval", "--model", m, "--text", t, "--block-size", "1000"], r"perplexity: block_size=1000 but 2 <="),
+      (["generate", "--model", m, "--prompt", ""], r"--prompt '' encodes to no tokens"),
+      (["generate", "--model", m, "--prompt", "the", "--max-new-tokens", "100"], r"but block_size=64"),
+      (["compress", "--model", m, "--method", "svd", "--out", str(f["dir"] / "o1")], r"compress: no target given"),
+      (["compress", "--model", m, "--method", "svd", "--ratio", "0.5", "--out", m], r"already holds \['config.json'"),
+      (["compress", "--model", m, "--method", "svd", "--rank", "4096", "--out", str(f["dir"] / "o2")],
+       r"svd at rank=4096 keeps .* but fewer are expected"),
+      (["compress", "--model", m, "--method", "svd", "--ratio", "0.5", "--valid", nowhere, "--out",
+        str(f["dir"] / "o3")], r"compress: --valid file .*nowhere does not exist"),
+      (["compress", "--model", m, "--method", "modegpt", "--ratio", "0.5", "--calib", b, "--out",
+        str(f["dir"] / "o4")], r"compress: --calib file .*binary.bin is not UTF-8 text"),
+      (["train", "--config", nowhere], r"resolve: config file .*nowhere does not exist"),
+      (["train", "--config", b], r"resolve: config file .*binary.bin is not valid UTF-8 TOML"),
+      (["train", "--set", "lr=abc"], r"TrainConfig: lr='abc' \(str\) but float is expected"),
+      (["train", "--set", "grad_clip=-1"], r"grad_clip=-1 but finite grad_clip > 0"),
+      (["train", "--set", 'layers.mlp.c_fc={"kind": ttm}'], r"--set: layers.mlp.c_fc=.* is not valid JSON"),
+      (["train", "--set", f"train_files=[\"{nowhere}\"]", "--set", f"out_dir={f['dir'] / 'run1'}"],
+       r"train: train_files has .*nowhere.*, which does not exist"),
+      (["train", "--set", f"train_files=[\"{b}\"]", "--set", f"valid_files=[\"{t}\"]",
+        "--set", f"out_dir={f['dir'] / 'run2'}"], r"train_tokenizer: text file .*binary.bin is not UTF-8 text"),
+      (["train", "--resume", "--set", f"out_dir={f['dir'] / 'run3'}"], r"--resume but .*train_config.json does not"),
+  ]
+
+
+def test_cli_expected_failures_exit_2_with_one_line(files, capsys):
+  before = _digest(files["dir"])
+  for argv, match in _cli_cases(files):
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"tnjax {argv[0]}: "), (argv, err)
+    assert re.search(match, lines[0]), (argv, match, lines[0])
+  after = _digest(files["dir"])
+  assert {k: v for k, v in after.items() if k in before} == before  # no input file changed
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["eval", "--model", "m", "--text", "t", "--block-size", "1"], r"--block-size: 1 but an integer >= 2"),
+    (["eval", "--model", "m", "--text", "t", "--max-tokens", "abc"], r"--max-tokens: 'abc' but an integer >= 2"),
+    (["eval", "--model", "m", "--text", "t", "--stride", "0"], r"--stride: 0 but an integer >= 1"),
+    (["generate", "--model", "m", "--prompt", "p", "--temperature", "-1"], r"--temperature: -1.0 but a number >= 0"),
+    (["generate", "--model", "m", "--prompt", "p", "--top-k", "0"], r"--top-k: 0 but an integer >= 1"),
+    (["generate", "--model", "m", "--prompt", "p", "--max-new-tokens", "0"], r"--max-new-tokens: 0 but an integer"),
+    (["compress", "--model", "m", "--method", "svd", "--out", "o", "--heal-lr", "0"],
+     r"--heal-lr: 0.0 but a number > 0"),
+    (["compress", "--model", "m", "--method", "svd", "--out", "o", "--heal-lr", "nan"], r"--heal-lr: nan but"),
+    (["compress", "--model", "m", "--method", "svd", "--out", "o", "--heal-steps", "-2"], r"--heal-steps: -2 but"),
+    (["compress", "--model", "m", "--method", "lora", "--out", "o"], r"--method: invalid choice: 'lora'"),
+])
+def test_cli_argument_values_exit_2(argv, match, capsys):
+  with pytest.raises(SystemExit) as e:
+    main(argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "Traceback" not in err and re.search(match, err), err
