@@ -70,8 +70,15 @@ def test_few_steps_lower_the_loss_and_write_outputs(tmp_path):
   assert np.mean([losses[s] for s in range(36, 41)]) < losses[1] - 1.0
   assert report["final_val_perplexity"] < report["first_val_perplexity"] or report["first_val_perplexity"] < 300
   assert report["final_val_perplexity"] < 300 and "test_perplexity" in report
+  # the checkpoint chosen on validation is kept and tested too
+  metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  vals = {m["step"]: m["val_loss"] for m in metrics if "val_loss" in m}
+  assert report["best_val_step"] == min(vals, key=vals.get) and report["test_perplexity_at_best"] > 1
+  if report["best_val_step"] == 40:
+    assert report["test_perplexity_at_best"] == pytest.approx(report["test_perplexity"], rel=1e-5)
+  assert report["train_flops"] == report["train_flops_per_token"] * 40 * 8 * 32 > 0
   for name in ("report.md", "report.json", "loss.png", "train_config.json", "model/config.json",
-               "model/tokenizer.json"):
+               "model/tokenizer.json", "best_model/model.safetensors"):
     assert (tmp_path / "run" / name).exists(), name
   assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [20, 40]
   events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -101,7 +101,10 @@ def weights(layer: nnx.Module) -> int:
 
 
 def count_params(module: nnx.Module) -> int:
-  """Parameters of a module (every ``nnx.Param``, TT cores and int8 scales included)."""
+  """Parameters of a module (every ``nnx.Param``, TT cores and int8 scales included); for a GPT,
+  ``GPT.num_params`` (the embedding's padding rows are not parameters)."""
+  if isinstance(module, GPT):
+    return module.num_params
   return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
 
 

@@ -95,7 +95,7 @@ def fused_supported(ttm: TTMatrix) -> bool:
 
 
 def fused_unavailable(ttm: TTMatrix) -> str | None:
-  """Why :func:`matvec_fused` cannot run this TT-matrix here (no GPU backend, or a layout it does not take),
+  """Why `matvec_fused` cannot run this TT-matrix here (no GPU backend, or a layout it does not take),
   or None when it can.
 
   Example:

@@ -233,7 +233,7 @@ class TTMLinear(nnx.Module):
     return to_dense(self.ttm)[: self.in_features, : self.out_features]
 
   def flops(self, rows: int) -> int:
-    """Forward FLOPs on ``rows`` rows by this layer's path (:func:`tnjax.core.linear.path_flops`), bias excluded."""
+    """Forward FLOPs on ``rows`` rows by this layer's path (`tnjax.core.linear.path_flops`), bias excluded."""
     shapes = TTMatrix(tuple(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in self.cores))
     return path_flops(shapes, rows, self.path, self.cost)
 

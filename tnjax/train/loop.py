@@ -199,9 +199,11 @@ class Trainer:
     self.params, self.opt_state, loss, gnorm = self._step(self.params, self.opt_state, x, y, key)
     return loss, gnorm
 
-  def evaluate(self, batches) -> float:
+  def evaluate(self, batches, params: dict | None = None) -> float:
+    """Mean loss over ``batches`` of the current parameters (or ``params``, same names and shardings)."""
     sharding = NamedSharding(self.mesh, P("data"))
-    losses = [self._eval(self.params, jax.device_put(x, sharding), jax.device_put(y, sharding)) for x, y in batches]
+    params = self.params if params is None else params
+    losses = [self._eval(params, jax.device_put(x, sharding), jax.device_put(y, sharding)) for x, y in batches]
     return float(np.mean([float(v) for v in losses]))
 
 
@@ -294,8 +296,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
   vocab_size it was trained from; a change retrains it), ``cache/`` (token
   ids), ``checkpoints/`` (orbax, the last ``keep``), ``metrics.jsonl``,
   ``loss.png``, ``report.json`` / ``report.md``, ``model/`` (the final model
-  in tnjax's format) and, when tensorboardX is installed, ``tensorboard/``
-  event files. Every file is written under a temporary name and renamed.
+  in tnjax's format), ``best_model/`` (the model at the lowest validation
+  loss, the checkpoint chosen on validation) and, when tensorboardX is
+  installed, ``tensorboard/`` event files. The report gives the best
+  validation perplexity and its step, test perplexity at the last step
+  (``test_perplexity``) and at the best one (``test_perplexity_at_best``),
+  and training FLOPs (3x the forward FLOPs of ``GPT.flops_per_token``).
+  Every file is written under a temporary name and renamed.
 
   A moved run directory resumes (``out_dir`` is not compared); resuming with
   another ``steps`` says on stderr that the learning-rate schedule changes.
@@ -305,7 +312,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
       False, when resuming with a different configuration, when a checkpoint
       cannot be restored, or when the loss becomes NaN or infinite.
   """
-  from tnjax.interop import save_model
+  from tnjax.interop import load_model, save_model
 
   cfg.validate()
   for name in ("train_files", "valid_files", "test_files"):
@@ -355,7 +362,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             if line.strip() and json.loads(line)["step"] <= start]
     atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
     board = _tensorboard(out / "tensorboard")
-    rates = _loop(cfg, trainer, manager, train_tokens, valid, start, progress, metrics_path, board)
+    best = min((json.loads(line).get("val_loss", math.inf) for line in kept), default=math.inf)
+    rates = _loop(cfg, trainer, manager, train_tokens, valid, start, progress, metrics_path, board,
+                  out / "best_model", best)
   finally:
     with _interrupt_after():
       manager.wait_until_finished()
@@ -366,18 +375,28 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
   tokens_per_step = cfg.batch_size * cfg.block_size
   metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
   vals = [m["val_loss"] for m in metrics if "val_loss" in m]
+  # a step's forward sees one micro-batch of rows; backward costs about twice the forward
+  flops_per_token = 3 * trainer.model().flops_per_token(cfg.batch_size // cfg.grad_accum * cfg.block_size)
   report = {
       "parameters": trainer.num_params, "steps": cfg.steps, "tokens_seen": cfg.steps * tokens_per_step,
+      "train_flops_per_token": flops_per_token, "train_flops": flops_per_token * cfg.steps * tokens_per_step,
       "tokens_per_s": float(np.median(rates)) if rates else None,
       "best_val_perplexity": math.exp(min(vals)) if vals else None,
       "final_val_perplexity": math.exp(vals[-1]) if vals else None,
       "first_val_perplexity": math.exp(vals[0]) if vals else None,
       "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
   }
+  if vals:
+    report["best_val_step"] = min((m for m in metrics if "val_loss" in m), key=lambda m: m["val_loss"])["step"]
   if cfg.test_files:
     test = eval_batches(token_cache(cfg.test_files, tok, out / "cache", "test"), cfg.eval_batches,
                         cfg.batch_size // cfg.grad_accum, cfg.block_size)
     report["test_perplexity"] = math.exp(_finite("test loss", trainer.evaluate(test), cfg.steps, cfg))
+    if (out / "best_model").exists():
+      best = trainer.flat.flat(nnx.state(load_model(out / "best_model"), nnx.Param))
+      best = jax.device_put({k: jnp.asarray(v) for k, v in best.items()}, trainer.shardings)
+      loss = _finite("test loss at the best checkpoint", trainer.evaluate(test, best), cfg.steps, cfg)
+      report["test_perplexity_at_best"] = math.exp(loss)
   save_model(trainer.model(), out / "model")
   atomic_write(out / "model" / "tokenizer.json", tok.save)
   _plot(metrics, out / "loss.png")
@@ -414,10 +433,13 @@ def _finite(what: str, value: float, step: int, cfg: TrainConfig) -> float:
 
 
 def _loop(cfg: TrainConfig, trainer: Trainer, manager, train_tokens, valid, start: int, progress: bool,
-          metrics_path: pathlib.Path, board) -> list[float]:
-  """Steps ``start .. cfg.steps``: logs, evaluates and checkpoints; returns the measured tokens/s."""
+          metrics_path: pathlib.Path, board, best_dir: pathlib.Path, best: float) -> list[float]:
+  """Steps ``start .. cfg.steps``: logs, evaluates (saving the model to ``best_dir`` whenever the validation
+  loss beats ``best``) and checkpoints; returns the measured tokens/s."""
   import orbax.checkpoint as ocp
   from tqdm import tqdm
+
+  from tnjax.interop import save_model
 
   def log(record):
     with open(metrics_path, "a") as f:
@@ -451,6 +473,10 @@ def _loop(cfg: TrainConfig, trainer: Trainer, manager, train_tokens, valid, star
       val = _finite("validation loss", trainer.evaluate(valid), done, cfg)
       log({"step": done, "val_loss": val, "val_ppl": math.exp(val)})
       bar.write(f"step {done}: validation loss {val:.4f}, perplexity {math.exp(val):.2f}")
+      if val < best:  # the checkpoint chosen on validation, kept whatever the last K checkpoints are
+        best = val
+        with _interrupt_after():
+          save_model(trainer.model(), best_dir)
     if done % cfg.checkpoint_every == 0 or done == cfg.steps:
       with _interrupt_after():
         manager.save(done, args=ocp.args.StandardSave({"params": trainer.params, "opt_state": trainer.opt_state}))
