@@ -38,6 +38,7 @@ def test_counts_init_scale_grad_and_vmap():
   np.testing.assert_allclose(batched, layer(x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_and_int8_storage():
   layer = BTTLinear(64, 96, rank=4, rngs=nnx.Rngs(0))
   x = _x((5, 64))

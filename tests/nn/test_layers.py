@@ -168,7 +168,7 @@ def test_bfloat16_compute():
      r"TTMLinear: rank=None but a random init needs rank \(or pass ttm= instead\)"),
     (lambda: TTEmbedding(16, 16, rank=2), r"TTEmbedding: rngs=None but a random init needs rngs"),
     (lambda: TTMLinear(16, 16, rank=2, path="fast", rngs=nnx.Rngs(0)),
-     r"TTMLinear: path='fast' but one of \('auto', 'dense', 'direct', 'split', 'fused'\)"),
+     r"TTMLinear: path='fast' but one of \('auto', 'dense', 'direct', 'split', 'fused', 'fused_fwd'\)"),
     (lambda: TTMLinear(16, 16, rank=2, in_dims=(3, 5), rngs=nnx.Rngs(0)),
      r"TTMLinear: prod\(in_dims\)=15 but in_features=16"),
     (lambda: TTMLinear(0, 16, rank=2, rngs=nnx.Rngs(0)), r"TTMLinear: in_features=0 but a positive integer"),

@@ -222,7 +222,7 @@ def path_flops(ttm: TTMatrix, batch: int, path: str = "auto", cost: CostModel = 
     >>> import jax, tnjax
     >>> ttm = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=16)
     >>> path_flops(ttm, 16384, "dense") - 2 * 16384 * 768 * 3072  # rebuilding W
-    3391488
+    81788928
   """
   if path not in PATHS:
     raise ValueError(f"path_flops: path={path!r} but one of {PATHS} is expected")
