@@ -34,7 +34,8 @@ def _hf_guide_nll(hf, ids, block, stride):
   return nll_sum / n_tokens, n_tokens
 
 
-@pytest.mark.parametrize("block, stride", [(32, 32), (32, 8), (16, 16), (20, 7)])
+@pytest.mark.parametrize("block, stride", [pytest.param(32, 32, marks=pytest.mark.slow), (32, 8),
+                                           pytest.param(16, 16, marks=pytest.mark.slow), (20, 7)])
 def test_perplexity_matches_hugging_face_guide(tmp_path, block, stride):
   hf = make_hf_gpt2(tmp_path)
   model = load_hf_gpt2(tmp_path)
