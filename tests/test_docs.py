@@ -10,12 +10,12 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODULES = ["tnjax.core.decompositions", "tnjax.core.ops", "tnjax.core.initializers", "tnjax.core.shapes",
-           "tnjax.nn.layers", "tnjax.nn.quant", "tnjax.models.gpt", "tnjax.models.config", "tnjax.models.generate",
-           "tnjax.core.tensor_train", "tnjax.core.linear", "tnjax.core.fused", "tnjax.compress.methods",
-           "tnjax.compress.modegpt",
-           "tnjax.compress.tuning", "tnjax.compress._model", "tnjax.compress.report", "tnjax.interop.native",
-           "tnjax.interop.hf", "tnjax.eval", "tnjax.train.config", "tnjax.train.loop", "tnjax.data.tokenizer",
-           "tnjax.data.cache", "tnjax._io"]
+           "tnjax.core.btt", "tnjax.nn.quant", "tnjax.models.config", "tnjax.core.tensor_train", "tnjax.core.linear",
+           "tnjax.core.fused", "tnjax.train.config", "tnjax.data.tokenizer", "tnjax.data.cache", "tnjax._io"]
+# Examples that build, train or compress models: several seconds each, so in the slow run (.ci/run runs it).
+SLOW_MODULES = ["tnjax.nn.layers", "tnjax.models.gpt", "tnjax.models.generate", "tnjax.compress.methods",
+                "tnjax.compress.modegpt", "tnjax.compress.tuning", "tnjax.compress._model", "tnjax.compress.report",
+                "tnjax.interop.native", "tnjax.interop.hf", "tnjax.eval", "tnjax.train.loop", "tnjax.train.mup"]
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def default_jax_config():
     jax.config.update(k, v)
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", MODULES + [pytest.param(m, marks=pytest.mark.slow) for m in SLOW_MODULES])
 def test_docstring_examples(name, default_jax_config):
   result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0

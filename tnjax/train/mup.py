@@ -35,8 +35,8 @@ def mup_multipliers(cfg: GPTConfig) -> dict[str, float]:
     >>> cfg = preset("tiny", d_model=256, n_head=8, mup_base_width=128,
     ...              layers={"mlp.c_fc": {"kind": "btt", "rank": 2}})
     >>> m = mup_multipliers(cfg)
-    >>> m["h.0.attn.c_attn.kernel"], m["h.0.mlp.c_proj.kernel"], m["h.0.mlp.c_fc.cores.0"]
-    (0.5, 0.5, 0.5)
+    >>> m["h.0.attn.c_attn.kernel"], m["h.0.mlp.c_fc.cores.0"], m["h.0.mlp.c_fc.cores.1"]  # BTT: m1 16 -> 16
+    (0.5, 1.0, 0.5)
   """
   fn = "mup_multipliers"
   if cfg.mup_base_width is None:
