@@ -94,7 +94,7 @@ def main():
   parser.add_argument("--plot", default=None)
   args = parser.parse_args()
   if args.smoke:
-    args.families, args.parametrizations, args.widths, args.lrs = "dense,btt-all-r4", "mup", "64,128", "0.004,0.008"
+    args.families, args.parametrizations, args.widths, args.lrs = "btt-all-r4", "mup", "64,128", "0.004"
     args.steps, args.layers, args.block, args.batch = 3, 1, 32, 4
   args.widths = [int(w) for w in args.widths.split(",")]
   env = environment()
