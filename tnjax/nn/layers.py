@@ -102,6 +102,12 @@ def _core_params(cores) -> int:
   return sum(math.prod(c.shape) for c in cores)
 
 
+def _stored_params(layer) -> int:
+  """A core-holding layer's stored parameters: cores, int8 scales if any, and bias."""
+  scales = 0 if layer.scales is None else _core_params(layer.scales)
+  return _core_params(layer.cores) + scales + (layer.out_features if layer.bias is not None else 0)
+
+
 def _make_cores(fn: str, rows: tuple, cols: tuple, *, rank, num_cores, std, param_dtype, rngs, ttm,
                 balance: str = "equal") -> nnx.List:
   """Cores as TTParams: given ones (checked to cover the sizes) or a random init.
@@ -224,8 +230,7 @@ class TTMLinear(nnx.Module):
   @property
   def num_params(self) -> int:
     """Parameters stored: cores (and int8 scales) plus bias (works on ``nnx.eval_shape`` results too)."""
-    scales = 0 if self.scales is None else _core_params(self.scales)
-    return _core_params(self.cores) + scales + (self.out_features if self.bias is not None else 0)
+    return _stored_params(self)
 
   @property
   def kernel(self) -> jax.Array:
@@ -544,22 +549,26 @@ class BTTLinear(nnx.Module):
   def btt(self) -> BlockTT:
     return BlockTT(tuple(_weights(self.cores, self.scales)))
 
+  def _shapes(self) -> BlockTT:
+    """The cores as shapes only (no dequantization; works on ``nnx.eval_shape`` results too)."""
+    return BlockTT(tuple(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in self.cores))
+
   @property
   def in_dims(self) -> tuple[int, int]:
-    return (self.cores[0].shape[1], self.cores[0].shape[0])
+    return self._shapes().in_dims
 
   @property
   def out_dims(self) -> tuple[int, int]:
-    return (self.cores[0].shape[3], self.cores[1].shape[3])
+    return self._shapes().out_dims
 
   @property
   def rank(self) -> int:
-    return self.cores[0].shape[2]
+    return self._shapes().rank
 
   @property
   def num_params(self) -> int:
-    scales = 0 if self.scales is None else _core_params(self.scales)
-    return _core_params(self.cores) + scales + (self.out_features if self.bias is not None else 0)
+    """Parameters stored: cores (and int8 scales) plus bias."""
+    return _stored_params(self)
 
   @property
   def kernel(self) -> jax.Array:
@@ -568,7 +577,7 @@ class BTTLinear(nnx.Module):
 
   def flops(self, rows: int) -> int:
     """Forward FLOPs on ``rows`` rows: two batched matmuls, ``2 rows r (m n1 + n m2)``."""
-    return btt_flops(BlockTT(tuple(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in self.cores)), rows)
+    return btt_flops(self._shapes(), rows)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     _checks.check_last_dim("BTTLinear", x, self.in_features, "in_features")
