@@ -55,3 +55,23 @@ def time_in_jit(fn, arg_sets, repeats: int = 10) -> float:
     jax.block_until_ready(many(arg_sets))
     times.append(time.perf_counter() - start)
   return statistics.median(times) / len(arg_sets)
+
+
+def fwd_bwd(f):
+  """``f(p, x)`` with its VJP for cotangent ``g``: what a training step runs for one layer."""
+  def run(p, x, g):
+    y, vjp = jax.vjp(f, p, x)
+    return y, vjp(g)
+  return run
+
+
+def time_steps(runner, tokens, steps: int, warmup: int = 2) -> float:
+  """Median seconds of ``runner.step(i, tokens)`` (a Trainer or alike) over ``steps`` steps after ``warmup``."""
+  for s in range(warmup):
+    jax.block_until_ready(runner.step(s, tokens))
+  times = []
+  for s in range(warmup, warmup + steps):
+    start = time.perf_counter()
+    jax.block_until_ready(runner.step(s, tokens))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)

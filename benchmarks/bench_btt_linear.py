@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import tnjax
 from tnjax.core import btt as B
 
-from _common import emit, environment, time_in_jit
+from _common import emit, environment, fwd_bwd, time_in_jit
 
 
 def bmm_matvec(btt, x):
@@ -44,12 +44,6 @@ def main():
   dtype, tokens, calls, shapes = jnp.bfloat16, args.tokens, 8, [(768, 3072), (3072, 768)]
   if args.smoke:
     tokens, calls, shapes, args.repeats = 256, 2, [(256, 512)], 2
-
-  def fwd_bwd(f):
-    def run(p, x, g):
-      y, vjp = jax.vjp(f, p, x)
-      return y, vjp(g)
-    return run
 
   print(f"# {env['device']} jax {env['jax']} tokens {tokens} bf16, forward+backward")
   print(f"{'shape':<11} {'layout':<22} {'rank':>4} {'params':>7} {'impl':<7} {'ms':>8} {'vs dense':>9}")

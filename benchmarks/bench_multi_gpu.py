@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 VARIANTS = {"dense": {}, "btt-all-r2": {n: {"kind": "btt", "rank": 2}
                                        for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}}
@@ -24,20 +23,15 @@ def worker(args) -> None:
 
   from tnjax.train import TrainConfig, Trainer
 
+  from _common import time_steps
+
   n = jax.device_count()
   cfg = TrainConfig(model=args.model, layers=VARIANTS[args.variant], batch_size=args.per_device * n,
                     block_size=args.block, dtype=args.dtype, fsdp=args.fsdp, steps=1000, warmup=10,
                     model_overrides={"attention_impl": args.attention})
   trainer = Trainer(cfg, args.vocab)
   tokens = np.random.default_rng(0).integers(0, args.vocab, 4_000_000).astype(np.uint16)
-  for s in range(2):
-    jax.block_until_ready(trainer.step(s, tokens))
-  times = []
-  for s in range(2, 2 + args.steps):
-    start = time.perf_counter()
-    jax.block_until_ready(trainer.step(s, tokens))
-    times.append(time.perf_counter() - start)
-  sec = float(np.median(times))
+  sec = time_steps(trainer, tokens, args.steps)
   print(json.dumps({"devices": n, "params": trainer.num_params, "step_seconds": sec,
                     "tokens_per_s": cfg.batch_size * cfg.block_size / sec, "device": jax.devices()[0].device_kind,
                     "jax": jax.__version__}))

@@ -14,7 +14,6 @@ Run: python benchmarks/bench_train_step.py [--smoke] [--attention cudnn] [--vari
 
 import argparse
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,7 @@ import optax
 from tnjax.core.fused import fused_dims
 from tnjax.train import TrainConfig, Trainer
 
-from _common import emit, environment
+from _common import emit, environment, time_steps
 
 MLP = ("mlp.c_fc", "mlp.c_proj")
 ALL = ("attn.c_attn", "attn.c_proj") + MLP
@@ -166,14 +165,7 @@ def main():
       cfg.layers = layers
       cfg.model_overrides = {"attention_impl": args.attention, "vocab_multiple": multiple}
       runner = Trainer(cfg, vocab)
-    for s in range(2):
-      jax.block_until_ready(runner.step(s, tokens))
-    times = []
-    for s in range(2, 2 + args.steps):
-      start = time.perf_counter()
-      jax.block_until_ready(runner.step(s, tokens))
-      times.append(time.perf_counter() - start)
-    sec = float(np.median(times))
+    sec = time_steps(runner, tokens, args.steps)
     rates[name] = batch * block / sec
     rows.append((name, runner.num_params, sec))
     del runner

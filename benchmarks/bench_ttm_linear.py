@@ -23,7 +23,7 @@ import tnjax
 from tnjax.core import fused as F
 from tnjax.core import linear as L
 
-from _common import emit, environment, time_in_jit
+from _common import emit, environment, fwd_bwd, time_in_jit
 
 
 def main():
@@ -58,12 +58,6 @@ def main():
                                                          jax.tree_util.tree_leaves(ref_vjp(g32)))]
     print(f"# fused kernel vs float32 reference (output, d cores, dx): {' '.join(f'{e:.1e}' for e in errors)}")
     emit({"bench": "ttm_linear_check", "rel_errors": errors, **env}, args.out)
-
-  def fwd_bwd(f):
-    def run(p, x, g):
-      y, vjp = jax.vjp(f, p, x)
-      return y, vjp(g)
-    return run
 
   print(f"# {env['device']} jax {env['jax']} bf16 {m}x{n}, {tokens} tokens; time per call, ratio to dense")
   print(f"{'layout':<10} {'rank':>4} {'mode':<7} {'dense us':>9} " + " ".join(f"{p:>8}" for p in L.PATHS[1:])
