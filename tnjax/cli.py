@@ -65,13 +65,26 @@ def cmd_train(args) -> int:
     import jax
 
     jax.distributed.initialize()  # reads the coordinator, process count and id from the environment
-  from tnjax.train import resolve, train
+  from tnjax.train import branch, resolve, train
 
   if args.list_fields:
     print(_fields_help())
     return 0
-  cfg = resolve(args.config, args.set)
-  report = train(cfg, resume=args.resume, progress=not args.no_progress)
+  if (args.branch is None) != (args.at is None):
+    raise ValueError("--branch RUN and --at STEP go together (branch RUN's checkpoint STEP into a new run)")
+  if args.branch is not None:
+    if args.config or args.resume:
+      raise ValueError("--branch takes its configuration from RUN; --config and --resume do not apply")
+    sets = dict(item.split("=", 1) for item in args.set if "=" in item)
+    if set(sets) != {"steps", "out_dir"} or len(args.set) != 2:
+      raise ValueError(f"--branch needs exactly --set steps=N and --set out_dir=DIR (given {args.set})")
+    if not sets["steps"].isdigit():
+      raise ValueError(f"--set steps={sets['steps']!r} but a positive integer is expected")
+    cfg = branch(args.branch, args.at, int(sets["steps"]), sets["out_dir"])
+    resume = True
+  else:
+    cfg, resume = resolve(args.config, args.set), args.resume
+  report = train(cfg, resume=resume, progress=not args.no_progress)
   print(json.dumps(report, indent=2, allow_nan=False))
   print(f"run directory: {cfg.out_dir} (report.md, loss.png, model/)")
   return 0
@@ -155,6 +168,9 @@ def _parser() -> argparse.ArgumentParser:
   tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="override a field, e.g. steps=1000, layers.mlp.c_fc={\"kind\":\"ttm\",\"rank\":64}")
   tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+  tr.add_argument("--branch", metavar="RUN", help="continue the wsd run RUN's checkpoint --at into a new run of "
+                  "--set steps=N in --set out_dir=DIR (one run, several budgets)")
+  tr.add_argument("--at", type=_int_at_least(0), metavar="STEP", help="the checkpoint step that --branch continues")
   tr.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
   tr.add_argument("--no-progress", action="store_true", help="no progress bar")
   tr.add_argument("--list-fields", action="store_true", help="print every field with its default, and exit")

@@ -16,6 +16,7 @@ from tnjax.data import SAMPLE_DIR
 
 _TTM16 = {"kind": "ttm", "rank": 16}
 PARAMETRIZATIONS = ("standard", "mup")
+SCHEDULES = ("cosine", "wsd")
 
 
 @dataclasses.dataclass
@@ -31,6 +32,15 @@ class TrainConfig:
     tokenizer: a tokenizer file or directory; None trains a byte-level BPE of
       ``vocab_size`` on the training files (saved in the run directory).
     batch_size: sequences per optimizer step (split into ``grad_accum`` micro-batches).
+    schedule: the learning rate after ``warmup`` linear steps: "cosine" decays to
+      ``min_lr_ratio * lr`` over the run; "wsd" (warmup-stable-decay) holds ``lr``, then
+      decays linearly to ``min_lr_ratio * lr`` over the last ``decay_fraction`` of the steps.
+      A WSD run's stable phase does not depend on ``steps``, so one run gives several
+      budgets: branch a checkpoint of the stable phase into a shorter run
+      ([`branch`][tnjax.train.branch], ``tnjax train --branch RUN --at STEP``).
+    decay_fraction: the share of ``steps`` that "wsd" spends decaying, in (0, 1].
+    keep_every: also keep every checkpoint whose step is a multiple of this (0: only the last
+      ``keep``), e.g. the branch points of a WSD run.
     dtype: computation dtype ("float32" or "bfloat16"; parameters and optimizer stay float32).
     fsdp: shard parameters and optimizer state over devices, not only the batch.
     parametrization: "standard", or "mup": the model gets ``mup_base_width``
@@ -63,6 +73,8 @@ class TrainConfig:
   lr: float = 3e-3
   min_lr_ratio: float = 0.1
   warmup: int = 20
+  schedule: str = "cosine"
+  decay_fraction: float = 0.2
   weight_decay: float = 0.1
   grad_clip: float = 1.0
   b1: float = 0.9
@@ -73,6 +85,7 @@ class TrainConfig:
   log_every: int = 10
   checkpoint_every: int = 100
   keep: int = 3
+  keep_every: int = 0
   seed: int = 0
   fsdp: bool = False
   parametrization: str = "standard"
@@ -99,6 +112,12 @@ class TrainConfig:
     if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup < 0:
       raise ValueError(f"{fn}: lr={self.lr}, min_lr_ratio={self.min_lr_ratio}, warmup={self.warmup} but lr > 0, "
                        "0 <= min_lr_ratio <= 1 and warmup >= 0 are expected")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"{fn}: schedule={self.schedule!r} but one of {SCHEDULES} is expected")
+    if not 0 < self.decay_fraction <= 1:
+      raise ValueError(f"{fn}: decay_fraction={self.decay_fraction!r} but 0 < decay_fraction <= 1 is expected")
+    if self.keep_every < 0:
+      raise ValueError(f"{fn}: keep_every={self.keep_every!r} but keep_every >= 0 is expected (0: off)")
     if self.parametrization not in PARAMETRIZATIONS:
       raise ValueError(f"{fn}: parametrization={self.parametrization!r} but one of {PARAMETRIZATIONS} is expected")
     _checks.check_positive_int(fn, "mup_base_width", self.mup_base_width)

@@ -49,8 +49,38 @@ class FlatParams:
     return self.treedef.unflatten([flat[n] for n in self.names])
 
 
+def decay_start(cfg: TrainConfig) -> int:
+  """The first step of a "wsd" schedule's decay (``cfg.steps`` minus its ``decay_fraction``, not before warmup)."""
+  return max(cfg.warmup, cfg.steps - max(1, round(cfg.decay_fraction * cfg.steps)))
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+  """The learning rate of every step: ``warmup`` linear steps from 0 to ``lr``, then
+
+  * "cosine": cosine decay to ``min_lr_ratio * lr`` at ``steps``;
+  * "wsd" (warmup-stable-decay, Hägele et al. 2024): ``lr`` until `decay_start`, then linear
+    decay to ``min_lr_ratio * lr`` at ``steps``. Runs of different ``steps`` agree up to the
+    earlier decay start, which is what lets one run branch into several budgets.
+
+  Example:
+    >>> from tnjax.train import TrainConfig
+    >>> f = lr_schedule(TrainConfig(lr=1.0, min_lr_ratio=0.0, warmup=10, steps=100, schedule="wsd",
+    ...                             decay_fraction=0.2))
+    >>> [round(float(f(t)), 3) for t in (5, 10, 79, 80, 90, 100)]
+    [0.5, 1.0, 1.0, 1.0, 0.5, 0.0]
+  """
+  end = cfg.lr * cfg.min_lr_ratio
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup,
+                                              decay_steps=max(cfg.steps, cfg.warmup + 1), end_value=end)
+  start = decay_start(cfg)
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup), optax.constant_schedule(cfg.lr),
+                               optax.linear_schedule(cfg.lr, end, max(1, cfg.steps - start))],
+                              boundaries=[cfg.warmup, start])
+
+
 def make_optimizer(cfg: TrainConfig, params: dict, multipliers: dict | None = None) -> optax.GradientTransformation:
-  """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``, global-norm clipping,
+  """AdamW on the learning rate of `lr_schedule` (warmup, then cosine or warmup-stable-decay), global-norm clipping,
   and weight decay only on matrices and TT cores (not on norms and biases); with ``multipliers``
   (``{name: float}`` for some of ``params``, e.g. muP's), each parameter's update is scaled by its own.
 
@@ -63,9 +93,7 @@ def make_optimizer(cfg: TrainConfig, params: dict, multipliers: dict | None = No
     >>> len(jax.tree_util.tree_leaves(state)) > 2  # clipping, then AdamW moments per parameter
     True
   """
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup, decay_steps=max(cfg.steps, cfg.warmup + 1),
-      end_value=cfg.lr * cfg.min_lr_ratio)
+  schedule = lr_schedule(cfg)
   decay = {k: v.ndim >= 2 for k, v in params.items()}
   tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                    optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay))
@@ -210,7 +238,7 @@ class Trainer:
 def _checkpoint_manager(out: pathlib.Path, cfg: TrainConfig):
   import orbax.checkpoint as ocp
 
-  options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True)
+  options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, keep_period=cfg.keep_every or None, create=True)
   return ocp.CheckpointManager((out / "checkpoints").resolve(), options=options)
 
 
@@ -288,6 +316,76 @@ def _plot(metrics: list[dict], path: pathlib.Path) -> None:
   atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
+def branch(src, step: int, steps: int, out_dir) -> TrainConfig:
+  """Prepares ``out_dir`` as a copy of the "wsd" run ``src`` at its checkpoint ``step``, to be continued
+  (``train(cfg, resume=True)``) into a run of ``steps`` steps whose decay starts at or after ``step``.
+
+  Because the stable phase of a WSD schedule does not depend on ``steps``, the branch is
+  the run that would have been made with ``steps`` from the start: one long run gives several
+  budgets, each paying only for its decay. Keep the branch points with ``keep_every``.
+  ``out_dir`` gets the configuration (``steps`` and ``out_dir`` changed), the tokenizer, the
+  token cache (hard links where possible), the checkpoint of ``step``, the metrics up to
+  ``step`` and ``best_model/`` when its validation step is at most ``step``.
+
+  Returns:
+    The branch's TrainConfig.
+
+  Raises:
+    ValueError: when ``src`` has no configuration or no checkpoint ``step``, is not a "wsd" run,
+      ``step`` is past the decay start of ``src`` or of the branch, or ``out_dir`` is not empty.
+
+  Example (not run: it needs a trained run):
+    ``cfg = branch("runs/wsd", 3000, 4000, "runs/wsd-4000"); train(cfg, resume=True)``
+  """
+  import shutil
+
+  fn = "branch"
+  src, out = pathlib.Path(src), pathlib.Path(out_dir)
+  saved = src / "train_config.json"
+  if not saved.is_file():
+    raise ValueError(f"{fn}: {saved} does not exist; a training run directory is expected")
+  before = TrainConfig.from_dict(json.loads(saved.read_text()))
+  cfg = TrainConfig.from_dict({**before.to_dict(), "steps": steps, "out_dir": str(out)})
+  if before.schedule != "wsd":
+    raise ValueError(f"{fn}: {src} has schedule={before.schedule!r} but only a 'wsd' run can branch (its stable "
+                     "phase does not depend on steps)")
+  ckpt = src / "checkpoints" / str(step)
+  if not ckpt.is_dir():
+    have = sorted(int(p.name) for p in (src / "checkpoints").glob("*") if p.name.isdigit())
+    raise ValueError(f"{fn}: {src} has no checkpoint at step {step} (it has {have}); keep_every keeps branch points")
+  limit = min(decay_start(before), decay_start(cfg))
+  if step > limit:
+    raise ValueError(f"{fn}: step={step} but the stable phase ends at step {limit} (decay of {src}: "
+                     f"{decay_start(before)}, of the branch with steps={steps}: {decay_start(cfg)})")
+  if out.exists() and any(out.iterdir()):
+    raise ValueError(f"{fn}: {out} is not empty; a new directory is expected")
+  (out / "checkpoints").mkdir(parents=True)
+  shutil.copytree(ckpt, out / "checkpoints" / str(step))
+  for name in ("tokenizer.json", "tokenizer.source.json"):
+    if (src / name).exists():
+      shutil.copy2(src / name, out / name)
+  if (src / "cache").is_dir():
+    shutil.copytree(src / "cache", out / "cache", copy_function=_link_or_copy)
+  metrics = [json.loads(line) for line in (src / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+      if (src / "metrics.jsonl").exists() else []
+  vals = [m for m in metrics if "val_loss" in m]
+  if (src / "best_model").is_dir() and vals and min(vals, key=lambda m: m["val_loss"])["step"] <= step:
+    shutil.copytree(src / "best_model", out / "best_model")
+  atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics if m["step"] <= step))
+  atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+  return cfg
+
+
+def _link_or_copy(a, b):
+  import os
+  import shutil
+
+  try:
+    os.link(a, b)
+  except OSError:  # another filesystem
+    shutil.copy2(a, b)
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
   """Runs (or resumes) a training run in ``cfg.out_dir``; returns the report dict.
 
@@ -354,9 +452,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
   try:  # the checkpoint manager's threads are closed on every path (errors and Ctrl-C included)
     start = _restore(manager, trainer) if resume and manager.latest_step() is not None else 0
     if saved_steps is not None and saved_steps != cfg.steps:
-      _say(f"train: resuming at step {start} with steps={cfg.steps} (the saved run had steps={saved_steps}): the "
-           f"warmup + cosine schedule now decays over {cfg.steps} steps, so learning rates from step {start} on "
-           "differ from the original run's")
+      _say(f"train: resuming at step {start} with steps={cfg.steps} (the saved run had steps={saved_steps}): "
+           + (f"the warmup + cosine schedule now decays over {cfg.steps} steps, so learning rates from step "
+              f"{start} on differ from the original run's" if cfg.schedule == "cosine" else
+              f"the wsd schedule now decays from step {decay_start(cfg)}"))
     # A resumed run drops what was logged after its checkpoint, so no step appears twice.
     kept = [line for line in (metrics_path.read_text().splitlines() if resume and metrics_path.exists() else [])
             if line.strip() and json.loads(line)["step"] <= start]
