@@ -27,6 +27,20 @@ def atomic_write(path, write: Callable[[str], object]) -> pathlib.Path:
   return path
 
 
+def copy_tree_linked(src, dst) -> None:
+  """Copies the directory ``src`` to ``dst`` as hard links where the filesystem allows (read-only data such as
+  token caches, which are replaced by rename, never written in place), else as copies."""
+  import shutil
+
+  def link_or_copy(a, b):
+    try:
+      os.link(a, b)
+    except OSError:  # another filesystem, or no hard links
+      shutil.copy2(a, b)
+
+  shutil.copytree(src, dst, copy_function=link_or_copy)
+
+
 def atomic_write_text(path, text: str) -> pathlib.Path:
   return atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
 

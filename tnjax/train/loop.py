@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tnjax._io import atomic_write, atomic_write_text
+from tnjax._io import atomic_write, atomic_write_text, copy_tree_linked
 from tnjax.data import eval_batches, load_tokenizer, token_cache, train_batch, train_tokenizer
 from tnjax.data.cache import file_sha256
 from tnjax.models import GPT
@@ -365,7 +365,7 @@ def branch(src, step: int, steps: int, out_dir) -> TrainConfig:
     if (src / name).exists():
       shutil.copy2(src / name, out / name)
   if (src / "cache").is_dir():
-    shutil.copytree(src / "cache", out / "cache", copy_function=_link_or_copy)
+    copy_tree_linked(src / "cache", out / "cache")
   metrics = [json.loads(line) for line in (src / "metrics.jsonl").read_text().splitlines() if line.strip()] \
       if (src / "metrics.jsonl").exists() else []
   vals = [m for m in metrics if "val_loss" in m]
@@ -374,16 +374,6 @@ def branch(src, step: int, steps: int, out_dir) -> TrainConfig:
   atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics if m["step"] <= step))
   atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
   return cfg
-
-
-def _link_or_copy(a, b):
-  import os
-  import shutil
-
-  try:
-    os.link(a, b)
-  except OSError:  # another filesystem
-    shutil.copy2(a, b)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
