@@ -220,22 +220,25 @@ def run_grid(grid: dict, out: pathlib.Path, files: dict, *, devices: list[str] |
     lrs = {name: list(fam["lrs"]) for name, fam in grid["families"].items()}
   running: dict = {}  # device -> (process, run, started)
   try:
-    _schedule(grid, out, files, devices, lrs, running)
+    failed = _schedule(grid, out, files, devices, lrs, running)
   finally:  # stopped (Ctrl-C, SIGTERM from a time limit) or failed: no run keeps its GPU
     for proc, _, _ in running.values():
       proc.terminate()
-  return collect(grid, out, lrs)
+  rows = collect(grid, out, lrs)
+  if failed:
+    raise RuntimeError(f"run_grid: {len(failed)} runs failed ({sorted(failed)[:4]}); see their log.txt")
+  return rows
 
 
-def _schedule(grid, out, files, devices, lrs, running) -> None:
-  """Starts every ready run on a free device (or in this process) until none is left."""
+def _schedule(grid, out, files, devices, lrs, running) -> set:
+  """Starts every ready run on a free device (or in this process) until none is left; returns the failed runs."""
   free = list(devices or [])
   failed = set()
   while True:
-    todo, waiting = plan(grid, out, lrs)
+    todo, _ = plan(grid, out, lrs)
     todo = [r for r in todo if r not in failed and r not in {v[1] for v in running.values()}]
     if not todo and not running:
-      break
+      return failed
     if todo and (devices is None or free):
       run = todo[0]
       cfg = run_config(grid, *run, out, files)
@@ -249,8 +252,6 @@ def _schedule(grid, out, files, devices, lrs, running) -> None:
         running[dev] = (start_run(cfg, out, dev), run, time.perf_counter())
       continue
     if not running:
-      if waiting:
-        raise RuntimeError(f"run_grid: runs wait for failed ones ({sorted(failed)}); see their log.txt")
       break
     time.sleep(2)
     for dev, (proc, run, started) in list(running.items()):
@@ -261,6 +262,7 @@ def _schedule(grid, out, files, devices, lrs, running) -> None:
         print(f"[study] {'done' if ok else 'FAILED'} {run} in {time.perf_counter() - started:.0f} s", flush=True)
         if not ok:
           failed.add(run)
+  return failed
 
 
 def collect(grid: dict, out: pathlib.Path, lrs: dict[str, list[float]]) -> list[dict]:
@@ -377,7 +379,7 @@ def main(argv=None) -> int:
   p.add_argument("--valid", nargs="+", help="validation text files")
   p.add_argument("--test", nargs="*", default=[], help="test text files")
   p.add_argument("--tokenizer", help="a tokenizer file to use instead of training one on --train")
-  p.add_argument("--out", required=True, help="study directory (runs, results.jsonl, summary.md, plots)")
+  p.add_argument("--out", help="study directory (runs, results.jsonl, summary.md, plots)")
   p.add_argument("--devices", help="comma-separated GPU ids, one run per GPU at a time")
   p.add_argument("--lr-from", help="take each family's learning rate from this earlier study")
   p.add_argument("--smoke", action="store_true", help="toy sizes: the whole protocol on a CPU in about a minute")
@@ -388,6 +390,8 @@ def main(argv=None) -> int:
   if args.run_one:
     _train_one(pathlib.Path(args.run_one))
     return 0
+  if not args.out:
+    p.error("--out is required")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   if args.plot:
