@@ -345,25 +345,34 @@ def markdown(summary: list[dict]) -> str:
 
 
 def plot(summary: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
-  """Validation loss vs parameters and vs training FLOPs: one marker per family, dense joined by a line."""
+  """Validation loss vs parameters and vs training FLOPs: one colour per family (marker by layer kind, error bars
+  over seeds), each grid's dense models joined by a line (the dense frontier)."""
   from matplotlib.figure import Figure
 
+  families = list(dict.fromkeys(s["family"] for s in summary))
+  colors = {f: f"C{i % 10}" for i, f in enumerate(families)}
   paths = []
   for axis, label in (("params", "parameters"), ("train_flops", "training FLOPs")):
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(7.5, 4.8))
     ax = fig.add_subplot()
     for grid in dict.fromkeys(s["grid"] for s in summary):
       here = [s for s in summary if s["grid"] == grid]
       dense = sorted((s for s in here if s["family"].startswith("dense")), key=lambda s: s[axis])
-      ax.plot([s[axis] for s in dense], [s["val_loss"] for s in dense], "k-", lw=1, alpha=0.6)
+      ax.plot([s[axis] for s in dense], [s["val_loss"] for s in dense], "k-", lw=1, alpha=0.5)
+      if dense:
+        ax.annotate(grid, (dense[-1][axis], dense[-1]["val_loss"]), textcoords="offset points", xytext=(4, -12),
+                    fontsize=8)
       for s in here:
         marker = {"dense": "o", "ttm": "s", "btt": "^", "lowrank": "D"}.get(s["family"].split("-")[0], "x")
-        ax.errorbar(s[axis], s["val_loss"], yerr=s["val_loss_sd"] or 0, fmt=marker, capsize=3,
-                    label=f"{grid} {s['family']}")
+        ax.errorbar(s[axis], s["val_loss"], yerr=s["val_loss_sd"] or 0, fmt=marker, color=colors[s["family"]],
+                    capsize=3)
+    for f in families:
+      marker = {"dense": "o", "ttm": "s", "btt": "^", "lowrank": "D"}.get(f.split("-")[0], "x")
+      ax.plot([], [], marker, color=colors[f], label=f)
     ax.set_xscale("log")
     ax.set_xlabel(label)
     ax.set_ylabel("best validation loss (nats/token)")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = out / f"val_vs_{axis.replace('train_', '')}.png"

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The study on one GPU machine (run from the repository root): decompress corpus-large from .data/, run
 # the small grid, then the large one with the small one's learning rates, then copy the small files
-# (reports, metrics, logs, summaries, plots; not checkpoints or models) to $1.
+# (reports, metrics, logs, summaries, plots; not checkpoints or models) to $1/study.tgz.
 # Usage: bash benchmarks/study/gpu.sh OUT [DEVICES] [SECONDS]
 set -u
 OUT=$1; DEVICES=${2:-0}; LIMIT=${3:-540}
@@ -19,4 +19,4 @@ python benchmarks/pretrain_study.py --plot .study/small $( [ -f .study/large/res
   --out .study/plots
 cd .study && find . \( -name report.json -o -name metrics.jsonl -o -name train_config.json -o -name log.txt \
   -o -name 'summary.*' -o -name results.jsonl -o -name '*.png' \) -not -path '*/model/*' -not -path '*/best_model/*' \
-  | tar -cf - -T - | tar -xf - -C "$OUT"
+  | tar -czf "$OUT/study.tgz" -T -  # one file: the device tool returns no deep folders
