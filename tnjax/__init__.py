@@ -29,13 +29,16 @@ from tnjax.core import (
     truncate,
     tt_svd,
     ttm_svd,
+    whitened_spectrum,
+    whitened_svd,
+    whitened_ttm_svd,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TensorTrain", "TTMatrix", "BlockTT", "btt_from_dense", "btt_matvec", "btt_to_dense", "random_btt",
-    "tt_svd", "ttm_svd", "truncate", "orthogonalize",
+    "tt_svd", "ttm_svd", "truncate", "orthogonalize", "whitened_svd", "whitened_ttm_svd", "whitened_spectrum",
     "to_dense", "matvec", "matvec_plan", "add", "scale", "inner", "norm",
     "random_tt", "random_ttm", "factorize", "transpose", "gather_rows",
 ]

@@ -1,0 +1,221 @@
+"""Decompositions in the data metric: minimize the error of a layer's outputs, not of its weights.
+
+A layer ``y = x @ W`` (W of shape (in, out)) with calibration inputs ``X``
+(rows are tokens) has output error ``||X (W - W')||_F``. With the input Gram
+matrix ``G = X^T X = S S^T``, that is ``||S^T (W - W')||_F``: the weight error
+of the *whitened* matrix ``S^T W``. So the best rank-r ``W'`` is the truncated
+SVD of ``S^T W`` mapped back by ``S^-T`` (Eckart-Young in the data metric;
+SVD-LLM, Wang et al. 2024, "truncation-aware whitening"), and its error is
+exactly the discarded singular values of ``S^T W``, which also rank layers
+for a budget allocation (`whitened_spectrum`).
+
+Square root and jitter rule. ``S^T = diag(sqrt(l)) Q^T`` from the eigen-
+decomposition ``G = Q diag(l) Q^T`` (any square root gives the same optimum;
+this one needs no pivoting and traces under ``jit``). Calibration Grams are
+often singular (fewer tokens than features, dead features), so eigenvalues
+below ``floor * max(l)`` are raised to it (``floor = 1e-6`` by default): the
+fit is then exact in the directions the data excites and a weight-error fit,
+scaled by the floor, in those it does not. A concrete Gram with an eigenvalue
+below ``-floor * max(l)`` is not a Gram matrix (not positive semi-definite
+beyond rounding) and is refused.
+
+TT-matrix (MPO) layers: the input index of a TT-matrix is split over its
+cores, so a full ``S`` does not fold into them. `whitened_ttm_svd` uses a
+Kronecker-factored metric ``G ~ G_1 (x) ... (x) G_d``, ``G_k`` the partial
+trace of ``G`` over the other input modes (the K-FAC approximation): each
+``S_k^T`` acts on one core's input mode, so TTM-SVD runs on the whitened
+matrix and ``S_k^-T`` folds back into core k. This is exact when ``G`` is a
+Kronecker product and costs one TTM-SVD plus d small eigendecompositions;
+alternating least squares in the full metric would cost a linear solve of the
+size of a core per sweep step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from tnjax.core import _checks
+from tnjax.core.decompositions import ttm_svd
+from tnjax.core.tensor_train import TTMatrix
+
+FLOOR = 1e-6
+
+
+def _check_gram(fn: str, gram, n: int) -> jax.Array:
+  gram = _checks.check_real_float(fn, "gram", gram)
+  if gram.shape != (n, n):
+    raise ValueError(f"{fn}: gram.shape={gram.shape} but ({n}, {n}) is expected (the Gram matrix X^T X of the "
+                     "layer's inputs)")
+  _checks.check_finite(fn, "gram", gram)
+  return gram
+
+
+def whitening(gram, *, floor: float = FLOOR, fn: str = "whitening") -> tuple[jax.Array, jax.Array]:
+  """``(S^T, S^-T)`` with ``S S^T = G`` after the jitter rule (module docstring): ``||x S||`` is the data norm.
+
+  Args:
+    gram: (n, n) symmetric positive semi-definite, e.g. ``X^T X``.
+    floor: eigenvalues below ``floor * max eigenvalue`` are raised to it.
+
+  Returns:
+    ``s_t`` and ``s_t_inv``, both (n, n), with ``s_t_inv @ s_t = I``.
+
+  Raises:
+    ValueError: when ``gram`` is not square, not finite, all zero, or (concrete) has an eigenvalue below
+      ``-floor * max eigenvalue``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> s_t, s_t_inv = whitening(jnp.diag(jnp.array([4.0, 1.0])))
+    >>> bool(jnp.allclose(s_t.T @ s_t, jnp.diag(jnp.array([4.0, 1.0])))), bool(jnp.allclose(s_t_inv @ s_t, jnp.eye(2)))
+    (True, True)
+  """
+  gram = _checks.check_real_float(fn, "gram", gram)
+  if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+    raise ValueError(f"{fn}: gram.shape={gram.shape} but a square matrix is expected")
+  if not (isinstance(floor, (int, float)) and 0 < floor < 1):
+    raise ValueError(f"{fn}: floor={floor!r} but 0 < floor < 1 is expected")
+  _checks.check_finite(fn, "gram", gram)
+  lam, q = jnp.linalg.eigh((gram + gram.T) / 2)
+  top = lam[-1]
+  if _checks.is_concrete(lam):
+    if not float(top) > 0:
+      raise ValueError(f"{fn}: gram has no positive eigenvalue (largest {float(top):.3g}); a Gram matrix of "
+                       "non-zero inputs is expected")
+    if float(lam[0]) < -floor * float(top):
+      raise ValueError(f"{fn}: gram has eigenvalue {float(lam[0]):.3g} < -floor * {float(top):.3g}; it is not "
+                       "positive semi-definite (not X^T X)")
+  root = jnp.sqrt(jnp.maximum(lam, floor * top))
+  return root[:, None] * q.T, q / root[None, :]
+
+
+def whitened_spectrum(w, gram, *, floor: float = FLOOR) -> jax.Array:
+  """Singular values of the whitened ``S^T W``, descending: keeping rank r loses ``sum(s[r:]**2)`` of squared
+  output error (``||X (W - W_r)||_F^2``), the truncation loss an allocation compares across layers.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> s = whitened_spectrum(jnp.eye(3), jnp.diag(jnp.array([9.0, 4.0, 1.0])))
+    >>> [round(float(v), 4) for v in s]
+    [3.0, 2.0, 1.0]
+  """
+  fn = "whitened_spectrum"
+  w = _check_matrix(fn, w)
+  s_t, _ = whitening(_check_gram(fn, gram, w.shape[0]), floor=floor, fn=fn)
+  return jnp.linalg.svd(s_t @ w, compute_uv=False)
+
+
+def _check_matrix(fn: str, w) -> jax.Array:
+  w = _checks.check_real_float(fn, "w", w)
+  if w.ndim != 2:
+    raise ValueError(f"{fn}: w.shape={w.shape} but a 2-d matrix (in, out) is expected")
+  _checks.check_finite(fn, "w", w)
+  return w
+
+
+def whitened_svd(w, gram, rank: int, *, floor: float = FLOOR) -> tuple[jax.Array, jax.Array]:
+  """The rank-``rank`` factors ``a @ b`` of ``w`` that minimize the output error ``||X (w - a @ b)||_F``.
+
+  Args:
+    w: (in, out), for a layer ``y = x @ w``.
+    gram: (in, in), ``X^T X`` of calibration inputs (float64 accumulation recommended).
+    rank: static, 1 <= rank <= min(in, out).
+    floor: the jitter rule of `whitening`.
+
+  Returns:
+    ``a`` (in, rank) and ``b`` (rank, out); ``b`` has orthonormal rows, ``a = w @ b.T``.
+
+  Raises:
+    ValueError: on shapes, a rank out of range, or a gram `whitening` refuses.
+
+  Complexity:
+    One eigendecomposition of ``gram`` (in^3) and one SVD of an (in, out) matrix.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> x = jax.random.normal(jax.random.key(0), (256, 8)) * jnp.arange(1.0, 9.0)  # correlated scales
+    >>> w = jax.random.normal(jax.random.key(1), (8, 6))
+    >>> a, b = whitened_svd(w, x.T @ x, rank=3)
+    >>> u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+    >>> plain = (u[:, :3] * s[:3]) @ vt[:3]
+    >>> bool(jnp.linalg.norm(x @ (w - a @ b)) < jnp.linalg.norm(x @ (w - plain)))
+    True
+  """
+  fn = "whitened_svd"
+  w = _check_matrix(fn, w)
+  gram = _check_gram(fn, gram, w.shape[0])
+  full = min(w.shape)
+  if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
+    raise ValueError(f"{fn}: rank={rank!r} but an int in [1, {full}] is expected (w.shape={w.shape})")
+  s_t, _ = whitening(gram, floor=floor, fn=fn)
+  _, _, vt = jnp.linalg.svd(s_t @ w, full_matrices=False)
+  b = vt[:rank]
+  # a = S^-T U_r Sigma_r = S^-T (S^T w) V_r = w V_r: the whitened optimum has an unwhitened closed form.
+  return w @ b.T, b
+
+
+def kronecker_grams(gram, in_dims) -> tuple[jax.Array, ...]:
+  """The Kronecker factors ``G_k`` (n_in[k], n_in[k]) of ``gram`` by partial traces over the other input modes
+  (row-major: mode 0 is the slowest index). For ``gram = A (x) B`` they are ``tr(B) A`` and ``tr(A) B``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> a, b = jnp.array([[2.0, 1.0], [1.0, 2.0]]), jnp.diag(jnp.array([1.0, 3.0, 5.0]))
+    >>> g0, g1 = kronecker_grams(jnp.kron(a, b), (2, 3))
+    >>> bool(jnp.allclose(g0, 9.0 * a)), bool(jnp.allclose(g1, 4.0 * b))
+    (True, True)
+  """
+  fn = "kronecker_grams"
+  in_dims = _checks.check_dims(fn, "in_dims", in_dims)
+  n = math.prod(in_dims)
+  gram = _check_gram(fn, gram, n)
+  d = len(in_dims)
+  t = gram.reshape(in_dims + in_dims)
+  letters = "abcdefghijklmnopqrstuvwxyz"
+  out = []
+  for k in range(d):
+    rows = [letters[j] for j in range(d)]
+    cols = [letters[j] if j != k else letters[d + k] for j in range(d)]  # traced modes share a letter
+    out.append(jnp.einsum(f"{''.join(rows)}{''.join(cols)}->{letters[k]}{letters[d + k]}", t))
+  return tuple(out)
+
+
+def whitened_ttm_svd(w, gram, in_dims, out_dims, max_rank=None, rtol=None, *, floor: float = FLOOR) -> TTMatrix:
+  """A TT-matrix fit of ``w`` in the Kronecker-factored data metric of ``gram`` (module docstring).
+
+  Args:
+    w: (M, N) with M = prod(in_dims) (a padded vocabulary is not supported here) and N <= prod(out_dims).
+    gram: (M, M), ``X^T X`` of the layer's inputs.
+    in_dims, out_dims, max_rank, rtol: as in [`ttm_svd`][tnjax.ttm_svd]; ``rtol`` bounds the whitened error.
+    floor: the jitter rule of `whitening`, per Kronecker factor.
+
+  Returns:
+    A `TTMatrix` whose cores carry ``S_k^-T`` on their input modes.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, tnjax
+    >>> mix = jax.random.normal(jax.random.key(0), (16, 16))
+    >>> x = jax.random.normal(jax.random.key(1), (512, 16)) @ mix  # correlated inputs
+    >>> w = jax.random.normal(jax.random.key(2), (16, 16))
+    >>> err = lambda t: float(jnp.linalg.norm(x @ (w - tnjax.to_dense(t))))
+    >>> fit = whitened_ttm_svd(w, x.T @ x, (4, 4), (4, 4), max_rank=4)
+    >>> err(fit) < err(tnjax.ttm_svd(w, (4, 4), (4, 4), max_rank=4))
+    True
+  """
+  fn = "whitened_ttm_svd"
+  w = _check_matrix(fn, w)
+  in_dims = _checks.check_dims(fn, "in_dims", in_dims)
+  if w.shape[0] != math.prod(in_dims):
+    raise ValueError(f"{fn}: w.shape[0]={w.shape[0]} but prod(in_dims)={math.prod(in_dims)} (in_dims={in_dims}) "
+                     "is expected")
+  gram = _check_gram(fn, gram, w.shape[0])
+  factors = [whitening(g, floor=floor, fn=fn) for g in kronecker_grams(gram, in_dims)]
+  t = w.reshape(in_dims + (w.shape[1],))
+  for k, (s_t, _) in enumerate(factors):  # apply S_k^T on input mode k
+    t = jnp.moveaxis(jnp.tensordot(s_t, t, axes=([1], [k])), 0, k)
+  whitened = ttm_svd(t.reshape(w.shape), in_dims, out_dims, max_rank=max_rank, rtol=rtol)
+  cores = tuple(jnp.einsum("ij,ajbc->aibc", s_t_inv, core) for core, (_, s_t_inv) in zip(whitened.cores, factors))
+  return TTMatrix(cores)
