@@ -98,6 +98,24 @@ def test_data_aware_ttm_fit_has_lower_output_error_on_correlated_inputs(jit):
     assert fit.ranks == plain.ranks
 
 
+def test_diagonal_metric_of_an_embedding_with_a_padded_vocabulary():
+  """Token counts as a 1-d gram: the same fits as with the full diagonal matrix, never forming it; a vocabulary
+  of 60 rows in TT-matrix dims (8, 8) is zero-padded, and unseen tokens only get the floor's weight."""
+  rng = np.random.default_rng(0)
+  table = rng.standard_normal((60, 12))
+  counts = np.floor(1000.0 / np.arange(1, 61) ** 1.1)  # Zipf-like
+  counts[50:] = 0  # never seen
+  a1, b1 = whitened_svd(jnp.asarray(table), jnp.asarray(counts), 4)
+  a2, b2 = whitened_svd(jnp.asarray(table), jnp.diag(jnp.asarray(counts)), 4)
+  np.testing.assert_allclose(np.asarray(a1 @ b1), np.asarray(a2 @ b2), atol=1e-8)
+  fit = whitened_ttm_svd(jnp.asarray(table), jnp.asarray(counts), (8, 8), (3, 4), max_rank=4)
+  ref = whitened_ttm_svd(jnp.asarray(table), jnp.diag(jnp.asarray(counts)), (8, 8), (3, 4), max_rank=4)
+  np.testing.assert_allclose(np.asarray(tnjax.to_dense(fit)), np.asarray(tnjax.to_dense(ref)), atol=1e-8)
+  plain = tnjax.ttm_svd(jnp.asarray(table), (8, 8), (3, 4), max_rank=4)
+  err = lambda t: np.sqrt(np.sum(counts[:, None] * (table - np.asarray(tnjax.to_dense(t))[:60]) ** 2))  # noqa: E731
+  assert err(fit) < err(plain)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: whitened_svd(jnp.ones((4, 3)), jnp.eye(3), 2), r"whitened_svd: gram.shape=\(3, 3\) but \(4, 4\)"),
     (lambda: whitened_svd(jnp.ones((4, 3)), jnp.eye(4), 4), r"whitened_svd: rank=4 but an int in \[1, 3\]"),
@@ -107,8 +125,10 @@ def test_data_aware_ttm_fit_has_lower_output_error_on_correlated_inputs(jit):
      r"whitened_svd: gram has eigenvalue -0.5 < -floor \* 1; it is not positive semi-definite"),
     (lambda: whitened_svd(jnp.ones((2, 2)), jnp.full((2, 2), jnp.nan), 1), r"whitened_svd: gram has non-finite"),
     (lambda: whitening(jnp.eye(2), floor=0.0), r"whitening: floor=0.0 but 0 < floor < 1"),
-    (lambda: whitened_ttm_svd(jnp.ones((10, 4)), jnp.eye(10), (3, 4), (2, 2)),
-     r"whitened_ttm_svd: w.shape\[0\]=10 but prod\(in_dims\)=12"),
+    (lambda: whitened_ttm_svd(jnp.ones((13, 4)), jnp.eye(13), (3, 4), (2, 2)),
+     r"whitened_ttm_svd: w.shape\[0\]=13 but prod\(in_dims\)=12"),
+    (lambda: whitened_svd(jnp.ones((4, 3)), jnp.ones(3), 2),
+     r"whitened_svd: gram.shape=\(3,\) but \(4, 4\) .* or \(4,\)"),
 ])
 def test_errors(call, match):
   with pytest.raises(ValueError, match=match):

@@ -19,6 +19,10 @@ scaled by the floor, in those it does not. A concrete Gram with an eigenvalue
 below ``-floor * max(l)`` is not a Gram matrix (not positive semi-definite
 beyond rounding) and is refused.
 
+Embeddings: a table looked up by one-hot tokens has ``G = diag(token counts)``.
+Every function here takes a 1-d ``gram`` as that diagonal, so a vocabulary-sized
+metric is never formed (rows with a zero count get the floor).
+
 TT-matrix (MPO) layers: the input index of a TT-matrix is split over its
 cores, so a full ``S`` does not fold into them. `whitened_ttm_svd` uses a
 Kronecker-factored metric ``G ~ G_1 (x) ... (x) G_d``, ``G_k`` the partial
@@ -46,9 +50,9 @@ FLOOR = 1e-6
 
 def _check_gram(fn: str, gram, n: int) -> jax.Array:
   gram = _checks.check_real_float(fn, "gram", gram)
-  if gram.shape != (n, n):
+  if gram.shape not in ((n, n), (n,)):
     raise ValueError(f"{fn}: gram.shape={gram.shape} but ({n}, {n}) is expected (the Gram matrix X^T X of the "
-                     "layer's inputs)")
+                     f"layer's inputs), or ({n},) for a diagonal one (token counts)")
   _checks.check_finite(fn, "gram", gram)
   return gram
 
@@ -57,11 +61,12 @@ def whitening(gram, *, floor: float = FLOOR, fn: str = "whitening") -> tuple[jax
   """``(S^T, S^-T)`` with ``S S^T = G`` after the jitter rule (module docstring): ``||x S||`` is the data norm.
 
   Args:
-    gram: (n, n) symmetric positive semi-definite, e.g. ``X^T X``.
+    gram: (n, n) symmetric positive semi-definite, e.g. ``X^T X``, or (n,) non-negative: a diagonal.
     floor: eigenvalues below ``floor * max eigenvalue`` are raised to it.
 
   Returns:
-    ``s_t`` and ``s_t_inv``, both (n, n), with ``s_t_inv @ s_t = I``.
+    ``s_t`` and ``s_t_inv``, both (n, n), with ``s_t_inv @ s_t = I``; for a 1-d (diagonal) ``gram``, their
+    diagonals, (n,) each.
 
   Raises:
     ValueError: when ``gram`` is not square, not finite, all zero, or (concrete) has an eigenvalue below
@@ -74,12 +79,15 @@ def whitening(gram, *, floor: float = FLOOR, fn: str = "whitening") -> tuple[jax
     (True, True)
   """
   gram = _checks.check_real_float(fn, "gram", gram)
-  if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
-    raise ValueError(f"{fn}: gram.shape={gram.shape} but a square matrix is expected")
+  if gram.ndim not in (1, 2) or (gram.ndim == 2 and gram.shape[0] != gram.shape[1]):
+    raise ValueError(f"{fn}: gram.shape={gram.shape} but a square matrix (or a 1-d diagonal) is expected")
   if not (isinstance(floor, (int, float)) and 0 < floor < 1):
     raise ValueError(f"{fn}: floor={floor!r} but 0 < floor < 1 is expected")
   _checks.check_finite(fn, "gram", gram)
-  lam, q = jnp.linalg.eigh((gram + gram.T) / 2)
+  if gram.ndim == 1:
+    lam, q = jnp.sort(gram), None
+  else:
+    lam, q = jnp.linalg.eigh((gram + gram.T) / 2)
   top = lam[-1]
   if _checks.is_concrete(lam):
     if not float(top) > 0:
@@ -88,8 +96,16 @@ def whitening(gram, *, floor: float = FLOOR, fn: str = "whitening") -> tuple[jax
     if float(lam[0]) < -floor * float(top):
       raise ValueError(f"{fn}: gram has eigenvalue {float(lam[0]):.3g} < -floor * {float(top):.3g}; it is not "
                        "positive semi-definite (not X^T X)")
+  if q is None:
+    root = jnp.sqrt(jnp.maximum(gram, floor * top))
+    return root, 1 / root
   root = jnp.sqrt(jnp.maximum(lam, floor * top))
   return root[:, None] * q.T, q / root[None, :]
+
+
+def _apply(s_t, w):
+  """``S^T @ w`` for a full or a diagonal (1-d) ``S^T``."""
+  return s_t[:, None] * w if s_t.ndim == 1 else s_t @ w
 
 
 def whitened_spectrum(w, gram, *, floor: float = FLOOR) -> jax.Array:
@@ -105,7 +121,7 @@ def whitened_spectrum(w, gram, *, floor: float = FLOOR) -> jax.Array:
   fn = "whitened_spectrum"
   w = _check_matrix(fn, w)
   s_t, _ = whitening(_check_gram(fn, gram, w.shape[0]), floor=floor, fn=fn)
-  return jnp.linalg.svd(s_t @ w, compute_uv=False)
+  return jnp.linalg.svd(_apply(s_t, w), compute_uv=False)
 
 
 def _check_matrix(fn: str, w) -> jax.Array:
@@ -121,7 +137,8 @@ def whitened_svd(w, gram, rank: int, *, floor: float = FLOOR) -> tuple[jax.Array
 
   Args:
     w: (in, out), for a layer ``y = x @ w``.
-    gram: (in, in), ``X^T X`` of calibration inputs (float64 accumulation recommended).
+    gram: (in, in), ``X^T X`` of calibration inputs (float64 accumulation recommended), or (in,): a diagonal
+      (token counts, for an embedding table).
     rank: static, 1 <= rank <= min(in, out).
     floor: the jitter rule of `whitening`.
 
@@ -151,7 +168,7 @@ def whitened_svd(w, gram, rank: int, *, floor: float = FLOOR) -> tuple[jax.Array
   if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
     raise ValueError(f"{fn}: rank={rank!r} but an int in [1, {full}] is expected (w.shape={w.shape})")
   s_t, _ = whitening(gram, floor=floor, fn=fn)
-  _, _, vt = jnp.linalg.svd(s_t @ w, full_matrices=False)
+  _, _, vt = jnp.linalg.svd(_apply(s_t, w), full_matrices=False)
   b = vt[:rank]
   # a = S^-T U_r Sigma_r = S^-T (S^T w) V_r = w V_r: the whitened optimum has an unwhitened closed form.
   return w @ b.T, b
@@ -160,6 +177,7 @@ def whitened_svd(w, gram, rank: int, *, floor: float = FLOOR) -> tuple[jax.Array
 def kronecker_grams(gram, in_dims) -> tuple[jax.Array, ...]:
   """The Kronecker factors ``G_k`` (n_in[k], n_in[k]) of ``gram`` by partial traces over the other input modes
   (row-major: mode 0 is the slowest index). For ``gram = A (x) B`` they are ``tr(B) A`` and ``tr(A) B``.
+  A 1-d (diagonal) ``gram`` gives 1-d factors.
 
   Example:
     >>> import jax.numpy as jnp
@@ -173,6 +191,9 @@ def kronecker_grams(gram, in_dims) -> tuple[jax.Array, ...]:
   n = math.prod(in_dims)
   gram = _check_gram(fn, gram, n)
   d = len(in_dims)
+  if gram.ndim == 1:  # a diagonal: its factors are diagonals, sums over the other modes
+    t = gram.reshape(in_dims)
+    return tuple(t.sum(axis=tuple(j for j in range(d) if j != k)) for k in range(d))
   t = gram.reshape(in_dims + in_dims)
   letters = "abcdefghijklmnopqrstuvwxyz"
   out = []
@@ -187,8 +208,8 @@ def whitened_ttm_svd(w, gram, in_dims, out_dims, max_rank=None, rtol=None, *, fl
   """A TT-matrix fit of ``w`` in the Kronecker-factored data metric of ``gram`` (module docstring).
 
   Args:
-    w: (M, N) with M = prod(in_dims) (a padded vocabulary is not supported here) and N <= prod(out_dims).
-    gram: (M, M), ``X^T X`` of the layer's inputs.
+    w: (M, N) with M <= prod(in_dims) (zero rows pad it, as in ``ttm_svd``) and N <= prod(out_dims).
+    gram: (M, M), ``X^T X`` of the layer's inputs, or (M,): a diagonal (token counts for an embedding).
     in_dims, out_dims, max_rank, rtol: as in [`ttm_svd`][tnjax.ttm_svd]; ``rtol`` bounds the whitened error.
     floor: the jitter rule of `whitening`, per Kronecker factor.
 
@@ -208,14 +229,20 @@ def whitened_ttm_svd(w, gram, in_dims, out_dims, max_rank=None, rtol=None, *, fl
   fn = "whitened_ttm_svd"
   w = _check_matrix(fn, w)
   in_dims = _checks.check_dims(fn, "in_dims", in_dims)
-  if w.shape[0] != math.prod(in_dims):
-    raise ValueError(f"{fn}: w.shape[0]={w.shape[0]} but prod(in_dims)={math.prod(in_dims)} (in_dims={in_dims}) "
-                     "is expected")
+  rows = math.prod(in_dims)
+  if w.shape[0] > rows:
+    raise ValueError(f"{fn}: w.shape[0]={w.shape[0]} but prod(in_dims)={rows} (in_dims={in_dims}); expected "
+                     "w.shape[0] <= prod(in_dims)")
   gram = _check_gram(fn, gram, w.shape[0])
+  pad = rows - w.shape[0]  # padding rows (a vocabulary rounded up) are never seen: zero metric, then the floor
+  w = jnp.pad(w, ((0, pad), (0, 0)))
+  gram = jnp.pad(gram, (0, pad) if gram.ndim == 1 else ((0, pad), (0, pad)))
   factors = [whitening(g, floor=floor, fn=fn) for g in kronecker_grams(gram, in_dims)]
   t = w.reshape(in_dims + (w.shape[1],))
   for k, (s_t, _) in enumerate(factors):  # apply S_k^T on input mode k
+    s_t = jnp.diag(s_t) if s_t.ndim == 1 else s_t
     t = jnp.moveaxis(jnp.tensordot(s_t, t, axes=([1], [k])), 0, k)
   whitened = ttm_svd(t.reshape(w.shape), in_dims, out_dims, max_rank=max_rank, rtol=rtol)
-  cores = tuple(jnp.einsum("ij,ajbc->aibc", s_t_inv, core) for core, (_, s_t_inv) in zip(whitened.cores, factors))
+  cores = tuple(jnp.einsum("ij,ajbc->aibc", jnp.diag(inv) if inv.ndim == 1 else inv, core)
+                for core, (_, inv) in zip(whitened.cores, factors))
   return TTMatrix(cores)
