@@ -24,8 +24,7 @@ def _reference_best(x, w, rank):
   return best, np.sqrt(np.sum(s[rank:] ** 2))
 
 
-@pytest.mark.parametrize("rank", [1, 4, 10])
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("rank, jit", [(1, False), (4, True), (10, False)])
 def test_whitened_svd_is_the_best_rank_r_fit_of_the_outputs(rank, jit):
   x, w = _data()
   fn = jax.jit(whitened_svd, static_argnums=2) if jit else whitened_svd
