@@ -144,7 +144,7 @@ def dense_backward(cores: tuple[jax.Array, ...], rows: jax.Array, g: jax.Array, 
   dx = jnp.matmul(g, w.T.astype(g.dtype), precision=precision).astype(rows.dtype) if input_grad else None
   dcores = None
   if core_grad:
-    acc = jnp.promote_types(rows.dtype, jnp.float32)
+    acc = rows.dtype if jnp.finfo(rows.dtype).bits >= 32 else jnp.float32
     dw = jnp.matmul(rows.T, g.astype(rows.dtype), precision=precision, preferred_element_type=acc)
     (dcores,) = project(dw.astype(w.dtype))
   return dcores, dx
