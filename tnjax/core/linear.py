@@ -1,6 +1,6 @@
-"""TT-matrix layers' math: contraction paths, a cost model choosing between them, row gathers.
+"""The contraction entry point, `matvec` (``tnjax.matvec``), its paths, and the cost model choosing them.
 
-A TTM layer computes ``x @ W`` for ``W = to_dense(ttm)``. Two ways:
+A TT-matrix layer computes ``x @ W`` for ``W = to_dense(ttm)``. Paths:
 
 * ``"dense"``: rebuild ``W`` from the cores (a chain of d - 1 small
   contractions), then one matmul. Autodiff of this path forms the full weight
@@ -11,27 +11,45 @@ A TTM layer computes ``x @ W`` for ``W = to_dense(ttm)``. Two ways:
   cores) is chosen by the cost model. Its backward (`matvec_direct`'s
   ``custom_vjp``) keeps only ``x`` and the cores as residuals and recomputes
   the intermediates, so activation memory stays near a dense layer's.
-* ``"fused"``: the Pallas kernel of [`tnjax.core.fused`][tnjax.core.fused] (two-core
-  layouts such as [`fused_dims`][tnjax.core.fused.fused_dims], ranks <= 16, on a
-  GPU); anywhere else it falls back to ``"auto"``'s choice. Never picked by
-  ``"auto"``. ``"fused_fwd"`` runs the forward kernel and the backward of
-  ``"dense"`` (rebuild W, two full matmuls): each direction on its faster path.
 * ``"split"``: merge the cores on each side of one bond into two factors,
   ``A`` (in_1, out_1, r) and ``B`` (r, in_2, out_2), then two matmuls with
   ``x`` (`matvec_split`). Two large contractions instead of d small
   ones: the fastest path at decode-time token counts, and at many tokens for
   two-core layouts whose intermediate (tokens x out_1 x r x in_2) is small.
+* ``"fused"``: the Pallas kernels of [`tnjax.core.fused`][tnjax.core.fused]
+  (two-core layouts such as [`fused_dims`][tnjax.core.fused.fused_dims],
+  ranks <= 16, on a GPU), forward and backward; ``"fused_fwd"`` the forward
+  kernel with the backward of ``"dense"``.
+* ``"einsum"``: opt_einsum's fewest-FLOPs order (`tnjax.core.ops.matvec_einsum`);
+  plain autodiff, forward mode too.
 
-The cost model estimates time as a roofline per contraction step,
+**Per direction.** A layer runs three products: the forward ``y = x W``, the
+input gradient ``dx = g W^T`` and the core gradient. A `Plan` names a path for
+each; ``path=`` takes one (or a 3-tuple). A plan on one XLA path is that path
+(its own autodiff); any other runs in one ``custom_vjp`` (`_planned`) that keeps
+only ``x`` and the cores and runs each gradient on its path. The two backward
+kernels make both gradients, so a plan has them for both or neither.
+``"fused"`` is ``Plan("fused", "fused", "fused")``, ``"fused_fwd"``
+``Plan("fused", "dense", "dense")``.
+
+**The cost model** estimates time as a roofline per contraction step,
 ``max(flops / peak_flops, bytes / bandwidth) + launch``, summed over steps,
 where bytes count every operand read and result written, and a relayout
 (transpose copy) of an operand that XLA has to make before a contraction is
-a step of its own. Defaults describe an H100 in bf16 (`H100`),
-calibrated on ``benchmarks/bench_ttm_linear.py`` and ``bench_decode.py``:
-XLA's dense matmul at 16k x 768 x 3072 runs at ~550 TFLOP/s, and 2 TB/s is
-the effective bandwidth of the small contractions and relayouts.
-``"auto"`` picks the path with the smallest forward estimate (backward costs
-scale alike).
+a step of its own (`product_costs`: each product on each path). The fused
+kernels get their own rooflines from their FLOPs and bytes
+([`fused_work`][tnjax.core.fused.fused_work]). Defaults (`H100`) describe an
+H100 in bf16; `CostModel` names the measurement behind each constant.
+``"auto"`` (`choose_plan`) takes the cheapest forward, then the cheapest
+gradients: the backward kernels where they beat the best XLA paths of both
+gradients, and an XLA forward's own autodiff where it beats the per-product
+picks (rebuild-W keeps W; `plan_seconds`). The kernels are candidates only
+where they can run (a GPU backend, a layout [`fused_supported`][tnjax.core.fused.fused_supported]
+takes), so off a GPU ``"auto"`` never picks them and never warns. Asked for by
+name where they cannot run, a fused path warns with the reason
+([`fused_unavailable`][tnjax.core.fused.fused_unavailable]) and runs ``"auto"``.
+
+`linear` is `matvec` under its former name.
 """
 
 from __future__ import annotations

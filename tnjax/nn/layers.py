@@ -143,9 +143,12 @@ class TTMLinear(nnx.Module):
     in_dims, out_dims: core mode sizes; default ``factorize(features, num_cores)``.
     num_cores: d, used when dims are not given.
     use_bias: add a bias (zeros at init).
-    path: "auto" (cost model, per token count at trace time), "dense"
-      (rebuild W, one matmul), "direct" (core by core, W never formed) or
-      "split" (two merged factors, two matmuls); see
+    path: a path of [`tnjax.matvec`][tnjax.matvec]: "auto" (the cost
+      model's per-direction plan for the token count at trace time, fused
+      kernels included on a GPU), "dense" (rebuild W, one matmul), "direct"
+      (core by core, W never formed), "split" (two merged factors, two
+      matmuls), "fused" / "fused_fwd" (the Pallas kernels; they warn and run
+      "auto" where they cannot) or "einsum"; see
       [`tnjax.core.linear`][tnjax.core.linear].
     dtype: computation dtype (e.g. bfloat16); None keeps the input's.
     param_dtype: dtype of cores and bias.
