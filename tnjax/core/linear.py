@@ -115,7 +115,8 @@ class CostModel(NamedTuple):
 
 H100 = CostModel()
 
-PATHS = ("auto", "dense", "direct", "split", "fused", "fused_fwd", "einsum")
+PATHS = ("auto", "dense", "direct", "split", "fused", "fused_fwd")  # a layer's paths (TTMLinear, LayerSpec)
+MATVEC_PATHS = PATHS + ("einsum",)  # `matvec` also takes opt_einsum's order, an algebra path
 PRODUCT_PATHS = ("dense", "direct", "split", "fused")  # what one product of a `Plan` may run on
 PRODUCTS = ("forward", "input_grad", "core_grad")
 SPLIT_ORDERS = ("prefix", "suffix")
@@ -418,8 +419,8 @@ def path_flops(ttm: TTMatrix, batch: int, path: str = "auto", cost: CostModel = 
     >>> path_flops(ttm, 16384, "dense") - 2 * 16384 * 768 * 3072  # rebuilding W
     81788928
   """
-  if path not in PATHS:
-    raise ValueError(f"path_flops: path={path!r} but one of {PATHS} is expected")
+  if path not in MATVEC_PATHS:
+    raise ValueError(f"path_flops: path={path!r} but one of {MATVEC_PATHS} is expected")
   shapes = tuple(c.shape for c in ttm.cores)
   if path == "einsum":
     return int(matvec_plan(ttm, batch).opt_cost)
@@ -657,7 +658,8 @@ def _resolve(fn: str, ttm: TTMatrix, batch: int, path, cost: CostModel, interpre
   cannot run here and "auto" takes over."""
   if isinstance(path, tuple) and not isinstance(path, Plan):
     if len(path) != 3:
-      raise ValueError(f"{fn}: path={path!r} but a name in {PATHS} or a Plan of 3 paths {PRODUCTS} is expected")
+      raise ValueError(f"{fn}: path={path!r} but a name in {MATVEC_PATHS} or a Plan of 3 paths {PRODUCTS} is "
+                       "expected")
     path = Plan(*path)
   if isinstance(path, Plan):
     bad = [f"{k}={v!r}" for k, v in path._asdict().items() if v not in PRODUCT_PATHS]
@@ -667,12 +669,12 @@ def _resolve(fn: str, ttm: TTMatrix, batch: int, path, cost: CostModel, interpre
       raise ValueError(f"{fn}: path={tuple(path)!r} but input_grad and core_grad are 'fused' together or not "
                        "at all (the backward kernels make both gradients)")
     plan, given = path, tuple(path)
-  elif path in PATHS:
+  elif path in MATVEC_PATHS:
     if path in ("auto", "einsum"):
       return choose_plan(ttm, batch, cost) if path == "auto" else path
     plan, given = _NAMED.get(path, Plan(path, path, path)), path
   else:
-    raise ValueError(f"{fn}: path={path!r} but one of {PATHS} is expected (or a Plan)")
+    raise ValueError(f"{fn}: path={path!r} but one of {MATVEC_PATHS} is expected (or a Plan)")
   if "fused" in plan:
     why = fused_unavailable(ttm, interpret=interpret)
     if why is not None:
