@@ -136,6 +136,11 @@ def test_explicit_fused_off_a_gpu_warns_with_the_reason_and_runs_auto(rng):
   for path in ("fused", "fused_fwd", ("fused", "dense", "dense"), L.Plan("split", "fused", "fused")):
     with pytest.warns(UserWarning, match=r"matvec: path=.* falls back to 'auto': the default backend is 'cpu'"):
       np.testing.assert_allclose(tnjax.matvec(w, x, path=path), want, rtol=1e-6)
+  with pytest.warns(UserWarning, match=r"path='fused' falls back to 'auto': x.dtype=float64 but the kernels take one "
+                                      r"of \('float32', 'bfloat16'\)"):
+    w64 = jax.tree_util.tree_map(lambda c: c.astype(jnp.float64), w)
+    np.testing.assert_allclose(tnjax.matvec(w64, x.astype(jnp.float64), path="fused", interpret=True), want,
+                               rtol=1e-5)
   with pytest.warns(UserWarning, match=r"falls back to 'auto': rank 32 but at most 16 is supported"):
     tnjax.matvec(tnjax.random_ttm(jax.random.key(0), (4, 16), (16, 4), rank=32), jnp.ones((2, 64), jnp.float32),
                  path="fused", interpret=True)
@@ -161,3 +166,13 @@ def test_block_tt_takes_only_auto():
   btt = tnjax.random_btt(jax.random.key(0), (3, 4), (4, 3), rank=2, dtype=jnp.float64)
   with pytest.raises(ValueError, match=r"matvec: path='split' but a BlockTT has one path \(two batched matmuls\)"):
     tnjax.matvec(btt, jnp.ones((2, 12)), path="split")
+
+
+def test_on_a_gpu_auto_keeps_float64_on_the_xla_paths(rng, monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what "auto" sees on a GPU; nothing compiles for it
+  w = tnjax.random_ttm(jax.random.key(0), (4, 16), (16, 4), rank=4, dtype=jnp.float64)
+  x = rng.standard_normal((5, 64))
+  assert L.choose_plan(w, 5) == FUSED_BOTH  # the kernels are candidates for float32 and bfloat16 inputs
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    np.testing.assert_allclose(tnjax.matvec(w, x), x @ ttm_full(w.cores), rtol=1e-10, atol=1e-10)

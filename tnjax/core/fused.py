@@ -102,9 +102,13 @@ def fused_supported(ttm: TTMatrix) -> bool:
   return _layout(ttm)[0] is not None
 
 
-def fused_unavailable(ttm: TTMatrix, *, interpret: bool = False) -> str | None:
-  """Why `matvec_fused` cannot run this TT-matrix here (no GPU backend, or a layout it does not take),
-  or None when it can. With ``interpret=True`` (the Pallas interpreter) any backend will do.
+DTYPES = ("float32", "bfloat16")  # what the kernels compute in
+
+
+def fused_unavailable(ttm: TTMatrix, *, interpret: bool = False, dtype=None) -> str | None:
+  """Why `matvec_fused` cannot run this TT-matrix here (no GPU backend, a layout it does not take, or an
+  input ``dtype`` outside `DTYPES`), or None when it can. With ``interpret=True`` (the Pallas interpreter)
+  any backend will do.
 
   Example:
     >>> import jax, tnjax
@@ -112,6 +116,8 @@ def fused_unavailable(ttm: TTMatrix, *, interpret: bool = False) -> str | None:
     'the fused kernel takes a two-core TTMatrix'
   """
   why = _layout(ttm)[1]
+  if why is None and dtype is not None and jnp.dtype(dtype).name not in DTYPES:
+    why = f"x.dtype={jnp.dtype(dtype).name} but the kernels take one of {DTYPES}"
   if why is None and not interpret and jax.default_backend() != "gpu":
     why = f"the default backend is {jax.default_backend()!r}, and the kernels are compiled for GPUs (Triton)"
   return why

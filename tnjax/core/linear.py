@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import opt_einsum
 
 from tnjax.core.btt import BlockTT, btt_matvec
+from tnjax.core.fused import DTYPES as FUSED_DTYPES
 from tnjax.core.fused import fused_backward, fused_forward, fused_supported, fused_unavailable, fused_work
 from tnjax.core.ops import check_matvec_args, dense_backward, matvec_einsum, matvec_plan, to_dense
 from tnjax.core.tensor_train import TTMatrix
@@ -653,9 +654,12 @@ _planned.defvjp(_planned_fwd, _planned_bwd)
 _NAMED = {"fused": Plan("fused", "fused", "fused"), "fused_fwd": Plan("fused", "dense", "dense")}
 
 
-def _resolve(fn: str, ttm: TTMatrix, batch: int, path, cost: CostModel, interpret: bool):
-  """The `Plan` (or "einsum") that ``path`` means for this TT-matrix and batch; warns when a fused product
+def _resolve(fn: str, ttm: TTMatrix, x: jax.Array, path, cost: CostModel, interpret: bool):
+  """The `Plan` (or "einsum") that ``path`` means for this TT-matrix and input; warns when a fused product
   cannot run here and "auto" takes over."""
+  batch = math.prod(x.shape[:-1])
+  # "auto" considers the kernels on a GPU for inputs they compute in (float64 stays on the XLA paths)
+  auto = lambda: choose_plan(ttm, batch, cost, gpu=None if x.dtype.name in FUSED_DTYPES else False)  # noqa: E731
   if isinstance(path, tuple) and not isinstance(path, Plan):
     if len(path) != 3:
       raise ValueError(f"{fn}: path={path!r} but a name in {MATVEC_PATHS} or a Plan of 3 paths {PRODUCTS} is "
@@ -671,16 +675,16 @@ def _resolve(fn: str, ttm: TTMatrix, batch: int, path, cost: CostModel, interpre
     plan, given = path, tuple(path)
   elif path in MATVEC_PATHS:
     if path in ("auto", "einsum"):
-      return choose_plan(ttm, batch, cost) if path == "auto" else path
+      return auto() if path == "auto" else path
     plan, given = _NAMED.get(path, Plan(path, path, path)), path
   else:
     raise ValueError(f"{fn}: path={path!r} but one of {MATVEC_PATHS} is expected (or a Plan)")
   if "fused" in plan:
-    why = fused_unavailable(ttm, interpret=interpret)
+    why = fused_unavailable(ttm, interpret=interpret, dtype=x.dtype)
     if why is not None:
       # said once per call site and reason (Python's default warning filter), at trace time
       warnings.warn(f"{fn}: path={given!r} falls back to 'auto': {why}", stacklevel=4)
-      return choose_plan(ttm, batch, cost)
+      return auto()
   return plan
 
 
@@ -691,7 +695,7 @@ def _matvec(fn: str, ttm, x, path, precision, cost: CostModel, interpret: bool) 
     return btt_matvec(ttm, x, precision=precision)
   x = jnp.asarray(x)
   rows = _as_rows(fn, ttm, x)
-  plan = _resolve(fn, ttm, rows.shape[0], path, cost, interpret)
+  plan = _resolve(fn, ttm, x, path, cost, interpret)
   if plan == "einsum":
     return matvec_einsum(ttm, x, precision=precision)
   if plan == Plan("dense", "dense", "dense"):
