@@ -125,6 +125,9 @@ def test_one_front_door():
   assert tnjax.matvec is L.matvec is tnjax.core.ops.matvec
   for path in ("auto", "dense", "direct", "split", "einsum", ("split", "dense", "direct")):
     np.testing.assert_allclose(L.linear(w, x, path=path), tnjax.matvec(w, x, path=path), rtol=1e-12)
+  one = tnjax.random_ttm(jax.random.key(0), (6,), (5,), rank=1, dtype=jnp.float64)
+  y = tnjax.matvec(one, jnp.ones((2, 6)), path=("split", "direct", "split"))
+  np.testing.assert_allclose(y, jnp.ones((2, 6)) @ ttm_full(one.cores), rtol=1e-12)
   btt = tnjax.random_btt(jax.random.key(0), (3, 4), (4, 3), rank=2, dtype=jnp.float64)
   np.testing.assert_allclose(tnjax.matvec(btt, x), x @ tnjax.to_dense(btt), rtol=1e-10, atol=1e-12)
 

@@ -616,7 +616,7 @@ def _product(path: str, cores: tuple[jax.Array, ...], rows: jax.Array, precision
     return fused_forward(cores, rows, interpret=interpret)
   if path == "dense":
     return jnp.matmul(rows, to_dense(TTMatrix(cores)), precision=precision)
-  if path == "direct":
+  if path == "direct" or len(cores) == 1:  # one core has no bond to split at; absorbing it is one matmul
     return _direct_impl(cores, rows, _best_direct(shapes, rows.shape[0], cost)[1], precision)
   _, bond, order = _best_split(shapes, rows.shape[0], cost)
   return _split_impl(cores, rows, bond, order, precision)
