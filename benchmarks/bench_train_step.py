@@ -35,7 +35,7 @@ def _kind(kind, rank, names, **extra):
 
 def _fused_ttm(rank, d, path="fused"):
   """Two-core TT-matrix layers in the fused kernels' layout, run by them (path "fused", or "fused_fwd": the
-  forward kernel with the rebuild-W backward)."""
+  forward kernel with the rebuild-W backward) or by the cost model's per-direction plan ("auto")."""
   shapes = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d)}
   out = {}
   for name, (m, n) in shapes.items():
@@ -57,6 +57,8 @@ def variants(d: int) -> dict:
       "ttm-fused-all-r4": lambda: (128, _fused_ttm(4, d)), "ttm-fused-all-r8": lambda: (128, _fused_ttm(8, d)),
       "ttm-fusedfwd-all-r4": lambda: (128, _fused_ttm(4, d, "fused_fwd")),
       "ttm-fusedfwd-all-r8": lambda: (128, _fused_ttm(8, d, "fused_fwd")),
+      "ttm-fusedauto-all-r4": lambda: (128, _fused_ttm(4, d, "auto")),
+      "ttm-fusedauto-all-r8": lambda: (128, _fused_ttm(8, d, "auto")),
       "lowrank-all-r128": lambda: (128, _kind("lowrank", 128, ALL)),
   }
 

@@ -3,7 +3,7 @@
 A sum of R Kronecker products, W = sum_r A_r (x) B_r, is a TT-matrix with two
 cores and rank R (Van Loan's nearest Kronecker product is its rank-R TT-SVD).
 The layer holds the cores as TTParams, builds a TTMatrix in __call__ and lets
-tnjax.core.linear.linear pick the contraction; from_dense fits it to a trained
+tnjax.matvec pick the contraction; from_dense fits it to a trained
 kernel with ttm_svd. It then trains like any NNX module.
 
   python examples/custom_layer.py [--smoke]
@@ -17,7 +17,6 @@ import optax
 from flax import nnx
 
 import tnjax
-from tnjax.core.linear import linear
 from tnjax.nn import TTParam
 
 
@@ -39,7 +38,7 @@ class KroneckerLinear(nnx.Module):
     return tnjax.TTMatrix(tuple(c[...] for c in self.cores))
 
   def __call__(self, x):
-    return linear(self.ttm, x)  # the cost model picks W-then-matmul or core by core
+    return tnjax.matvec(self.ttm, x)  # the cost model picks the path of each product (forward, gradients)
 
 
 def main(argv=None):

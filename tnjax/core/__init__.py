@@ -3,8 +3,8 @@
 from tnjax.core.btt import BlockTT, btt_from_dense, btt_matvec, btt_to_dense, random_btt
 from tnjax.core.decompositions import orthogonalize, truncate, tt_svd, ttm_svd
 from tnjax.core.initializers import random_tt, random_ttm
-from tnjax.core.linear import gather_rows, transpose
-from tnjax.core.ops import add, inner, matvec, matvec_plan, norm, scale, to_dense
+from tnjax.core.linear import gather_rows, matvec, transpose
+from tnjax.core.ops import add, inner, matvec_plan, norm, scale, to_dense
 from tnjax.core.shapes import factorize
 from tnjax.core.tensor_train import TensorTrain, TTMatrix
 from tnjax.core.whitening import whitened_spectrum, whitened_svd, whitened_ttm_svd

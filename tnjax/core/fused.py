@@ -28,10 +28,15 @@ share of the tokens, the other sums dA (recomputing V); the per-program
 partial sums are added in XLA. Below ``FEW_TOKENS`` tokens (decoding) the
 forward spreads 16-wide output slabs over programs instead of tokens.
 
-Where the kernel cannot run (no GPU, or an unsupported layout) use the
-pure-JAX paths ([`linear`][tnjax.core.linear.linear] with ``path="fused"`` falls
-back by itself); ``interpret=True`` runs the kernels' programs on any backend
-(slow; for tests).
+The kernels are paths of the one contraction entry point,
+[`tnjax.matvec`][tnjax.matvec]: ``path="auto"`` picks the forward kernel, the
+backward kernels or both where the cost model of
+[`tnjax.core.linear`][tnjax.core.linear] (calibrated on these measurements) says
+they are faster, and only where they can run (a GPU, a layout
+`fused_supported` takes). Asked for by name where they cannot run,
+``path="fused"`` warns with the reason (`fused_unavailable`) and falls back to
+``"auto"``. ``interpret=True`` runs the kernels' programs on any backend (slow;
+for tests).
 """
 
 from __future__ import annotations
@@ -42,11 +47,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from tnjax.core.ops import check_matvec_args, to_dense
+from tnjax.core.ops import check_matvec_args, dense_backward
 from tnjax.core.tensor_train import TTMatrix
 
 MAX_RANK = 16
 FEW_TOKENS = 256  # below this many tokens the forward kernel splits output slabs over programs
+# Default tuning on an H100 (the previous sessions' sweeps): warps per program, and the backward kernels'
+# tokens per step, warps and programs (264 = two per multiprocessor)
+NUM_WARPS, BACKWARD_BLOCK, BACKWARD_WARPS, BACKWARD_PROGRAMS = 4, 4, 4, 264
 
 
 def _pow2_slab(n: int) -> int:
@@ -94,9 +102,13 @@ def fused_supported(ttm: TTMatrix) -> bool:
   return _layout(ttm)[0] is not None
 
 
-def fused_unavailable(ttm: TTMatrix) -> str | None:
-  """Why `matvec_fused` cannot run this TT-matrix here (no GPU backend, or a layout it does not take),
-  or None when it can.
+DTYPES = ("float32", "bfloat16")  # what the kernels compute in
+
+
+def fused_unavailable(ttm: TTMatrix, *, interpret: bool = False, dtype=None) -> str | None:
+  """Why `matvec_fused` cannot run this TT-matrix here (no GPU backend, a layout it does not take, or an
+  input ``dtype`` outside `DTYPES`), or None when it can. With ``interpret=True`` (the Pallas interpreter)
+  any backend will do.
 
   Example:
     >>> import jax, tnjax
@@ -104,7 +116,9 @@ def fused_unavailable(ttm: TTMatrix) -> str | None:
     'the fused kernel takes a two-core TTMatrix'
   """
   why = _layout(ttm)[1]
-  if why is None and jax.default_backend() != "gpu":
+  if why is None and dtype is not None and jnp.dtype(dtype).name not in DTYPES:
+    why = f"x.dtype={jnp.dtype(dtype).name} but the kernels take one of {DTYPES}"
+  if why is None and not interpret and jax.default_backend() != "gpu":
     why = f"the default backend is {jax.default_backend()!r}, and the kernels are compiled for GPUs (Triton)"
   return why
 
@@ -368,19 +382,30 @@ def _fused_dense_bwd_fwd(cores, rows, block, num_warps, interpret):
 
 def _fused_dense_bwd_bwd(block, num_warps, interpret, residuals, g):
   """The backward of rebuilding W: two full matmuls (dx = g W^T, dW = x^T g) and dW projected onto the cores."""
-  cores, rows = residuals
-  w, project = jax.vjp(lambda cs: to_dense(TTMatrix(cs)), cores)
-  dx = jnp.matmul(g, w.T.astype(g.dtype)).astype(rows.dtype)
-  dw = jnp.matmul(rows.T, g.astype(rows.dtype), preferred_element_type=jnp.float32)
-  (dcores,) = project(dw.astype(w.dtype))
-  return dcores, dx
+  return dense_backward(*residuals, g)
 
 
 _fused_dense_bwd.defvjp(_fused_dense_bwd_fwd, _fused_dense_bwd_bwd)
+
+
+def fused_forward(cores: tuple[jax.Array, ...], rows: jax.Array, *, interpret: bool = False) -> jax.Array:
+  """``rows @ W`` by the forward kernel with its default tuning, for (tokens, a * b) rows; no VJP of its own.
+
+  For callers that pair the kernel with another backward (`tnjax.core.linear`'s per-direction plans).
+  """
+  return _fused_forward(tuple(c.astype(rows.dtype) for c in cores), rows, None, NUM_WARPS, interpret)
+
+
+def fused_backward(cores: tuple[jax.Array, ...], rows: jax.Array, g: jax.Array, *, interpret: bool = False):
+  """(d cores, d rows) of ``rows @ W`` for cotangent ``g`` by the two backward kernels (default tuning)."""
+  return _fused_backward(tuple(cores), rows, g, BACKWARD_BLOCK, BACKWARD_WARPS, BACKWARD_PROGRAMS, interpret)
+
+
 BACKWARDS = ("kernels", "dense")
 
-def matvec_fused(ttm: TTMatrix, x: jax.Array, *, block_tokens: int | None = None, num_warps: int = 4,
-                 backward_block: int = 4, backward_warps: int = 4, backward_programs: int = 264,
+def matvec_fused(ttm: TTMatrix, x: jax.Array, *, block_tokens: int | None = None, num_warps: int = NUM_WARPS,
+                 backward_block: int = BACKWARD_BLOCK, backward_warps: int = BACKWARD_WARPS,
+                 backward_programs: int = BACKWARD_PROGRAMS,
                  interpret: bool = False, backward: str = "kernels") -> jax.Array:
   """``x @ to_dense(ttm)`` for a two-core TT-matrix in one fused kernel; see the module docstring.
 
@@ -433,3 +458,26 @@ def matvec_fused(ttm: TTMatrix, x: jax.Array, *, block_tokens: int | None = None
     out = _fused(cores, rows, block_tokens, num_warps, (backward_block, backward_warps, backward_programs),
                  interpret)
   return out.reshape(x.shape[:-1] + (ttm.shape[1],))
+
+
+def fused_work(ttm: TTMatrix, tokens: int, itemsize: int = 2):
+  """(FLOPs, bytes moved) of each kernel on ``tokens`` rows, or None for a layout the kernels don't take.
+
+  Keys: "forward" (the forward kernel: reads x, writes y), "input_grad" (the kernel making dX and dB: reads
+  x and dy, writes dx) and "core_grad" (the kernel making dA: recomputes V, reads x once per output slab and
+  dy once). FLOPs count the padded rank. For the cost model of [`tnjax.core.linear`][tnjax.core.linear].
+
+  Example:
+    >>> import jax, tnjax
+    >>> work = fused_work(tnjax.random_ttm(jax.random.key(0), (16, 48), (192, 16), rank=4), 16384)
+    >>> work["forward"]  # 2 tokens r a q (b + p) FLOPs; tokens (768 + 3072) bf16 elements
+    (8053063680, 125829120)
+  """
+  layout, _ = _layout(ttm)
+  if layout is None:
+    return None
+  (a, b, p, q), (_, _, sp, _), r = layout
+  m, n, per = a * b, p * q, 2 * tokens * r * a * q
+  return {"forward": (per * (b + p), itemsize * tokens * (m + n)),
+          "input_grad": (per * (p + 2 * b), itemsize * tokens * (2 * m + n)),
+          "core_grad": (per * (b + p), itemsize * tokens * (m * (p // sp) + n))}

@@ -1,6 +1,6 @@
-"""TT-matrix layers' math: contraction paths, a cost model choosing between them, row gathers.
+"""The contraction entry point, `matvec` (``tnjax.matvec``), its paths, and the cost model choosing them.
 
-A TTM layer computes ``x @ W`` for ``W = to_dense(ttm)``. Two ways:
+A TT-matrix layer computes ``x @ W`` for ``W = to_dense(ttm)``. Paths:
 
 * ``"dense"``: rebuild ``W`` from the cores (a chain of d - 1 small
   contractions), then one matmul. Autodiff of this path forms the full weight
@@ -11,27 +11,45 @@ A TTM layer computes ``x @ W`` for ``W = to_dense(ttm)``. Two ways:
   cores) is chosen by the cost model. Its backward (`matvec_direct`'s
   ``custom_vjp``) keeps only ``x`` and the cores as residuals and recomputes
   the intermediates, so activation memory stays near a dense layer's.
-* ``"fused"``: the Pallas kernel of [`tnjax.core.fused`][tnjax.core.fused] (two-core
-  layouts such as [`fused_dims`][tnjax.core.fused.fused_dims], ranks <= 16, on a
-  GPU); anywhere else it falls back to ``"auto"``'s choice. Never picked by
-  ``"auto"``. ``"fused_fwd"`` runs the forward kernel and the backward of
-  ``"dense"`` (rebuild W, two full matmuls): each direction on its faster path.
 * ``"split"``: merge the cores on each side of one bond into two factors,
   ``A`` (in_1, out_1, r) and ``B`` (r, in_2, out_2), then two matmuls with
   ``x`` (`matvec_split`). Two large contractions instead of d small
   ones: the fastest path at decode-time token counts, and at many tokens for
   two-core layouts whose intermediate (tokens x out_1 x r x in_2) is small.
+* ``"fused"``: the Pallas kernels of [`tnjax.core.fused`][tnjax.core.fused]
+  (two-core layouts such as [`fused_dims`][tnjax.core.fused.fused_dims],
+  ranks <= 16, on a GPU), forward and backward; ``"fused_fwd"`` the forward
+  kernel with the backward of ``"dense"``.
+* ``"einsum"``: opt_einsum's fewest-FLOPs order (`tnjax.core.ops.matvec_einsum`);
+  plain autodiff, forward mode too.
 
-The cost model estimates time as a roofline per contraction step,
+**Per direction.** A layer runs three products: the forward ``y = x W``, the
+input gradient ``dx = g W^T`` and the core gradient. A `Plan` names a path for
+each; ``path=`` takes one (or a 3-tuple). A plan on one XLA path is that path
+(its own autodiff); any other runs in one ``custom_vjp`` (`_planned`) that keeps
+only ``x`` and the cores and runs each gradient on its path. The two backward
+kernels make both gradients, so a plan has them for both or neither.
+``"fused"`` is ``Plan("fused", "fused", "fused")``, ``"fused_fwd"``
+``Plan("fused", "dense", "dense")``.
+
+**The cost model** estimates time as a roofline per contraction step,
 ``max(flops / peak_flops, bytes / bandwidth) + launch``, summed over steps,
 where bytes count every operand read and result written, and a relayout
 (transpose copy) of an operand that XLA has to make before a contraction is
-a step of its own. Defaults describe an H100 in bf16 (`H100`),
-calibrated on ``benchmarks/bench_ttm_linear.py`` and ``bench_decode.py``:
-XLA's dense matmul at 16k x 768 x 3072 runs at ~550 TFLOP/s, and 2 TB/s is
-the effective bandwidth of the small contractions and relayouts.
-``"auto"`` picks the path with the smallest forward estimate (backward costs
-scale alike).
+a step of its own (`product_costs`: each product on each path). The fused
+kernels get their own rooflines from their FLOPs and bytes
+([`fused_work`][tnjax.core.fused.fused_work]). Defaults (`H100`) describe an
+H100 in bf16; `CostModel` names the measurement behind each constant.
+``"auto"`` (`choose_plan`) takes the cheapest forward, then the cheapest
+gradients: the backward kernels where they beat the best XLA paths of both
+gradients, and an XLA forward's own autodiff where it beats the per-product
+picks (rebuild-W keeps W; `plan_seconds`). The kernels are candidates only
+where they can run (a GPU backend, a layout [`fused_supported`][tnjax.core.fused.fused_supported]
+takes), so off a GPU ``"auto"`` never picks them and never warns. Asked for by
+name where they cannot run, a fused path warns with the reason
+([`fused_unavailable`][tnjax.core.fused.fused_unavailable]) and runs ``"auto"``.
+
+`linear` is `matvec` under its former name.
 """
 
 from __future__ import annotations
@@ -46,13 +64,37 @@ import jax
 import jax.numpy as jnp
 import opt_einsum
 
-from tnjax.core.fused import fused_unavailable, matvec_fused
-from tnjax.core.ops import check_matvec_args, to_dense
+from tnjax.core.btt import BlockTT, btt_matvec
+from tnjax.core.fused import DTYPES as FUSED_DTYPES
+from tnjax.core.fused import fused_backward, fused_forward, fused_supported, fused_unavailable, fused_work
+from tnjax.core.ops import check_matvec_args, dense_backward, matvec_einsum, matvec_plan, to_dense
 from tnjax.core.tensor_train import TTMatrix
 
 
 class CostModel(NamedTuple):
-  """Roofline constants: peak FLOP/s, memory bytes/s, seconds per kernel launch, bytes per element.
+  """Roofline constants: the XLA paths' (peak FLOP/s forward and in the two gradient products, memory
+  bytes/s, seconds per kernel launch, bytes per element) and the fused Pallas kernels' (FLOP/s and bytes/s
+  of the forward kernel and of the two backward kernels).
+
+  The defaults describe an H100 in bf16 (JAX 0.11.2), each fitted to one measurement at 16,384 tokens,
+  768 x 3072, time per call inside one jit (``benchmarks/bench_ttm_linear.py``):
+
+  - ``peak_flops`` 5.5e14: XLA's dense forward matmul (``benchmarks/results/ttm_linear_h100.jsonl``).
+  - ``grad_flops`` 7.3e14: its two backward matmuls (dense fwd+bwd 358 us minus fwd 148 us, 2 x 77 GFLOP in
+    210 us; ``ttm_linear_fusedfwd_h100.jsonl``, rank 4 rows).
+  - ``bandwidth`` 2e12, ``launch`` 4 us: the small contractions and relayouts (decode and 16k-token runs).
+  - ``fused_bandwidth`` 1.25e12: the forward kernel at rank 4, memory-bound (reads x, writes y: 126 MB)
+    in ~105 us, the median of 95 us (``ttm_linear_h100.jsonl``), 120 us and 104 us
+    (``ttm_linear_fusedfwd_h100.jsonl``, paths "fused" and "fused_fwd").
+  - ``fused_flops`` 1.95e14: the forward kernel at rank 16, compute-bound (32 GFLOP in 169 us,
+    ``ttm_linear_h100.jsonl``).
+  - ``fused_grad_bandwidth`` 1.6e12: the backward kernels at rank 4 (327 MB in 210 us = "fused" fwd+bwd
+    330 us minus its forward 120 us, ``ttm_linear_fusedfwd_h100.jsonl``).
+  - ``fused_grad_flops`` 1.2e14: the backward kernels at rank 8 (35 GFLOP in 309 us = 425 us minus 116 us,
+    same file).
+
+  Another device (or dtype) needs its own constants: `benchmarks/bench_auto_path.py` prints how far
+  ``"auto"`` lands from the best path with these.
 
   Example:
     >>> slow = CostModel(peak_flops=1e14, bandwidth=1e12, launch=5e-6)  # a smaller GPU
@@ -65,12 +107,38 @@ class CostModel(NamedTuple):
   bandwidth: float = 2.0e12
   launch: float = 4.0e-6
   itemsize: int = 2
+  grad_flops: float = 7.3e14
+  fused_flops: float = 1.95e14
+  fused_bandwidth: float = 1.25e12
+  fused_grad_flops: float = 1.2e14
+  fused_grad_bandwidth: float = 1.6e12
 
 
 H100 = CostModel()
 
-PATHS = ("auto", "dense", "direct", "split", "fused", "fused_fwd")
+PATHS = ("auto", "dense", "direct", "split", "fused", "fused_fwd")  # a layer's paths (TTMLinear, LayerSpec)
+MATVEC_PATHS = PATHS + ("einsum",)  # `matvec` also takes opt_einsum's order, an algebra path
+PRODUCT_PATHS = ("dense", "direct", "split", "fused")  # what one product of a `Plan` may run on
+PRODUCTS = ("forward", "input_grad", "core_grad")
 SPLIT_ORDERS = ("prefix", "suffix")
+
+
+class Plan(NamedTuple):
+  """The path of each product of a TT-matrix layer: ``y = x W`` (forward), ``dx = g W^T`` (input_grad)
+  and the cores' gradient from ``x`` and ``g`` (core_grad), each one of `PRODUCT_PATHS`.
+
+  "fused" for a gradient means the two backward kernels, which make both gradients together: input_grad
+  and core_grad are "fused" together or not at all. A plan whose three entries name one XLA path is that
+  path (its own autodiff); any other runs in one custom VJP (reverse mode only, like "direct").
+
+  Example:
+    >>> Plan("fused", "dense", "dense")  # the forward kernel, the rebuild-W backward: path "fused_fwd"
+    Plan(forward='fused', input_grad='dense', core_grad='dense')
+  """
+
+  forward: str
+  input_grad: str
+  core_grad: str
 
 
 def transpose(ttm: TTMatrix) -> TTMatrix:
@@ -157,11 +225,16 @@ def _merge_steps(shapes: tuple[tuple[int, ...], ...]) -> list[tuple[float, float
   return steps
 
 
+def _rebuild_steps(shapes: tuple[tuple[int, ...], ...]) -> list[tuple[float, float]]:
+  """Rebuilding W: the merges, then one relayout (the merged cores come out with in and out modes
+  interleaved)."""
+  return _merge_steps(shapes) + [(0, 2 * math.prod(s[1] * s[2] for s in shapes))]
+
+
 def _dense_seconds(shapes: tuple[tuple[int, ...], ...], batch: int, cost: CostModel) -> float:
   m = math.prod(s[1] for s in shapes)
   n = math.prod(s[2] for s in shapes)
-  # the merged cores come out with in and out modes interleaved: one relayout of W, then the matmul
-  steps = _merge_steps(shapes) + [(0, 2 * m * n), (2 * batch * m * n, batch * m + m * n + batch * n)]
+  steps = _rebuild_steps(shapes) + [(2 * batch * m * n, batch * m + m * n + batch * n)]
   return sum(_step_seconds(f, e, cost) for f, e in steps)
 
 
@@ -194,8 +267,135 @@ def _best_split(shapes: tuple[tuple[int, ...], ...], batch: int, cost: CostModel
   return best
 
 
-def path_costs(ttm: TTMatrix, batch: int, cost: CostModel = H100) -> dict[str, float]:
-  """Estimated forward seconds of each path for ``batch`` rows (see the module docstring).
+_XLA_PATHS = ("dense", "direct", "split")
+
+
+def _transposed(shapes: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+  return tuple((r, o, i, r_next) for r, i, o, r_next in shapes)
+
+
+def _xla_seconds(path: str, shapes: tuple[tuple[int, ...], ...], batch: int, cost: CostModel) -> float:
+  """Estimated seconds of ``x @ W`` by an XLA path."""
+  if path == "dense":
+    return _dense_seconds(shapes, batch, cost)
+  if path == "direct":
+    return _best_direct(shapes, batch, cost)[0]
+  split = _best_split(shapes, batch, cost)
+  return math.inf if split is None else split[0]
+
+
+def _dense_core_grad_seconds(shapes: tuple[tuple[int, ...], ...], batch: int, cost: CostModel) -> float:
+  """Rebuild W, ``dW = x^T g`` (one matmul over the tokens), then project dW back through the merges."""
+  m = math.prod(s[1] for s in shapes)
+  n = math.prod(s[2] for s in shapes)
+  steps = _rebuild_steps(shapes) + [(2 * batch * m * n, batch * m + batch * n + m * n)] + _rebuild_steps(shapes) \
+      + _merge_steps(shapes)  # the projection: the rebuild's steps transposed, two products per merge
+  return sum(_step_seconds(f, e, cost) for f, e in steps)
+
+
+def _fused_here(ttm: TTMatrix, gpu: bool | None) -> bool:
+  """Whether the fused kernels are candidates: a layout they take, on a GPU (``gpu=None``: the default
+  backend is one; True/False say so, e.g. to see a GPU's choice from a CPU)."""
+  if gpu is None:
+    gpu = jax.default_backend() == "gpu"
+  return bool(gpu) and fused_supported(ttm)
+
+
+def product_costs(ttm: TTMatrix, batch: int, cost: CostModel = H100, *,
+                  gpu: bool | None = None) -> dict[str, dict[str, float]]:
+  """Estimated seconds of each product of a layer (`PRODUCTS`) on each path, for ``batch`` rows.
+
+  - forward ``y = x W``: each path's steps (see the module docstring).
+  - input_grad ``dx = g W^T``: the forward estimate of the transposed TT-matrix, at ``cost.grad_flops``.
+  - core_grad: "dense" rebuilds W, forms ``dW = x^T g`` and projects it onto the cores; "direct" and
+    "split" recompute their forward and run its transposed steps (a second forward estimate, at
+    ``cost.grad_flops``).
+  - "fused" (where the kernels can run, see `choose_plan`'s ``gpu``): each kernel's roofline from
+    [`fused_work`][tnjax.core.fused.fused_work] and the ``fused_*`` constants, plus one launch. The
+    input_grad kernel also makes dB; the two backward kernels run together.
+
+  Example:
+    >>> import jax, tnjax
+    >>> ttm = tnjax.random_ttm(jax.random.key(0), (16, 48), (192, 16), rank=4)
+    >>> costs = product_costs(ttm, 16384, gpu=True)
+    >>> sorted(costs["forward"]), round(costs["forward"]["fused"] / costs["forward"]["dense"], 2)
+    (['dense', 'direct', 'fused', 'split'], 0.66)
+  """
+  shapes = tuple(c.shape for c in ttm.cores)
+  grad = cost._replace(peak_flops=cost.grad_flops)
+  forward = {p: _xla_seconds(p, shapes, batch, cost) for p in _XLA_PATHS}
+  input_grad = {p: _xla_seconds(p, _transposed(shapes), batch, grad) for p in _XLA_PATHS}
+  core_grad = {"dense": _dense_core_grad_seconds(shapes, batch, grad),
+               **{p: forward[p] + _xla_seconds(p, shapes, batch, grad) for p in ("direct", "split")}}
+  costs = {"forward": forward, "input_grad": input_grad, "core_grad": core_grad}
+  if _fused_here(ttm, gpu):
+    work = fused_work(ttm, batch, cost.itemsize)
+    rates = {"forward": (cost.fused_flops, cost.fused_bandwidth)}
+    rates["input_grad"] = rates["core_grad"] = (cost.fused_grad_flops, cost.fused_grad_bandwidth)
+    for product, (flops, moved) in work.items():
+      peak, bandwidth = rates[product]
+      costs[product]["fused"] = max(flops / peak, moved / bandwidth) + cost.launch
+  return costs
+
+
+def choose_plan(ttm: TTMatrix, batch: int, cost: CostModel = H100, *, gpu: bool | None = None) -> Plan:
+  """The `Plan` of ``"auto"`` for ``batch`` rows: each product on its cheapest path (`product_costs`).
+
+  The forward is the cheapest forward (inference runs nothing else). The backward kernels make both
+  gradients, so they are chosen when they beat the cheapest XLA paths of the two gradients together; and
+  an XLA forward's own autodiff (`plan_seconds`: rebuild-W keeps W) is kept when it beats the gradients'
+  cheapest paths. "fused" is a candidate only where the kernels run: a layout
+  [`fused_supported`][tnjax.core.fused.fused_supported] takes, and ``gpu`` (default: whether JAX's default
+  backend is a GPU; pass True to see what a GPU would run, e.g. in a test on a CPU).
+
+  Example:
+    >>> import jax, tnjax
+    >>> fused_layout = lambda rank: tnjax.random_ttm(jax.random.key(0), (16, 48), (192, 16), rank=rank)
+    >>> choose_plan(fused_layout(4), 16384, gpu=True)  # measured best: the kernels both ways
+    Plan(forward='fused', input_grad='fused', core_grad='fused')
+    >>> choose_plan(fused_layout(8), 16384, gpu=True)  # the forward kernel, the rebuild-W backward
+    Plan(forward='fused', input_grad='dense', core_grad='dense')
+    >>> choose_plan(fused_layout(8), 16384, gpu=False)
+    Plan(forward='dense', input_grad='dense', core_grad='dense')
+  """
+  costs = product_costs(ttm, batch, cost, gpu=gpu)
+  cheapest = lambda product: min((p for p in costs[product] if p != "fused"), key=costs[product].get)
+  forward = min(costs["forward"], key=costs["forward"].get)
+  input_grad, core_grad = cheapest("input_grad"), cheapest("core_grad")
+  kernels = costs["input_grad"].get("fused", math.inf) + costs["core_grad"].get("fused", math.inf)
+  if kernels < costs["input_grad"][input_grad] + costs["core_grad"][core_grad]:
+    input_grad = core_grad = "fused"
+  plan = Plan(forward, input_grad, core_grad)
+  if forward != "fused" and plan != Plan(forward, forward, forward):
+    # the forward path's own autodiff keeps what its forward built ("dense" keeps W): it may beat the
+    # gradients' cheapest paths taken one by one. The forward is never traded for a cheaper backward:
+    # inference runs only the forward.
+    plan = min(plan, Plan(forward, forward, forward), key=lambda p: plan_seconds(ttm, batch, p, cost, costs=costs))
+  return plan
+
+
+def plan_seconds(ttm: TTMatrix, batch: int, plan: Plan, cost: CostModel = H100, *, costs=None) -> float:
+  """Estimated forward+backward seconds of ``plan`` (the sum of its products in `product_costs`; the
+  rebuild-W path's own autodiff rebuilds W once, not once per product).
+
+  Example:
+    >>> import jax, tnjax
+    >>> ttm = tnjax.random_ttm(jax.random.key(0), (16, 48), (192, 16), rank=4)
+    >>> fused, dense = Plan("fused", "fused", "fused"), Plan("dense", "dense", "dense")
+    >>> round(plan_seconds(ttm, 16384, fused) / plan_seconds(ttm, 16384, dense), 2)  # measured 0.86
+    0.79
+  """
+  costs = product_costs(ttm, batch, cost, gpu="fused" in plan) if costs is None else costs
+  seconds = sum(costs[product][path] for product, path in zip(PRODUCTS, plan))
+  if plan == Plan("dense", "dense", "dense"):
+    shapes = tuple(c.shape for c in ttm.cores)
+    grad = cost._replace(peak_flops=cost.grad_flops)
+    seconds -= 2 * sum(_step_seconds(f, e, grad) for f, e in _rebuild_steps(shapes))
+  return seconds
+
+
+def path_costs(ttm: TTMatrix, batch: int, cost: CostModel = H100, *, gpu: bool | None = None) -> dict[str, float]:
+  """Estimated forward seconds of each path for ``batch`` rows (`product_costs`'s "forward").
 
   Example:
     >>> import jax, tnjax
@@ -203,20 +403,16 @@ def path_costs(ttm: TTMatrix, batch: int, cost: CostModel = H100) -> dict[str, f
     >>> sorted(path_costs(ttm, batch=16384))
     ['dense', 'direct', 'split']
   """
-  shapes = tuple(c.shape for c in ttm.cores)
-  costs = {"dense": _dense_seconds(shapes, batch, cost), "direct": _best_direct(shapes, batch, cost)[0]}
-  split = _best_split(shapes, batch, cost)
-  costs["split"] = math.inf if split is None else split[0]
-  return costs
+  return product_costs(ttm, batch, cost, gpu=gpu)["forward"]
 
 
 def path_flops(ttm: TTMatrix, batch: int, path: str = "auto", cost: CostModel = H100) -> int:
-  """Forward FLOPs (2 per multiply-add) of ``linear(ttm, x, path=path)`` on ``batch`` rows.
+  """Forward FLOPs (2 per multiply-add) of ``matvec(ttm, x, path=path)`` on ``batch`` rows.
 
   "dense" counts rebuilding W once plus the matmul; "direct" and "split" their
-  contraction steps in the order the cost model picks; "auto" the path it
+  contraction steps in the order the cost model picks; "auto" the forward path it
   picks; "fused" and "fused_fwd" count as "split" (the kernel makes the same
-  two products, keeping the intermediate on chip).
+  two products, keeping the intermediate on chip); "einsum" opt_einsum's count.
 
   Example:
     >>> import jax, tnjax
@@ -224,9 +420,11 @@ def path_flops(ttm: TTMatrix, batch: int, path: str = "auto", cost: CostModel = 
     >>> path_flops(ttm, 16384, "dense") - 2 * 16384 * 768 * 3072  # rebuilding W
     81788928
   """
-  if path not in PATHS:
-    raise ValueError(f"path_flops: path={path!r} but one of {PATHS} is expected")
+  if path not in MATVEC_PATHS:
+    raise ValueError(f"path_flops: path={path!r} but one of {MATVEC_PATHS} is expected")
   shapes = tuple(c.shape for c in ttm.cores)
+  if path == "einsum":
+    return int(matvec_plan(ttm, batch).opt_cost)
   if path == "auto":
     path = choose_path(ttm, batch, cost)
   if path in ("fused", "fused_fwd"):
@@ -244,8 +442,8 @@ def path_flops(ttm: TTMatrix, batch: int, path: str = "auto", cost: CostModel = 
   return int(sum(f for f, _ in steps))
 
 
-def choose_path(ttm: TTMatrix, batch: int, cost: CostModel = H100) -> str:
-  """``"dense"``, ``"direct"`` or ``"split"``, whichever the cost model says is fastest for ``batch`` rows.
+def choose_path(ttm: TTMatrix, batch: int, cost: CostModel = H100, *, gpu: bool | None = None) -> str:
+  """The forward path of `choose_plan`: ``"dense"``, ``"direct"``, ``"split"`` or, on a GPU, ``"fused"``.
 
   Example:
     >>> import jax, tnjax
@@ -253,8 +451,7 @@ def choose_path(ttm: TTMatrix, batch: int, cost: CostModel = H100) -> str:
     >>> choose_path(ttm, batch=1), choose_path(ttm, batch=16384)
     ('split', 'dense')
   """
-  costs = path_costs(ttm, batch, cost)
-  return min(costs, key=costs.get)
+  return choose_plan(ttm, batch, cost, gpu=gpu).forward
 
 
 def _labels(d: int):
@@ -411,21 +608,148 @@ def matvec_split(ttm: TTMatrix, x: jax.Array, *, split: int | None = None, order
   return out.reshape(x.shape[:-1] + (ttm.shape[1],))
 
 
-def linear(ttm: TTMatrix, x: jax.Array, *, path: str = "auto", precision=None, cost: CostModel = H100) -> jax.Array:
-  """``x @ to_dense(ttm)`` by the path given, or by the cost model's choice for this many rows.
+def _product(path: str, cores: tuple[jax.Array, ...], rows: jax.Array, precision, cost: CostModel,
+             interpret: bool) -> jax.Array:
+  """``rows @ W(cores)`` by one path, without a VJP of its own (for `_planned`, which differentiates by hand)."""
+  shapes = tuple(c.shape for c in cores)
+  if path == "fused":
+    return fused_forward(cores, rows, interpret=interpret)
+  if path == "dense":
+    return jnp.matmul(rows, to_dense(TTMatrix(cores)), precision=precision)
+  if path == "direct" or len(cores) == 1:  # one core has no bond to split at; absorbing it is one matmul
+    return _direct_impl(cores, rows, _best_direct(shapes, rows.shape[0], cost)[1], precision)
+  _, bond, order = _best_split(shapes, rows.shape[0], cost)
+  return _split_impl(cores, rows, bond, order, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _planned(cores, rows, plan: Plan, precision, cost: CostModel, interpret: bool):
+  return _product(plan.forward, cores, rows, precision, cost, interpret)
+
+
+def _planned_fwd(cores, rows, plan, precision, cost, interpret):
+  return _planned(cores, rows, plan, precision, cost, interpret), (cores, rows)
+
+
+def _planned_bwd(plan, precision, cost, interpret, residuals, g):
+  # Like `_direct`, only x and the cores are kept; each gradient product runs on the plan's path for it.
+  cores, rows = residuals
+  if plan.input_grad == "fused":  # the two backward kernels make both gradients
+    return fused_backward(cores, rows, g, interpret=interpret)
+  dense = dense_backward(cores, rows, g, input_grad=plan.input_grad == "dense",
+                         core_grad=plan.core_grad == "dense", precision=precision)
+  dcores, dx = dense
+  if plan.input_grad != "dense":
+    grad = cost._replace(peak_flops=cost.grad_flops)
+    flipped = tuple(c.transpose(0, 2, 1, 3) for c in cores)
+    dx = _product(plan.input_grad, flipped, g, precision, grad, interpret).astype(rows.dtype)
+  if plan.core_grad != "dense":
+    _, project = jax.vjp(lambda cs: _product(plan.core_grad, cs, rows, precision, cost, interpret), cores)
+    (dcores,) = project(g)
+  return tuple(dcores), dx
+
+
+_planned.defvjp(_planned_fwd, _planned_bwd)
+
+_NAMED = {"fused": Plan("fused", "fused", "fused"), "fused_fwd": Plan("fused", "dense", "dense")}
+
+
+def _resolve(fn: str, ttm: TTMatrix, x: jax.Array, path, cost: CostModel, interpret: bool):
+  """The `Plan` (or "einsum") that ``path`` means for this TT-matrix and input; warns when a fused product
+  cannot run here and "auto" takes over."""
+  batch = math.prod(x.shape[:-1])
+  # "auto" considers the kernels on a GPU for inputs they compute in (float64 stays on the XLA paths)
+  auto = lambda: choose_plan(ttm, batch, cost, gpu=None if x.dtype.name in FUSED_DTYPES else False)  # noqa: E731
+  if isinstance(path, tuple) and not isinstance(path, Plan):
+    if len(path) != 3:
+      raise ValueError(f"{fn}: path={path!r} but a name in {MATVEC_PATHS} or a Plan of 3 paths {PRODUCTS} is "
+                       "expected")
+    path = Plan(*path)
+  if isinstance(path, Plan):
+    bad = [f"{k}={v!r}" for k, v in path._asdict().items() if v not in PRODUCT_PATHS]
+    if bad:
+      raise ValueError(f"{fn}: path has {', '.join(bad)} but each product takes one of {PRODUCT_PATHS}")
+    if (path.input_grad == "fused") != (path.core_grad == "fused"):
+      raise ValueError(f"{fn}: path={tuple(path)!r} but input_grad and core_grad are 'fused' together or not "
+                       "at all (the backward kernels make both gradients)")
+    plan, given = path, tuple(path)
+  elif path in MATVEC_PATHS:
+    if path in ("auto", "einsum"):
+      return auto() if path == "auto" else path
+    plan, given = _NAMED.get(path, Plan(path, path, path)), path
+  else:
+    raise ValueError(f"{fn}: path={path!r} but one of {MATVEC_PATHS} is expected (or a Plan)")
+  if "fused" in plan:
+    why = fused_unavailable(ttm, interpret=interpret, dtype=x.dtype)
+    if why is not None:
+      # said once per call site and reason (Python's default warning filter), at trace time
+      warnings.warn(f"{fn}: path={given!r} falls back to 'auto': {why}", stacklevel=4)
+      return auto()
+  return plan
+
+
+def _matvec(fn: str, ttm, x, path, precision, cost: CostModel, interpret: bool) -> jax.Array:
+  if isinstance(ttm, BlockTT):
+    if path != "auto":
+      raise ValueError(f"{fn}: path={path!r} but a BlockTT has one path (two batched matmuls): 'auto' is expected")
+    return btt_matvec(ttm, x, precision=precision)
+  x = jnp.asarray(x)
+  rows = _as_rows(fn, ttm, x)
+  plan = _resolve(fn, ttm, x, path, cost, interpret)
+  if plan == "einsum":
+    return matvec_einsum(ttm, x, precision=precision)
+  if plan == Plan("dense", "dense", "dense"):
+    return matvec_dense(ttm, x, precision=precision)  # plain autodiff (forward mode too), W shared by both ways
+  if plan == Plan("split", "split", "split"):
+    return matvec_split(ttm, x, precision=precision, cost=cost)
+  if plan == Plan("direct", "direct", "direct"):
+    return matvec_direct(ttm, x, precision=precision, cost=cost)
+  out = _planned(tuple(ttm.cores), rows, plan, precision, cost, interpret)
+  return out.reshape(x.shape[:-1] + (ttm.shape[1],))
+
+
+def matvec(ttm: TTMatrix | BlockTT, x: jax.Array, *, path="auto", precision=None, cost: CostModel = H100,
+           interpret: bool = False) -> jax.Array:
+  """``x @ to_dense(ttm)`` without forming W: the one contraction entry point of tnjax.
+
+  A TTMatrix runs by the path given, or by the cost model's `Plan` for this many rows (``"auto"``, chosen
+  at trace time from the static shapes: each of the forward, input-gradient and core-gradient products on
+  its cheapest path, see `choose_plan`). A `tnjax.core.btt.BlockTT` runs as two batched matmuls
+  (`tnjax.core.btt.btt_matvec`).
 
   Args:
-    ttm: the weight, (prod(in_dims), prod(out_dims)) as a TTMatrix.
+    ttm: a TTMatrix with cores (r[k], n_in[k], n_out[k], r[k+1]), or a BlockTT.
     x: (..., prod(in_dims)).
-    path: "auto", "dense", "direct", "split", "fused" or "fused_fwd" (static;
-      "fused" runs the Pallas kernels forward and backward where it can,
-      "fused_fwd" the forward kernel with the rebuild-W backward, and both fall
-      back to "auto" elsewhere).
-    precision: passed to the contractions.
-    cost: roofline constants for "auto" (and the direct order).
+    path: static. "auto" (default), "dense" (rebuild W, one matmul), "direct" (core by core), "split"
+      (two merged factors), "fused" (the Pallas kernels both ways), "fused_fwd" (the forward kernel, the
+      rebuild-W backward), "einsum" (opt_einsum's fewest-FLOPs order, plain autodiff, forward mode
+      too; `tnjax.matvec`'s only path before), or a `Plan` (or 3-tuple) naming each product's path. A
+      fused product that cannot run here (no GPU, or a layout the kernels don't take) warns with the
+      reason and falls back to "auto"; "auto" picks "fused" only where it runs, and never warns.
+    precision: passed to the XLA contractions.
+    cost: the cost model's constants (`CostModel`; default `H100`).
+    interpret: run fused products through the Pallas interpreter (any backend; slow, for tests).
+
+  Returns:
+    (..., prod(out_dims)).
 
   Raises:
-    ValueError: on an unknown path or a shape mismatch.
+    ValueError: on an unknown path or Plan, a shape mismatch, or a path other than "auto" for a BlockTT.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, tnjax
+    >>> w = tnjax.random_ttm(jax.random.key(0), (4, 4), (2, 3), rank=2)
+    >>> tnjax.matvec(w, jnp.ones((5, 16))).shape
+    (5, 6)
+    >>> y = tnjax.matvec(w, jnp.ones((5, 16)), path=("split", "dense", "direct"))  # one path per product
+    >>> bool(jnp.allclose(y, jnp.ones((5, 16)) @ tnjax.to_dense(w), atol=1e-5))
+    True
+  """
+  return _matvec("matvec", ttm, x, path, precision, cost, interpret)
+
+
+def linear(ttm: TTMatrix, x: jax.Array, *, path="auto", precision=None, cost: CostModel = H100) -> jax.Array:
+  """`matvec` under its former name (errors and warnings say "linear"); kept for existing callers.
 
   Example:
     >>> import jax, jax.numpy as jnp, tnjax
@@ -434,22 +758,7 @@ def linear(ttm: TTMatrix, x: jax.Array, *, path: str = "auto", precision=None, c
     >>> bool(jnp.allclose(linear(ttm, x, path="direct"), x @ tnjax.to_dense(ttm), atol=1e-5))
     True
   """
-  if path not in PATHS:
-    raise ValueError(f"linear: path={path!r} but one of {PATHS} is expected")
-  if path in ("fused", "fused_fwd"):
-    why = fused_unavailable(ttm)
-    if why is None:
-      return matvec_fused(ttm, x, backward="kernels" if path == "fused" else "dense")
-    # said once per call site and reason (Python's default warning filter), at trace time
-    warnings.warn(f"linear: path={path!r} falls back to 'auto': {why}", stacklevel=2)
-    path = "auto"
-  if path == "auto":
-    path = choose_path(ttm, math.prod(_as_rows("linear", ttm, x).shape[:-1]), cost)
-  if path == "dense":
-    return matvec_dense(ttm, x, precision=precision)
-  if path == "split":
-    return matvec_split(ttm, x, precision=precision, cost=cost)
-  return matvec_direct(ttm, x, precision=precision, cost=cost)
+  return _matvec("linear", ttm, x, path, precision, cost, False)
 
 
 def _merge_run(cores) -> jax.Array:

@@ -1,6 +1,8 @@
 """Contractions and algebra on TensorTrain / TTMatrix pytrees.
 
-All functions are pure, shape-static and safe under jit, vmap and grad.
+All functions are pure, shape-static and safe under jit, vmap and grad. The
+contraction front door, [`tnjax.matvec`][tnjax.matvec], lives in
+[`tnjax.core.linear`][tnjax.core.linear] with the cost model that picks its path.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import jax.numpy as jnp
 import opt_einsum
 
 from tnjax.core import _checks
-from tnjax.core.btt import BlockTT, btt_matvec, btt_to_dense
+from tnjax.core.btt import BlockTT, btt_to_dense
 from tnjax.core.tensor_train import TT, TensorTrain, TTMatrix, as_tt, check_tt, like
 
 
@@ -83,9 +85,12 @@ def check_matvec_args(fn: str, ttm, x: jax.Array) -> None:
 
 
 def matvec_plan(ttm: TTMatrix, batch: int) -> opt_einsum.contract.PathInfo:
-  """The contraction plan `matvec` uses for ``batch`` rows: path, FLOPs, largest intermediate.
+  """The contraction plan of path ``"einsum"`` (`matvec_einsum`) for ``batch`` rows: path, FLOPs, largest
+  intermediate.
 
-  Useful to see why a path was chosen, e.g. ``print(matvec_plan(w, 16384))``.
+  Useful to see the fewest-FLOPs order, e.g. ``print(matvec_plan(w, 16384))``; the paths that
+  [`tnjax.matvec`][tnjax.matvec] picks by default come from the cost model of
+  [`tnjax.core.linear`][tnjax.core.linear] instead.
 
   Example:
     >>> import jax, tnjax
@@ -96,49 +101,53 @@ def matvec_plan(ttm: TTMatrix, batch: int) -> opt_einsum.contract.PathInfo:
   return _matvec_expression(tuple(c.shape for c in ttm.cores), batch)[2]
 
 
-def matvec(ttm: TTMatrix, x: jax.Array, *, precision=None) -> jax.Array:
-  """Computes ``x @ to_dense(ttm)`` without building the dense matrix.
+def matvec_einsum(ttm: TTMatrix, x: jax.Array, *, precision=None) -> jax.Array:
+  """``x @ to_dense(ttm)`` in opt_einsum's fewest-FLOPs contraction order (path ``"einsum"`` of
+  [`tnjax.matvec`][tnjax.matvec]); plain autodiff, forward and reverse mode.
 
-  The contraction order over ``x`` and the cores is chosen at trace time by
-  opt_einsum's dynamic-programming optimizer (fewest FLOPs) from the static
-  shapes, so one token and 16k tokens may take different paths; see
-  `matvec_plan`.
-
-  A `tnjax.core.btt.BlockTT` is taken too (two batched matmuls,
-  `tnjax.core.btt.btt_matvec`).
+  The order over ``x`` and the cores is chosen at trace time by opt_einsum's
+  dynamic-programming optimizer from the static shapes, so one token and 16k
+  tokens may take different orders; see `matvec_plan`. FLOPs are not time on
+  a GPU (small contractions are memory-bound), which is why the default path
+  is the cost model's.
 
   Args:
-    ttm: a TTMatrix with cores (r[k], n_in[k], n_out[k], r[k+1]), or a BlockTT.
-    x: array of shape (..., prod(in_dims)).
+    ttm: cores (r[k], n_in[k], n_out[k], r[k+1]).
+    x: (..., prod(in_dims)).
     precision: passed to ``jnp.einsum``.
 
   Returns:
-    Array of shape (..., prod(out_dims)).
-
-  Raises:
-    ValueError: when ``ttm`` is not a TTMatrix or ``x.shape[-1] != prod(in_dims)``.
+    (..., prod(out_dims)).
 
   Complexity:
     For one row, sequential core-by-core order: sum over k of
     ``prod(out_dims[:k+1]) * prod(in_dims[k:]) * r[k] * r[k+1]`` multiply-adds.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, tnjax
-    >>> w = tnjax.random_ttm(jax.random.key(0), (4, 4), (2, 3), rank=2)
-    >>> tnjax.matvec(w, jnp.ones((5, 16))).shape
-    (5, 6)
   """
-  if isinstance(ttm, BlockTT):
-    return btt_matvec(ttm, x, precision=precision)
   x = jnp.asarray(x)
-  check_matvec_args("matvec", ttm, x)
-  cols = ttm.shape[1]
+  check_matvec_args("matvec_einsum", ttm, x)
   batch_shape = x.shape[:-1]
   batch = math.prod(batch_shape)
   subscripts, path, _ = _matvec_expression(tuple(c.shape for c in ttm.cores), batch)
   out = jnp.einsum(subscripts, x.reshape((batch,) + ttm.in_dims), *_squeeze_boundary(ttm.cores),
                    optimize=path, precision=precision)
-  return out.reshape(batch_shape + (cols,))
+  return out.reshape(batch_shape + (ttm.shape[1],))
+
+
+def dense_backward(cores: tuple[jax.Array, ...], rows: jax.Array, g: jax.Array, *, input_grad: bool = True,
+                   core_grad: bool = True, precision=None):
+  """(d cores, d rows) of ``rows @ W(cores)`` for cotangent ``g`` through the rebuilt W: ``dx = g W^T`` and
+  ``dW = x^T g`` (two full matmuls), dW projected onto the cores. A product not wanted comes back as None.
+
+  ``dW`` accumulates in float32 at least (float64 rows stay float64).
+  """
+  w, project = jax.vjp(lambda cs: to_dense(TTMatrix(tuple(cs))), tuple(cores))
+  dx = jnp.matmul(g, w.T.astype(g.dtype), precision=precision).astype(rows.dtype) if input_grad else None
+  dcores = None
+  if core_grad:
+    acc = rows.dtype if jnp.finfo(rows.dtype).bits >= 32 else jnp.float32
+    dw = jnp.matmul(rows.T, g.astype(rows.dtype), precision=precision, preferred_element_type=acc)
+    (dcores,) = project(dw.astype(w.dtype))
+  return dcores, dx
 
 
 def _modes(t: TT):
@@ -232,3 +241,12 @@ def norm(tt: TT) -> jax.Array:
   """
   check_tt("norm", "tt", tt)
   return jnp.sqrt(jnp.maximum(inner(tt, tt), 0))
+
+
+def __getattr__(name: str):
+  # ``tnjax.core.ops.matvec`` moved to the one contraction front door, ``tnjax.core.linear.matvec``
+  # (imported lazily: linear builds on this module)
+  if name == "matvec":
+    from tnjax.core.linear import matvec
+    return matvec
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,9 +1,9 @@
 """Flax NNX layers: TT-matrix (MPO) and Block-TT (Monarch) linear, TT embedding with a tied head, low-rank linear."""
 
-from tnjax.core.linear import H100, CostModel, choose_path, path_costs
+from tnjax.core.linear import H100, CostModel, Plan, choose_path, choose_plan, path_costs, product_costs
 from tnjax.nn.layers import BTTLinear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear, TTParam, hidden_fan_ins
 from tnjax.nn.quant import Int8Linear, dequantize, quantize
 
 __all__ = ["TTMLinear", "BTTLinear", "TTEmbedding", "MPSEmbedding", "LowRankLinear", "Int8Linear", "TTParam",
-           "quantize", "dequantize", "CostModel", "H100", "choose_path", "path_costs",
-           "hidden_fan_ins"]
+           "quantize", "dequantize", "CostModel", "H100", "Plan", "choose_path", "choose_plan", "path_costs",
+           "product_costs", "hidden_fan_ins"]

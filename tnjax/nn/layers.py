@@ -26,7 +26,7 @@ from tnjax.core.btt import (
 )
 from tnjax.core.decompositions import tt_svd, ttm_svd
 from tnjax.core.initializers import random_tt, random_ttm
-from tnjax.core.linear import H100, PATHS, CostModel, gather_rows, linear, path_flops, transpose
+from tnjax.core.linear import H100, PATHS, CostModel, gather_rows, matvec, path_flops, transpose
 from tnjax.core.ops import to_dense
 from tnjax.core.shapes import factorize, pad_last
 from tnjax.core.tensor_train import TTMatrix
@@ -143,9 +143,12 @@ class TTMLinear(nnx.Module):
     in_dims, out_dims: core mode sizes; default ``factorize(features, num_cores)``.
     num_cores: d, used when dims are not given.
     use_bias: add a bias (zeros at init).
-    path: "auto" (cost model, per token count at trace time), "dense"
-      (rebuild W, one matmul), "direct" (core by core, W never formed) or
-      "split" (two merged factors, two matmuls); see
+    path: a path of [`tnjax.matvec`][tnjax.matvec]: "auto" (the cost
+      model's per-direction plan for the token count at trace time, fused
+      kernels included on a GPU), "dense" (rebuild W, one matmul), "direct"
+      (core by core, W never formed), "split" (two merged factors, two
+      matmuls), "fused" / "fused_fwd" (the Pallas kernels; they warn and run
+      "auto" where they cannot); see
       [`tnjax.core.linear`][tnjax.core.linear].
     dtype: computation dtype (e.g. bfloat16); None keeps the input's.
     param_dtype: dtype of cores and bias.
@@ -249,7 +252,7 @@ class TTMLinear(nnx.Module):
       x = x.astype(self.dtype)
       ttm = jax.tree_util.tree_map(lambda c: c.astype(self.dtype), ttm)
       bias = None if bias is None else bias.astype(self.dtype)
-    y = linear(ttm, pad_last(x, ttm.shape[0]), path=self.path, precision=self.precision, cost=self.cost)
+    y = matvec(ttm, pad_last(x, ttm.shape[0]), path=self.path, precision=self.precision, cost=self.cost)
     y = y[..., : self.out_features]
     return _add_bias(y, bias)
 
@@ -352,7 +355,7 @@ class TTEmbedding(nnx.Module):
     ttm_t = transpose(self._compute_ttm())
     if self.dtype is not None:
       x = x.astype(self.dtype)
-    y = linear(ttm_t, pad_last(x, ttm_t.shape[0]), path=self.path, precision=self.precision, cost=self.cost)
+    y = matvec(ttm_t, pad_last(x, ttm_t.shape[0]), path=self.path, precision=self.precision, cost=self.cost)
     return y[..., : self.num_embeddings]
 
 
