@@ -10,9 +10,10 @@ from tnjax.models import Llama, LlamaConfig, build, family, preset
 
 
 def test_presets_have_the_public_shapes():
-  small, medium = (nnx.eval_shape(lambda n=n: Llama(preset(n), rngs=nnx.Rngs(0))) for n in ("smollm-135m",
-                                                                                             "smollm-360m"))
-  assert small.num_params == 134_515_008 and medium.num_params == 361_821_120
+  small = nnx.eval_shape(lambda: Llama(preset("smollm-135m"), rngs=nnx.Rngs(0)))
+  assert small.num_params == 134_515_008
+  medium = preset("smollm-360m")
+  assert (medium.n_layer, medium.d_model, medium.n_head, medium.kv_heads, medium.ff_dim) == (32, 960, 15, 5, 2560)
   assert family(preset("llama-tiny")).name == "llama" and family(preset("tiny")).name == "gpt2"
   assert isinstance(build(preset("llama-tiny"), rngs=nnx.Rngs(0)), Llama)
 
@@ -45,7 +46,8 @@ def test_rotary_embedding_matches_a_float64_reference():
   assert rot(qi, 1) @ rot(kj, 0) == pytest.approx(rot(qi, 3) @ rot(kj, 2), rel=1e-9)
 
 
-@pytest.mark.parametrize("layers", [{}, {"*": {"kind": "ttm", "rank": 4}}], ids=["dense", "ttm"])
+@pytest.mark.parametrize("layers", [{}, pytest.param({"*": {"kind": "ttm", "rank": 4}}, marks=pytest.mark.slow)],
+                         ids=["dense", "ttm"])
 def test_kv_cached_decoding_matches_the_full_forward(layers):
   model = Llama(preset("llama-tiny", layers=layers), rngs=nnx.Rngs(0))
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 9)))
@@ -53,8 +55,9 @@ def test_kv_cached_decoding_matches_the_full_forward(layers):
   logits, cache = model.step(ids[:, :5], model.init_cache(2), 0)
   assert cache[0][0].shape == (2, 128, 2, 32)  # kv heads, not query heads
   step_logits = [logits]
+  step = jax.jit(lambda m, x, c, p: m.step(x, c, p))  # positions traced: one compilation
   for i in range(5, 9):
-    logits, cache = jax.jit(lambda m, x, c, p: m.step(x, c, p))(model, ids[:, i:i + 1], cache, i)
+    logits, cache = step(model, ids[:, i:i + 1], cache, jnp.asarray(i))
     step_logits.append(logits)
   np.testing.assert_allclose(jnp.concatenate(step_logits, 1), full, atol=1e-5)
 
@@ -90,6 +93,14 @@ def test_config_json_round_trip_and_native_files(tmp_path):
   np.testing.assert_allclose(again(ids), model(ids), atol=1e-6)
 
 
+def test_train_config_for_llama_tiny_tensorizes_every_projection():
+  from tnjax.train import TrainConfig
+
+  cfg = TrainConfig(model="llama-tiny").validate().model_config(512)
+  assert isinstance(cfg, LlamaConfig) and all(cfg.spec(p, 1).kind == "ttm" for p in cfg.PROJECTIONS)
+
+
+@pytest.mark.slow  # a BPE tokenizer and three training steps through the CLI
 def test_train_llama_tiny_from_scratch(tmp_path):
   """`tnjax train --set model=llama-tiny`: the default TT-matrix layers apply to every Llama projection."""
   from tnjax.cli import main

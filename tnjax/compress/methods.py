@@ -33,6 +33,11 @@ def _bias(layer):
   return None if layer.bias is None else layer.bias[...]
 
 
+def _bonds(ranks) -> tuple[int, ...] | None:
+  """The interior (per-bond) ranks the config records, from ranks with their boundary 1s."""
+  return tuple(int(r) for r in ranks[1:-1]) or None
+
+
 def _target(fn: str, **targets) -> tuple[str | None, object]:
   key, value = _model.one_target(fn, **targets)
   if key == "ratio":
@@ -169,7 +174,7 @@ def mpo_compress(model: Decoder, *, chi: int | None = None, ratio: float | None 
     path = "fused" if layout == "fused" else _model.spec_of(model.config, name).path
     new.path = path
     specs[name] = LayerSpec(kind="ttm", rank=max(new.ranks), in_dims=in_dims, out_dims=out_dims,
-                            num_cores=num_cores, path=path)
+                            num_cores=num_cores, path=path, ranks=_bonds(new.ranks))
   return _model.rebuild(model, _model.with_specs(model.config, specs), replaced)
 
 
@@ -237,11 +242,12 @@ def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float
       return _model.rebuild(model, model.config, {})
   if form == "mps":
     wte = MPSEmbedding.from_dense(table, rank=cap, rtol=rtol, feature_dims=feature_dims)
-    spec = LayerSpec(kind="mps", rank=max(wte.ranks), out_dims=feature_dims, num_cores=len(feature_dims))
+    spec = LayerSpec(kind="mps", rank=max(wte.ranks), out_dims=feature_dims, num_cores=len(feature_dims),
+                     ranks=_bonds(wte.ranks))
   else:
     wte = TTEmbedding.from_dense(table, rank=cap, rtol=rtol, vocab_dims=vocab_dims, feature_dims=feature_dims)
     spec = LayerSpec(kind="ttm", rank=max(wte.ttm.ranks), in_dims=vocab_dims, out_dims=feature_dims,
-                     num_cores=len(feature_dims))
+                     num_cores=len(feature_dims), ranks=_bonds(wte.ttm.ranks))
   return _model.rebuild(model, _model.with_specs(model.config, {"embedding": spec}), {"embedding": wte})
 
 

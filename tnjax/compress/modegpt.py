@@ -369,7 +369,7 @@ def _narrow_value_output(v, o, st, kv: int, group: int, k_v: int, ridge: float):
   if augmented:
     # No output bias to fold the value bias into (Qwen2): fit [W_V; b_V] on inputs [X, 1] instead.
     s, n = np.asarray(st["attn_sum"]), float(st["tokens"])
-    c = np.block([[c, s[:, None]], [s[None, :], np.full((1, 1), n)]])
+    c = np.block([[c, s[:, None]], [s[None, :], np.full((1, 1), n)]]).astype(c.dtype)
     heads_v = np.concatenate([heads_v, b_v.reshape(kv, 1, vd)], axis=1)
   elif b_v is not None:
     # The value bias passes through attention unchanged (softmax rows sum to 1): fold it into the output bias.

@@ -104,8 +104,9 @@ def model_tensors(module: nnx.Module) -> dict[str, jax.Array]:
 def model_from_tensors(cfg, tensors: dict, *, fn: str = "model_from_tensors") -> Decoder:
   """A model of config ``cfg`` (any family) holding ``tensors`` (names as `model_tensors` gives them).
 
-  TT cores (``TTParam``) take their shapes from the tensors, so per-layer
-  ranks need not match the config's; every other parameter must match.
+  Every tensor's shape is checked against the model the config builds, TT cores included when the layer's
+  spec records its per-bond ``ranks`` (what compression writes). Files written before specs recorded ranks
+  keep loading: the cores of such layers take their shapes from the file.
 
   Raises:
     ValueError: parameters missing, unexpected or of the wrong shape, by name.
@@ -119,13 +120,20 @@ def model_from_tensors(cfg, tensors: dict, *, fn: str = "model_from_tensors") ->
     raise ValueError(f"{fn}: parameters missing {missing[:8]}, unexpected {unexpected[:8]}")
   for p, variable in flat:
     value = tensors[_key(p)]
-    # TT cores may carry ranks other than the config's (tolerance-chosen); everything else must match.
-    if not isinstance(variable, TTParam) and tuple(value.shape) != tuple(variable.shape):
+    exact = not isinstance(variable, TTParam) or cfg.spec_of(_layer_name(p)).ranks is not None
+    if exact and tuple(value.shape) != tuple(variable.shape):
       raise ValueError(f"{fn}: parameter {_key(p)} has shape {value.shape} but {tuple(variable.shape)} is expected")
     variable.set_value(jnp.asarray(value))
   # Non-parameter state (dropout RNG keys and counters) is abstract after eval_shape; make it concrete.
   rest = jax.tree_util.tree_map(_concrete, rest)
   return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+def _layer_name(path) -> str:
+  """The layer name ("h.0.mlp.c_fc", "embedding", "lm_head") of a TT core's parameter path."""
+  parts = [str(q) for q in path]
+  name = ".".join(parts[: parts.index("cores") if "cores" in parts else parts.index("scales")])
+  return "embedding" if name == "wte" else name
 
 
 def _concrete(leaf):

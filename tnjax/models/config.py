@@ -40,10 +40,15 @@ class LayerSpec:
     path: TTM contraction path, "auto", "dense", "direct" or "split".
     quant: None, or "int8" for weight-only per-channel int8 storage
       (projections only; see [`quantize_int8`][tnjax.compress.quantize_int8]).
+    ranks: the exact per-bond ranks (d - 1 of them) of a TT-matrix layer or a
+      TT / MPS embedding, when they are not what ``rank`` gives (ranks chosen
+      by a tolerance differ per bond and per layer); compression records them,
+      so the config rebuilds every layer exactly and loading checks TT cores'
+      shapes too.
 
   Example:
     >>> LayerSpec.coerce({"kind": "ttm", "rank": 16}, "mlp.c_fc")
-    LayerSpec(kind='ttm', rank=16, num_cores=3, in_dims=None, out_dims=None, path='auto', quant=None)
+    LayerSpec(kind='ttm', rank=16, num_cores=3, in_dims=None, out_dims=None, path='auto', quant=None, ranks=None)
   """
 
   kind: str = "dense"
@@ -53,6 +58,7 @@ class LayerSpec:
   out_dims: tuple[int, ...] | None = None
   path: str = "auto"
   quant: str | None = None
+  ranks: tuple[int, ...] | None = None
 
   def validate(self, where: str, owner: str = "GPTConfig") -> LayerSpec:
     if self.kind not in KINDS:
@@ -62,7 +68,21 @@ class LayerSpec:
                        f"kind={self.kind!r}")
     if self.quant not in QUANTS:
       raise ValueError(f"{owner}: {where}.quant={self.quant!r} but one of {QUANTS} is expected")
+    if self.ranks is not None:
+      if self.kind not in ("ttm", "mps"):
+        raise ValueError(f"{owner}: {where}.ranks={self.ranks!r} but per-bond ranks are for kind 'ttm' or 'mps', "
+                         f"not {self.kind!r}")
+      _checks.check_dims(f"{owner}: {where}", "ranks", self.ranks)
+      dims = self.in_dims or self.out_dims
+      bonds = (len(dims) if dims is not None else self.num_cores) - 1
+      if len(self.ranks) != bonds:
+        raise ValueError(f"{owner}: {where}.ranks={self.ranks!r} but {bonds} entries (one per bond) are expected")
     return self
+
+  @property
+  def rank_arg(self):
+    """What a layer's ``rank`` argument gets: the exact per-bond ``ranks`` when recorded, else ``rank``."""
+    return self.rank if self.ranks is None else self.ranks
 
   @classmethod
   def coerce(cls, value, where: str, owner: str = "GPTConfig") -> LayerSpec:
@@ -76,7 +96,7 @@ class LayerSpec:
       if unknown:
         raise ValueError(f"{owner}: {where} has unknown fields {sorted(unknown)}")
       value = dict(value)
-      for k in ("in_dims", "out_dims"):
+      for k in ("in_dims", "out_dims", "ranks"):
         if value.get(k) is not None:
           value[k] = tuple(value[k])
       return cls(**value).validate(where, owner)

@@ -48,7 +48,7 @@ def make_linear(spec: LayerSpec, in_features: int, out_features: int, *, std: fl
     ('LowRankLinear', 224)
   """
   if spec.kind == "ttm":
-    return TTMLinear(in_features, out_features, rank=spec.rank, in_dims=spec.in_dims, out_dims=spec.out_dims,
+    return TTMLinear(in_features, out_features, rank=spec.rank_arg, in_dims=spec.in_dims, out_dims=spec.out_dims,
                      num_cores=spec.num_cores, use_bias=use_bias, path=spec.path, dtype=dtype, kernel_std=std,
                      rngs=rngs, quant=spec.quant, balance=balance)
   if spec.kind == "btt":
@@ -127,10 +127,10 @@ def make_embedding(cfg: DecoderConfig, rngs: nnx.Rngs) -> nnx.Module:
   """The token embedding of ``cfg.layers["embedding"]``: dense (``padded_vocab`` rows), TT-matrix or MPS."""
   emb, dtype = cfg.spec("embedding"), dtype_of(cfg)
   if emb.kind == "mps":
-    return MPSEmbedding(cfg.vocab_size, cfg.d_model, rank=emb.rank, feature_dims=emb.out_dims,
+    return MPSEmbedding(cfg.vocab_size, cfg.d_model, rank=emb.rank_arg, feature_dims=emb.out_dims,
                         num_cores=emb.num_cores, std=cfg.init_std, dtype=dtype, rngs=rngs)
   if emb.kind == "ttm":
-    return TTEmbedding(cfg.vocab_size, cfg.d_model, rank=emb.rank, vocab_dims=emb.in_dims,
+    return TTEmbedding(cfg.vocab_size, cfg.d_model, rank=emb.rank_arg, vocab_dims=emb.in_dims,
                        feature_dims=emb.out_dims, num_cores=emb.num_cores, std=cfg.init_std, path=emb.path,
                        dtype=dtype, rngs=rngs)
   if emb.kind == "dense":
