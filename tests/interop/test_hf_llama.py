@@ -76,7 +76,7 @@ def test_tensorized_llama_exports_dense_and_keeps_cores(tmp_path):
   from transformers import LlamaForCausalLM
 
   ids = jnp.asarray(_ids(300))
-  tensorized = Llama(preset("llama-tiny", vocab_size=300, block_size=32,
+  tensorized = Llama(preset("llama-tiny", vocab_size=300, block_size=32, n_layer=1,
                             layers={"*": {"kind": "ttm", "rank": 4}, "attn.o_proj": {"kind": "btt", "rank": 2},
                                     "mlp.up_proj": {"kind": "lowrank", "rank": 8}}), rngs=nnx.Rngs(1))
   save_hf(tensorized, tmp_path)

@@ -162,7 +162,7 @@ def whitened_svd(c, w_v, w_o, k: int, *, ridge: float = 1e-4) -> tuple[np.ndarra
 
 def _block_stats(model: Decoder, ids):
   """Per-block calibration statistics for one batch of ids (batch, time), from each block's ``trace``."""
-  x = model._embed(ids, 0, True).astype(jnp.float32)
+  x = model.embed(ids).astype(jnp.float32)
   out = []
   for block in model.h:
     y, acts = block.trace(x)

@@ -161,7 +161,7 @@ class PreNormBlock(nnx.Module):
 class Decoder(nnx.Module):
   """A decoder-only language model: ``wte``, blocks ``h``, a final norm ``ln_f`` and a (tied or untied) head.
 
-  Subclasses set those attributes and implement ``_embed(ids, pos, deterministic)`` (token, and for GPT-2
+  Subclasses set those attributes and implement ``embed(ids, pos, deterministic)`` (token, and for GPT-2
   position, embeddings); `layer` reaches any projection by name.
   Call ``model(ids)`` for logits of shape (batch, time, vocab_size); use `init_cache` and `step` (or
   [`generate`][tnjax.models.generate]) for KV-cached decoding.
@@ -188,11 +188,12 @@ class Decoder(nnx.Module):
                        "expected")
     return ids
 
-  def _embed(self, ids, pos, deterministic: bool) -> jax.Array:
+  def embed(self, ids, pos=0, deterministic: bool = True) -> jax.Array:
+    """The input of the first block for ids (batch, time) at positions pos.. (calibration starts here)."""
     raise NotImplementedError
 
   def _forward(self, ids, cache, pos, deterministic):
-    x = self._embed(ids, pos, deterministic)
+    x = self.embed(ids, pos, deterministic)
     new_cache = []
     for i, block in enumerate(self.h):
       x, c = block(x, None if cache is None else cache[i], pos, deterministic=deterministic)

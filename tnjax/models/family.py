@@ -7,7 +7,7 @@ interface:
 * the config (`DecoderConfig`): ``PROJECTIONS`` (names of one block's
   projections), `projection_shape`, `spec` / `spec_of` (a projection's
   `LayerSpec`), `block_dims`, ``kv_heads``, JSON round trips;
-* the model (`Decoder`): ``model(ids)``, `step` / `init_cache` (generation),
+* the model (`Decoder`): ``model(ids)``, `embed`, `step` / `init_cache` (generation),
   `layer` (a projection by name; replacing one is rebuilding from tensors, see
   `tnjax.compress._model.rebuild`), `num_params`, `flops_per_token`, and per
   block ``model.h[i].trace(x)`` (a block-by-block forward for calibration),

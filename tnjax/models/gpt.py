@@ -144,7 +144,7 @@ class GPT(Decoder):
     self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
     self.lm_head = make_head(cfg, rngs)
 
-  def _embed(self, ids, pos, deterministic: bool) -> jax.Array:
+  def embed(self, ids, pos=0, deterministic: bool = True) -> jax.Array:
     x = self.wte(ids) + self.wpe(pos + jnp.arange(ids.shape[1]))[None]
     return self.drop(x, deterministic=deterministic)
 

@@ -322,5 +322,5 @@ class Llama(Decoder):
     self.ln_f = _rms_norm(cfg, rngs)
     self.lm_head = make_head(cfg, rngs)
 
-  def _embed(self, ids, pos, deterministic: bool) -> jax.Array:
+  def embed(self, ids, pos=0, deterministic: bool = True) -> jax.Array:
     return self.drop(self.wte(ids), deterministic=deterministic)
