@@ -255,7 +255,7 @@ def _cli_cases(f):
       (["eval", "--model", m, "--text", b], r"eval: --text file .*binary.bin is not UTF-8 text"),
       (["eval", "--model", nowhere, "--text", t], r"--model .*nowhere is not a directory"),
       (["eval", "--model", t, "--text", t], r"--model .*text.txt is not a directory"),
-      (["eval", "--model", a, "--text", t], r"load_hf_gpt2: .*adir/config.json does not exist"),
+      (["eval", "--model", a, "--text", t], r"load_hf: .*adir/config.json does not exist"),
       (["eval", "--model", m, "--text", t, "--tokenizer", b], r"load_tokenizer: .*binary.bin is not a readable"),
       (["eval", "--model", m, "--text", t, "--block-size", "1000"], r"perplexity: block_size=1000 but 2 <="),
       (["generate", "--model", m, "--prompt", ""], r"--prompt '' encodes to no tokens"),

@@ -4,7 +4,7 @@ import jax
 import pytest
 
 from tests.data.test_tokenizer import TEXT
-from tests.hf_fixtures import make_hf_gpt2
+from tests.hf_fixtures import make_hf_gpt2, make_hf_llama
 from tnjax.cli import main
 from tnjax.data import train_tokenizer
 
@@ -29,6 +29,23 @@ def test_eval_and_generate(model_dir, capsys):
   assert result["tokens"] == 199 and 1 < result["perplexity"] < 1000
   assert main(["generate", "--model", str(d), "--prompt", "In the beginning", "--max-new-tokens", "8"]) == 0
   assert capsys.readouterr().out.startswith("In the beginning")
+
+
+def test_eval_generate_and_compress_a_hugging_face_qwen2_directory(tmp_path, capsys):
+  """The commands take Llama-style checkpoints unchanged (here Qwen2: GQA and q/k/v biases)."""
+  text = tmp_path / "text.txt"
+  text.write_text(TEXT)
+  d = tmp_path / "qwen2"
+  make_hf_llama(d, qwen2=True, vocab_size=300, max_position_embeddings=64, num_hidden_layers=1)
+  train_tokenizer([text], 300).save(str(d / "tokenizer.json"))
+  assert main(["eval", "--model", str(d), "--text", str(text), "--block-size", "32", "--max-tokens", "100"]) == 0
+  assert 1 < json.loads(capsys.readouterr().out)["perplexity"] < 1000
+  assert main(["generate", "--model", str(d), "--prompt", "In the beginning", "--max-new-tokens", "4"]) == 0
+  assert capsys.readouterr().out.startswith("In the beginning")
+  out = tmp_path / "small"
+  assert main(["compress", "--model", str(d), "--method", "modegpt", "--ratio", "0.5", "--calib", str(text),
+               "--block-size", "32", "--out", str(out)]) == 0
+  assert "modegpt ratio=0.5" in capsys.readouterr().out and (out / "model" / "config.json").exists()
 
 
 def test_errors_exit_2(model_dir, tmp_path, capsys):

@@ -19,8 +19,8 @@ def _load(model_dir: str, tokenizer: str | None):
   from tnjax.interop import load_any
 
   if not pathlib.Path(model_dir).is_dir():
-    raise ValueError(f"--model {model_dir} is not a directory; a tnjax or Hugging Face GPT-2 model directory is "
-                     "expected")
+    raise ValueError(f"--model {model_dir} is not a directory; a tnjax or Hugging Face (GPT-2, Llama, Qwen2) model "
+                     "directory is expected")
   return load_any(model_dir), load_tokenizer(tokenizer or model_dir)
 
 
@@ -123,10 +123,11 @@ def _fields_help() -> str:
       "examples:",
       "  tnjax train                                    # the defaults: a tiny TTM-GPT on the packaged sample",
       "  tnjax train --set 'layers={}'                  # the same GPT, dense (no tensorized layer)",
+      "  tnjax train --set model=llama-tiny             # a tiny Llama-style model (RoPE, SwiGLU, GQA), TTM rank 16",
       "  tnjax train --set 'layers.mlp.c_fc={\"kind\": \"ttm\", \"rank\": 64}' --set steps=1000",
       "  tnjax train --set 'train_files=[\"my.txt\"]' --set 'valid_files=[\"my_valid.txt\"]' --set out_dir=runs/mine",
-      "  layer kinds: dense, ttm (rank), lowrank (rank), mps (embedding); 'model_overrides.n_layer=4' sets a "
-      "GPTConfig field"])
+      "  layer kinds: dense, ttm (rank), btt (rank), lowrank (rank), mps (embedding); layer keys: '*' (every "
+      "projection), a projection, 'h.<i>.<projection>'; 'model_overrides.n_layer=4' sets a config field"])
 
 
 def _int_at_least(low: int):
@@ -162,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--version", action="version", version=f"tnjax {__version__}")
   sub = parser.add_subparsers(dest="command", required=True)
 
-  tr = sub.add_parser("train", help="pre-train a (tensorized) GPT; no arguments: a tiny TTM-GPT on the sample corpus",
+  tr = sub.add_parser("train", help="pre-train a (tensorized) model; no arguments: a tiny TTM-GPT on the sample corpus",
                       epilog=_fields_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
   tr.add_argument("--config", help="TOML file of TrainConfig fields")
   tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -178,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
 
   positive, at_least_2, non_negative = _int_at_least(1), _int_at_least(2), _int_at_least(0)
   ev = sub.add_parser("eval", help="perplexity of a model on a text file")
-  ev.add_argument("--model", required=True, help="tnjax or Hugging Face GPT-2 directory")
+  ev.add_argument("--model", required=True, help="tnjax or Hugging Face (GPT-2, Llama, Qwen2) directory")
   ev.add_argument("--text", required=True, help="UTF-8 text file")
   ev.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
   ev.add_argument("--block-size", type=at_least_2, default=None)
@@ -187,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
   ev.set_defaults(run=cmd_eval)
 
   gen = sub.add_parser("generate", help="continue a prompt")
-  gen.add_argument("--model", required=True, help="tnjax or Hugging Face GPT-2 directory")
+  gen.add_argument("--model", required=True, help="tnjax or Hugging Face (GPT-2, Llama, Qwen2) directory")
   gen.add_argument("--prompt", required=True)
   gen.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
   gen.add_argument("--max-new-tokens", type=positive, default=50)
@@ -197,7 +198,7 @@ def _parser() -> argparse.ArgumentParser:
   gen.set_defaults(run=cmd_generate)
 
   co = sub.add_parser("compress", help="compress a trained model (TensorGPT, MPO, MoDeGPT, SVD)")
-  co.add_argument("--model", required=True, help="tnjax or Hugging Face GPT-2 directory")
+  co.add_argument("--model", required=True, help="tnjax or Hugging Face (GPT-2, Llama, Qwen2) directory")
   co.add_argument("--method", required=True, choices=["tensorgpt", "mpo", "modegpt", "svd"])
   co.add_argument("--rank", help="rank cap (mpo: bond dimension chi); comma-separated for a sweep")
   co.add_argument("--ratio", help="fraction of the compressed part's parameters kept, in (0, 1]; "

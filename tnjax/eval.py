@@ -43,7 +43,7 @@ def perplexity(model, token_ids, *, block_size: int | None = None, stride: int |
   """Perplexity of a token sequence under ``model`` with overlapping windows.
 
   Args:
-    model: a [`GPT`][tnjax.models.GPT].
+    model: a model of any family ([`GPT`][tnjax.models.GPT], [`Llama`][tnjax.models.Llama]).
     token_ids: 1-d integer ids (at least 2).
     block_size: window length (default: the model's block_size).
     stride: step between windows (default: block_size, no overlap); smaller

@@ -1,5 +1,6 @@
 """A tiny GPT, briefly trained on a synthetic token stream with structure, shared by the compression tests."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -38,3 +39,15 @@ def trained(tokens):
 @pytest.fixture(scope="session")
 def ids(tokens):
   return tokens[16000:16256].reshape(4, 64)
+
+
+def rel_err(model, ref_logits, ids):
+  return float(jnp.linalg.norm(model(ids) - ref_logits) / jnp.linalg.norm(ref_logits))
+
+
+def check_error_falls(model, ids, method, ranks):
+  """The relative logit error of ``method(model, ids, r)`` falls strictly as r grows, and ends below 0.5."""
+  ref = model(ids)
+  errors = [rel_err(method(model, ids, r), ref, ids) for r in ranks]
+  assert all(a > b for a, b in zip(errors, errors[1:])), errors
+  assert errors[-1] < 0.5

@@ -6,26 +6,22 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.compress.conftest import check_error_falls, rel_err
 from tnjax.compress import (
-    choose_layers,
-    count_bytes,
-    heal,
-    layer_sensitivity,
-    modegpt_compress,
-    mpo_compress,
-    quantize_int8,
-    svd_compress,
-    tensorgpt_embedding,
+  choose_layers,
+  count_bytes,
+  heal,
+  layer_sensitivity,
+  modegpt_compress,
+  mpo_compress,
+  quantize_int8,
+  svd_compress,
+  tensorgpt_embedding,
 )
 from tnjax.compress.report import compress, summary
 from tnjax.eval import perplexity
 from tnjax.interop import load_model, save_model
 from tnjax.nn import Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
-
-
-def rel_err(model, ref_logits, ids):
-  return float(jnp.linalg.norm(model(ids) - ref_logits) / jnp.linalg.norm(ref_logits))
-
 
 EXACT = [
     ("svd full rank", lambda m, ids: svd_compress(m, rank=256)),
@@ -57,10 +53,7 @@ SWEEPS = [
 
 @pytest.mark.parametrize("name,method,ranks", SWEEPS, ids=[getattr(s, "id", None) or s[0] for s in SWEEPS])
 def test_error_falls_as_rank_grows(trained, ids, name, method, ranks):
-  ref = trained(ids)
-  errors = [rel_err(method(trained, ids, r), ref, ids) for r in ranks]
-  assert all(a > b for a, b in zip(errors, errors[1:])), errors
-  assert errors[-1] < 0.5
+  check_error_falls(trained, ids, method, ranks)
 
 
 def test_parameter_accounting_is_exact(trained):
@@ -87,6 +80,30 @@ def test_parameter_accounting_is_exact(trained):
     s = summary(trained, out, [f"h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "mlp.c_fc")])
     for row in s["layers"]:
       assert row["kept"] <= 0.4 + 0.02  # the bias (kept whole) is the slack
+
+
+def test_config_records_per_bond_ranks_and_loading_checks_tt_cores(trained, tmp_path):
+  """The config is the truth: tolerance-chosen ranks are in the layer spec, a model built from the config alone
+  has the same core shapes, and a file whose cores disagree with it is refused by name."""
+  from safetensors.numpy import load_file, save_file
+
+  from tnjax.models import GPT
+
+  small = tensorgpt_embedding(mpo_compress(trained, rtol=0.3, layers=["mlp.c_fc"]), rtol=0.3)
+  for name, layer in (("h.0.mlp.c_fc", small.h[0].mlp.c_fc), ("h.1.mlp.c_fc", small.h[1].mlp.c_fc),
+                      ("embedding", small.wte)):
+    assert small.config.spec_of(name).ranks == layer.ranks[1:-1]
+  rebuilt = nnx.eval_shape(lambda: GPT(small.config, rngs=nnx.Rngs(0)))
+  for a, b in ((rebuilt.h[1].mlp.c_fc, small.h[1].mlp.c_fc), (rebuilt.wte, small.wte)):
+    assert [c.shape for c in a.cores] == [c.shape for c in b.cores]
+  path = save_model(small, tmp_path / "m") / "model.safetensors"
+  tensors = load_file(str(path))
+  core = tensors["h.1.mlp.c_fc.cores.0"]
+  tensors["h.1.mlp.c_fc.cores.0"] = np.concatenate([core, core[..., :1]], axis=-1)
+  save_file(tensors, str(path))
+  with pytest.raises(ValueError, match=r"load_model: parameter h.1.mlp.c_fc.cores.0 has shape \(1, 4, 4, \d+\) "
+                                       r"but \(1, 4, 4, \d+\) is expected"):
+    load_model(tmp_path / "m")
 
 
 def test_tensorgpt_ratio_and_rtol(trained):

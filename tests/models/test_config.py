@@ -39,10 +39,25 @@ def test_ttm_gpt2_has_fewer_parameters():
     (dict(d_model=130), r"GPTConfig: d_model=130 but it must be divisible by n_head=4"),
     (dict(dropout=1.0), r"GPTConfig: dropout=1.0 but 0 <= dropout < 1"),
     (dict(n_layer=0), r"GPTConfig: n_layer=0 but a positive integer"),
+    (dict(layers={"mlp.c_fc": {"kind": "lowrank", "rank": 4, "ranks": [4]}}),
+     r"GPTConfig: layers\['mlp.c_fc'\].ranks=\(4,\) but per-bond ranks are for kind 'ttm' or 'mps'"),
+    (dict(layers={"mlp.c_fc": {"kind": "ttm", "rank": 4, "ranks": [4]}}),
+     r"GPTConfig: layers\['mlp.c_fc'\].ranks=\(4,\) but 2 entries \(one per bond\) are expected"),
+    (dict(layers={"*": "lowrank"}), r"GPTConfig: layers\['\*'\].rank=None but a positive integer"),
 ])
 def test_config_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     preset("tiny", **kwargs)
+
+
+def test_every_projection_key_and_per_bond_ranks_rebuild_layers_exactly():
+  cfg = preset("tiny", layers={"*": {"kind": "ttm", "rank": 8}, "mlp.c_fc": "dense",
+                               "h.1.attn.c_proj": {"kind": "ttm", "rank": 8, "ranks": [3, 5]}})
+  assert [cfg.spec(p, 0).kind for p in cfg.PROJECTIONS] == ["ttm", "ttm", "dense", "ttm"]
+  assert cfg.spec("embedding").kind == "dense"  # "*" covers projections only
+  model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+  assert model.h[1].attn.c_proj.ranks == (1, 3, 5, 1) and max(model.h[0].attn.c_proj.ranks) == 8
+  assert type(cfg).from_json(cfg.to_json()) == cfg
 
 
 def test_preset_and_model_errors():

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import math
-import re
 
 import jax
 import numpy as np
 from flax import nnx
 
 from tnjax.interop.native import model_from_tensors, model_tensors
-from tnjax.models.config import PROJECTIONS, GPTConfig, LayerSpec
-from tnjax.models.gpt import GPT
+from tnjax.models.config import DecoderConfig, LayerSpec
+from tnjax.models.decoder import Decoder
+from tnjax.models.names import layer_key, parse_layer_key
 
-_BLOCK_NAME = re.compile(r"^h\.(\d+)\.(.+)$")
 
-
-def projection_names(cfg: GPTConfig) -> list[str]:
+def projection_names(cfg: DecoderConfig) -> list[str]:
   """Every attention and MLP projection of the model, "h.{i}.{projection}", block by block.
 
   Example:
@@ -24,10 +22,10 @@ def projection_names(cfg: GPTConfig) -> list[str]:
     >>> projection_names(preset("tiny", n_layer=1))
     ['h.0.attn.c_attn', 'h.0.attn.c_proj', 'h.0.mlp.c_fc', 'h.0.mlp.c_proj']
   """
-  return [f"h.{i}.{p}" for i in range(cfg.n_layer) for p in PROJECTIONS]
+  return [layer_key(i, p) for i in range(cfg.n_layer) for p in cfg.PROJECTIONS]
 
 
-def resolve_layers(fn: str, cfg: GPTConfig, layers) -> list[str]:
+def resolve_layers(fn: str, cfg: DecoderConfig, layers) -> list[str]:
   """Layer names to compress: None is every attention and MLP projection; a name is "h.{i}.{projection}",
   a projection ("mlp.c_fc": every block) or "lm_head" (an untied head).
 
@@ -42,38 +40,30 @@ def resolve_layers(fn: str, cfg: GPTConfig, layers) -> list[str]:
     layers = [layers]
   out = []
   for name in layers:
-    m = _BLOCK_NAME.match(name)
-    if name in PROJECTIONS:
-      out += [f"h.{i}.{name}" for i in range(cfg.n_layer)]
-    elif m and m.group(2) in PROJECTIONS and int(m.group(1)) < cfg.n_layer:
+    block, projection = parse_layer_key(name)
+    if block is None and name in cfg.PROJECTIONS:
+      out += [layer_key(i, name) for i in range(cfg.n_layer)]
+    elif block is not None and projection in cfg.PROJECTIONS and block < cfg.n_layer:
       out.append(name)
     elif name == "lm_head" and not cfg.tie_embeddings:
       out.append(name)
     else:
       raise ValueError(f"{fn}: unknown layer name {name!r}; expected 'h.<i>.<projection>' with i < "
-                       f"{cfg.n_layer}, a projection of {PROJECTIONS}, or 'lm_head' for an untied head")
+                       f"{cfg.n_layer}, a projection of {cfg.PROJECTIONS}, or 'lm_head' for an untied head")
   return list(dict.fromkeys(out))
 
 
-def get_layer(model: GPT, name: str) -> nnx.Module:
+def get_layer(model: Decoder, name: str) -> nnx.Module:
   """The module of a projection name ("h.3.mlp.c_fc", "lm_head") or "embedding"."""
-  if name == "embedding":
-    return model.wte
-  if name == "lm_head":
-    return model.lm_head
-  i, rest = _BLOCK_NAME.match(name).groups()
-  module = model.h[int(i)]
-  for part in rest.split("."):
-    module = getattr(module, part)
-  return module
+  return model.layer(name)
 
 
 def _prefix(name: str) -> str:
   return "wte" if name == "embedding" else name
 
 
-def rebuild(model: GPT, cfg: GPTConfig, replaced: dict) -> GPT:
-  """A new GPT of config ``cfg`` with the parameters of ``model``, except the named layers, taken from
+def rebuild(model: Decoder, cfg: DecoderConfig, replaced: dict) -> Decoder:
+  """A new model of config ``cfg`` with the parameters of ``model``, except the named layers, taken from
   ``replaced`` (a module, or a dict of its parameters such as ``{"kernel": ..., "bias": ...}``)."""
   tensors = model_tensors(model)
   for name, module in replaced.items():
@@ -84,14 +74,13 @@ def rebuild(model: GPT, cfg: GPTConfig, replaced: dict) -> GPT:
   return model_from_tensors(cfg, tensors, fn="compress")
 
 
-def with_specs(cfg: GPTConfig, specs: dict[str, LayerSpec]) -> GPTConfig:
+def with_specs(cfg: DecoderConfig, specs: dict[str, LayerSpec]) -> DecoderConfig:
   """``cfg`` with per-layer specs set ("embedding", "lm_head" or "h.{i}.{projection}")."""
   return cfg.replace(layers={**cfg.layers, **specs})
 
 
-def spec_of(cfg: GPTConfig, name: str) -> LayerSpec:
-  m = _BLOCK_NAME.match(name)
-  return cfg.spec(m.group(2), int(m.group(1))) if m else cfg.spec(name)
+def spec_of(cfg: DecoderConfig, name: str) -> LayerSpec:
+  return cfg.spec_of(name)
 
 
 def weights(layer: nnx.Module) -> int:
@@ -101,9 +90,9 @@ def weights(layer: nnx.Module) -> int:
 
 
 def count_params(module: nnx.Module) -> int:
-  """Parameters of a module (every ``nnx.Param``, TT cores and int8 scales included); for a GPT,
-  ``GPT.num_params`` (the embedding's padding rows are not parameters)."""
-  if isinstance(module, GPT):
+  """Parameters of a module (every ``nnx.Param``, TT cores and int8 scales included); for a model,
+  ``num_params`` (the embedding's padding rows are not parameters)."""
+  if isinstance(module, Decoder):
     return module.num_params
   return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
 

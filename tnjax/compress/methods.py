@@ -1,7 +1,8 @@
 """Training-free compression by factorization: truncated SVD (the baseline), MPO (CompactifAI), TensorGPT
 embeddings, and weight-only int8 on top of any of them.
 
-Every function maps a [`GPT`][tnjax.models.GPT] to a new one (the input is
+Every function maps a model of any family ([`GPT`][tnjax.models.GPT],
+[`Llama`][tnjax.models.Llama]) to a new one (the input is
 left untouched) whose config records the new layer kinds, so the result saves
 and loads like any tnjax model and exports to Hugging Face as dense.
 
@@ -24,12 +25,17 @@ from tnjax.compress import _model
 from tnjax.core import _checks, fused
 from tnjax.core.shapes import factorize
 from tnjax.models.config import LayerSpec
-from tnjax.models.gpt import GPT, dense_kernel
+from tnjax.models.decoder import Decoder, dense_kernel
 from tnjax.nn import BTTLinear, Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
 
 
 def _bias(layer):
   return None if layer.bias is None else layer.bias[...]
+
+
+def _bonds(ranks) -> tuple[int, ...] | None:
+  """The interior (per-bond) ranks the config records, from ranks with their boundary 1s."""
+  return tuple(int(r) for r in ranks[1:-1]) or None
 
 
 def _target(fn: str, **targets) -> tuple[str | None, object]:
@@ -43,8 +49,8 @@ def _target(fn: str, **targets) -> tuple[str | None, object]:
   return key, value
 
 
-def svd_compress(model: GPT, *, ratio: float | None = None, rank: int | None = None, rtol: float | None = None,
-                 layers=None) -> GPT:
+def svd_compress(model: Decoder, *, ratio: float | None = None, rank: int | None = None, rtol: float | None = None,
+                 layers=None) -> Decoder:
   """Truncated SVD of every selected projection: W (m, n) -> U (m, r) V (r, n), the baseline.
 
   Args:
@@ -95,8 +101,8 @@ def _ttm_params(in_dims, out_dims, rank: int) -> int:
   return sum(r[k] * modes[k] * r[k + 1] for k in range(len(modes)))
 
 
-def mpo_compress(model: GPT, *, chi: int | None = None, ratio: float | None = None, rtol: float | None = None,
-                 layers=None, num_cores: int = 3, method: str = "svd", layout: str = "balanced") -> GPT:
+def mpo_compress(model: Decoder, *, chi: int | None = None, ratio: float | None = None, rtol: float | None = None,
+                 layers=None, num_cores: int = 3, method: str = "svd", layout: str = "balanced") -> Decoder:
   """CompactifAI's step one: every selected projection becomes an MPO (TT-matrix) of bond dimension chi.
 
   Each kernel is decomposed by [`ttm_svd`][tnjax.ttm_svd] into ``num_cores``
@@ -168,7 +174,7 @@ def mpo_compress(model: GPT, *, chi: int | None = None, ratio: float | None = No
     path = "fused" if layout == "fused" else _model.spec_of(model.config, name).path
     new.path = path
     specs[name] = LayerSpec(kind="ttm", rank=max(new.ranks), in_dims=in_dims, out_dims=out_dims,
-                            num_cores=num_cores, path=path)
+                            num_cores=num_cores, path=path, ranks=_bonds(new.ranks))
   return _model.rebuild(model, _model.with_specs(model.config, specs), replaced)
 
 
@@ -177,9 +183,9 @@ def _mps_params(dims, rank: int) -> int:
   return sum(r[k] * dims[k] * r[k + 1] for k in range(len(dims)))
 
 
-def tensorgpt_embedding(model: GPT, *, rank: int | None = None, ratio: float | None = None,
+def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float | None = None,
                         rtol: float | None = None, feature_dims=None, num_cores: int = 3,
-                        form: str = "mps") -> GPT:
+                        form: str = "mps") -> Decoder:
   """TensorGPT: the token embedding compressed without training.
 
   ``form="mps"`` (the paper): each row, reshaped to ``feature_dims``, is
@@ -236,15 +242,16 @@ def tensorgpt_embedding(model: GPT, *, rank: int | None = None, ratio: float | N
       return _model.rebuild(model, model.config, {})
   if form == "mps":
     wte = MPSEmbedding.from_dense(table, rank=cap, rtol=rtol, feature_dims=feature_dims)
-    spec = LayerSpec(kind="mps", rank=max(wte.ranks), out_dims=feature_dims, num_cores=len(feature_dims))
+    spec = LayerSpec(kind="mps", rank=max(wte.ranks), out_dims=feature_dims, num_cores=len(feature_dims),
+                     ranks=_bonds(wte.ranks))
   else:
     wte = TTEmbedding.from_dense(table, rank=cap, rtol=rtol, vocab_dims=vocab_dims, feature_dims=feature_dims)
     spec = LayerSpec(kind="ttm", rank=max(wte.ttm.ranks), in_dims=vocab_dims, out_dims=feature_dims,
-                     num_cores=len(feature_dims))
+                     num_cores=len(feature_dims), ranks=_bonds(wte.ttm.ranks))
   return _model.rebuild(model, _model.with_specs(model.config, {"embedding": spec}), {"embedding": wte})
 
 
-def quantize_int8(model: GPT, *, layers=None) -> GPT:
+def quantize_int8(model: Decoder, *, layers=None) -> Decoder:
   """Weight-only per-channel int8 for the selected projections (dense kernels, TT cores or low-rank factors).
 
   Weights are stored as int8 with one float32 scale per output channel

@@ -35,8 +35,9 @@ from flax import nnx
 
 from tnjax.compress import _model
 from tnjax.core import _checks
-from tnjax.models.config import PROJECTIONS, LayerSpec
-from tnjax.models.gpt import GPT, dense_kernel
+from tnjax.models.config import LayerSpec
+from tnjax.models.decoder import Decoder
+from tnjax.models.names import block_key, layer_key
 
 _HIGH = jax.lax.Precision.HIGHEST
 
@@ -159,28 +160,18 @@ def whitened_svd(c, w_v, w_o, k: int, *, ridge: float = 1e-4) -> tuple[np.ndarra
   return np.asarray(a[0])[:, :k], np.asarray(b[0])[:k]
 
 
-def _block_stats(model: GPT, ids):
-  """Per-block calibration statistics for one batch of ids (batch, time)."""
-  cfg = model.config
-  t = ids.shape[1]
-  x = (model.wte(ids) + model.wpe(jnp.arange(t))[None]).astype(jnp.float32)
+def _block_stats(model: Decoder, ids):
+  """Per-block calibration statistics for one batch of ids (batch, time), from each block's ``trace``."""
+  x = model.embed(ids).astype(jnp.float32)
   out = []
-  for i, block in enumerate(model.h):
-    _, qk, _ = cfg.block_dims(i)
-    h1 = block.ln_1(x)
-    a = h1.reshape(-1, h1.shape[-1]).astype(jnp.float32)
-    qkv = block.attn.c_attn(h1)
-    qkv = qkv.reshape(-1, qkv.shape[-1])
-    q = qkv[:, : cfg.n_head * qk].astype(jnp.float32)
-    k = qkv[:, cfg.n_head * qk : 2 * cfg.n_head * qk].astype(jnp.float32)
-    mid = x + block.attn(h1)[0]
-    act = jax.nn.gelu(block.mlp.c_fc(block.ln_2(mid)), approximate=True)
-    y = mid + block.mlp.c_proj(act)
-    act = act.reshape(-1, act.shape[-1]).astype(jnp.float32)
+  for block in model.h:
+    y, acts = block.trace(x)
+    a = acts["attn_in"].reshape(-1, x.shape[-1]).astype(jnp.float32)
+    q, k, act = (acts[n].astype(jnp.float32) for n in ("q", "k", "mlp_act"))
+    act = act.reshape(-1, act.shape[-1])
     cos = jnp.sum(x * y, -1) / (jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(y, axis=-1) + 1e-12)
-    out.append({"attn_in": jnp.matmul(a.T, a, precision=_HIGH),
-                "q_norm2": jnp.sum(q * q, 0).reshape(cfg.n_head, qk),
-                "k_norm2": jnp.sum(k * k, 0).reshape(cfg.n_head, qk),
+    out.append({"attn_in": jnp.matmul(a.T, a, precision=_HIGH), "attn_sum": jnp.sum(a, 0),
+                "q_norm2": jnp.sum(q * q, (0, 1)), "k_norm2": jnp.sum(k * k, (0, 1)),
                 "mlp_act": jnp.matmul(act.T, act, precision=_HIGH),
                 "cos": jnp.sum(cos), "tokens": jnp.asarray(cos.size, jnp.float32)})
     x = y.astype(x.dtype)
@@ -192,7 +183,7 @@ def _jit_stats(graphdef, state, ids):
   return _block_stats(nnx.merge(graphdef, state), ids)
 
 
-def calibrate(model: GPT, batches) -> list[dict]:
+def calibrate(model: Decoder, batches) -> list[dict]:
   """Sums the statistics MoDeGPT needs over calibration batches, per block.
 
   Args:
@@ -200,10 +191,12 @@ def calibrate(model: GPT, batches) -> list[dict]:
     batches: integer id arrays (batch, time), or one such array.
 
   Returns:
-    One dict per block: "attn_in" (d, d) = X^T X of the attention input,
-    "q_norm2" / "k_norm2" (n_head, qk_dim) column sums of squares, "mlp_act"
-    (d_ff, d_ff) = H^T H of the MLP activations, and "importance"
-    (1 - mean cosine similarity of the block's input and output).
+    One dict per block: "attn_in" (d, d) = X^T X of the attention input and
+    "attn_sum" (d,) its column sums, "tokens" their count, "q_norm2"
+    (n_head, qk_dim) / "k_norm2" (kv_heads, qk_dim) column sums of squares of
+    queries and keys (before rotary embeddings), "mlp_act" (d_ff, d_ff) = H^T H
+    of the MLP activations, and "importance" (1 - mean cosine similarity of
+    the block's input and output).
 
   Example:
     >>> import numpy as np
@@ -226,8 +219,8 @@ def calibrate(model: GPT, batches) -> list[dict]:
     model._check_ids(b)
     stats = _jit_stats(graphdef, state, b)
     total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
-  return [{"attn_in": s["attn_in"], "q_norm2": s["q_norm2"], "k_norm2": s["k_norm2"], "mlp_act": s["mlp_act"],
-           "importance": float(1 - s["cos"] / s["tokens"])} for s in total]
+  keys = ("attn_in", "attn_sum", "q_norm2", "k_norm2", "mlp_act", "tokens")
+  return [{**{k: s[k] for k in keys}, "importance": float(1 - s["cos"] / s["tokens"])} for s in total]
 
 
 def allocate(importance, ratio: float, *, temperature: float = 1.0, max_cut: float = 0.95) -> list[float]:
@@ -262,8 +255,8 @@ def _check_calib(fn, calib):
                      "calibrate(); pass a few batches of text")
 
 
-def modegpt_compress(model: GPT, calib, *, ratio: float, allocation: str = "global", temperature: float = 1.0,
-                     ridge: float = 1e-4, multiple_of: int = 1) -> GPT:
+def modegpt_compress(model: Decoder, calib, *, ratio: float, allocation: str = "global", temperature: float = 1.0,
+                     ridge: float = 1e-4, multiple_of: int = 1) -> Decoder:
   """Compresses every block's attention and MLP to about ``ratio`` of their weights (MoDeGPT).
 
   Args:
@@ -309,37 +302,81 @@ def modegpt_compress(model: GPT, calib, *, ratio: float, allocation: str = "glob
     ratios = allocate([s["importance"] for s in stats], ratio, temperature=temperature)
   else:
     ratios = [ratio] * cfg.n_layer
-  h = cfg.n_head
   replaced, specs, dims = {}, {}, dict(cfg.dims)
   for i, (st, rho) in enumerate(zip(stats, ratios)):
-    ff, qk, vd = cfg.block_dims(i)
-    k_ff, k_qk, k_v = (min(n, max(multiple_of, multiple_of * round(rho * n / multiple_of))) for n in (ff, qk, vd))
-    if (k_ff, k_qk, k_v) == (ff, qk, vd):
+    parts, block_dims = _narrow_block(cfg, i, model.h[i].parts(), st, rho, ridge, multiple_of)
+    if parts is None:
       continue
-    block = model.h[i]
-    # Type I: MLP neurons by Nystrom.
-    keep, w_down = nystrom_select(st["mlp_act"], dense_kernel(block.mlp.c_proj), k_ff, ridge=ridge)
-    replaced[f"h.{i}.mlp.c_fc"] = {"kernel": np.asarray(dense_kernel(block.mlp.c_fc))[:, keep],
-                                    "bias": np.asarray(block.mlp.c_fc.bias[...])[keep]}
-    replaced[f"h.{i}.mlp.c_proj"] = {"kernel": w_down, "bias": block.mlp.c_proj.bias[...]}
-    # Type II: query/key columns per head by CR.
-    w_attn, b_attn = np.asarray(dense_kernel(block.attn.c_attn)), np.asarray(block.attn.c_attn.bias[...])
-    cols = cr_select(st["q_norm2"], st["k_norm2"], k_qk)
-    cols = (cols + qk * np.arange(h)[:, None]).reshape(-1)
-    wq, wk, wv = np.split(w_attn, [h * qk, 2 * h * qk], axis=1)
-    bq, bk, bv = np.split(b_attn, [h * qk, 2 * h * qk])
-    # Type III: value/output per head by whitened SVD; the value bias folds into the output bias.
-    w_o = np.asarray(dense_kernel(block.attn.c_proj))
-    b_o = np.asarray(block.attn.c_proj.bias[...]) + bv @ w_o
-    c = jnp.asarray(st["attn_in"])
-    heads_v = jnp.asarray(wv.reshape(wv.shape[0], h, vd).transpose(1, 0, 2), c.dtype)
-    a, b = _value_output_factors(c, heads_v, jnp.asarray(w_o.reshape(h, vd, -1), c.dtype), ridge)
-    a, b = np.asarray(a)[:, :, :k_v], np.asarray(b)[:, :k_v]
-    replaced[f"h.{i}.attn.c_attn"] = {
-        "kernel": np.concatenate([wq[:, cols], wk[:, cols], a.transpose(1, 0, 2).reshape(a.shape[1], -1)], axis=1),
-        "bias": np.concatenate([bq[cols], bk[cols], np.zeros((h * k_v,), b_attn.dtype)])}
-    replaced[f"h.{i}.attn.c_proj"] = {"kernel": b.reshape(h * k_v, -1), "bias": b_o}
-    dims[f"h.{i}"] = {"d_ff": k_ff, "qk_dim": k_qk, "v_dim": k_v}
-    specs.update({f"h.{i}.{p}": LayerSpec() for p in PROJECTIONS})
+    replaced.update({layer_key(i, name): t for name, t in type(model.h[i]).projections(parts).items()})
+    dims[block_key(i)] = block_dims
+    specs.update({layer_key(i, p): LayerSpec() for p in cfg.PROJECTIONS})
   new_cfg = _model.with_specs(cfg, specs).replace(dims=dims)
   return _model.rebuild(model, new_cfg, replaced)
+
+
+def _kept(n: int, rho: float, multiple_of: int) -> int:
+  return min(n, max(multiple_of, multiple_of * round(rho * n / multiple_of)))
+
+
+def _narrow_block(cfg, i: int, parts: dict, st: dict, rho: float, ridge: float, multiple_of: int):
+  """One block's matrices narrowed to about ``rho`` of its widths, and its new ``dims`` (None, None when nothing
+  would change). ``parts`` are the block's q, k, v, o, up (a list) and down (kernel, bias or None)."""
+  h, kv = cfg.n_head, cfg.kv_heads
+  group = h // kv
+  ff, qk, vd = cfg.block_dims(i)
+  rotary = hasattr(cfg, "rope_pairs")
+  # Rotary models keep whole pairs (column j and j + qk/2 share one frequency): widths count pairs.
+  k_ff, k_qk, k_v = _kept(ff, rho, multiple_of), 2 * _kept(qk // 2, rho, multiple_of) if rotary else \
+      _kept(qk, rho, multiple_of), _kept(vd, rho, multiple_of)
+  if (k_ff, k_qk, k_v) == (ff, qk, vd):
+    return None, None
+  out = {}
+  # Type I: MLP neurons by Nystrom; SwiGLU's gate and up projections keep the same neurons.
+  w_down, b_down = parts["down"]
+  keep, w_down = nystrom_select(st["mlp_act"], w_down, k_ff, ridge=ridge)
+  out["up"] = [(w[:, keep], None if b is None else b[keep]) for w, b in parts["up"]]
+  out["down"] = (w_down, b_down)
+  # Type II: query/key columns by CR, scored per key head over the query heads that read it.
+  q_norm = np.sqrt(np.asarray(st["q_norm2"])).reshape(kv, group, qk).sum(1) ** 2
+  k_norm = np.asarray(st["k_norm2"])
+  new_dims = {"d_ff": k_ff, "qk_dim": k_qk, "v_dim": k_v}
+  if rotary:
+    # Whole rotary pairs, the same ones in every head (the block keeps one list of frequencies): RoPE stays exact.
+    half = qk // 2
+    score = np.sum(np.sqrt((q_norm[:, :half] + q_norm[:, half:]) * (k_norm[:, :half] + k_norm[:, half:])), 0)
+    pairs = cr_select(score[None] ** 2, np.ones((1, half)), k_qk // 2)[0]
+    cols = np.tile(np.concatenate([pairs, pairs + half]), (kv, 1))
+    new_dims["rope_pairs"] = [int(p) for p in np.asarray(cfg.rope_pairs(i))[pairs]]
+  else:
+    cols = cr_select(q_norm, k_norm, k_qk)
+  k_cols = (cols + qk * np.arange(kv)[:, None]).reshape(-1)
+  q_cols = (np.repeat(cols, group, axis=0) + qk * np.arange(h)[:, None]).reshape(-1)
+  for name, c in (("q", q_cols), ("k", k_cols)):
+    w, b = parts[name]
+    out[name] = (w[:, c], None if b is None else b[c])
+  out["v"], out["o"] = _narrow_value_output(parts["v"], parts["o"], st, kv, group, k_v, ridge)
+  return out, new_dims
+
+
+def _narrow_value_output(v, o, st, kv: int, group: int, k_v: int, ridge: float):
+  """Type III: per key/value head, the whitened SVD of W_V [W_O of every query head reading it]."""
+  (w_v, b_v), (w_o, b_o) = v, o
+  d, vd = w_v.shape[0], w_v.shape[1] // kv
+  heads_v = w_v.reshape(d, kv, vd).transpose(1, 0, 2)
+  heads_o = w_o.reshape(kv, group, vd, -1).transpose(0, 2, 1, 3).reshape(kv, vd, -1)
+  c = np.asarray(st["attn_in"])
+  augmented = b_v is not None and b_o is None
+  if augmented:
+    # No output bias to fold the value bias into (Qwen2): fit [W_V; b_V] on inputs [X, 1] instead.
+    s, n = np.asarray(st["attn_sum"]), float(st["tokens"])
+    c = np.block([[c, s[:, None]], [s[None, :], np.full((1, 1), n)]]).astype(c.dtype)
+    heads_v = np.concatenate([heads_v, b_v.reshape(kv, 1, vd)], axis=1)
+  elif b_v is not None:
+    # The value bias passes through attention unchanged (softmax rows sum to 1): fold it into the output bias.
+    b_o = b_o + np.repeat(b_v.reshape(kv, 1, vd), group, axis=1).reshape(-1) @ w_o
+  c = jnp.asarray(c)
+  a, b = _value_output_factors(c, jnp.asarray(heads_v, c.dtype), jnp.asarray(heads_o, c.dtype), ridge)
+  a, b = np.asarray(a)[:, :, :k_v], np.asarray(b)[:, :k_v]
+  w_o = b.reshape(kv, k_v, group, -1).transpose(0, 2, 1, 3).reshape(kv * group * k_v, -1)
+  new_b_v = None if b_v is None else (a[:, d] if augmented else np.zeros((kv, k_v), b_v.dtype)).reshape(-1)
+  return (a[:, :d].transpose(1, 0, 2).reshape(d, kv * k_v), new_b_v), (w_o, b_o)

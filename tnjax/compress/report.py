@@ -15,13 +15,13 @@ from tnjax.compress import _model
 from tnjax.compress.methods import mpo_compress, quantize_int8, svd_compress, tensorgpt_embedding
 from tnjax.compress.modegpt import modegpt_compress
 from tnjax.compress.tuning import heal
-from tnjax.models.gpt import GPT
+from tnjax.models.decoder import Decoder
 
 METHODS = ("tensorgpt", "mpo", "modegpt", "svd")
 
 
-def compress(model: GPT, method: str, *, rank: int | None = None, ratio: float | None = None,
-             rtol: float | None = None, calib=None, layers=None, layout: str | None = None) -> GPT:
+def compress(model: Decoder, method: str, *, rank: int | None = None, ratio: float | None = None,
+             rtol: float | None = None, calib=None, layers=None, layout: str | None = None) -> Decoder:
   """One method by name: "tensorgpt" (embedding), "mpo" (rank = chi), "modegpt" (ratio only) or "svd".
 
   ``layout`` is mpo's ([`mpo_compress`][tnjax.compress.mpo_compress]): "balanced" (default) or "fused".
@@ -55,8 +55,7 @@ def compress(model: GPT, method: str, *, rank: int | None = None, ratio: float |
       raise ValueError(f"{fn}: layers={layers!r} but modegpt compresses every block (allocation is global)")
     # Its factors are dense: on TT-matrix (or other tensorized) layers the result would be larger than the input.
     cfg = model.config
-    tensorized = [n for n in _model.projection_names(cfg) if cfg.spec(n.split(".", 2)[2], int(n.split(".")[1])).kind
-                  != "dense"]
+    tensorized = [n for n in _model.projection_names(cfg) if cfg.spec_of(n).kind != "dense"]
     if tensorized:
       raise ValueError(f"{fn}: method='modegpt' but layers {tensorized[:4]}{'...' if len(tensorized) > 4 else ''} "
                        "are not dense; modegpt expects dense projections (it would make these larger)")
@@ -64,14 +63,14 @@ def compress(model: GPT, method: str, *, rank: int | None = None, ratio: float |
   raise ValueError(f"{fn}: method={method!r} but one of {METHODS} is expected")
 
 
-def compressed_part(model: GPT, method: str, layers=None) -> list[str]:
+def compressed_part(model: Decoder, method: str, layers=None) -> list[str]:
   """Names of the layers a method targets: "embedding" for tensorgpt, else the projections."""
   if method == "tensorgpt":
     return ["embedding"]
   return _model.resolve_layers("compress", model.config, None if method == "modegpt" else layers)
 
 
-def summary(before: GPT, after: GPT, names: list[str]) -> dict:
+def summary(before: Decoder, after: Decoder, names: list[str]) -> dict:
   """Parameter and byte accounting: whole model and per compressed layer (biases included).
 
   Example:
@@ -159,7 +158,7 @@ def plot_sweep(rows: list[dict], path, *, baseline: float | None = None, title: 
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=pathlib.Path(path).suffix[1:] or "png"))
 
 
-def run(model: GPT, method: str, out_dir, *, targets: list[dict], valid_ids=None, calib_ids=None, layers=None,
+def run(model: Decoder, method: str, out_dir, *, targets: list[dict], valid_ids=None, calib_ids=None, layers=None,
         heal_steps: int = 0, heal_lr: float = 1e-4, int8: bool = False, block_size: int | None = None,
         tokenizer=None, save: bool = True, layout: str | None = None, overwrite: bool = False) -> dict:
   """Compresses ``model`` at each target ({"rank"|"ratio"|"rtol": value}), evaluates, saves and reports.

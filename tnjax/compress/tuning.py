@@ -10,7 +10,7 @@ import numpy as np
 
 from tnjax.compress import _model
 from tnjax.eval import perplexity
-from tnjax.models.gpt import GPT
+from tnjax.models.decoder import Decoder
 
 
 def _check_tokens(fn: str, tokens) -> np.ndarray:
@@ -21,7 +21,7 @@ def _check_tokens(fn: str, tokens) -> np.ndarray:
   return ids
 
 
-def layer_sensitivity(model: GPT, tokens, compress, *, layers=None, block_size: int | None = None) -> dict:
+def layer_sensitivity(model: Decoder, tokens, compress, *, layers=None, block_size: int | None = None) -> dict:
   """The perplexity increase from compressing each layer alone.
 
   Args:
@@ -94,8 +94,8 @@ def choose_layers(sensitivity: dict, params_to_remove: int) -> list[str]:
   return chosen
 
 
-def heal(model: GPT, tokens, steps: int, *, lr: float = 1e-4, batch_size: int = 8, block_size: int | None = None,
-         warmup: int | None = None, seed: int = 0, progress: bool = False) -> GPT:
+def heal(model: Decoder, tokens, steps: int, *, lr: float = 1e-4, batch_size: int = 8, block_size: int | None = None,
+         warmup: int | None = None, seed: int = 0, progress: bool = False) -> Decoder:
   """Fine-tunes a compressed model briefly with the training loop (AdamW, warmup + cosine), as CompactifAI heals.
 
   Args:

@@ -1,13 +1,14 @@
-"""Model files: Hugging Face GPT-2 directories in and out, and tnjax's own format that keeps TT cores."""
+"""Model files: Hugging Face directories (GPT-2, Llama, Qwen2) in and out, and tnjax's own format that keeps TT
+cores."""
 
-from tnjax.interop.hf import config_from_hf, hf_config, load_hf_gpt2, save_hf_gpt2
+from tnjax.interop.hf import load_hf, save_hf
+from tnjax.interop.hf_gpt2 import config_from_hf, hf_config, load_hf_gpt2, save_hf_gpt2
 from tnjax.interop.native import is_native, load_model, model_from_tensors, model_tensors, save_model
 
-__all__ = ["load_hf_gpt2", "save_hf_gpt2", "config_from_hf", "hf_config", "save_model", "load_model", "is_native",
-           "load_any",
-           "model_tensors", "model_from_tensors"]
+__all__ = ["load_hf", "save_hf", "load_hf_gpt2", "save_hf_gpt2", "config_from_hf", "hf_config", "save_model",
+           "load_model", "is_native", "load_any", "model_tensors", "model_from_tensors"]
 
 
 def load_any(path, **kwargs):
-  """A GPT from a tnjax directory (`save_model`) or a Hugging Face GPT-2 directory."""
-  return load_model(path) if is_native(path) else load_hf_gpt2(path, **kwargs)
+  """A model from a tnjax directory (`save_model`) or a Hugging Face GPT-2, Llama or Qwen2 directory."""
+  return load_model(path) if is_native(path) else load_hf(path, **kwargs)

@@ -1,4 +1,21 @@
-"""Hugging Face GPT-2 checkpoints (config.json + model.safetensors) in and out.
+"""Hugging Face checkpoints (config.json + safetensors) in and out, for every model family.
+
+`load_hf` reads a local directory (``model.safetensors``, a sharded
+``model.safetensors.index.json``, or ``pytorch_model.bin`` read weights-only)
+and `save_hf` writes one that ``transformers`` loads. What a family's
+checkpoints look like lives in one mapping module per family (named by its
+[`ModelFamily`][tnjax.models.family.ModelFamily]'s ``hf_mapping``:
+`tnjax.interop.hf_gpt2`, `tnjax.interop.hf_llama`), which provides:
+
+* ``MODEL_TYPES``: the ``model_type`` values it reads;
+* ``config_from_hf(hf, fn)``: the tnjax config, refusing unsupported options by name;
+* ``hf_config(cfg)``: the ``config.json`` dict;
+* ``checkpoint_tensors(tensors, cfg)``: the checkpoint's tensors under the names ``targets`` uses (prefixes
+  stripped, buffers and a tied head dropped);
+* ``targets(model)``: ``{name: (variable, layout)}`` for a dense model, layout "" (as stored), "T" (stored
+  transposed, (out, in)) or "rows" (an embedding table that tnjax pads with rows);
+* ``hf_tensors(model)``: ``{checkpoint name: array}`` of any model (tensorized layers written dense,
+  narrowed blocks zero-padded to full width).
 
 Loading reads tensors with ``safetensors.numpy`` (no PyTorch needed).
 ``pytorch_model.bin`` is read only through ``torch.load(weights_only=True)``,
@@ -7,48 +24,37 @@ which refuses pickled code; it needs torch installed.
 
 from __future__ import annotations
 
+import importlib
 import json
 import pathlib
+from types import ModuleType
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tnjax._io import read_json, read_safetensors
-from tnjax.models.config import GPTConfig
-from tnjax.models.gpt import GPT, dense_kernel
-
-# GPT-2 options we cannot honour, with the value we support.
-_REFUSED = {
-    "add_cross_attention": False,
-    "scale_attn_by_inverse_layer_idx": False,
-    "reorder_and_upcast_attn": False,
-    "scale_attn_weights": True,
-}
-_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh approximation
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old checkpoints
+from tnjax._io import atomic_write, atomic_write_text, read_json, read_safetensors
+from tnjax.models.decoder import Decoder
+from tnjax.models.family import FAMILIES, build, family
 
 
-def config_from_hf(hf: dict) -> GPTConfig:
-  """A `GPTConfig` from a Hugging Face GPT-2 ``config.json`` dict; refuses what it cannot honour, by name."""
-  fn = "load_hf_gpt2"
-  if hf.get("model_type") != "gpt2":
-    raise ValueError(f"{fn}: config model_type={hf.get('model_type')!r} but 'gpt2' is expected")
-  for name, supported in _REFUSED.items():
-    if name in hf and hf[name] != supported:
-      raise ValueError(f"{fn}: config option {name}={hf[name]!r} is not supported (only {supported!r})")
-  act = hf.get("activation_function", "gelu_new")
-  if act not in _ACTIVATIONS:
-    raise ValueError(f"{fn}: config option activation_function={act!r} is not supported (only {_ACTIVATIONS})")
-  n_embd = hf.get("n_embd", 768)
-  return GPTConfig(vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
-                   n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), d_model=n_embd,
-                   d_ff=hf.get("n_inner"), dropout=0.0, tie_embeddings=hf.get("tie_word_embeddings", True),
-                   layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), init_std=hf.get("initializer_range", 0.02))
+def mapping_of(model_or_config) -> ModuleType:
+  """The Hugging Face mapping module of a model's (or config's) family."""
+  return importlib.import_module(family(model_or_config).hf_mapping)
 
 
-def _read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-  fn = "load_hf_gpt2"
+def mapping_for(fn: str, model_type, allowed: tuple[str, ...] | None = None) -> ModuleType:
+  """The mapping module that reads checkpoints of ``model_type`` (restricted to ``allowed`` when given)."""
+  mappings = {t: m for f in FAMILIES.values() for m in [importlib.import_module(f.hf_mapping)] for t in m.MODEL_TYPES}
+  known = allowed or tuple(sorted(mappings))
+  if model_type not in known:
+    expected = repr(known[0]) if len(known) == 1 else f"one of {list(known)}"
+    raise ValueError(f"{fn}: config model_type={model_type!r} but {expected} is expected")
+  return mappings[model_type]
+
+
+def read_tensors(fn: str, path: pathlib.Path) -> dict[str, np.ndarray]:
+  """Every tensor of a Hugging Face directory: one safetensors file, shards, or ``pytorch_model.bin``."""
   single, index, binary = path / "model.safetensors", path / "model.safetensors.index.json", \
       path / "pytorch_model.bin"
   if single.exists():
@@ -69,157 +75,97 @@ def _read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   raise ValueError(f"{fn}: {path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def _assign(fn: str, name: str, variable: nnx.Variable, value: np.ndarray) -> None:
-  if tuple(variable.shape) != tuple(value.shape):
-    raise ValueError(f"{fn}: tensor {name} has shape {tuple(value.shape)} but {tuple(variable.shape)} is expected")
+def _assign(fn: str, name: str, variable: nnx.Variable, value: np.ndarray, layout: str, rows: int) -> None:
+  """Checks a checkpoint tensor's shape (as stored) against the variable it fills, then fills it."""
+  value = np.asarray(value)
+  expected = tuple(variable.shape)
+  if layout == "T":
+    expected = expected[::-1]
+  elif layout == "rows":
+    expected = (rows,) + expected[1:]
+  if tuple(value.shape) != expected:
+    raise ValueError(f"{fn}: tensor {name} has shape {tuple(value.shape)} but {expected} is expected")
+  if layout == "T":
+    value = value.T
+  elif layout == "rows" and variable.shape[0] > rows:  # tnjax pads the table; the rows past the vocabulary stay 0
+    value = np.pad(value, ((0, variable.shape[0] - rows), (0, 0)))
   variable[...] = jnp.asarray(value, variable.dtype)
 
 
-def _hf_tensors(model: GPT) -> dict[str, tuple[nnx.Variable | None, np.ndarray | None]]:
-  """HF names of a dense model's parameters and where they live."""
-  out = {"wte.weight": model.wte.embedding, "wpe.weight": model.wpe.embedding,
-         "ln_f.weight": model.ln_f.scale, "ln_f.bias": model.ln_f.bias}
-  for i, block in enumerate(model.h):
-    p = f"h.{i}."
-    out.update({p + "ln_1.weight": block.ln_1.scale, p + "ln_1.bias": block.ln_1.bias,
-                p + "ln_2.weight": block.ln_2.scale, p + "ln_2.bias": block.ln_2.bias})
-    for name, layer in (("attn.c_attn", block.attn.c_attn), ("attn.c_proj", block.attn.c_proj),
-                        ("mlp.c_fc", block.mlp.c_fc), ("mlp.c_proj", block.mlp.c_proj)):
-      out[p + name + ".weight"] = layer.kernel
-      out[p + name + ".bias"] = layer.bias
-  return out
-
-
-def load_hf_gpt2(path, *, dtype: str | None = None) -> GPT:
-  """Loads a local Hugging Face GPT-2 directory into a dense [`GPT`][tnjax.models.GPT].
+def load_hf(path, *, dtype: str | None = None, fn: str = "load_hf", model_types: tuple[str, ...] | None = None
+            ) -> Decoder:
+  """Loads a local Hugging Face directory (GPT-2, Llama, Qwen2) into a dense tnjax model of its family.
 
   Args:
     path: directory with ``config.json`` and ``model.safetensors`` (or a
       sharded safetensors index, or ``pytorch_model.bin`` read weights-only).
     dtype: computation dtype of the model (parameters stay float32).
+    fn: the name errors start with.
+    model_types: the ``model_type`` values accepted (default: every family's).
 
   Raises:
-    ValueError: missing files, unsupported config options (named), missing,
-      unexpected or wrongly shaped tensors (named).
+    ValueError: missing files, an unsupported ``model_type`` or config option
+      (named), missing, unexpected or wrongly shaped tensors (named), all
+      before any weight is used.
+
+  Example:
+    >>> import tempfile
+    >>> from flax import nnx
+    >>> from tnjax.models import Llama, preset
+    >>> model = Llama(preset("llama-tiny"), rngs=nnx.Rngs(0))
+    >>> again = load_hf(save_hf(model, tempfile.mkdtemp()))
+    >>> ids = jnp.ones((1, 4), jnp.int32)
+    >>> type(again).__name__, bool(jnp.allclose(again(ids), model(ids), atol=1e-5))
+    ('Llama', True)
   """
-  fn = "load_hf_gpt2"
   path = pathlib.Path(path)
   if not (path / "config.json").exists():
-    raise ValueError(f"{fn}: {path / 'config.json'} does not exist; expected a Hugging Face GPT-2 directory")
+    raise ValueError(f"{fn}: {path / 'config.json'} does not exist; expected a Hugging Face model directory")
+  hf = read_json(fn, path / "config.json")
+  if not isinstance(hf, dict):
+    raise ValueError(f"{fn}: {path / 'config.json'} holds {type(hf).__name__} but a JSON object is expected")
+  mapping = mapping_for(fn, hf.get("model_type"), model_types)
   try:
-    cfg = config_from_hf(read_json(fn, path / "config.json")).replace(dtype=dtype)
+    cfg = mapping.config_from_hf(hf, fn).replace(dtype=dtype)
   except (KeyError, TypeError, AttributeError) as e:
-    raise ValueError(f"{fn}: {path / 'config.json'} is not a GPT-2 config ({type(e).__name__}: {e})") from e
-  tensors = {k.removeprefix("transformer."): v for k, v in _read_tensors(path).items()
-             if not k.endswith(_IGNORED_SUFFIXES)}
-  model = GPT(cfg, rngs=nnx.Rngs(0))
-  targets = _hf_tensors(model)
-  head = tensors.pop("lm_head.weight", None)
+    raise ValueError(f"{fn}: {path / 'config.json'} is not a {hf.get('model_type')} config "
+                     f"({type(e).__name__}: {e})") from e
+  tensors = mapping.checkpoint_tensors(read_tensors(fn, path), cfg)
+  model = build(cfg, rngs=nnx.Rngs(0))
+  targets = mapping.targets(model)
   missing = sorted(set(targets) - set(tensors))
   unexpected = sorted(set(tensors) - set(targets))
   if missing or unexpected:
     raise ValueError(f"{fn}: checkpoint tensors missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                      f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-  wte = np.asarray(tensors["wte.weight"])
-  if wte.shape[0] == cfg.vocab_size < cfg.padded_vocab:  # tnjax pads the table; the rows past the vocabulary stay 0
-    tensors["wte.weight"] = np.pad(wte, ((0, cfg.padded_vocab - cfg.vocab_size), (0, 0)))
-  for name, variable in targets.items():
-    _assign(fn, name, variable, tensors[name])
-  if not cfg.tie_embeddings:
-    if head is None:
-      raise ValueError(f"{fn}: tie_word_embeddings=False but the checkpoint has no lm_head.weight")
-    _assign(fn, "lm_head.weight (transposed)", model.lm_head.kernel, np.asarray(head).T)
+  for name, (variable, layout) in targets.items():
+    _assign(fn, name, variable, tensors[name], layout, cfg.vocab_size)
   return model
 
 
-def hf_config(cfg: GPTConfig) -> dict:
-  """The Hugging Face ``config.json`` dict of a `GPTConfig`.
-
-  Example:
-    >>> from tnjax.models import preset
-    >>> hf = hf_config(preset("gpt2"))
-    >>> hf["n_embd"], hf["n_layer"], hf["vocab_size"], config_from_hf(hf) == preset("gpt2")
-    (768, 12, 50257, True)
-  """
-  return {
-      "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
-      "n_positions": cfg.block_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-      "n_inner": cfg.d_ff, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layer_norm_eps,
-      "initializer_range": cfg.init_std, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
-      "attn_pdrop": cfg.dropout, "scale_attn_weights": True, "tie_word_embeddings": cfg.tie_embeddings,
-      "bos_token_id": cfg.vocab_size - 1, "eos_token_id": cfg.vocab_size - 1,
-  }
-
-
-def _pad_axis(x, axis: int, groups: int, width: int):
-  """Zero-pads each of ``groups`` equal chunks of ``axis`` to ``width`` entries."""
-  x = np.asarray(x)
-  shape = x.shape[:axis] + (groups, x.shape[axis] // groups) + x.shape[axis + 1:]
-  pad = [(0, 0)] * len(shape)
-  pad[axis + 1] = (0, width - shape[axis + 1])
-  out = np.pad(x.reshape(shape), pad)
-  return out.reshape(x.shape[:axis] + (groups * width,) + x.shape[axis + 1:])
-
-
-def _full_width(cfg: GPTConfig, index: int, block) -> dict:
-  """(kernel, bias) of a block's projections at GPT-2's widths.
-
-  Blocks narrowed by MoDeGPT (``cfg.dims``) are zero-padded back: zero query
-  and key columns leave q.k unchanged, zero value columns and MLP neurons
-  (gelu(0) = 0) meet zero rows of the output projections, so the padded
-  model computes the same function.
-  """
-  qk = cfg.block_dims(index)[1]
-  h, hd = cfg.n_head, cfg.head_dim
-  attn_w, attn_b = np.asarray(dense_kernel(block.attn.c_attn)), np.asarray(block.attn.c_attn.bias[...])
-  splits = [h * qk, 2 * h * qk]
-  attn_w = np.concatenate([_pad_axis(w, 1, h, hd) for w in np.split(attn_w, splits, axis=1)], axis=1)
-  attn_b = np.concatenate([_pad_axis(b, 0, h, hd) for b in np.split(attn_b, splits)])
-  return {
-      "attn.c_attn": (attn_w, attn_b),
-      "attn.c_proj": (_pad_axis(dense_kernel(block.attn.c_proj), 0, h, hd), block.attn.c_proj.bias[...]),
-      "mlp.c_fc": (_pad_axis(dense_kernel(block.mlp.c_fc), 1, 1, cfg.ff_dim),
-                   _pad_axis(block.mlp.c_fc.bias[...], 0, 1, cfg.ff_dim)),
-      "mlp.c_proj": (_pad_axis(dense_kernel(block.mlp.c_proj), 0, 1, cfg.ff_dim), block.mlp.c_proj.bias[...]),
-  }
-
-
-def save_hf_gpt2(model: GPT, path) -> pathlib.Path:
-  """Writes ``model`` as a Hugging Face GPT-2 directory that ``GPT2LMHeadModel.from_pretrained`` loads.
+def save_hf(model: Decoder, path) -> pathlib.Path:
+  """Writes ``model`` as a Hugging Face directory that ``transformers`` loads (``GPT2LMHeadModel``,
+  ``LlamaForCausalLM`` or ``Qwen2ForCausalLM``).
 
   Tensorized projections and embeddings are written as their dense
   reconstruction (Hugging Face has no TT layers), int8 weights dequantized,
   and blocks narrowed by MoDeGPT zero-padded to full width (same function);
   use [`save_model`][tnjax.interop.save_model] to keep the compact form.
 
-  Example:
-    >>> import tempfile
-    >>> from flax import nnx
-    >>> from tnjax.models import GPT, preset
-    >>> model = GPT(preset("tiny", layers={"mlp.c_fc": {"kind": "ttm", "rank": 8}}), rngs=nnx.Rngs(0))
-    >>> path = save_hf_gpt2(model, tempfile.mkdtemp())
-    >>> dense = load_hf_gpt2(path)  # the TT layer comes back as its dense reconstruction
-    >>> bool(jnp.allclose(dense(jnp.ones((1, 4), jnp.int32)), model(jnp.ones((1, 4), jnp.int32)), atol=1e-4))
-    True
+  Raises:
+    ValueError: for a configuration the Hugging Face class cannot express (named).
   """
+  from safetensors.numpy import save_file
+
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  cfg = model.config
-  tensors = {"transformer.wte.weight": model.embedding_table,
-             "transformer.wpe.weight": model.wpe.embedding[...],
-             # muP's output multiplier scales only the head's input: fold it into the final norm
-             "transformer.ln_f.weight": model.ln_f.scale[...] * cfg.output_multiplier,
-             "transformer.ln_f.bias": model.ln_f.bias[...] * cfg.output_multiplier}
-  for i, block in enumerate(model.h):
-    p = f"transformer.h.{i}."
-    for name, ln in (("ln_1", block.ln_1), ("ln_2", block.ln_2)):
-      tensors[p + name + ".weight"], tensors[p + name + ".bias"] = ln.scale[...], ln.bias[...]
-    for name, (kernel, bias) in _full_width(cfg, i, block).items():
-      tensors[p + name + ".weight"], tensors[p + name + ".bias"] = kernel, bias
-  if model.lm_head is not None:
-    tensors["lm_head.weight"] = dense_kernel(model.lm_head).T
-  from safetensors.numpy import save_file
-  save_file({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()},
-            str(path / "model.safetensors"), metadata={"format": "pt"})
-  (path / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+  mapping = mapping_of(model)
+  config = mapping.hf_config(model.config)
+  tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in mapping.hf_tensors(model).items()}
+  atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+  atomic_write_text(path / "config.json", json.dumps(config, indent=2))
   return path
+
+
+# GPT-2's entry points lived in this module before families had mapping files; they stay reachable here.
+from tnjax.interop.hf_gpt2 import config_from_hf, hf_config, load_hf_gpt2, save_hf_gpt2  # noqa: E402, F401

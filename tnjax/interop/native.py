@@ -17,19 +17,20 @@ from flax import nnx
 
 import tnjax
 from tnjax._io import atomic_write, atomic_write_text, read_json, read_safetensors
-from tnjax.models.config import GPTConfig
-from tnjax.models.gpt import GPT
+from tnjax.models.decoder import Decoder
+from tnjax.models.family import FAMILIES, build, config_from_dict
 from tnjax.nn import TTParam
 
-FORMAT = "tnjax-gpt"
+FORMAT = "tnjax-gpt"  # the marker of every family's files (the name predates other families)
 
 
 def _key(path) -> str:
   return ".".join(str(p) for p in path)
 
 
-def save_model(model: GPT, path) -> pathlib.Path:
-  """Writes ``config.json`` (format marker, tnjax version, GPTConfig) and ``model.safetensors`` (all parameters).
+def save_model(model: Decoder, path) -> pathlib.Path:
+  """Writes ``config.json`` (format marker, tnjax version, model family, config) and ``model.safetensors`` (all
+  parameters).
 
   Example:
     >>> import tempfile
@@ -47,7 +48,8 @@ def save_model(model: GPT, path) -> pathlib.Path:
   tensors = {k: np.ascontiguousarray(np.asarray(v)) for k, v in model_tensors(model).items()}
   # Each file is renamed into place, so overwriting a model never leaves a half-written one.
   atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp))
-  meta = {"format": FORMAT, "tnjax_version": tnjax.__version__, "config": model.config.to_dict()}
+  meta = {"format": FORMAT, "tnjax_version": tnjax.__version__, "family": model.config.FAMILY,
+          "config": model.config.to_dict()}
   atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
   return path
 
@@ -64,7 +66,7 @@ def is_native(path) -> bool:
   return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
-def load_model(path) -> GPT:
+def load_model(path) -> Decoder:
   """Loads a directory written by `save_model`.
 
   Raises:
@@ -80,11 +82,13 @@ def load_model(path) -> GPT:
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     got = meta.get("format") if isinstance(meta, dict) else meta
     raise ValueError(f"{fn}: {path / 'config.json'} has format={got!r} but {FORMAT!r} is expected "
-                     "(for a Hugging Face directory use load_hf_gpt2)")
+                     "(for a Hugging Face directory use load_hf)")
+  name = meta.get("family", "gpt2")  # files written before model families existed are GPT-2's
+  kind = FAMILIES[name].config.__name__.removesuffix("Config") if name in FAMILIES else repr(name)
   try:
-    cfg = GPTConfig.from_dict(meta["config"])
+    cfg = config_from_dict(meta["config"], name)
   except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f"{fn}: {path / 'config.json'} has no valid GPT config ({type(e).__name__}: {e})") from e
+    raise ValueError(f"{fn}: {path / 'config.json'} has no valid {kind} config ({type(e).__name__}: {e})") from e
   tensors = read_safetensors(fn, path / "model.safetensors")
   try:
     return model_from_tensors(cfg, tensors, fn=fn)
@@ -93,20 +97,21 @@ def load_model(path) -> GPT:
 
 
 def model_tensors(module: nnx.Module) -> dict[str, jax.Array]:
-  """Every parameter of a module (a GPT or one layer) by dotted name, as `save_model` stores them."""
+  """Every parameter of a module (a model or one layer) by dotted name, as `save_model` stores them."""
   return {_key(p): v[...] for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
-def model_from_tensors(cfg: GPTConfig, tensors: dict, *, fn: str = "model_from_tensors") -> GPT:
-  """A GPT of config ``cfg`` holding ``tensors`` (names as `model_tensors` gives them).
+def model_from_tensors(cfg, tensors: dict, *, fn: str = "model_from_tensors") -> Decoder:
+  """A model of config ``cfg`` (any family) holding ``tensors`` (names as `model_tensors` gives them).
 
-  TT cores (``TTParam``) take their shapes from the tensors, so per-layer
-  ranks need not match the config's; every other parameter must match.
+  Every tensor's shape is checked against the model the config builds, TT cores included when the layer's
+  spec records its per-bond ``ranks`` (what compression writes). Files written before specs recorded ranks
+  keep loading: the cores of such layers take their shapes from the file.
 
   Raises:
     ValueError: parameters missing, unexpected or of the wrong shape, by name.
   """
-  model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   flat = nnx.to_flat_state(params)
   names = {_key(p) for p, _ in flat}
@@ -115,13 +120,20 @@ def model_from_tensors(cfg: GPTConfig, tensors: dict, *, fn: str = "model_from_t
     raise ValueError(f"{fn}: parameters missing {missing[:8]}, unexpected {unexpected[:8]}")
   for p, variable in flat:
     value = tensors[_key(p)]
-    # TT cores may carry ranks other than the config's (tolerance-chosen); everything else must match.
-    if not isinstance(variable, TTParam) and tuple(value.shape) != tuple(variable.shape):
+    exact = not isinstance(variable, TTParam) or cfg.spec_of(_layer_name(p)).ranks is not None
+    if exact and tuple(value.shape) != tuple(variable.shape):
       raise ValueError(f"{fn}: parameter {_key(p)} has shape {value.shape} but {tuple(variable.shape)} is expected")
     variable.set_value(jnp.asarray(value))
   # Non-parameter state (dropout RNG keys and counters) is abstract after eval_shape; make it concrete.
   rest = jax.tree_util.tree_map(_concrete, rest)
   return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+def _layer_name(path) -> str:
+  """The layer name ("h.0.mlp.c_fc", "embedding", "lm_head") of a TT core's parameter path."""
+  parts = [str(q) for q in path]
+  name = ".".join(parts[: parts.index("cores") if "cores" in parts else parts.index("scales")])
+  return "embedding" if name == "wte" else name
 
 
 def _concrete(leaf):

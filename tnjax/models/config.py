@@ -1,24 +1,27 @@
-"""GPT configuration: sizes, presets, and which projections are dense, TT-matrix or low-rank."""
+"""Model configurations: sizes, presets, and which projections are dense, TT-matrix or low-rank.
+
+`DecoderConfig` holds what every decoder family shares (layer specs, per-block
+sizes, padding, JSON); `GPTConfig` is GPT-2's. Layer names follow
+`tnjax.models.names`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import re
 from typing import Any
 
 from tnjax.core import _checks
 from tnjax.core.btt import btt_dims, check_btt_dims
+from tnjax.models.names import EVERY_PROJECTION, GLOBAL_ONLY, block_key, layer_key, parse_block_key, parse_layer_key
 from tnjax.nn.quant import QUANTS
 
-# Names of the projections a spec can target. Per-layer keys prefix these with
+# GPT-2's projections a spec can target. Per-layer keys prefix these with
 # "h.{i}." (e.g. "h.3.mlp.c_fc"); "embedding" and "lm_head" are global only.
 PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-GLOBAL_ONLY = ("embedding", "lm_head")
 KINDS = ("dense", "ttm", "btt", "lowrank", "mps")
 BLOCK_DIMS = ("d_ff", "qk_dim", "v_dim")
-_LAYER_KEY = re.compile(r"^h\.(\d+)\.(.+)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +42,15 @@ class LayerSpec:
       layout fits), "dense", "direct", "split", "fused" or "fused_fwd".
     quant: None, or "int8" for weight-only per-channel int8 storage
       (projections only; see [`quantize_int8`][tnjax.compress.quantize_int8]).
+    ranks: the exact per-bond ranks (d - 1 of them) of a TT-matrix layer or a
+      TT / MPS embedding, when they are not what ``rank`` gives (ranks chosen
+      by a tolerance differ per bond and per layer); compression records them,
+      so the config rebuilds every layer exactly and loading checks TT cores'
+      shapes too.
 
   Example:
     >>> LayerSpec.coerce({"kind": "ttm", "rank": 16}, "mlp.c_fc")
-    LayerSpec(kind='ttm', rank=16, num_cores=3, in_dims=None, out_dims=None, path='auto', quant=None)
+    LayerSpec(kind='ttm', rank=16, num_cores=3, in_dims=None, out_dims=None, path='auto', quant=None, ranks=None)
   """
 
   kind: str = "dense"
@@ -52,37 +60,239 @@ class LayerSpec:
   out_dims: tuple[int, ...] | None = None
   path: str = "auto"
   quant: str | None = None
+  ranks: tuple[int, ...] | None = None
 
-  def validate(self, where: str) -> LayerSpec:
+  def validate(self, where: str, owner: str = "GPTConfig") -> LayerSpec:
     if self.kind not in KINDS:
-      raise ValueError(f"GPTConfig: {where}.kind={self.kind!r} but one of {KINDS} is expected")
+      raise ValueError(f"{owner}: {where}.kind={self.kind!r} but one of {KINDS} is expected")
     if self.kind != "dense" and (not isinstance(self.rank, int) or self.rank < 1):
-      raise ValueError(f"GPTConfig: {where}.rank={self.rank!r} but a positive integer is expected for "
+      raise ValueError(f"{owner}: {where}.rank={self.rank!r} but a positive integer is expected for "
                        f"kind={self.kind!r}")
     if self.quant not in QUANTS:
-      raise ValueError(f"GPTConfig: {where}.quant={self.quant!r} but one of {QUANTS} is expected")
+      raise ValueError(f"{owner}: {where}.quant={self.quant!r} but one of {QUANTS} is expected")
+    if self.ranks is not None:
+      if self.kind not in ("ttm", "mps"):
+        raise ValueError(f"{owner}: {where}.ranks={self.ranks!r} but per-bond ranks are for kind 'ttm' or 'mps', "
+                         f"not {self.kind!r}")
+      _checks.check_dims(f"{owner}: {where}", "ranks", self.ranks)
+      dims = self.in_dims or self.out_dims
+      bonds = (len(dims) if dims is not None else self.num_cores) - 1
+      if len(self.ranks) != bonds:
+        raise ValueError(f"{owner}: {where}.ranks={self.ranks!r} but {bonds} entries (one per bond) are expected")
     return self
 
+  @property
+  def rank_arg(self):
+    """What a layer's ``rank`` argument gets: the exact per-bond ``ranks`` when recorded, else ``rank``."""
+    return self.rank if self.ranks is None else self.ranks
+
   @classmethod
-  def coerce(cls, value, where: str) -> LayerSpec:
+  def coerce(cls, value, where: str, owner: str = "GPTConfig") -> LayerSpec:
+    """A spec from a `LayerSpec`, a kind string or a dict, validated; ``owner`` names the config in errors."""
     if isinstance(value, LayerSpec):
-      return value.validate(where)
+      return value.validate(where, owner)
     if isinstance(value, str):
-      return cls(kind=value).validate(where)
+      return cls(kind=value).validate(where, owner)
     if isinstance(value, dict):
       unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
       if unknown:
-        raise ValueError(f"GPTConfig: {where} has unknown fields {sorted(unknown)}")
+        raise ValueError(f"{owner}: {where} has unknown fields {sorted(unknown)}")
       value = dict(value)
-      for k in ("in_dims", "out_dims"):
+      for k in ("in_dims", "out_dims", "ranks"):
         if value.get(k) is not None:
           value[k] = tuple(value[k])
-      return cls(**value).validate(where)
-    raise ValueError(f"GPTConfig: {where}={value!r} but a LayerSpec, a kind string or a dict is expected")
+      return cls(**value).validate(where, owner)
+    raise ValueError(f"{owner}: {where}={value!r} but a LayerSpec, a kind string or a dict is expected")
+
+
+class DecoderConfig:
+  """What every decoder family's config shares; subclasses are frozen dataclasses with these fields:
+
+  ``vocab_size, block_size, n_layer, n_head, d_model, dropout, tie_embeddings, init_std, layers,
+  attention_impl, dtype, dims, vocab_multiple, mup_base_width`` (see `GPTConfig`), and class attributes
+  ``FAMILY`` (the registry name, `tnjax.models.family`), ``PROJECTIONS`` (projection names of one block)
+  and ``BLOCK_DIMS`` (keys of ``dims``, each a positive integer).
+
+  The methods here are the config side of the model seam: `spec` and `projection_shape` (what a
+  projection is), `block_dims`, `kv_heads`, JSON round trips.
+  """
+
+  FAMILY = ""
+  PROJECTIONS: tuple[str, ...] = ()
+  BLOCK_DIMS: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    # Frozen dataclass, not a pytree: normalizing here is safe and keeps
+    # equality and JSON round trips exact.
+    owner = type(self).__name__
+    object.__setattr__(self, "layers", {k: LayerSpec.coerce(v, f"layers[{k!r}]", owner)
+                                        for k, v in self.layers.items()})
+    self.validate()
+
+  def __hash__(self) -> int:
+    # Modules keep the config as static metadata, which jit hashes.
+    return hash(self.to_json())
+
+  @property
+  def ff_dim(self) -> int:
+    return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_head
+
+  @property
+  def kv_heads(self) -> int:
+    """Key/value heads (GPT-2: one per query head)."""
+    return self.n_head
+
+  @property
+  def padded_vocab(self) -> int:
+    """Rows of the token-embedding table: ``vocab_size`` rounded up to ``vocab_multiple`` for a dense tied
+    embedding, else ``vocab_size`` (TT embeddings pad their own way; an untied head is never padded).
+
+    Example:
+      >>> GPTConfig().padded_vocab, GPTConfig(vocab_multiple=1).padded_vocab
+      (50304, 50257)
+    """
+    if self.spec("embedding").kind != "dense" or not self.tie_embeddings:
+      return self.vocab_size
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+  @property
+  def projection_std(self) -> float:
+    """Init std of the (non-residual) projections: ``init_std``, times ``sqrt(mup_base_width / d_model)`` under muP."""
+    return self.init_std * (1.0 if self.mup_base_width is None else math.sqrt(self.mup_base_width / self.d_model))
+
+  @property
+  def output_multiplier(self) -> float:
+    """Scale of the LM head's input: 1, or ``mup_base_width / d_model`` under muP."""
+    return 1.0 if self.mup_base_width is None else self.mup_base_width / self.d_model
+
+  def validate(self) -> None:
+    """Checks what every family shares: sizes, layer keys and specs, per-block sizes, tying."""
+    owner = type(self).__name__
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "vocab_multiple"):
+      _checks.check_positive_int(owner, name, getattr(self, name))
+    if self.d_model % self.n_head:
+      raise ValueError(f"{owner}: d_model={self.d_model} but it must be divisible by n_head={self.n_head}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"{owner}: dropout={self.dropout} but 0 <= dropout < 1 is expected")
+    for key in self.layers:
+      layer, name = parse_layer_key(key)
+      if layer is not None and layer >= self.n_layer:
+        raise ValueError(f"{owner}: layers key {key!r} names block {layer} but n_layer={self.n_layer}")
+      if name not in self.PROJECTIONS and not (name in GLOBAL_ONLY + (EVERY_PROJECTION,) and layer is None):
+        raise ValueError(f"{owner}: layers key {key!r} is unknown; expected one of "
+                         f"{self.PROJECTIONS + GLOBAL_ONLY}, 'h.<i>.<projection>' or '*' (every projection)")
+    for key, value in self.dims.items():
+      layer = parse_block_key(key)
+      if layer is None or layer >= self.n_layer:
+        raise ValueError(f"{owner}: dims key {key!r} but 'h.<i>' with i < n_layer={self.n_layer} is expected")
+      unknown = set(value) - set(self.BLOCK_DIMS)
+      if unknown:
+        raise ValueError(f"{owner}: dims[{key!r}] has unknown fields {sorted(unknown)}; expected {self.BLOCK_DIMS}")
+      for name, size in value.items():
+        self._check_block_dim(key, name, size)
+    for key, spec in self.layers.items():
+      if spec.kind == "mps" and key != "embedding":
+        raise ValueError(f"{owner}: layers[{key!r}].kind='mps' but 'mps' is for the embedding only")
+      if spec.kind == "btt" and key == "embedding":
+        raise ValueError(f"{owner}: layers['embedding'].kind='btt' but 'btt' is for projections and an untied "
+                         "lm_head; use 'dense', 'ttm' or 'mps' for the embedding")
+      if spec.quant is not None and key == "embedding":
+        raise ValueError(f"{owner}: layers['embedding'].quant={spec.quant!r} but only projections are quantized")
+    for key, spec in self.layers.items():
+      self._check_fit(key, spec)
+    if self.mup_base_width is not None:
+      _checks.check_positive_int(owner, "mup_base_width", self.mup_base_width)
+    if self.tie_embeddings and "lm_head" in self.layers:
+      raise ValueError(f"{owner}: layers['lm_head'] is set but tie_embeddings=True (the head is the embedding)")
+
+  def _check_block_dim(self, key: str, name: str, value) -> None:
+    _checks.check_positive_int(type(self).__name__, f"dims[{key!r}][{name!r}]", value)
+
+  def projection_shape(self, name: str, layer: int) -> tuple[int, int]:
+    """(in_features, out_features) of projection ``name`` in block ``layer`` ("lm_head": (d_model, vocab_size)).
+
+    Example:
+      >>> GPTConfig().projection_shape("attn.c_attn", 0), GPTConfig().projection_shape("mlp.c_proj", 0)
+      ((768, 2304), (3072, 768))
+    """
+    if name == "lm_head":
+      return self.d_model, self.vocab_size
+    return self._block_shapes(layer)[name]
+
+  def _block_shapes(self, layer: int) -> dict[str, tuple[int, int]]:
+    raise NotImplementedError
+
+  def _check_fit(self, key: str, spec: LayerSpec) -> None:
+    """A TT or BTT spec's dims must cover the projection and (BTT) its rank fit the blocks, in every block."""
+    block, name = parse_layer_key(key)
+    if spec.kind not in ("ttm", "btt") or name == "embedding":
+      return
+    where = f"{type(self).__name__}: layers[{key!r}]"
+    names = self.PROJECTIONS if name == EVERY_PROJECTION else (name,)
+    for layer, name in ((i, n) for i in ([block] if block is not None else range(self.n_layer)) for n in names):
+      n_in, n_out = self.projection_shape(name, layer)
+      if spec.kind == "btt":
+        default_in, default_out = btt_dims(n_in, n_out)
+        dims = (spec.in_dims or default_in, spec.out_dims or default_out)
+        check_btt_dims(where, *dims, spec.rank)
+      else:
+        dims = (spec.in_dims, spec.out_dims)
+        if None not in dims and len(dims[0]) != len(dims[1]):
+          raise ValueError(f"{where}: in_dims={dims[0]}, out_dims={dims[1]} but one entry per core in both is "
+                           "expected")
+      for size, field, got in ((n_in, "in_dims", dims[0]), (n_out, "out_dims", dims[1])):
+        if got is not None and math.prod(got) < size:
+          raise ValueError(f"{where}: prod({field})={math.prod(got)} but the projection has {size} "
+                           f"{'inputs' if field == 'in_dims' else 'outputs'}; expected prod({field}) >= {size}")
+
+  def spec(self, name: str, layer: int | None = None) -> LayerSpec:
+    """The spec of projection ``name`` in block ``layer`` (most specific key wins; "*" covers projections only)."""
+    if layer is not None and layer_key(layer, name) in self.layers:
+      return self.layers[layer_key(layer, name)]
+    if name in self.layers or name in GLOBAL_ONLY:
+      return self.layers.get(name, LayerSpec())
+    return self.layers.get(EVERY_PROJECTION, LayerSpec())
+
+  def spec_of(self, key: str) -> LayerSpec:
+    """The spec of a full layer name ("h.{i}.{projection}", "embedding" or "lm_head")."""
+    layer, name = parse_layer_key(key)
+    return self.spec(name, layer)
+
+  def block_dims(self, layer: int) -> tuple[int, int, int]:
+    """(d_ff, qk_dim, v_dim) of block ``layer``: MLP width and per-head query/key and value widths."""
+    d = self.dims.get(block_key(layer), {})
+    return d.get("d_ff", self.ff_dim), d.get("qk_dim", self.head_dim), d.get("v_dim", self.head_dim)
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["layers"] = {k: {f: (list(x) if isinstance(x, tuple) else x) for f, x in dataclasses.asdict(v).items()}
+                   for k, v in self.layers.items()}
+    return d
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict):
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    return cls(**{"vocab_multiple": 1, **d})  # saved before vocab padding existed: no padding
+
+  @classmethod
+  def from_json(cls, text: str):
+    return cls.from_dict(json.loads(text))
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(DecoderConfig):
   """A GPT-2 style decoder.
 
   Attributes:
@@ -94,9 +304,9 @@ class GPTConfig:
     init_std: std of weights at init (GPT-2: 0.02; residual projections
       are scaled by 1 / sqrt(2 * n_layer) as in GPT-2).
     layers: tensorization of projections, keyed by "embedding", "lm_head",
-      a projection name (all blocks: "mlp.c_fc") or "h.{i}.{name}" (one
-      block). Values are `LayerSpec`, a kind string or a dict. The most
-      specific key wins; unnamed projections are dense.
+      a projection name (all blocks: "mlp.c_fc"), "h.{i}.{name}" (one
+      block) or "*" (every projection). Values are `LayerSpec`, a kind string
+      or a dict. The most specific key wins; unnamed projections are dense.
     attention_impl: passed to ``jax.nn.dot_product_attention``
       (None: XLA default; "cudnn" on GPUs for fused attention).
     dtype: computation dtype (e.g. "bfloat16"); None keeps float32.
@@ -144,42 +354,10 @@ class GPTConfig:
   vocab_multiple: int = 128
   mup_base_width: int | None = None
 
-  def __post_init__(self):
-    # Frozen dataclass, not a pytree: normalizing here is safe and keeps
-    # equality and JSON round trips exact.
-    object.__setattr__(self, "layers", {k: LayerSpec.coerce(v, f"layers[{k!r}]") for k, v in self.layers.items()})
-    self.validate()
-
-  def __hash__(self) -> int:
-    # Modules keep the config as static metadata, which jit hashes.
-    return hash(self.to_json())
-
-  @property
-  def ff_dim(self) -> int:
-    return 4 * self.d_model if self.d_ff is None else self.d_ff
-
-  @property
-  def padded_vocab(self) -> int:
-    """Rows of the token-embedding table: ``vocab_size`` rounded up to ``vocab_multiple`` for a dense tied
-    embedding, else ``vocab_size`` (TT embeddings pad their own way; an untied head is never padded).
-
-    Example:
-      >>> GPTConfig().padded_vocab, GPTConfig(vocab_multiple=1).padded_vocab
-      (50304, 50257)
-    """
-    if self.spec("embedding").kind != "dense" or not self.tie_embeddings:
-      return self.vocab_size
-    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
-
-  @property
-  def projection_std(self) -> float:
-    """Init std of the (non-residual) projections: ``init_std``, times ``sqrt(mup_base_width / d_model)`` under muP."""
-    return self.init_std * (1.0 if self.mup_base_width is None else math.sqrt(self.mup_base_width / self.d_model))
-
-  @property
-  def output_multiplier(self) -> float:
-    """Scale of the LM head's input: 1, or ``mup_base_width / d_model`` under muP."""
-    return 1.0 if self.mup_base_width is None else self.mup_base_width / self.d_model
+  FAMILY = "gpt2"
+  PROJECTIONS = PROJECTIONS
+  BLOCK_DIMS = BLOCK_DIMS
+  __hash__ = DecoderConfig.__hash__  # a frozen dataclass would otherwise hash its (unhashable) dict fields
 
   def at_width(self, d_model: int) -> GPTConfig:
     """This configuration widened or narrowed to ``d_model`` by heads at a fixed head width, with ``d_ff`` scaled
@@ -203,119 +381,11 @@ class GPTConfig:
     d_ff = None if self.d_ff is None else self.d_ff * d_model // self.d_model
     return self.replace(d_model=d_model, n_head=d_model // self.head_dim, d_ff=d_ff)
 
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.n_head
-
-  def validate(self) -> None:
-    for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "vocab_multiple"):
-      _checks.check_positive_int("GPTConfig", name, getattr(self, name))
-    if self.d_model % self.n_head:
-      raise ValueError(f"GPTConfig: d_model={self.d_model} but it must be divisible by n_head={self.n_head}")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"GPTConfig: dropout={self.dropout} but 0 <= dropout < 1 is expected")
-    for key in self.layers:
-      m = _LAYER_KEY.match(key)
-      name = m.group(2) if m else key
-      if m and int(m.group(1)) >= self.n_layer:
-        raise ValueError(f"GPTConfig: layers key {key!r} names block {m.group(1)} but n_layer={self.n_layer}")
-      if name not in PROJECTIONS and not (name in GLOBAL_ONLY and not m):
-        raise ValueError(f"GPTConfig: layers key {key!r} is unknown; expected one of "
-                         f"{PROJECTIONS + GLOBAL_ONLY} or 'h.<i>.<projection>'")
-    for key, value in self.dims.items():
-      m = re.match(r"^h\.(\d+)$", key)
-      if not m or int(m.group(1)) >= self.n_layer:
-        raise ValueError(f"GPTConfig: dims key {key!r} but 'h.<i>' with i < n_layer={self.n_layer} is expected")
-      unknown = set(value) - set(BLOCK_DIMS)
-      if unknown:
-        raise ValueError(f"GPTConfig: dims[{key!r}] has unknown fields {sorted(unknown)}; expected {BLOCK_DIMS}")
-      for name, size in value.items():
-        _checks.check_positive_int("GPTConfig", f"dims[{key!r}][{name!r}]", size)
-    for key, spec in self.layers.items():
-      if spec.kind == "mps" and key != "embedding":
-        raise ValueError(f"GPTConfig: layers[{key!r}].kind='mps' but 'mps' is for the embedding only")
-      if spec.kind == "btt" and key == "embedding":
-        raise ValueError("GPTConfig: layers['embedding'].kind='btt' but 'btt' is for projections and an untied "
-                         "lm_head; use 'dense', 'ttm' or 'mps' for the embedding")
-      if spec.quant is not None and key == "embedding":
-        raise ValueError(f"GPTConfig: layers['embedding'].quant={spec.quant!r} but only projections are quantized")
-    for key, spec in self.layers.items():
-      self._check_fit(key, spec)
-    if self.mup_base_width is not None:
-      _checks.check_positive_int("GPTConfig", "mup_base_width", self.mup_base_width)
-    if self.tie_embeddings and "lm_head" in self.layers:
-      raise ValueError("GPTConfig: layers['lm_head'] is set but tie_embeddings=True (the head is the embedding)")
-
-  def projection_shape(self, name: str, layer: int) -> tuple[int, int]:
-    """(in_features, out_features) of projection ``name`` in block ``layer`` ("lm_head": (d_model, vocab_size)).
-
-    Example:
-      >>> GPTConfig().projection_shape("attn.c_attn", 0), GPTConfig().projection_shape("mlp.c_proj", 0)
-      ((768, 2304), (3072, 768))
-    """
+  def _block_shapes(self, layer: int) -> dict[str, tuple[int, int]]:
     d = self.d_model
-    if name == "lm_head":
-      return d, self.vocab_size
     f, qk, v = self.block_dims(layer)
     return {"attn.c_attn": (d, self.n_head * (2 * qk + v)), "attn.c_proj": (self.n_head * v, d),
-            "mlp.c_fc": (d, f), "mlp.c_proj": (f, d)}[name]
-
-  def _check_fit(self, key: str, spec: LayerSpec) -> None:
-    """A TT or BTT spec's dims must cover the projection and (BTT) its rank fit the blocks, in every block."""
-    m = _LAYER_KEY.match(key)
-    name = m.group(2) if m else key
-    if spec.kind not in ("ttm", "btt") or name == "embedding":
-      return
-    where = f"GPTConfig: layers[{key!r}]"
-    for layer in ([int(m.group(1))] if m else range(self.n_layer)):
-      n_in, n_out = self.projection_shape(name, layer)
-      if spec.kind == "btt":
-        default_in, default_out = btt_dims(n_in, n_out)
-        dims = (spec.in_dims or default_in, spec.out_dims or default_out)
-        check_btt_dims(where, *dims, spec.rank)
-      else:
-        dims = (spec.in_dims, spec.out_dims)
-        if None not in dims and len(dims[0]) != len(dims[1]):
-          raise ValueError(f"{where}: in_dims={dims[0]}, out_dims={dims[1]} but one entry per core in both is "
-                           "expected")
-      for size, field, got in ((n_in, "in_dims", dims[0]), (n_out, "out_dims", dims[1])):
-        if got is not None and math.prod(got) < size:
-          raise ValueError(f"{where}: prod({field})={math.prod(got)} but the projection has {size} "
-                           f"{'inputs' if field == 'in_dims' else 'outputs'}; expected prod({field}) >= {size}")
-
-  def spec(self, name: str, layer: int | None = None) -> LayerSpec:
-    """The spec of projection ``name`` in block ``layer`` (most specific key wins)."""
-    if layer is not None and f"h.{layer}.{name}" in self.layers:
-      return self.layers[f"h.{layer}.{name}"]
-    return self.layers.get(name, LayerSpec())
-
-  def block_dims(self, layer: int) -> tuple[int, int, int]:
-    """(d_ff, qk_dim, v_dim) of block ``layer``: MLP width and per-head query/key and value widths."""
-    d = self.dims.get(f"h.{layer}", {})
-    return d.get("d_ff", self.ff_dim), d.get("qk_dim", self.head_dim), d.get("v_dim", self.head_dim)
-
-  def replace(self, **changes) -> GPTConfig:
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["layers"] = {k: {f: (list(x) if isinstance(x, tuple) else x) for f, x in dataclasses.asdict(v).items()}
-                   for k, v in self.layers.items()}
-    return d
-
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-  @classmethod
-  def from_dict(cls, d: dict) -> GPTConfig:
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"GPTConfig: unknown fields {sorted(unknown)}")
-    return cls(**{"vocab_multiple": 1, **d})  # saved before vocab padding existed: no padding
-
-  @classmethod
-  def from_json(cls, text: str) -> GPTConfig:
-    return cls.from_dict(json.loads(text))
+            "mlp.c_fc": (d, f), "mlp.c_proj": (f, d)}
 
 
 PRESETS = {
@@ -326,14 +396,14 @@ PRESETS = {
 }
 
 
-def preset(name: str, **overrides) -> GPTConfig:
-  """A named configuration ("gpt2" = 124M, "gpt2-medium", "gpt2-large", "tiny" for CPU tests), with overrides.
+def preset(name: str, **overrides) -> DecoderConfig:
+  """A named configuration of any family, with overrides (see `tnjax.models.family.preset`).
 
   Example:
     >>> cfg = preset("gpt2", n_layer=6)
     >>> cfg.n_layer, cfg.d_model, cfg.vocab_size
     (6, 768, 50257)
   """
-  if name not in PRESETS:
-    raise ValueError(f"preset: name={name!r} but one of {sorted(PRESETS)} is expected")
-  return GPTConfig(**{**PRESETS[name], **overrides})
+  from tnjax.models.family import preset as family_preset  # the registry imports this module
+
+  return family_preset(name, **overrides)

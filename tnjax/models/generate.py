@@ -44,7 +44,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0
   """Extends ``prompt_ids`` by ``max_new_tokens`` tokens with a KV cache, in one jitted call.
 
   Args:
-    model: a [`GPT`][tnjax.models.GPT].
+    model: a model of any family ([`GPT`][tnjax.models.GPT], [`Llama`][tnjax.models.Llama]).
     prompt_ids: integer ids, shape (time,) or (batch, time); all rows the same length.
     max_new_tokens: tokens to add (static; a new value recompiles).
     temperature: 0 for greedy decoding, else softmax temperature for sampling.

@@ -18,113 +18,39 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from tnjax.core import _checks
-from tnjax.core.linear import path_flops
-from tnjax.core.shapes import pad_last
-from tnjax.core.tensor_train import TTMatrix
-from tnjax.models.config import GPTConfig, LayerSpec
-from tnjax.nn import BTTLinear, Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
+from tnjax.models.config import GPTConfig
+from tnjax.models.decoder import (
+    Decoder,
+    PreNormBlock,
+    balance_of,
+    cached_attention,
+    dense_kernel,
+    dtype_of,
+    linear_flops,
+    make_embedding,
+    make_head,
+    make_linear,
+)
 
-KVCache = list  # one (k, v) pair per block, each (batch, block_size, n_head, head_dim)
-
-
-def _dtype(cfg: GPTConfig):
-  return None if cfg.dtype is None else jnp.dtype(cfg.dtype)
-
-
-def _balance(cfg: GPTConfig) -> str:
-  """muP balances TT-matrix cores by their fan-ins (BTT cores always are)."""
-  return "equal" if cfg.mup_base_width is None else "fan_in"
-
-
-def make_linear(spec: LayerSpec, in_features: int, out_features: int, *, std: float, use_bias: bool,
-                dtype, rngs: nnx.Rngs, balance: str = "equal") -> nnx.Module:
-  """One projection, dense or tensorized by ``spec``, with dense-equivalent init std ``std`` (``balance``: how
-  TT-matrix cores share it, see [`TTMLinear`][tnjax.nn.TTMLinear]).
-
-  Example:
-    >>> from tnjax.models import LayerSpec
-    >>> layer = make_linear(LayerSpec("lowrank", rank=4), 16, 32, std=0.02, use_bias=True, dtype=None,
-    ...                     rngs=nnx.Rngs(0))
-    >>> type(layer).__name__, layer.num_params
-    ('LowRankLinear', 224)
-  """
-  if spec.kind == "ttm":
-    return TTMLinear(in_features, out_features, rank=spec.rank, in_dims=spec.in_dims, out_dims=spec.out_dims,
-                     num_cores=spec.num_cores, use_bias=use_bias, path=spec.path, dtype=dtype, kernel_std=std,
-                     rngs=rngs, quant=spec.quant, balance=balance)
-  if spec.kind == "btt":
-    return BTTLinear(in_features, out_features, rank=spec.rank, in_dims=spec.in_dims, out_dims=spec.out_dims,
-                     use_bias=use_bias, dtype=dtype, kernel_std=std, rngs=rngs, quant=spec.quant)
-  if spec.kind == "lowrank":
-    return LowRankLinear(in_features, out_features, rank=min(spec.rank, in_features, out_features),
-                         use_bias=use_bias, dtype=dtype, kernel_std=std, rngs=rngs, quant=spec.quant)
-  if spec.quant == "int8":
-    return Int8Linear(in_features, out_features, use_bias=use_bias, dtype=dtype)
-  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
-                    kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros, rngs=rngs)
-
-
-def dense_kernel(layer: nnx.Module) -> jax.Array:
-  """The (in, out) dense kernel of any projection (reconstructed for tensorized ones).
-
-  Example:
-    >>> from tnjax.nn import TTMLinear
-    >>> dense_kernel(TTMLinear(12, 20, rank=2, rngs=nnx.Rngs(0))).shape
-    (12, 20)
-  """
-  return layer.kernel[...] if isinstance(layer, nnx.Linear) else layer.kernel
-
-
-def linear_flops(layer: nnx.Module, rows: int) -> int:
-  """Forward FLOPs (2 per multiply-add, bias excluded) of a projection of any kind on ``rows`` rows.
-
-  Example:
-    >>> linear_flops(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), 10)
-    10240
-  """
-  if hasattr(layer, "flops"):  # TT-matrix (by its path), BTT, low-rank
-    return layer.flops(rows)
-  if isinstance(layer, nnx.Linear):
-    m, n = layer.kernel.shape
-  else:  # Int8Linear
-    m, n = layer.in_features, layer.out_features
-  return 2 * rows * m * n
-
-
-def _bias(layer: nnx.Module) -> jax.Array | None:
-  return None if layer.bias is None else layer.bias[...]
-
-
-def _attention(q, k, v, *, scale: float, impl, is_causal: bool = False, mask=None) -> jax.Array:
-  """``jax.nn.dot_product_attention`` for query/key and value head widths that may differ (MoDeGPT).
-
-  Zero columns change neither q.k nor (sliced off) the output, so the narrower
-  side is padded to the wider one, which the fused kernels require.
-  """
-  width = max(q.shape[-1], v.shape[-1])
-  if impl == "cudnn":
-    width = -(-width // 8) * 8  # cuDNN's fused attention takes head widths in multiples of 8
-  y = jax.nn.dot_product_attention(pad_last(q, width), pad_last(k, width), pad_last(v, width),
-                                   mask=mask, is_causal=is_causal, scale=scale, implementation=impl)
-  return y[..., : v.shape[-1]]
+__all__ = ["GPT", "make_linear", "dense_kernel", "linear_flops"]
 
 
 class Attention(nnx.Module):
   def __init__(self, cfg: GPTConfig, index: int, rngs: nnx.Rngs):
-    d, dtype = cfg.d_model, _dtype(cfg)
+    d, dtype = cfg.d_model, dtype_of(cfg)
     _, self.qk_dim, self.v_dim = cfg.block_dims(index)
     self.n_head, self.impl = cfg.n_head, cfg.attention_impl
     # The scale of the uncompressed model: MoDeGPT keeps q.k, only narrower.
     self.scale = 1.0 / math.sqrt(cfg.head_dim)
     h = cfg.n_head
     self.c_attn = make_linear(cfg.spec("attn.c_attn", index), d, h * (2 * self.qk_dim + self.v_dim),
-                              std=cfg.projection_std, use_bias=True, dtype=dtype, rngs=rngs, balance=_balance(cfg))
+                              std=cfg.projection_std, use_bias=True, dtype=dtype, rngs=rngs, balance=balance_of(cfg))
     self.c_proj = make_linear(cfg.spec("attn.c_proj", index), h * self.v_dim, d,
                               std=cfg.projection_std / math.sqrt(2 * cfg.n_layer), use_bias=True, dtype=dtype,
-                              rngs=rngs, balance=_balance(cfg))
+                              rngs=rngs, balance=balance_of(cfg))
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
   def __call__(self, x, cache=None, pos=0, *, deterministic: bool = True):
@@ -132,50 +58,67 @@ class Attention(nnx.Module):
     h, qk = self.n_head, self.n_head * self.qk_dim
     q, k, v = jnp.split(self.c_attn(x), [qk, 2 * qk], axis=-1)
     q, k, v = (z.reshape(b, t, h, -1) for z in (q, k, v))
-    if cache is None:
-      y = _attention(q, k, v, scale=self.scale, impl=self.impl, is_causal=True)
-      new_cache = None
-    else:
-      ck, cv = cache
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, pos, 0, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, pos, 0, 0))
-      # query i sits at position pos + i and sees keys 0..pos + i
-      mask = jnp.arange(ck.shape[1])[None, :] <= pos + jnp.arange(t)[:, None]
-      y = _attention(q, ck.astype(q.dtype), cv.astype(q.dtype), scale=self.scale, impl=self.impl,
-                     mask=mask[None, None])
-      new_cache = (ck, cv)
+    y, new_cache = cached_attention(q, k, v, cache, pos, scale=self.scale, impl=self.impl)
     y = self.dropout(self.c_proj(y.reshape(b, t, h * self.v_dim)), deterministic=deterministic)
     return y, new_cache
 
 
 class MLP(nnx.Module):
   def __init__(self, cfg: GPTConfig, index: int, rngs: nnx.Rngs):
-    d, f, dtype = cfg.d_model, cfg.block_dims(index)[0], _dtype(cfg)
+    d, f, dtype = cfg.d_model, cfg.block_dims(index)[0], dtype_of(cfg)
     self.c_fc = make_linear(cfg.spec("mlp.c_fc", index), d, f, std=cfg.projection_std, use_bias=True, dtype=dtype,
-                            rngs=rngs, balance=_balance(cfg))
+                            rngs=rngs, balance=balance_of(cfg))
     self.c_proj = make_linear(cfg.spec("mlp.c_proj", index), f, d, std=cfg.projection_std / math.sqrt(2 * cfg.n_layer),
-                              use_bias=True, dtype=dtype, rngs=rngs, balance=_balance(cfg))
+                              use_bias=True, dtype=dtype, rngs=rngs, balance=balance_of(cfg))
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
   def __call__(self, x, *, deterministic: bool = True):
     return self.dropout(self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True)), deterministic=deterministic)
 
 
-class Block(nnx.Module):
+class Block(PreNormBlock):
   def __init__(self, cfg: GPTConfig, index: int, rngs: nnx.Rngs):
-    d, dtype = cfg.d_model, _dtype(cfg)
+    d, dtype = cfg.d_model, dtype_of(cfg)
     self.ln_1 = nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
     self.attn = Attention(cfg, index, rngs)
     self.ln_2 = nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
     self.mlp = MLP(cfg, index, rngs)
 
-  def __call__(self, x, cache=None, pos=0, *, deterministic: bool = True):
-    y, cache = self.attn(self.ln_1(x), cache, pos, deterministic=deterministic)
-    x = x + y
-    return x + self.mlp(self.ln_2(x), deterministic=deterministic), cache
+  def trace(self, x) -> tuple[jax.Array, dict]:
+    """The block's output and what calibration reads: attention input (b, t, d), queries and keys
+    (b, t, n_head, qk_dim), MLP activations (b, t, d_ff)."""
+    b, t, _ = x.shape
+    a = self.ln_1(x)
+    qk = self.attn.n_head * self.attn.qk_dim
+    q, k, _ = jnp.split(self.attn.c_attn(a), [qk, 2 * qk], axis=-1)
+    mid = x + self.attn(a)[0]
+    act = jax.nn.gelu(self.mlp.c_fc(self.ln_2(mid)), approximate=True)
+    return mid + self.mlp.c_proj(act), {"attn_in": a, "q": q.reshape(b, t, self.attn.n_head, -1),
+                                        "k": k.reshape(b, t, self.attn.n_head, -1), "mlp_act": act}
+
+  def parts(self) -> dict:
+    """Dense (kernel, bias) of the attention and MLP matrices: "q", "k", "v" (slices of c_attn), "o", "up"
+    (a list: c_fc), "down"."""
+    a, m = self.attn, self.mlp
+    qk = a.n_head * a.qk_dim
+    w, bias = np.asarray(dense_kernel(a.c_attn)), np.asarray(a.c_attn.bias[...])
+    (wq, wk, wv), (bq, bk, bv) = np.split(w, [qk, 2 * qk], axis=1), np.split(bias, [qk, 2 * qk])
+    return {"q": (wq, bq), "k": (wk, bk), "v": (wv, bv),
+            "o": (np.asarray(dense_kernel(a.c_proj)), np.asarray(a.c_proj.bias[...])),
+            "up": [(np.asarray(dense_kernel(m.c_fc)), np.asarray(m.c_fc.bias[...]))],
+            "down": (np.asarray(dense_kernel(m.c_proj)), np.asarray(m.c_proj.bias[...]))}
+
+  @staticmethod
+  def projections(parts: dict) -> dict:
+    """The inverse of `parts`: {projection name: {"kernel", "bias"}}."""
+    (wq, bq), (wk, bk), (wv, bv) = parts["q"], parts["k"], parts["v"]
+    return {"attn.c_attn": {"kernel": np.concatenate([wq, wk, wv], axis=1), "bias": np.concatenate([bq, bk, bv])},
+            "attn.c_proj": dict(zip(("kernel", "bias"), parts["o"])),
+            "mlp.c_fc": dict(zip(("kernel", "bias"), parts["up"][0])),
+            "mlp.c_proj": dict(zip(("kernel", "bias"), parts["down"]))}
 
 
-class GPT(nnx.Module):
+class GPT(Decoder):
   """GPT-2 language model.
 
   Call ``model(ids)`` for logits of shape (batch, time, vocab_size); use
@@ -191,126 +134,17 @@ class GPT(nnx.Module):
   """
 
   def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
-    cfg, dtype = config, _dtype(config)
+    cfg, dtype = config, dtype_of(config)
     self.config = cfg
-    emb = cfg.spec("embedding")
-    if emb.kind == "mps":
-      self.wte = MPSEmbedding(cfg.vocab_size, cfg.d_model, rank=emb.rank, feature_dims=emb.out_dims,
-                              num_cores=emb.num_cores, std=cfg.init_std, dtype=dtype, rngs=rngs)
-    elif emb.kind == "ttm":
-      self.wte = TTEmbedding(cfg.vocab_size, cfg.d_model, rank=emb.rank, vocab_dims=emb.in_dims,
-                             feature_dims=emb.out_dims, num_cores=emb.num_cores, std=cfg.init_std, path=emb.path,
-                             dtype=dtype, rngs=rngs)
-    elif emb.kind == "dense":
-      self.wte = nnx.Embed(cfg.padded_vocab, cfg.d_model, dtype=dtype,
-                           embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
-    else:
-      raise ValueError(f"GPT: layers['embedding'].kind={emb.kind!r} but 'dense', 'ttm' or 'mps' is expected")
+    self.wte = make_embedding(cfg, rngs)
     self.wpe = nnx.Embed(cfg.block_size, cfg.d_model, dtype=dtype,
                          embedding_init=nnx.initializers.normal(cfg.init_std / 2), rngs=rngs)
     self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
     self.h = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layer)])
     self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
-    self.lm_head = None if cfg.tie_embeddings else make_linear(
-        cfg.spec("lm_head"), cfg.d_model, cfg.vocab_size, std=cfg.init_std, use_bias=False, dtype=dtype, rngs=rngs)
+    self.lm_head = make_head(cfg, rngs)
 
-  def _check_ids(self, ids, pos: int = 0) -> jax.Array:
-    ids = jnp.asarray(ids)
-    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
-      raise ValueError(f"GPT: ids.shape={ids.shape}, dtype={ids.dtype} but integer ids of shape (batch, time) "
-                       "are expected")
-    limit = self.config.block_size
-    if _checks.is_concrete(pos) and int(pos) + ids.shape[1] > limit:
-      raise ValueError(f"GPT: {int(pos) + ids.shape[1]} positions (pos={int(pos)}, time={ids.shape[1]}) but "
-                       f"block_size={limit}")
-    if _checks.is_concrete(ids) and ids.size and (int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0):
-      bad = int(ids.max()) if int(ids.max()) >= self.config.vocab_size else int(ids.min())
-      raise ValueError(f"GPT: ids contain {bad} but 0 <= id < vocab_size={self.config.vocab_size} is expected")
-    return ids
+  def embed(self, ids, pos=0, deterministic: bool = True) -> jax.Array:
+    x = self.wte(ids) + self.wpe(pos + jnp.arange(ids.shape[1]))[None]
+    return self.drop(x, deterministic=deterministic)
 
-  def _forward(self, ids, cache, pos, deterministic):
-    t = ids.shape[1]
-    x = self.wte(ids) + self.wpe(pos + jnp.arange(t))[None]
-    x = self.drop(x, deterministic=deterministic)
-    new_cache = []
-    for i, block in enumerate(self.h):
-      x, c = block(x, None if cache is None else cache[i], pos, deterministic=deterministic)
-      new_cache.append(c)
-    x = self.ln_f(x)
-    if self.config.output_multiplier != 1.0:
-      x = x * jnp.asarray(self.config.output_multiplier, x.dtype)
-    logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
-    return logits, (None if cache is None else new_cache)
-
-  def __call__(self, ids, *, deterministic: bool = True, padded_logits: bool = False) -> jax.Array:
-    """Logits (batch, time, vocab_size) for integer ids (batch, time), time <= block_size.
-
-    ``padded_logits=True`` returns (batch, time, padded_vocab) with the padding
-    columns at -inf (what a softmax over them gives zero weight), which avoids
-    slicing the largest activation in a training step.
-    """
-    logits = self._forward(self._check_ids(ids), None, 0, deterministic)[0]
-    return self._mask_padding(logits) if padded_logits else logits[..., : self.config.vocab_size]
-
-  def _mask_padding(self, logits: jax.Array) -> jax.Array:
-    vocab = self.config.vocab_size
-    if logits.shape[-1] == vocab:
-      return logits
-    return jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, jnp.asarray(-jnp.inf, logits.dtype))
-
-  @property
-  def embedding_table(self) -> jax.Array:
-    """The dense (vocab_size, d_model) token-embedding table, whatever its storage, padding removed."""
-    table = self.wte.embedding
-    return (table[...] if isinstance(table, nnx.Variable) else table)[: self.config.vocab_size]
-
-  def init_cache(self, batch: int, dtype=jnp.float32) -> KVCache:
-    """Zeroed keys and values for every block: (batch, block_size, n_head, qk_dim or v_dim) each."""
-    cfg = self.config
-    shape = (batch, cfg.block_size, cfg.n_head)
-    return [(jnp.zeros(shape + (cfg.block_dims(i)[1],), dtype), jnp.zeros(shape + (cfg.block_dims(i)[2],), dtype))
-            for i in range(cfg.n_layer)]
-
-  def step(self, ids, cache: KVCache, pos) -> tuple[jax.Array, KVCache]:
-    """Logits for ``ids`` placed at positions pos.., reading and extending the KV cache."""
-    logits, cache = self._forward(self._check_ids(ids, pos), cache, pos, True)
-    return logits[..., : self.config.vocab_size], cache
-
-  def flops_per_token(self, rows: int | None = None) -> float:
-    """Forward FLOPs per token (2 per multiply-add): every projection by its kind and path, the LM head, and
-    attention's two products over the full ``block_size`` context (as PaLM's 6N + 12 L H Q T count, which
-    ignores the causal mask). A training step costs about 3x this per token (backward = 2x forward).
-
-    ``rows`` is the tokens per forward call (a micro-batch), default ``block_size``: TT-matrix layers that
-    rebuild W spread that cost over them, and the cost model's path choice depends on it.
-
-    Example:
-      >>> from tnjax.models import preset
-      >>> model = nnx.eval_shape(lambda: GPT(preset("gpt2", vocab_multiple=1), rngs=nnx.Rngs(0)))
-      >>> round(model.flops_per_token() / 1e6, 1)  # 2 * 85M block params + 2 * 38.6M head + attention
-      284.8
-    """
-    cfg = self.config
-    rows = cfg.block_size if rows is None else _checks.check_positive_int("GPT.flops_per_token", "rows", rows)
-    total = 0
-    for i, block in enumerate(self.h):
-      for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-        total += linear_flops(layer, rows)
-      _, qk, v = cfg.block_dims(i)
-      total += 2 * rows * cfg.block_size * cfg.n_head * (qk + v)
-    if self.lm_head is not None:
-      total += linear_flops(self.lm_head, rows)
-    elif isinstance(self.wte, TTEmbedding):
-      head = TTMatrix(tuple(jax.ShapeDtypeStruct(tuple(c.shape[k] for k in (0, 2, 1, 3)), c.dtype)
-                            for c in self.wte.cores))  # the transposed table's cores, shapes only
-      total += path_flops(head, rows, self.wte.path, self.wte.cost)
-    else:  # a dense table, or an MPS one rebuilt for the head
-      total += 2 * rows * cfg.d_model * self.wte.num_embeddings
-    return total / rows
-
-  @property
-  def num_params(self) -> int:
-    """Parameters, not counting the embedding's padding rows (never used)."""
-    cfg = self.config
-    padding = (cfg.padded_vocab - cfg.vocab_size) * cfg.d_model
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nnx.state(self, nnx.Param))) - padding

@@ -24,10 +24,11 @@ class TrainConfig:
   """Everything a training run depends on. Defaults train a tiny TTM-GPT on the packaged sample in ~1 minute on CPU.
 
   Attributes:
-    model: a preset of [`preset`][tnjax.models.preset].
-    model_overrides: GPTConfig fields to change (vocab_size and block_size are set from
+    model: a preset of [`preset`][tnjax.models.preset], of any family ("tiny" GPT-2, "llama-tiny", ...).
+    model_overrides: config fields to change (vocab_size and block_size are set from
       the tokenizer and ``block_size``).
-    layers: tensorization (GPTConfig.layers); default: all four projections TTM rank 16.
+    layers: tensorization (``GPTConfig.layers``); default ``{"*": ...}``: every projection of the
+      family TTM rank 16.
     train_files, valid_files, test_files: text files (test may be empty).
     tokenizer: a tokenizer file or directory; None trains a byte-level BPE of
       ``vocab_size`` on the training files (saved in the run directory).
@@ -58,9 +59,7 @@ class TrainConfig:
 
   model: str = "tiny"
   model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-  layers: dict[str, Any] = dataclasses.field(default_factory=lambda: {
-      "attn.c_attn": dict(_TTM16), "attn.c_proj": dict(_TTM16), "mlp.c_fc": dict(_TTM16),
-      "mlp.c_proj": dict(_TTM16)})
+  layers: dict[str, Any] = dataclasses.field(default_factory=lambda: {"*": dict(_TTM16)})
   train_files: list[str] = dataclasses.field(default_factory=lambda: [str(SAMPLE_DIR / "train.txt")])
   valid_files: list[str] = dataclasses.field(default_factory=lambda: [str(SAMPLE_DIR / "valid.txt")])
   test_files: list[str] = dataclasses.field(default_factory=list)
@@ -135,7 +134,7 @@ class TrainConfig:
     return self
 
   def model_config(self, vocab_size: int):
-    """The GPTConfig this run builds (preset, overrides, layers, dtype, muP base width) for a tokenizer of
+    """The model config this run builds (preset, overrides, layers, dtype, muP base width) for a tokenizer of
     ``vocab_size``."""
     from tnjax.models import preset
 
@@ -144,7 +143,7 @@ class TrainConfig:
       return preset(self.model, **{**self.model_overrides, "vocab_size": vocab_size, "block_size": self.block_size,
                                    "layers": self.layers, "dtype": None if self.dtype == "float32" else self.dtype,
                                    "mup_base_width": mup})
-    except (TypeError, ValueError) as e:  # GPTConfig raises TypeError for unknown or ill-typed overrides
+    except (TypeError, ValueError) as e:  # configs raise TypeError for unknown or ill-typed overrides
       raise ValueError(f"TrainConfig: model={self.model!r}, model_overrides={self.model_overrides!r}, "
                        f"layers={self.layers!r} do not make a model: {e}") from e
 

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from tnjax._io import atomic_write, atomic_write_text, copy_tree_linked
 from tnjax.data import eval_batches, load_tokenizer, token_cache, train_batch, train_tokenizer
 from tnjax.data.cache import file_sha256
-from tnjax.models import GPT
+from tnjax.models import Decoder, build
 from tnjax.train.config import TrainConfig
 from tnjax.train.mup import mup_multipliers, scale_by_multipliers
 
@@ -147,14 +147,14 @@ class Trainer:
     True
   """
 
-  def __init__(self, cfg: TrainConfig, vocab_size: int, model: GPT | None = None):
+  def __init__(self, cfg: TrainConfig, vocab_size: int, model: Decoder | None = None):
     """Builds the model from ``cfg`` (preset, overrides, layers, dtype), or continues training ``model``
     (its config, computation dtype included, wins; ``cfg`` gives the optimizer and batches)."""
     self.cfg = cfg
     given = model is not None
     if not given:
       self.model_config = cfg.model_config(vocab_size)
-      model = GPT(self.model_config, rngs=nnx.Rngs(cfg.seed))
+      model = build(self.model_config, rngs=nnx.Rngs(cfg.seed))
     else:
       self.model_config = model.config
     self.num_params = model.num_params
@@ -187,7 +187,7 @@ class Trainer:
                          out_shardings=(self.shardings, opt_shardings, None, None))
     self._eval = jax.jit(self._eval_loss)
 
-  def model(self, params: dict | None = None) -> GPT:
+  def model(self, params: dict | None = None) -> Decoder:
     return nnx.merge(self.graphdef, self.flat.state(self.params if params is None else params), self.rest)
 
   def _loss(self, params, x, y, key):

@@ -21,7 +21,7 @@ import jax
 import optax
 from flax import nnx
 
-from tnjax.models import GPT, GPTConfig
+from tnjax.models import GPTConfig, build
 from tnjax.nn import hidden_fan_ins
 
 
@@ -42,8 +42,8 @@ def mup_multipliers(cfg: GPTConfig) -> dict[str, float]:
   if cfg.mup_base_width is None:
     raise ValueError(f"{fn}: cfg.mup_base_width=None but a base width is expected (muP is relative to it)")
   base_cfg = cfg.at_width(cfg.mup_base_width)
-  fans = hidden_fan_ins(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
-  base = hidden_fan_ins(nnx.eval_shape(lambda: GPT(base_cfg, rngs=nnx.Rngs(0))))
+  fans = hidden_fan_ins(nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0))))
+  base = hidden_fan_ins(nnx.eval_shape(lambda: build(base_cfg, rngs=nnx.Rngs(0))))
   if set(fans) != set(base):
     raise ValueError(f"{fn}: the base model at width {cfg.mup_base_width} has other hidden matrices "
                      f"({sorted(set(fans) ^ set(base))[:4]}); expected the same layers at both widths")

@@ -1,0 +1,129 @@
+"""Llama and Qwen2 checkpoints against transformers (torch CPU): logits, greedy generation, save and load."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.hf_fixtures import hf_logits, make_hf_llama
+from tnjax.interop import load_any, load_hf, load_model, save_hf, save_model
+from tnjax.models import Llama, generate, preset
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+
+
+def _ids(vocab=101, shape=(2, 17), seed=0):
+  return np.random.default_rng(seed).integers(0, vocab, shape)
+
+
+@pytest.mark.parametrize("kind", [
+    dict(),  # Llama, GQA (4 heads, 2 kv heads), untied
+    dict(tie_word_embeddings=True, num_key_value_heads=4),  # tied, MHA
+    dict(rope_parameters=LLAMA3),  # Llama-3 rope scaling
+    pytest.param(dict(rope_parameters={"rope_type": "linear", "rope_theta": 1000.0, "factor": 2.0},
+                      attention_bias=True), marks=pytest.mark.slow),
+    dict(qwen2=True),  # q/k/v biases, GQA, untied
+    pytest.param(dict(qwen2=True, tie_word_embeddings=True, num_key_value_heads=1), marks=pytest.mark.slow),
+], ids=["llama-gqa", "llama-tied-mha", "llama3-rope", "linear-rope-biases", "qwen2", "qwen2-tied-mqa"])
+def test_logits_match_transformers(tmp_path, kind):
+  hf = make_hf_llama(tmp_path, **kind)
+  model = load_hf(tmp_path)
+  assert isinstance(model, Llama)
+  ids = _ids()
+  np.testing.assert_allclose(model(jnp.asarray(ids)), hf_logits(hf, ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("qwen2", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_greedy_generation_equals_transformers(tmp_path, qwen2):
+  import torch
+
+  hf = make_hf_llama(tmp_path, qwen2=qwen2)
+  model = load_hf(tmp_path)
+  prompt = _ids(shape=(2, 5), seed=1)
+  hf.generation_config.eos_token_id = None  # no early stop, no token suppressed: plain greedy decoding
+  with torch.no_grad():
+    want = hf.generate(torch.tensor(prompt), max_new_tokens=12, do_sample=False).numpy()
+  np.testing.assert_array_equal(np.asarray(generate(model, prompt, 12, temperature=0.0)), want)
+
+
+@pytest.mark.parametrize("kind", [dict(), dict(qwen2=True, tie_word_embeddings=True)], ids=["llama", "qwen2"])
+def test_save_hf_loads_in_transformers_with_same_logits(tmp_path, kind):
+  from transformers import AutoModelForCausalLM
+
+  hf = make_hf_llama(tmp_path / "in", **kind)
+  save_hf(load_hf(tmp_path / "in"), tmp_path / "out")
+  again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+  assert type(again) is type(hf)
+  ids = _ids()
+  np.testing.assert_allclose(hf_logits(again, ids), hf_logits(hf, ids), atol=1e-5)
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+  hf = make_hf_llama(tmp_path / "one")
+  hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="20KB")
+  assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+  ids = _ids()
+  np.testing.assert_allclose(load_any(tmp_path / "sharded")(jnp.asarray(ids)), hf_logits(hf, ids), atol=1e-4)
+
+
+def test_tensorized_llama_exports_dense_and_keeps_cores(tmp_path):
+  """(Full-rank TT-matrix and low-rank Llamas equal the dense one: tests/compress/test_llama.py.)"""
+  from transformers import LlamaForCausalLM
+
+  ids = jnp.asarray(_ids(300))
+  tensorized = Llama(preset("llama-tiny", vocab_size=300, block_size=32, n_layer=1,
+                            layers={"*": {"kind": "ttm", "rank": 4}, "attn.o_proj": {"kind": "btt", "rank": 2},
+                                    "mlp.up_proj": {"kind": "lowrank", "rank": 8}}), rngs=nnx.Rngs(1))
+  save_hf(tensorized, tmp_path)
+  hf = LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+  np.testing.assert_allclose(hf_logits(hf, ids), tensorized(ids), atol=1e-4)
+  again = load_model(save_model(tensorized, tmp_path / "native"))
+  assert again.config == tensorized.config
+  np.testing.assert_allclose(again(ids), tensorized(ids), atol=1e-6)
+
+
+def _edit_config(path, **changes):
+  cfg = json.loads((path / "config.json").read_text())
+  cfg.update(changes)
+  (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(model_type="mistral"), r"load_hf: config model_type='mistral' but one of \['gpt2', 'llama', 'qwen2'\]"),
+    (dict(hidden_act="gelu"), r"load_hf: config option hidden_act='gelu' is not supported \(only 'silu'\)"),
+    (dict(mlp_bias=True), r"load_hf: config option mlp_bias=True is not supported"),
+    (dict(head_dim=16), r"load_hf: config option head_dim=16 is not supported"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
+     r"load_hf: rope_scaling rope_type='yarn' is not implemented; expected one of"),
+    (dict(num_attention_heads=5), r"load_hf: config hidden_size=32 but it must be divisible by num_attention_heads=5"),
+    (dict(num_key_value_heads=3), r"LlamaConfig: n_kv_head=3 but it must divide n_head=4"),
+    (dict(use_sliding_window=True, model_type="qwen2"), r"config option use_sliding_window=True is not supported"),
+])
+def test_unsupported_options_are_refused_by_name(tmp_path, changes, match):
+  make_hf_llama(tmp_path)
+  _edit_config(tmp_path, **changes)
+  with pytest.raises(ValueError, match=match):
+    load_hf(tmp_path)
+
+
+def test_missing_and_misshaped_tensors_are_named(tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  make_hf_llama(tmp_path)
+  tensors = load_file(str(tmp_path / "model.safetensors"))
+  bad = dict(tensors)
+  bad["model.layers.1.self_attn.k_proj.weight"] = np.zeros((32, 32), np.float32)
+  save_file(bad, str(tmp_path / "model.safetensors"))
+  with pytest.raises(ValueError, match=r"tensor model.layers.1.self_attn.k_proj.weight has shape \(32, 32\) but "
+                                       r"\(16, 32\) is expected"):
+    load_hf(tmp_path)
+  save_file({k: v for k, v in tensors.items() if k != "model.norm.weight"}, str(tmp_path / "model.safetensors"))
+  with pytest.raises(ValueError, match=r"checkpoint tensors missing \['model.norm.weight'\]"):
+    load_hf(tmp_path)
+  with pytest.raises(ValueError, match=r"save_hf: output_bias=True with attention_bias=False"):
+    save_hf(Llama(preset("llama-tiny", output_bias=True), rngs=nnx.Rngs(0)), tmp_path / "out")
