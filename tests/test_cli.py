@@ -31,6 +31,7 @@ def test_eval_and_generate(model_dir, capsys):
   assert capsys.readouterr().out.startswith("In the beginning")
 
 
+@pytest.mark.slow  # three CLI commands; Qwen2 parity is in tests/interop
 def test_eval_generate_and_compress_a_hugging_face_qwen2_directory(tmp_path, capsys):
   """The commands take Llama-style checkpoints unchanged (here Qwen2: GQA and q/k/v biases)."""
   text = tmp_path / "text.txt"

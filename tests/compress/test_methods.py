@@ -56,6 +56,7 @@ def test_error_falls_as_rank_grows(trained, ids, name, method, ranks):
   check_error_falls(trained, ids, method, ranks)
 
 
+@pytest.mark.slow  # default suite time
 def test_parameter_accounting_is_exact(trained):
   cfg = trained.config
   d, f = cfg.d_model, cfg.ff_dim

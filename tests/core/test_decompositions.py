@@ -267,7 +267,7 @@ def _decaying(rng, m, n, power=0.5):
 # One case by default; float32 and the tall shape are in the slow run.
 @pytest.mark.parametrize("dtype", [np.float64, pytest.param(np.float32, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("shape,in_dims,out_dims", [
-    ((96, 384), (4, 4, 6), (6, 8, 8)),
+    pytest.param((96, 384), (4, 4, 6), (6, 8, 8), marks=pytest.mark.slow),
     pytest.param((1000, 48), (10, 10, 10), (4, 4, 3), marks=pytest.mark.slow)])
 def test_gram_method_matches_svd_truncation(rng, dtype, shape, in_dims, out_dims):
   """The Gram-eigh steps give the exact truncation error (within 1%) at equal ranks, eager and jitted."""

@@ -81,7 +81,7 @@ def test_kronecker_factors_and_exact_metric_fold():
   np.testing.assert_allclose(np.asarray(tnjax.to_dense(full)), w, atol=1e-9)
 
 
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_data_aware_ttm_fit_has_lower_output_error_on_correlated_inputs(jit):
   rng = np.random.default_rng(3)
   mixes = {"generic": rng.standard_normal((64, 64)) * np.repeat(np.linspace(0.1, 4.0, 8), 8),

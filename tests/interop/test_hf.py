@@ -104,6 +104,7 @@ def test_bad_checkpoints(tmp_path):
     load_hf_gpt2(tmp_path)
 
 
+@pytest.mark.slow  # default suite time
 def test_native_format_keeps_cores_and_tolerance_ranks(tmp_path):
   cfg = preset("tiny", layers={"mlp.c_fc": {"kind": "ttm", "rank": 16}, "embedding": {"kind": "ttm", "rank": 8}})
   model = GPT(cfg, rngs=nnx.Rngs(0))

@@ -71,6 +71,7 @@ def test_sharded_checkpoint_loads(tmp_path):
   np.testing.assert_allclose(load_any(tmp_path / "sharded")(jnp.asarray(ids)), hf_logits(hf, ids), atol=1e-4)
 
 
+@pytest.mark.slow  # default suite time
 def test_tensorized_llama_exports_dense_and_keeps_cores(tmp_path):
   """(Full-rank TT-matrix and low-rank Llamas equal the dense one: tests/compress/test_llama.py.)"""
   from transformers import LlamaForCausalLM

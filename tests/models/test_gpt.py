@@ -118,6 +118,7 @@ def test_bad_inputs():
     generate(model, [1, 2], 0)
 
 
+@pytest.mark.slow  # default suite time
 def test_vocab_padding_is_invisible_outside_the_loss():
   cfg = preset("tiny", vocab_size=300, n_layer=1, block_size=16)
   exact = GPT(cfg.replace(vocab_multiple=1), rngs=nnx.Rngs(0))

@@ -50,6 +50,7 @@ def test_mps_embedding_exact_truncated_and_tolerance(rng):
   np.testing.assert_allclose(exact.attend(jnp.asarray(x)), x @ table.T, atol=1e-9)
 
 
+@pytest.mark.slow  # default suite time
 def test_mps_embedding_vmap_grad_and_init(rng):
   emb = MPSEmbedding(50, 12, rank=3, feature_dims=(2, 2, 3), std=0.5, param_dtype=F64, rngs=nnx.Rngs(0))
   assert [c.shape for c in emb.cores] == [(50, 1, 2, 2), (50, 2, 2, 3), (50, 3, 3, 1)]
