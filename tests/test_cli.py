@@ -57,6 +57,7 @@ def test_errors_exit_2(model_dir, tmp_path, capsys):
   assert "but block_size=64" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a sweep of two targets with validation; the other compress CLI tests run by default
 def test_compress_sweep_writes_report_plot_and_models(model_dir, tmp_path, capsys):
   from tnjax.interop import load_model
 
