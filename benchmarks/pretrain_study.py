@@ -391,6 +391,7 @@ def main(argv=None) -> int:
   p.add_argument("--out", help="study directory (runs, results.jsonl, summary.md, plots)")
   p.add_argument("--devices", help="comma-separated GPU ids, one run per GPU at a time")
   p.add_argument("--lr-from", help="take each family's learning rate from this earlier study")
+  p.add_argument("--families", help="comma-separated: run only these families of the grid")
   p.add_argument("--smoke", action="store_true", help="toy sizes: the whole protocol on a CPU in about a minute")
   p.add_argument("--plot", nargs="+", metavar="STUDY", help="only summarize and plot these study directories")
   p.add_argument("--run-one", help=argparse.SUPPRESS)
@@ -410,6 +411,12 @@ def main(argv=None) -> int:
     if not (args.grid and args.train and args.valid):
       p.error("--grid, --train and --valid are required (or --plot STUDY ...)")
     grid = read_grid(args.grid, smoke=args.smoke)
+    if args.families:
+      keep = args.families.split(",")
+      unknown = sorted(set(keep) - set(grid["families"]))
+      if unknown:
+        p.error(f"--families: {unknown} are not in the grid (it has {sorted(grid['families'])})")
+      grid["families"] = {n: f for n, f in grid["families"].items() if n in keep}
     files = {"train_files": args.train, "valid_files": args.valid, "test_files": args.test or []}
     rows = run_grid(grid, out, files, devices=args.devices.split(",") if args.devices else None,
                     lr_from=args.lr_from, tokenizer=args.tokenizer)
