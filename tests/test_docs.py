@@ -15,8 +15,9 @@ MODULES = ["tnjax.core.decompositions", "tnjax.core.ops", "tnjax.core.initialize
            "tnjax._io", "tnjax.models.names", "tnjax.models.family", "tnjax.models.llama", "tnjax.interop.hf_llama"]
 # Examples that build, train or compress models: several seconds each, so in the slow run (.ci/run runs it).
 SLOW_MODULES = ["tnjax.nn.layers", "tnjax.models.gpt", "tnjax.models.generate", "tnjax.compress.methods",
-                "tnjax.compress.modegpt", "tnjax.compress.tuning", "tnjax.compress._model", "tnjax.compress.report",
-                "tnjax.models.decoder", "tnjax.interop.native", "tnjax.interop.hf",
+                "tnjax.compress.modegpt", "tnjax.compress.calibration", "tnjax.compress.tuning",
+                "tnjax.compress._model", "tnjax.compress.report", "tnjax.models.decoder", "tnjax.interop.native",
+                "tnjax.interop.hf",
                 "tnjax.interop.hf_gpt2", "tnjax.eval", "tnjax.train.loop", "tnjax.train.mup"]
 
 

@@ -5,10 +5,12 @@
   `heal`, `quantize_int8` — CompactifAI (MPO, profiling, healing, int8).
 * `tensorgpt_embedding` — TensorGPT (an MPS per token row, or one TT-matrix).
 * `modegpt_compress`, `calibrate` — MoDeGPT (Nystrom, CR, whitened SVD).
+* `input_grams` — every projection's input Gram ``X^T X`` (for the output-error fits of `tnjax.core.whitening`).
 * `compress` and [`run`][tnjax.compress.report.run] — what ``tnjax compress`` runs.
 """
 
 from tnjax.compress._model import count_bytes, count_params, get_layer, projection_names, resolve_layers
+from tnjax.compress.calibration import input_grams
 from tnjax.compress.methods import mpo_compress, quantize_int8, svd_compress, tensorgpt_embedding
 from tnjax.compress.modegpt import allocate, calibrate, cr_select, modegpt_compress, nystrom_select, whitened_svd
 from tnjax.compress.tuning import choose_layers, heal, layer_sensitivity
@@ -16,5 +18,5 @@ from tnjax.compress.tuning import choose_layers, heal, layer_sensitivity
 __all__ = [
     "svd_compress", "mpo_compress", "tensorgpt_embedding", "quantize_int8", "modegpt_compress",
     "layer_sensitivity", "choose_layers", "heal", "calibrate", "allocate", "nystrom_select", "cr_select",
-    "whitened_svd", "count_params", "count_bytes", "get_layer", "projection_names", "resolve_layers",
+    "whitened_svd", "input_grams", "count_params", "count_bytes", "get_layer", "projection_names", "resolve_layers",
 ]

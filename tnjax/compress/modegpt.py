@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from tnjax.compress import _model
+from tnjax.compress.calibration import as_batches
 from tnjax.core import _checks
 from tnjax.models.config import LayerSpec
 from tnjax.models.decoder import Decoder
@@ -208,11 +209,7 @@ def calibrate(model: Decoder, batches) -> list[dict]:
     >>> len(stats), first["attn_in"].shape, first["mlp_act"].shape
     (2, (128, 128), (512, 512))
   """
-  if isinstance(batches, (np.ndarray, jax.Array)) and np.ndim(batches) == 2:
-    batches = [batches]
-  batches = [jnp.asarray(b) for b in batches]
-  if not batches or any(b.ndim != 2 or not jnp.issubdtype(b.dtype, jnp.integer) or b.size == 0 for b in batches):
-    raise ValueError("calibrate: batches must be one or more non-empty integer id arrays of shape (batch, time)")
+  batches = as_batches("calibrate", batches)
   graphdef, state = nnx.split(model)
   total = None
   for b in batches:

@@ -53,14 +53,18 @@ class Attention(nnx.Module):
                               rngs=rngs, balance=balance_of(cfg))
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-  def __call__(self, x, cache=None, pos=0, *, deterministic: bool = True):
+  def context(self, x, cache=None, pos=0):
+    """The heads' outputs before the output projection, (b, t, n_head * v_dim), and the new cache."""
     b, t, d = x.shape
     h, qk = self.n_head, self.n_head * self.qk_dim
     q, k, v = jnp.split(self.c_attn(x), [qk, 2 * qk], axis=-1)
     q, k, v = (z.reshape(b, t, h, -1) for z in (q, k, v))
     y, new_cache = cached_attention(q, k, v, cache, pos, scale=self.scale, impl=self.impl)
-    y = self.dropout(self.c_proj(y.reshape(b, t, h * self.v_dim)), deterministic=deterministic)
-    return y, new_cache
+    return y.reshape(b, t, h * self.v_dim), new_cache
+
+  def __call__(self, x, cache=None, pos=0, *, deterministic: bool = True):
+    y, new_cache = self.context(x, cache, pos)
+    return self.dropout(self.c_proj(y), deterministic=deterministic), new_cache
 
 
 class MLP(nnx.Module):
@@ -86,15 +90,18 @@ class Block(PreNormBlock):
 
   def trace(self, x) -> tuple[jax.Array, dict]:
     """The block's output and what calibration reads: attention input (b, t, d), queries and keys
-    (b, t, n_head, qk_dim), MLP activations (b, t, d_ff)."""
+    (b, t, n_head, qk_dim), MLP activations (b, t, d_ff), and ``"inputs"``: each projection's input by name."""
     b, t, _ = x.shape
     a = self.ln_1(x)
     qk = self.attn.n_head * self.attn.qk_dim
     q, k, _ = jnp.split(self.attn.c_attn(a), [qk, 2 * qk], axis=-1)
-    mid = x + self.attn(a)[0]
-    act = jax.nn.gelu(self.mlp.c_fc(self.ln_2(mid)), approximate=True)
-    return mid + self.mlp.c_proj(act), {"attn_in": a, "q": q.reshape(b, t, self.attn.n_head, -1),
-                                        "k": k.reshape(b, t, self.attn.n_head, -1), "mlp_act": act}
+    ctx = self.attn.context(a)[0]
+    mid = x + self.attn.c_proj(ctx)
+    m = self.ln_2(mid)
+    act = jax.nn.gelu(self.mlp.c_fc(m), approximate=True)
+    return mid + self.mlp.c_proj(act), {
+        "attn_in": a, "q": q.reshape(b, t, self.attn.n_head, -1), "k": k.reshape(b, t, self.attn.n_head, -1),
+        "mlp_act": act, "inputs": {"attn.c_attn": a, "attn.c_proj": ctx, "mlp.c_fc": m, "mlp.c_proj": act}}
 
   def parts(self) -> dict:
     """Dense (kernel, bias) of the attention and MLP matrices: "q", "k", "v" (slices of c_attn), "o", "up"

@@ -231,7 +231,8 @@ class Attention(nnx.Module):
     return (self.q_proj(x).reshape(b, t, self.n_head, -1), self.k_proj(x).reshape(b, t, self.n_kv, -1),
             self.v_proj(x).reshape(b, t, self.n_kv, -1))
 
-  def __call__(self, x, cache=None, pos=0, *, deterministic: bool = True):
+  def context(self, x, cache=None, pos=0):
+    """The heads' outputs before the output projection, (b, t, n_head * v_dim), and the new cache."""
     b, t, _ = x.shape
     q, k, v = self.qkv(x)
     positions = jnp.asarray(pos).astype(jnp.float32) + jnp.arange(t, dtype=jnp.float32)
@@ -239,8 +240,11 @@ class Attention(nnx.Module):
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     y, new_cache = cached_attention(q, k, v, cache, pos, scale=self.scale, impl=self.impl)
-    y = self.dropout(self.o_proj(y.reshape(b, t, self.n_head * self.v_dim)), deterministic=deterministic)
-    return y, new_cache
+    return y.reshape(b, t, self.n_head * self.v_dim), new_cache
+
+  def __call__(self, x, cache=None, pos=0, *, deterministic: bool = True):
+    y, new_cache = self.context(x, cache, pos)
+    return self.dropout(self.o_proj(y), deterministic=deterministic), new_cache
 
 
 class MLP(nnx.Module):
@@ -276,12 +280,17 @@ class Block(PreNormBlock):
 
   def trace(self, x) -> tuple[jax.Array, dict]:
     """The block's output and what calibration reads: attention input (b, t, d), queries and keys before
-    rotation (b, t, heads, qk_dim), MLP activations (b, t, d_ff)."""
+    rotation (b, t, heads, qk_dim), MLP activations (b, t, d_ff), and ``"inputs"``: each projection's input
+    by name."""
     a = self.ln_1(x)
     q, k, _ = self.attn.qkv(a)
-    mid = x + self.attn(a)[0]
-    act = self.mlp.hidden(self.ln_2(mid))
-    return mid + self.mlp.down_proj(act), {"attn_in": a, "q": q, "k": k, "mlp_act": act}
+    ctx = self.attn.context(a)[0]
+    mid = x + self.attn.o_proj(ctx)
+    m = self.ln_2(mid)
+    act = self.mlp.hidden(m)
+    inputs = {"attn.q_proj": a, "attn.k_proj": a, "attn.v_proj": a, "attn.o_proj": ctx, "mlp.gate_proj": m,
+              "mlp.up_proj": m, "mlp.down_proj": act}
+    return mid + self.mlp.down_proj(act), {"attn_in": a, "q": q, "k": k, "mlp_act": act, "inputs": inputs}
 
   def parts(self) -> dict:
     """Dense (kernel, bias or None) of the attention and MLP matrices: "q", "k", "v", "o", "up" (a list:
