@@ -197,9 +197,11 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--seed", type=non_negative, default=0)
   gen.set_defaults(run=cmd_generate)
 
-  co = sub.add_parser("compress", help="compress a trained model (TensorGPT, MPO, MoDeGPT, SVD)")
+  from tnjax.compress.report import METHODS  # the one list of methods
+
+  co = sub.add_parser("compress", help="compress a trained model (TensorGPT, MPO, MoDeGPT, SVD, SVD-LLM)")
   co.add_argument("--model", required=True, help="tnjax or Hugging Face (GPT-2, Llama, Qwen2) directory")
-  co.add_argument("--method", required=True, choices=["tensorgpt", "mpo", "modegpt", "svd"])
+  co.add_argument("--method", required=True, choices=list(METHODS))
   co.add_argument("--rank", help="rank cap (mpo: bond dimension chi); comma-separated for a sweep")
   co.add_argument("--ratio", help="fraction of the compressed part's parameters kept, in (0, 1]; "
                   "comma-separated for a sweep (writes perplexity.png)")
@@ -207,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
   co.add_argument("--layers", help="comma-separated layer names, e.g. mlp.c_fc,h.11.attn.c_proj (mpo, svd)")
   co.add_argument("--layout", choices=["balanced", "fused"], default=None,
                   help="mpo only: 'fused' makes two-core layers run by the fused GPU kernels (rank <= 16)")
-  co.add_argument("--calib", help="text file: calibration for modegpt, training text for --heal-steps")
+  co.add_argument("--calib", help="text file: calibration for modegpt and svdllm, training text for --heal-steps")
   co.add_argument("--valid", help="text file for validation perplexity before and after")
   co.add_argument("--max-tokens", type=at_least_2, default=None, help="score only the first N validation tokens")
   co.add_argument("--block-size", type=at_least_2, default=None, help="window for evaluation and calibration")

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import tnjax
+from tnjax.compress import svd_compress, svdllm_compress
 from tnjax.compress.calibration import input_grams
 from tnjax.models import GPT, Llama, preset
 
@@ -39,6 +40,7 @@ def test_grams_equal_the_inputs_gram_summed_over_batches(name):
     np.testing.assert_allclose(g, want, rtol=2e-4, atol=1e-3 * np.abs(want).max())
 
 
+@pytest.mark.slow  # test_svdllm_beats_svd_at_equal_size... covers the method by default
 def test_whitened_svd_on_calibrated_grams_beats_plain_svd_on_the_layer_outputs():
   model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
   ids = np.random.default_rng(1).integers(0, 512, (4, 32)).astype(np.int32)
@@ -55,3 +57,35 @@ def test_whitened_svd_on_calibrated_grams_beats_plain_svd_on_the_layer_outputs()
 def test_bad_batches(batches):
   with pytest.raises(ValueError, match=r"input_grams: batches must be one or more non-empty integer id arrays"):
     input_grams(GPT(preset("tiny"), rngs=nnx.Rngs(0)), batches)
+
+
+def test_svdllm_beats_svd_at_equal_size_and_respects_its_targets():
+  model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  calib = rng.integers(0, 512, (4, 32)).astype(np.int32)
+  x = calib[:2]
+  ref = np.asarray(model(jnp.asarray(x)))
+  small, plain = svdllm_compress(model, calib, ratio=0.5), svd_compress(model, ratio=0.5)
+  assert small.num_params == plain.num_params < model.num_params
+  err = lambda m: np.linalg.norm(np.asarray(m(jnp.asarray(x))) - ref)  # noqa: E731
+  assert err(small) < err(plain)
+  full = svdllm_compress(model, calib, rank=10_000, layers=["mlp.c_proj"])  # full rank: exact
+  np.testing.assert_allclose(np.asarray(full(jnp.asarray(x))), ref, atol=2e-3)
+  # rtol bounds each layer's output error on the calibration inputs
+  bounded = svdllm_compress(model, calib, rtol=0.3, layers=["h.1.mlp.c_fc"])
+  inp = _inputs(model, calib)["h.1.mlp.c_fc"]
+  w = np.asarray(model.h[1].mlp.c_fc.kernel[...], np.float64)
+  got = np.asarray(bounded.h[1].mlp.c_fc.kernel, np.float64)
+  assert np.linalg.norm(inp @ (w - got)) <= 0.3 * np.linalg.norm(inp @ w) * (1 + 1e-3)
+  assert bounded.h[1].mlp.c_fc.rank < 128
+  with pytest.raises(ValueError, match=r"svdllm_compress: no target; give exactly one of ratio, rank or rtol"):
+    svdllm_compress(model, calib)
+  with pytest.raises(ValueError, match=r"input_grams: batches=None but calibration ids"):
+    svdllm_compress(model, None, ratio=0.5)
+
+
+def test_compress_run_svdllm_needs_calibration_text(tmp_path):
+  from tnjax.compress.report import run
+
+  with pytest.raises(ValueError, match=r"compress: method 'svdllm' needs calibration text \(--calib FILE\)"):
+    run(GPT(preset("tiny"), rngs=nnx.Rngs(0)), "svdllm", tmp_path / "o", targets=[{"ratio": 0.5}])

@@ -1,6 +1,7 @@
 """Compression of trained GPTs: pure model -> model functions.
 
 * `svd_compress` — truncated SVD per projection, the baseline.
+* `svdllm_compress` — SVD-LLM: the SVD of each projection in its input data metric (output error).
 * `mpo_compress`, `layer_sensitivity`, `choose_layers`,
   `heal`, `quantize_int8` — CompactifAI (MPO, profiling, healing, int8).
 * `tensorgpt_embedding` — TensorGPT (an MPS per token row, or one TT-matrix).
@@ -11,12 +12,12 @@
 
 from tnjax.compress._model import count_bytes, count_params, get_layer, projection_names, resolve_layers
 from tnjax.compress.calibration import input_grams
-from tnjax.compress.methods import mpo_compress, quantize_int8, svd_compress, tensorgpt_embedding
+from tnjax.compress.methods import mpo_compress, quantize_int8, svd_compress, svdllm_compress, tensorgpt_embedding
 from tnjax.compress.modegpt import allocate, calibrate, cr_select, modegpt_compress, nystrom_select, whitened_svd
 from tnjax.compress.tuning import choose_layers, heal, layer_sensitivity
 
 __all__ = [
-    "svd_compress", "mpo_compress", "tensorgpt_embedding", "quantize_int8", "modegpt_compress",
+    "svd_compress", "svdllm_compress", "mpo_compress", "tensorgpt_embedding", "quantize_int8", "modegpt_compress",
     "layer_sensitivity", "choose_layers", "heal", "calibrate", "allocate", "nystrom_select", "cr_select",
     "whitened_svd", "input_grams", "count_params", "count_bytes", "get_layer", "projection_names", "resolve_layers",
 ]

@@ -26,6 +26,8 @@ from tnjax.models.names import layer_key
 
 def as_batches(fn: str, batches) -> list[jax.Array]:
   """Calibration batches as a list of (batch, time) integer id arrays; ``fn`` names the caller in errors."""
+  if batches is None:
+    raise ValueError(f"{fn}: batches=None but calibration ids (batch, time) are expected")
   if isinstance(batches, (np.ndarray, jax.Array)) and np.ndim(batches) == 2:
     batches = [batches]
   batches = [jnp.asarray(b) for b in batches]

@@ -21,6 +21,8 @@ import dataclasses
 import functools
 import math
 
+import numpy as np
+
 from tnjax.compress import _model
 from tnjax.core import _checks, fused
 from tnjax.core.shapes import factorize
@@ -75,6 +77,16 @@ def svd_compress(model: Decoder, *, ratio: float | None = None, rank: int | None
   """
   fn = "svd_compress"
   key, value = _target(fn, ratio=ratio, rank=rank, rtol=rtol)
+
+  def fit(name, w, r, bias):
+    return LowRankLinear.from_dense(w, bias, rank=r, rtol=value if key == "rtol" else None)
+
+  return _lowrank(fn, model, key, value, layers, fit)
+
+
+def _lowrank(fn: str, model: Decoder, key, value, layers, fit) -> Decoder:
+  """Every selected projection as the LowRankLinear ``fit(name, kernel, rank, bias)`` returns, the rank set by
+  the target (None for rtol: ``fit`` chooses); a layer that would not shrink at a ratio is left as it is."""
   names = _model.resolve_layers(fn, model.config, [] if (key, value) == ("ratio", 1) else layers)
   replaced, specs = {}, {}
   for name in names:
@@ -89,10 +101,62 @@ def svd_compress(model: Decoder, *, ratio: float | None = None, rank: int | None
         continue  # no smaller at this ratio
     elif key == "rank":
       r = min(value, m, n)
-    new = LowRankLinear.from_dense(w, _bias(layer), rank=r, rtol=value if key == "rtol" else None)
+    new = fit(name, w, r, _bias(layer))
     replaced[name] = new
     specs[name] = LayerSpec(kind="lowrank", rank=new.rank)
   return _model.rebuild(model, _model.with_specs(model.config, specs), replaced)
+
+
+def svdllm_compress(model: Decoder, calib, *, ratio: float | None = None, rank: int | None = None,
+                    rtol: float | None = None, layers=None) -> Decoder:
+  """SVD-LLM (Wang et al. 2024): each projection's rank-r factors that minimize its *output* error on
+  calibration text, ``||X (W - U V)||_F``, by truncation-aware whitening
+  ([`whitened_svd`][tnjax.core.whitening.whitened_svd] of the input Gram from
+  [`input_grams`][tnjax.compress.calibration.input_grams]).
+
+  Args:
+    model: the model to compress (any family; projections dense or tensorized).
+    calib: calibration ids, (batch, time) arrays.
+    ratio, rank, layers: as in `svd_compress` (a ratio sets the same rank as plain SVD would).
+    rtol: per-layer relative *output* error bound ``||X (W - W')|| <= rtol ||X W||`` on the calibration inputs.
+
+  Raises:
+    ValueError: on the target errors of `svd_compress`, no target, or bad calibration batches.
+
+  Example:
+    >>> import numpy as np
+    >>> from flax import nnx
+    >>> from tnjax.models import GPT, preset
+    >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
+    >>> small = svdllm_compress(model, np.random.default_rng(0).integers(0, 512, (4, 32)), ratio=0.5)
+    >>> small.config.spec("mlp.c_fc", 0).kind, small.num_params < model.num_params
+    ('lowrank', True)
+  """
+  import jax.numpy as jnp
+
+  from tnjax.compress.calibration import input_grams
+  from tnjax.core.whitening import whitened_spectrum, whitened_svd
+
+  fn = "svdllm_compress"
+  key, value = _target(fn, ratio=ratio, rank=rank, rtol=rtol)
+  if key is None:
+    raise ValueError(f"{fn}: no target; give exactly one of ratio, rank or rtol")
+  grams, _ = input_grams(model, calib)
+
+  def fit(name, w, r, bias):
+    gram = jnp.asarray(grams[name], w.dtype)
+    if r is None:  # rtol: the smallest rank whose discarded whitened energy is within the bound
+      s2 = np.asarray(whitened_spectrum(w, gram), np.float64) ** 2
+      tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
+      r = max(int(np.argmax(tail <= value * value * s2.sum())), 1)
+    a, b = whitened_svd(w, gram, r)
+    root = jnp.sqrt(jnp.maximum(jnp.linalg.norm(a, axis=0), 1e-30))  # balance the two factors' scales
+    layer = LowRankLinear(*w.shape, u=a / root[None, :], v=b * root[:, None], use_bias=bias is not None)
+    if bias is not None:
+      layer.bias[...] = jnp.asarray(bias, layer.bias.dtype).reshape(w.shape[1])
+    return layer
+
+  return _lowrank(fn, model, key, value, layers, fit)
 
 
 def _ttm_params(in_dims, out_dims, rank: int) -> int:

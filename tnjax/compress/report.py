@@ -12,17 +12,18 @@ import numpy as np
 
 from tnjax._io import atomic_write, atomic_write_text
 from tnjax.compress import _model
-from tnjax.compress.methods import mpo_compress, quantize_int8, svd_compress, tensorgpt_embedding
+from tnjax.compress.methods import mpo_compress, quantize_int8, svd_compress, svdllm_compress, tensorgpt_embedding
 from tnjax.compress.modegpt import modegpt_compress
 from tnjax.compress.tuning import heal
 from tnjax.models.decoder import Decoder
 
-METHODS = ("tensorgpt", "mpo", "modegpt", "svd")
+METHODS = ("tensorgpt", "mpo", "modegpt", "svd", "svdllm")
 
 
 def compress(model: Decoder, method: str, *, rank: int | None = None, ratio: float | None = None,
              rtol: float | None = None, calib=None, layers=None, layout: str | None = None) -> Decoder:
-  """One method by name: "tensorgpt" (embedding), "mpo" (rank = chi), "modegpt" (ratio only) or "svd".
+  """One method by name: "tensorgpt" (embedding), "mpo" (rank = chi), "modegpt" (ratio only), "svd" or
+  "svdllm" (whitened SVD on calibration ``calib``).
 
   ``layout`` is mpo's ([`mpo_compress`][tnjax.compress.mpo_compress]): "balanced" (default) or "fused".
 
@@ -48,6 +49,8 @@ def compress(model: Decoder, method: str, *, rank: int | None = None, ratio: flo
     return mpo_compress(model, chi=rank, ratio=ratio, rtol=rtol, layers=layers, layout=layout or "balanced")
   if method == "svd":
     return svd_compress(model, rank=rank, ratio=ratio, rtol=rtol, layers=layers)
+  if method == "svdllm":
+    return svdllm_compress(model, calib, rank=rank, ratio=ratio, rtol=rtol, layers=layers)
   if method == "modegpt":
     if rank is not None or rtol is not None or ratio is None:
       raise ValueError(f"{fn}: rank={rank!r}, rtol={rtol!r}, ratio={ratio!r} but modegpt takes a ratio only")
@@ -198,9 +201,9 @@ def run(model: Decoder, method: str, out_dir, *, targets: list[dict], valid_ids=
   evaluate = (lambda m: None) if valid_ids is None else (
       lambda m: perplexity(m, valid_ids, block_size=block)["perplexity"])
   calib = None
-  if method == "modegpt":
+  if method in ("modegpt", "svdllm"):
     if calib_ids is None:
-      raise ValueError("compress: method 'modegpt' needs calibration text (--calib FILE)")
+      raise ValueError(f"compress: method {method!r} needs calibration text (--calib FILE)")
     calib = [x for x, _ in eval_batches(np.asarray(calib_ids), 8, 8, block)]
   if heal_steps and calib_ids is None:
     raise ValueError("compress: healing needs training text (--calib FILE)")
