@@ -94,6 +94,7 @@ def test_split_cost_model_prefers_two_core_layouts_with_small_intermediates():
   assert L.choose_path(big_mid, 16384) == "dense"
 
 
+@pytest.mark.slow  # default suite time; test_plan checks direct's gradients against float64
 def test_direct_gradient_numerically(rng):
   w = _ttm(2, (2, 3, 2), (2, 2, 3), 2)
   x = jnp.asarray(rng.standard_normal((3, 12)))

@@ -20,6 +20,7 @@ def dense_rows(cores):
   return np.stack(rows)
 
 
+@pytest.mark.slow  # default suite time
 def test_mps_embedding_exact_truncated_and_tolerance(rng):
   table = rng.normal(size=(20, 24))
   exact = MPSEmbedding.from_dense(table, feature_dims=(2, 3, 4), param_dtype=F64)

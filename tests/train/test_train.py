@@ -201,6 +201,7 @@ def test_data_parallel_and_fsdp_match_one_device(tmp_path):
     np.testing.assert_allclose([many[s] for s in range(1, 9)], [one[s] for s in range(1, 9)], rtol=1e-4)
 
 
+@pytest.mark.slow  # default suite time
 def test_bfloat16_compute_keeps_float32_parameters_and_optimizer():
   from tnjax.train import Trainer
 
