@@ -62,6 +62,7 @@ def test_error_falls_as_rank_grows(llama, ids, name, method, ranks):
   check_error_falls(llama, ids, method, ranks)
 
 
+@pytest.mark.slow  # ~8 s; .ci/run runs it
 def test_modegpt_keeps_rotary_pairs_and_kv_groups(llama, ids, tmp_path):
   """Narrowed blocks keep whole rotary pairs (same frequencies in q and k), kv heads stay shared, the KV cache
   narrows, the result saves, loads and exports to transformers as the same function."""

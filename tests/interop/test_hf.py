@@ -43,6 +43,7 @@ def test_save_hf_loads_in_transformers_with_same_logits(tmp_path, tie):
   np.testing.assert_allclose(hf_logits(again, ids), hf_logits(hf, ids), atol=1e-5)
 
 
+@pytest.mark.slow  # ~7 s; .ci/run runs it
 def test_tensorized_model_exports_dense_reconstruction(tmp_path):
   from transformers import GPT2LMHeadModel
 
