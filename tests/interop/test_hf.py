@@ -7,8 +7,8 @@ from flax import nnx
 
 from tests.hf_fixtures import hf_logits, make_hf_gpt2
 from tnjax.interop import load_any, load_hf_gpt2, load_model, save_hf_gpt2, save_model
-from tnjax.models import GPT, preset
-from tnjax.nn import TTMLinear
+from tnjax.models import GPT, LayerSpec, preset
+from tnjax.nn import LowRankEmbedding, TTMLinear
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -55,6 +55,31 @@ def test_tensorized_model_exports_dense_reconstruction(tmp_path):
   hf = GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
   ids = _ids(300)
   np.testing.assert_allclose(hf_logits(hf, ids), model(jnp.asarray(ids)), atol=1e-4)
+
+
+@pytest.mark.parametrize("tie", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_low_rank_embedding_saves_natively_and_exports_dense(tmp_path, tie):
+  from safetensors.numpy import load_file
+  from transformers import GPT2LMHeadModel
+
+  cfg = preset("tiny", tie_embeddings=tie, layers={"embedding": LayerSpec(kind="lowrank", rank=8)})
+  model = GPT(cfg, rngs=nnx.Rngs(0))
+  ids = jnp.asarray(_ids(512))
+  logits = model(ids)
+  # native: the factors are stored as factors and load back exactly
+  again = load_model(save_model(model, tmp_path / "native"))
+  assert again.config == cfg and isinstance(again.wte, LowRankEmbedding)
+  np.testing.assert_array_equal(again.wte.u[...], model.wte.u[...])
+  np.testing.assert_array_equal(again(ids), logits)
+  stored = load_file(str(tmp_path / "native" / "model.safetensors"))
+  assert {k: v.shape for k, v in stored.items() if k.startswith("wte.")} == {"wte.u": (512, 8), "wte.v": (8, 128)}
+  # Hugging Face: the table u @ v written dense; a tied head stays tied to it
+  save_hf_gpt2(model, tmp_path / "hf")
+  hf = GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+  np.testing.assert_allclose(hf_logits(hf, np.asarray(ids)), logits, atol=1e-4)
+  dense = load_hf_gpt2(tmp_path / "hf")
+  np.testing.assert_allclose(dense.embedding_table, model.embedding_table, atol=1e-6)
+  np.testing.assert_allclose(dense(ids), logits, atol=1e-4)
 
 
 def test_pytorch_bin_is_read_weights_only(tmp_path):

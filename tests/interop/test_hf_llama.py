@@ -88,6 +88,22 @@ def test_tensorized_llama_exports_dense_and_keeps_cores(tmp_path):
   np.testing.assert_allclose(again(ids), tensorized(ids), atol=1e-6)
 
 
+@pytest.mark.slow  # default suite time (GPT-2's low-rank embedding export runs by default)
+def test_low_rank_embedding_llama_exports_dense_and_keeps_factors(tmp_path):
+  from transformers import LlamaForCausalLM
+
+  ids = jnp.asarray(_ids(300))
+  model = Llama(preset("llama-tiny", vocab_size=300, block_size=32, n_layer=1, tie_embeddings=True,
+                       layers={"embedding": {"kind": "lowrank", "rank": 8}}), rngs=nnx.Rngs(1))
+  assert model.lm_head is None and model.wte.u.shape == (300, 8)
+  save_hf(model, tmp_path)
+  hf = LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+  np.testing.assert_allclose(hf_logits(hf, ids), model(ids), atol=1e-4)
+  again = load_model(save_model(model, tmp_path / "native"))
+  assert again.config == model.config
+  np.testing.assert_array_equal(again(ids), model(ids))
+
+
 def _edit_config(path, **changes):
   cfg = json.loads((path / "config.json").read_text())
   cfg.update(changes)

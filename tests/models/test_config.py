@@ -63,8 +63,6 @@ def test_every_projection_key_and_per_bond_ranks_rebuild_layers_exactly():
 def test_preset_and_model_errors():
   with pytest.raises(ValueError, match=r"preset: name='gpt3' but one of"):
     preset("gpt3")
-  with pytest.raises(ValueError, match=r"GPT: layers\['embedding'\].kind='lowrank' but 'dense', 'ttm' or 'mps'"):
-    GPT(preset("tiny", layers={"embedding": {"kind": "lowrank", "rank": 4}}), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"GPTConfig: unknown fields \['n_embd'\]"):
     GPTConfig.from_dict({"n_embd": 5})
   assert jax.tree_util.tree_leaves(preset("tiny").to_dict()) is not None
@@ -77,10 +75,25 @@ def test_preset_and_model_errors():
     (dict(layers={"mlp.c_fc": {"kind": "mps", "rank": 2}}), r"layers\['mlp.c_fc'\].kind='mps' but 'mps' is for the"),
     (dict(layers={"mlp.c_fc": {"quant": "int4"}}), r"layers\['mlp.c_fc'\].quant='int4' but one of"),
     (dict(layers={"embedding": {"quant": "int8"}}), r"layers\['embedding'\].quant='int8' but only projections"),
+    (dict(layers={"embedding": {"kind": "btt", "rank": 2}}),
+     r"GPTConfig: layers\['embedding'\].kind='btt' but 'btt' is for projections and an untied lm_head; use one of "
+     r"\('dense', 'ttm', 'lowrank', 'mps'\) for the embedding"),
+    (dict(layers={"embedding": {"kind": "lowrank"}}), r"layers\['embedding'\].rank=None but a positive integer"),
 ])
 def test_dims_mps_and_quant_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):
     preset("tiny", **kwargs)
+
+
+def test_low_rank_embedding_spec_builds_and_round_trips():
+  cfg = preset("tiny", layers={"embedding": LayerSpec(kind="lowrank", rank=8)})
+  assert GPTConfig.from_json(cfg.to_json()) == cfg and cfg.padded_vocab == cfg.vocab_size
+  model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+  assert type(model.wte).__name__ == "LowRankEmbedding" and model.wte.u.shape == (512, 8)
+  # a rank above min(vocab, d_model) is capped, as for projections
+  wide = nnx.eval_shape(lambda: GPT(preset("tiny", layers={"embedding": {"kind": "lowrank", "rank": 500}}),
+                                    rngs=nnx.Rngs(0)))
+  assert wide.wte.rank == 128
 
 
 def test_block_dims_round_trip():

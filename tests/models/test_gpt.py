@@ -7,7 +7,7 @@ from flax import nnx
 from tests.hf_fixtures import hf_logits, make_hf_gpt2
 from tnjax.interop import load_hf_gpt2
 from tnjax.models import GPT, GPTConfig, generate, preset
-from tnjax.nn import LowRankLinear, TTEmbedding, TTMLinear
+from tnjax.nn import LowRankEmbedding, LowRankLinear, TTEmbedding, TTMLinear
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -42,6 +42,21 @@ def test_tensorized_at_full_rank_gives_dense_logits():
   assert isinstance(tt.h[0].attn.c_attn, LowRankLinear)
   ids = _ids((2, 24), vocab=128)
   np.testing.assert_allclose(tt(ids), dense(ids), atol=1e-4)
+
+
+def test_low_rank_embedding_gpt_forward_and_tied_head():
+  dense = GPT(preset("tiny"), rngs=nnx.Rngs(0))
+  model = GPT(preset("tiny", layers={"embedding": {"kind": "lowrank", "rank": 8}}), rngs=nnx.Rngs(0))
+  assert isinstance(model.wte, LowRankEmbedding) and model.lm_head is None and model.wte.rank == 8
+  assert model.num_params == dense.num_params - 512 * 128 + 8 * (512 + 128)
+  assert model.embedding_table.shape == (512, 128)
+  ids = _ids((2, 12))
+  logits = model(ids)
+  assert logits.shape == (2, 12, 512) and bool(jnp.isfinite(logits).all())
+  np.testing.assert_allclose(nnx.jit(lambda m, i: m(i))(model, ids), logits, atol=1e-5)
+  # the tied head reads the factors: the same logits as the dense table's head
+  x = model.ln_f(model.h[1](model.h[0](model.embed(ids))[0])[0])
+  np.testing.assert_allclose(logits, x @ model.embedding_table.T, atol=1e-5)
 
 
 def test_kv_cached_steps_equal_full_forward():
@@ -160,6 +175,8 @@ def test_flops_per_token_by_hand():
   # BTT 128 -> 512 at rank 4: dims (16, 8) -> (16, 32), 2 r (m n1 + n m2) per token
   assert flops({}) - flops({"mlp.c_fc": {"kind": "btt", "rank": 4}}) == 2 * (2 * 128 * 512 - 8 * (128 * 16 + 512 * 8))
   assert flops({}) - flops({"attn.c_proj": {"kind": "lowrank", "rank": 8}}) == 2 * (2 * 128 * 128 - 2 * 8 * 256)
+  # a tied low-rank embedding's head is (x @ v.T) @ u.T: 2 r (d + vocab) per token instead of 2 d vocab
+  assert flops({}) - flops({"embedding": {"kind": "lowrank", "rank": 8}}) == 2 * 128 * 512 - 2 * 8 * (128 + 512)
   # a TT-matrix that rebuilds W costs the matmul plus the rebuild spread over the rows
   ttm = {"mlp.c_proj": {"kind": "ttm", "rank": 4, "path": "dense"}}
   assert flops(ttm, rows=64) > flops(ttm, rows=4096) > flops({})

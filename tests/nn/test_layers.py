@@ -8,9 +8,10 @@ import pytest
 from flax import nnx
 
 import tnjax
-from tnjax.nn import LowRankLinear, TTEmbedding, TTMLinear, TTParam
+from tnjax.nn import LowRankEmbedding, LowRankLinear, TTEmbedding, TTMLinear, TTParam
 
 F32 = jnp.float32
+F64 = jnp.float64
 
 
 def _x(shape, seed=1):
@@ -67,6 +68,8 @@ def test_gpt2_sized_parameter_counts_by_eval_shape():
   assert _count(emb) == 27 * 8 * 64 + 64 * 38 * 8 * 64 + 64 * 49 * 12 == emb.num_params
   low = nnx.eval_shape(lambda: LowRankLinear(768, 3072, rank=64, rngs=nnx.Rngs(0)))
   assert _count(low) == 64 * (768 + 3072) + 3072 == low.num_params
+  low_emb = nnx.eval_shape(lambda: LowRankEmbedding(50257, 768, rank=64, rngs=nnx.Rngs(0)))
+  assert _count(low_emb) == 64 * (50257 + 768) == low_emb.num_params and low_emb.rank == 64
 
 
 @pytest.mark.parametrize("make, std", [
@@ -87,6 +90,10 @@ def test_embedding_init_std_matches_nnx_embed():
   assert abs(float(jnp.std(emb.embedding)) / float(jnp.std(ref.embedding[...])) - 1) < 0.1
   gpt2 = TTEmbedding(4096, 256, rank=16, std=0.02, rngs=nnx.Rngs(0))
   assert abs(float(jnp.std(gpt2.embedding)) / 0.02 - 1) < 0.1
+  low = LowRankEmbedding(4096, 256, rank=16, rngs=nnx.Rngs(0))
+  assert abs(float(jnp.std(low.embedding)) / float(jnp.std(ref.embedding[...])) - 1) < 0.1
+  low = LowRankEmbedding(4096, 256, rank=16, std=0.02, rngs=nnx.Rngs(0))
+  assert abs(float(jnp.std(low.embedding)) / 0.02 - 1) < 0.1
 
 
 @pytest.mark.parametrize("vocab, features", [(60, 24), (101, 10)])
@@ -138,6 +145,91 @@ def test_low_rank_from_dense():
   assert np.linalg.norm(np.asarray(tol.kernel) - kernel) <= 0.5 * np.linalg.norm(kernel) * (1 + 1e-5)
 
 
+def _low_rank_embedding(rng, vocab=37, features=12, rank=5):
+  u, v = rng.normal(size=(vocab, rank)), rng.normal(size=(rank, features))
+  return LowRankEmbedding(vocab, features, u=u, v=v, param_dtype=F64), u, v
+
+
+def test_low_rank_embedding_lookup_and_attend_match_numpy(rng):
+  emb, u, v = _low_rank_embedding(rng)
+  table = u @ v  # float64 NumPy reference
+  ids = rng.integers(0, 37, (3, 5))
+  x = rng.normal(size=(2, 4, 12))
+  np.testing.assert_allclose(emb.embedding, table, rtol=1e-12, atol=1e-12)
+  for call, attend in ((lambda m, i: m(i), lambda m, x: m.attend(x)),
+                       (nnx.jit(lambda m, i: m(i)), nnx.jit(lambda m, x: m.attend(x)))):
+    out = call(emb, jnp.asarray(ids))
+    assert out.shape == (3, 5, 12) and out.dtype == F64
+    np.testing.assert_allclose(out, table[ids], rtol=1e-12, atol=1e-12)
+    logits = attend(emb, jnp.asarray(x))
+    assert logits.shape == (2, 4, 37)
+    np.testing.assert_allclose(logits, x @ table.T, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(jax.vmap(emb)(jnp.asarray(ids)), table[ids], rtol=1e-12, atol=1e-12)
+  # out-of-range ids under jit (no values to check) give NaN rows, as TTEmbedding and nnx.Embed
+  rows = nnx.jit(lambda m, i: m(i))(emb, jnp.array([4, 37, -1]))
+  assert bool(jnp.isfinite(rows[0]).all()) and bool(jnp.isnan(rows[1:]).all())
+
+
+def test_low_rank_embedding_gradients_match_numpy(rng):
+  emb, u, v = _low_rank_embedding(rng)
+  table = u @ v
+  ids = rng.integers(0, 20, (4, 3))  # rows 20.. are never looked up
+  x = rng.normal(size=(6, 12))
+
+  def loss(model, x):
+    return jnp.sum(jnp.sin(model(jnp.asarray(ids)))) + jnp.sum(jnp.cos(model.attend(x)))
+
+  # d loss / d table by hand: the lookup scatters cos(rows), the head adds -sin(logits).T @ x
+  logits = x @ table.T
+  g_table = -np.sin(logits).T @ x
+  np.add.at(g_table, ids, np.cos(table[ids]))
+  g_x = -np.sin(logits) @ table
+  for grad in (nnx.value_and_grad(loss, argnums=(0, 1)), nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))):
+    value, (g_model, gx) = grad(emb, jnp.asarray(x))
+    np.testing.assert_allclose(value, np.sum(np.sin(table[ids])) + np.sum(np.cos(logits)), rtol=1e-12)
+    np.testing.assert_allclose(g_model.u[...], g_table @ v.T, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(g_model.v[...], u.T @ g_table, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(gx, g_x, rtol=1e-10, atol=1e-10)
+  g_lookup = nnx.grad(lambda m: jnp.sum(m(jnp.asarray(ids)) ** 2))(emb).u[...]
+  assert bool(jnp.any(g_lookup[:20] != 0)) and not bool(jnp.any(g_lookup[20:] != 0))
+
+
+def test_low_rank_embedding_from_dense(rng):
+  table = rng.normal(size=(40, 24))
+  s = np.linalg.svd(table, compute_uv=False)
+  for rank in (None, 24):  # full rank: exact
+    full = LowRankEmbedding.from_dense(table, rank=rank, param_dtype=F64)
+    assert full.rank == 24 and (full.num_embeddings, full.features) == (40, 24)
+    np.testing.assert_allclose(full.embedding, table, atol=1e-10)
+    np.testing.assert_allclose(full(jnp.arange(40)), table, atol=1e-10)
+  errors = []
+  for rank in (1, 4, 12):
+    low = LowRankEmbedding.from_dense(table, rank=rank, param_dtype=F64)
+    errors.append(np.linalg.norm(np.asarray(low.embedding) - table))
+    np.testing.assert_allclose(errors[-1], np.sqrt(np.sum(s[rank:] ** 2)), rtol=1e-8)  # Eckart-Young
+    # balanced scales: column k of u and row k of v both have norm sqrt(s_k)
+    np.testing.assert_allclose(jnp.linalg.norm(low.u[...], axis=0), np.sqrt(s[:rank]), rtol=1e-8)
+    np.testing.assert_allclose(jnp.linalg.norm(low.v[...], axis=1), np.sqrt(s[:rank]), rtol=1e-8)
+  assert errors[0] > errors[1] > errors[2]
+  tol = LowRankEmbedding.from_dense(table, rtol=0.5, param_dtype=F64)
+  assert tol.rank < 24 and np.linalg.norm(np.asarray(tol.embedding) - table) <= 0.5 * np.linalg.norm(table)
+
+
+def test_low_rank_embedding_never_builds_table():
+  emb = LowRankEmbedding(50257, 768, rank=32, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(emb)
+  for fn, arg in ((lambda m, i: m(i), jnp.zeros((8, 128), jnp.int32)), (lambda m, x: m.attend(x), _x((4, 768)))):
+    jaxpr = jax.make_jaxpr(lambda s, a, fn=fn: fn(nnx.merge(graphdef, s), a))(state, arg)
+    largest = max(math.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars)
+    assert largest < 50257 * 768 / 10
+
+
+def test_low_rank_embedding_bfloat16_compute(rng):
+  emb = LowRankEmbedding(30, 16, rank=4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert emb(jnp.array([1, 2])).dtype == jnp.bfloat16 and emb.attend(_x((2, 16))).dtype == jnp.bfloat16
+  assert emb.u[...].dtype == F32 and emb.embedding.dtype == F32
+
+
 def test_tt_param_filter_and_training_step():
   model = TTMLinear(16, 16, rank=4, rngs=nnx.Rngs(0))
   cores = nnx.state(model, TTParam)
@@ -177,6 +269,25 @@ def test_bfloat16_compute():
      r"TTEmbedding: prod\(feature_dims\)=4 but features=16"),
     (lambda: LowRankLinear(8, 4, rank=5, rngs=nnx.Rngs(0)),
      r"LowRankLinear: rank=5 but min\(in_features, out_features\)=4"),
+    (lambda: LowRankLinear(4, 4, u=jnp.ones((4, 2))), r"LowRankLinear: u is given but v=None; expected both"),
+    (lambda: LowRankEmbedding(10, 8, rank=9, rngs=nnx.Rngs(0)),
+     r"LowRankEmbedding: rank=9 but min\(num_embeddings, features\)=8; expected rank <= that"),
+    (lambda: LowRankEmbedding(10, 8, rngs=nnx.Rngs(0)),
+     r"LowRankEmbedding: rank=None but a random init needs rank \(or pass u= and v= instead\)"),
+    (lambda: LowRankEmbedding(10, 8, rank=2), r"LowRankEmbedding: rngs=None but a random init needs rngs"),
+    (lambda: LowRankEmbedding(10, 8, rank=0, rngs=nnx.Rngs(0)), r"LowRankEmbedding: rank=0 but a positive integer"),
+    (lambda: LowRankEmbedding(0, 8, rank=2, rngs=nnx.Rngs(0)),
+     r"LowRankEmbedding: num_embeddings=0 but a positive integer"),
+    (lambda: LowRankEmbedding(10, 8, v=jnp.ones((2, 8))), r"LowRankEmbedding: v is given but u=None; expected both"),
+    (lambda: LowRankEmbedding(10, 8, u=jnp.ones((10, 2)), v=jnp.ones((3, 8))),
+     r"LowRankEmbedding: u.shape=\(10, 2\), v.shape=\(3, 8\) but \(num_embeddings, r\) and \(r, features\) = "
+     r"\(10, r\), \(r, 8\) are expected"),
+    (lambda: LowRankEmbedding(10, 8, u=jnp.ones(10), v=jnp.ones((1, 8))),
+     r"LowRankEmbedding: u.shape=\(10,\), v.shape=\(1, 8\) but \(num_embeddings, r\)"),
+    (lambda: LowRankEmbedding.from_dense(jnp.ones(4)),
+     r"LowRankEmbedding.from_dense: table.shape=\(4,\) but a 2-d \(vocab, features\) table is expected"),
+    (lambda: LowRankLinear.from_dense(jnp.ones(4)),
+     r"LowRankLinear.from_dense: kernel.shape=\(4,\) but a 2-d \(in, out\) kernel is expected"),
 ])
 def test_constructor_errors(make, match):
   with pytest.raises(ValueError, match=match):
@@ -193,6 +304,13 @@ def test_call_errors():
     emb.attend(jnp.ones((2, 8), F32))
   with pytest.raises(ValueError, match=r"LowRankLinear: x.shape\[-1\]=3 but in_features=4"):
     LowRankLinear(4, 4, rank=2, rngs=nnx.Rngs(0))(jnp.ones((1, 3), F32))
+  low = LowRankEmbedding(10, 8, rank=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"LowRankEmbedding: ids.dtype=float32 but an integer dtype"):
+    low(jnp.ones(3, F32))
+  with pytest.raises(ValueError, match=r"LowRankEmbedding: ids contain 10 but 0 <= id < num_embeddings=10"):
+    low(jnp.array([3, 10]))
+  with pytest.raises(ValueError, match=r"LowRankEmbedding.attend: x.shape\[-1\]=7 but features=8"):
+    low.attend(jnp.ones((2, 7), F32))
 
 
 def test_wraps_existing_cores():

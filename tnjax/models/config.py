@@ -21,6 +21,7 @@ from tnjax.nn.quant import QUANTS
 # "h.{i}." (e.g. "h.3.mlp.c_fc"); "embedding" and "lm_head" are global only.
 PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 KINDS = ("dense", "ttm", "btt", "lowrank", "mps")
+EMBEDDING_KINDS = ("dense", "ttm", "lowrank", "mps")  # what `tnjax.models.decoder.make_embedding` builds
 BLOCK_DIMS = ("d_ff", "qk_dim", "v_dim")
 
 
@@ -31,8 +32,9 @@ class LayerSpec:
   Attributes:
     kind: "dense", "ttm" (TT-matrix / MPO cores), "btt" (Block Tensor-Train,
       projections and an untied head only; Monarch at rank 1), "lowrank"
-      (U V factors) or, for the embedding only, "mps" (one TT / MPS per token
-      row: TensorGPT).
+      (U V factors; for the embedding, a (vocab, r) by (r, d_model) table) or,
+      for the embedding only, "mps" (one TT / MPS per token row: TensorGPT).
+      The embedding takes `EMBEDDING_KINDS`.
     rank: TT, BTT or low-rank r; required unless kind is "dense".
     num_cores: number of TT cores when dims are not given (BTT has two).
     in_dims, out_dims: explicit TT mode sizes (default: ``tnjax.factorize``;
@@ -149,7 +151,8 @@ class DecoderConfig:
   @property
   def padded_vocab(self) -> int:
     """Rows of the token-embedding table: ``vocab_size`` rounded up to ``vocab_multiple`` for a dense tied
-    embedding, else ``vocab_size`` (TT embeddings pad their own way; an untied head is never padded).
+    embedding, else ``vocab_size`` (TT embeddings pad their own way, low-rank and MPS ones need no padding; an
+    untied head is never padded).
 
     Example:
       >>> GPTConfig().padded_vocab, GPTConfig(vocab_multiple=1).padded_vocab
@@ -197,9 +200,9 @@ class DecoderConfig:
     for key, spec in self.layers.items():
       if spec.kind == "mps" and key != "embedding":
         raise ValueError(f"{owner}: layers[{key!r}].kind='mps' but 'mps' is for the embedding only")
-      if spec.kind == "btt" and key == "embedding":
-        raise ValueError(f"{owner}: layers['embedding'].kind='btt' but 'btt' is for projections and an untied "
-                         "lm_head; use 'dense', 'ttm' or 'mps' for the embedding")
+      if spec.kind not in EMBEDDING_KINDS and key == "embedding":
+        raise ValueError(f"{owner}: layers['embedding'].kind={spec.kind!r} but {spec.kind!r} is for projections "
+                         f"and an untied lm_head; use one of {EMBEDDING_KINDS} for the embedding")
       if spec.quant is not None and key == "embedding":
         raise ValueError(f"{owner}: layers['embedding'].quant={spec.quant!r} but only projections are quantized")
     for key, spec in self.layers.items():

@@ -19,9 +19,9 @@ from tnjax.core import _checks
 from tnjax.core.linear import path_flops
 from tnjax.core.shapes import pad_last
 from tnjax.core.tensor_train import TTMatrix
-from tnjax.models.config import DecoderConfig, LayerSpec
+from tnjax.models.config import EMBEDDING_KINDS, DecoderConfig, LayerSpec
 from tnjax.models.names import layer_key, parse_layer_key
-from tnjax.nn import BTTLinear, Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
+from tnjax.nn import BTTLinear, Int8Linear, LowRankEmbedding, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
 
 KVCache = list  # one (k, v) pair per block, each (batch, block_size, kv_heads, head_dim)
 
@@ -124,8 +124,18 @@ def cached_attention(q, k, v, cache, pos, *, scale: float, impl) -> tuple[jax.Ar
 
 
 def make_embedding(cfg: DecoderConfig, rngs: nnx.Rngs) -> nnx.Module:
-  """The token embedding of ``cfg.layers["embedding"]``: dense (``padded_vocab`` rows), TT-matrix or MPS."""
+  """The token embedding of ``cfg.layers["embedding"]``: dense (``padded_vocab`` rows), TT-matrix, low-rank or MPS.
+
+  Example:
+    >>> from tnjax.models import preset
+    >>> emb = make_embedding(preset("tiny", layers={"embedding": {"kind": "lowrank", "rank": 8}}), nnx.Rngs(0))
+    >>> type(emb).__name__, emb.num_params  # 8 * (512 + 128)
+    ('LowRankEmbedding', 5120)
+  """
   emb, dtype = cfg.spec("embedding"), dtype_of(cfg)
+  if emb.kind == "lowrank":  # a rank above min(vocab, d_model) is capped, as make_linear does
+    return LowRankEmbedding(cfg.vocab_size, cfg.d_model, rank=min(emb.rank, cfg.vocab_size, cfg.d_model),
+                            std=cfg.init_std, dtype=dtype, rngs=rngs)
   if emb.kind == "mps":
     return MPSEmbedding(cfg.vocab_size, cfg.d_model, rank=emb.rank_arg, feature_dims=emb.out_dims,
                         num_cores=emb.num_cores, std=cfg.init_std, dtype=dtype, rngs=rngs)
@@ -136,8 +146,8 @@ def make_embedding(cfg: DecoderConfig, rngs: nnx.Rngs) -> nnx.Module:
   if emb.kind == "dense":
     return nnx.Embed(cfg.padded_vocab, cfg.d_model, dtype=dtype,
                      embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
-  raise ValueError(f"{type(cfg).__name__.removesuffix('Config')}: layers['embedding'].kind={emb.kind!r} but "
-                   "'dense', 'ttm' or 'mps' is expected")
+  raise ValueError(f"{type(cfg).__name__.removesuffix('Config')}: layers['embedding'].kind={emb.kind!r} but one of "
+                   f"{EMBEDDING_KINDS} is expected")
 
 
 def make_head(cfg: DecoderConfig, rngs: nnx.Rngs) -> nnx.Module | None:
@@ -279,6 +289,8 @@ class Decoder(nnx.Module):
       head = TTMatrix(tuple(jax.ShapeDtypeStruct(tuple(c.shape[k] for k in (0, 2, 1, 3)), c.dtype)
                             for c in self.wte.cores))  # the transposed table's cores, shapes only
       total += path_flops(head, rows, self.wte.path, self.wte.cost)
+    elif isinstance(self.wte, LowRankEmbedding):  # (x @ v.T) @ u.T
+      total += self.wte.attend_flops(rows)
     else:  # a dense table, or an MPS one rebuilt for the head
       total += 2 * rows * cfg.d_model * self.wte.num_embeddings
     return total / rows

@@ -1,9 +1,19 @@
-"""Flax NNX layers: TT-matrix (MPO) and Block-TT (Monarch) linear, TT embedding with a tied head, low-rank linear."""
+"""Flax NNX layers: TT-matrix (MPO) and Block-TT (Monarch) linear, TT, MPS and low-rank embeddings with a tied head,
+low-rank linear."""
 
 from tnjax.core.linear import H100, CostModel, Plan, choose_path, choose_plan, path_costs, product_costs
-from tnjax.nn.layers import BTTLinear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear, TTParam, hidden_fan_ins
+from tnjax.nn.layers import (
+    BTTLinear,
+    LowRankEmbedding,
+    LowRankLinear,
+    MPSEmbedding,
+    TTEmbedding,
+    TTMLinear,
+    TTParam,
+    hidden_fan_ins,
+)
 from tnjax.nn.quant import Int8Linear, dequantize, quantize
 
-__all__ = ["TTMLinear", "BTTLinear", "TTEmbedding", "MPSEmbedding", "LowRankLinear", "Int8Linear", "TTParam",
-           "quantize", "dequantize", "CostModel", "H100", "Plan", "choose_path", "choose_plan", "path_costs",
+__all__ = ["TTMLinear", "BTTLinear", "TTEmbedding", "MPSEmbedding", "LowRankEmbedding", "LowRankLinear", "Int8Linear",
+           "TTParam", "quantize", "dequantize", "CostModel", "H100", "Plan", "choose_path", "choose_plan", "path_costs",
            "product_costs", "hidden_fan_ins"]

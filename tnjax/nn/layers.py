@@ -1,4 +1,5 @@
-"""Flax NNX layers over the core: TT-matrix (MPO) linear, TT embedding with a tied head, low-rank linear.
+"""Flax NNX layers over the core: TT-matrix (MPO) and Block-TT linear, TT, MPS and low-rank embeddings with a tied
+head, low-rank linear.
 
 Each module is a thin wrapper: parameters are held as NNX variables and the
 math is the core's pure functions ([`tnjax.core.linear`][tnjax.core.linear]).
@@ -593,6 +594,49 @@ class BTTLinear(nnx.Module):
     return _add_bias(y, bias)
 
 
+def _low_rank_factors(fn: str, rows: tuple[str, int], cols: tuple[str, int], *, rank, std: float | None,
+                      std_fan: int, param_dtype, rngs, u, v) -> tuple[jax.Array, jax.Array]:
+  """Factors ``u`` (rows, r) and ``v`` (r, cols) as ``param_dtype``, the sizes checked: given ones (shapes
+  checked) or a random init whose product has std ``std`` (None: ``1 / sqrt(std_fan)``). ``rows`` and ``cols``
+  are (size name, size)."""
+  (rows_name, n_rows), (cols_name, n_cols) = rows, cols
+  for name, size in (rows, cols):
+    _checks.check_positive_int(fn, name, size)
+  if (u is None) != (v is None):
+    given, missing = ("u", "v") if v is None else ("v", "u")
+    raise ValueError(f"{fn}: {given} is given but {missing}=None; expected both factors or neither")
+  if u is None:
+    _need_init(fn, rank, rngs, "u= and v=")
+    rank = _checks.check_positive_int(fn, "rank", rank)
+    if rank > min(n_rows, n_cols):
+      raise ValueError(f"{fn}: rank={rank} but min({rows_name}, {cols_name})={min(n_rows, n_cols)}; expected "
+                       "rank <= that")
+    std = 1.0 / math.sqrt(std_fan) if std is None else std
+    # Var(u v) = r * s_u^2 * s_v^2 = std^2 with equal factor scales.
+    s = (std * std / rank) ** 0.25
+    ku, kv = jax.random.split(rngs.params())
+    u = s * jax.random.normal(ku, (n_rows, rank), param_dtype)
+    v = s * jax.random.normal(kv, (rank, n_cols), param_dtype)
+  u, v = jnp.asarray(u, param_dtype), jnp.asarray(v, param_dtype)
+  if u.ndim != 2 or v.ndim != 2 or u.shape[0] != n_rows or v.shape[1] != n_cols or u.shape[1] != v.shape[0]:
+    raise ValueError(f"{fn}: u.shape={u.shape}, v.shape={v.shape} but ({rows_name}, r) and (r, {cols_name})"
+                     f" = ({n_rows}, r), (r, {n_cols}) are expected")
+  return u, v
+
+
+def _svd_factors(fn: str, name: str, layout: str, matrix, rank, rtol) -> tuple[jax.Array, jax.Array]:
+  """Truncated SVD ``U S V^T`` of a 2-d ``matrix`` (rank cap and/or relative Frobenius tolerance, as `tt_svd`),
+  split with balanced scales as ``u = U sqrt(S)``, ``v = sqrt(S) V^T``; ``layout`` names its axes in errors."""
+  matrix = jnp.asarray(matrix)
+  if matrix.ndim != 2:
+    raise ValueError(f"{fn}: {name}.shape={matrix.shape} but a 2-d {layout} {name} is expected")
+  left, right = tt_svd(matrix, max_rank=rank, rtol=rtol).cores
+  sv = right[..., 0]  # (r, cols) = S V^T, rows scaled by the singular values
+  root = jnp.sqrt(jnp.linalg.norm(sv, axis=1))
+  safe = jnp.where(root > 0, root, 1)
+  return left[0] * root[None, :], sv / safe[:, None]
+
+
 class LowRankLinear(nnx.Module):
   """A dense layer with kernel ``W = u @ v`` of rank r: the truncated-SVD baseline.
 
@@ -617,25 +661,10 @@ class LowRankLinear(nnx.Module):
                dtype=None, param_dtype=jnp.float32, kernel_std: float | None = None, precision=None,
                rngs: nnx.Rngs | None = None, u=None, v=None, quant=None):
     fn = "LowRankLinear"
-    self.in_features = _checks.check_positive_int(fn, "in_features", in_features)
-    self.out_features = _checks.check_positive_int(fn, "out_features", out_features)
+    u, v = _low_rank_factors(fn, ("in_features", in_features), ("out_features", out_features), rank=rank,
+                             std=kernel_std, std_fan=in_features, param_dtype=param_dtype, rngs=rngs, u=u, v=v)
+    self.in_features, self.out_features = u.shape[0], v.shape[1]
     self.dtype, self.precision = dtype, precision
-    if u is None or v is None:
-      _need_init(fn, rank, rngs, "u= and v=")
-      rank = _checks.check_positive_int(fn, "rank", rank)
-      if rank > min(in_features, out_features):
-        raise ValueError(f"{fn}: rank={rank} but min(in_features, out_features)="
-                         f"{min(in_features, out_features)}; expected rank <= that")
-      std = 1.0 / math.sqrt(in_features) if kernel_std is None else kernel_std
-      # Var(W) = r * s_u^2 * s_v^2 = std^2 with equal factor scales.
-      s = (std * std / rank) ** 0.25
-      ku, kv = jax.random.split(rngs.params())
-      u = s * jax.random.normal(ku, (in_features, rank), param_dtype)
-      v = s * jax.random.normal(kv, (rank, out_features), param_dtype)
-    u, v = jnp.asarray(u, param_dtype), jnp.asarray(v, param_dtype)
-    if u.shape[0] != in_features or v.shape[1] != out_features or u.shape[1] != v.shape[0]:
-      raise ValueError(f"{fn}: u.shape={u.shape}, v.shape={v.shape} but (in_features, r) and (r, out_features)"
-                       f" = ({in_features}, r), (r, {out_features}) are expected")
     self.quant = _check_quant(fn, quant)
     (u, v), scales = _stored([u, v], self.quant)
     self.u, self.v = nnx.Param(u), nnx.Param(v)
@@ -647,15 +676,8 @@ class LowRankLinear(nnx.Module):
     """Truncated SVD of ``kernel`` (rank cap and/or relative Frobenius tolerance, as `tt_svd`),
     split as ``u = U sqrt(S)``, ``v = sqrt(S) V^T``."""
     kernel = jnp.asarray(kernel)
-    if kernel.ndim != 2:
-      raise ValueError(f"LowRankLinear.from_dense: kernel.shape={kernel.shape} but a 2-d (in, out) kernel "
-                       "is expected")
-    left, right = tt_svd(kernel, max_rank=rank, rtol=rtol).cores
-    sv = right[..., 0]  # (r, out) = S V^T, rows scaled by the singular values
-    root = jnp.sqrt(jnp.linalg.norm(sv, axis=1))
-    safe = jnp.where(root > 0, root, 1)
-    layer = cls(*kernel.shape, u=left[0] * root[None, :], v=sv / safe[:, None], use_bias=bias is not None,
-                **kwargs)
+    u, v = _svd_factors("LowRankLinear.from_dense", "kernel", "(in, out)", kernel, rank, rtol)
+    layer = cls(*kernel.shape, u=u, v=v, use_bias=bias is not None, **kwargs)
     if bias is not None:
       layer.bias[...] = jnp.asarray(bias, layer.bias.dtype).reshape(kernel.shape[1])
     return layer
@@ -687,6 +709,107 @@ class LowRankLinear(nnx.Module):
       bias = None if bias is None else bias.astype(self.dtype)
     y = jnp.matmul(jnp.matmul(x, u, precision=self.precision), v, precision=self.precision)
     return _add_bias(y, bias)
+
+
+class LowRankEmbedding(nnx.Module):
+  """A token embedding whose (num_embeddings, features) table is ``E = u @ v`` of rank r.
+
+  ``u`` is (num_embeddings, r) and ``v`` (r, features). A lookup gathers rows
+  of ``u`` and multiplies them by ``v``; `attend` (the tied LM head) computes
+  ``x @ E.T`` as ``(x @ v.T) @ u.T``. Neither builds the table; `embedding`
+  does, for export.
+
+  Complexity: ``r (num_embeddings + features)`` parameters; a lookup costs
+  ``2 r features`` FLOPs per token, `attend` ``2 r (features + num_embeddings)``
+  (the dense head: ``2 features num_embeddings``).
+
+  Args:
+    num_embeddings: vocabulary size.
+    features: embedding width.
+    rank: r, at most min(num_embeddings, features), for a random init.
+    std: std of the dense-equivalent table at init; default
+      ``1 / sqrt(features)``, as ``nnx.Embed``. GPT-2 uses 0.02. The two
+      factors get equal scales.
+    dtype: computation dtype (e.g. bfloat16); None keeps the factors'.
+    param_dtype: dtype of the factors.
+    precision: passed to the matmuls.
+    rngs: ``nnx.Rngs``; needed unless ``u`` and ``v`` are given.
+    u, v: existing factors of shapes (num_embeddings, r) and (r, features)
+      (both or neither).
+
+  Raises:
+    ValueError: a non-positive size or rank, a rank above
+      min(num_embeddings, features), a missing ``rank`` or ``rngs`` for a random
+      init, only one factor, or factors of the wrong shapes.
+
+  Example:
+    >>> import numpy as np
+    >>> table = np.random.default_rng(0).normal(size=(100, 16))
+    >>> emb = LowRankEmbedding.from_dense(table, rank=16)  # full rank: exact
+    >>> emb.rank, emb.num_params, emb(jnp.array([[0, 99]])).shape, emb.attend(jnp.ones((3, 16))).shape
+    (16, 1856, (1, 2, 16), (3, 100))
+    >>> bool(jnp.allclose(emb.embedding, table, atol=1e-4))
+    True
+  """
+
+  def __init__(self, num_embeddings: int, features: int, *, rank: int | None = None, std: float | None = None,
+               dtype=None, param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs | None = None, u=None,
+               v=None):
+    u, v = _low_rank_factors("LowRankEmbedding", ("num_embeddings", num_embeddings), ("features", features),
+                             rank=rank, std=std, std_fan=features, param_dtype=param_dtype, rngs=rngs, u=u, v=v)
+    self.num_embeddings, self.features = u.shape[0], v.shape[1]
+    self.dtype, self.precision = dtype, precision
+    self.u, self.v = nnx.Param(u), nnx.Param(v)
+
+  @classmethod
+  def from_dense(cls, table, *, rank=None, rtol=None, **kwargs) -> LowRankEmbedding:
+    """Truncated SVD of ``table`` (num_embeddings, features): rank cap and/or relative Frobenius tolerance
+    ``||E - u v|| <= rtol ||E||``, as `tt_svd` (exact with neither), split as ``u = U sqrt(S)``,
+    ``v = sqrt(S) V^T``. ``kwargs`` go to the constructor (dtype, param_dtype, precision).
+
+    Raises:
+      ValueError: ``table`` is not 2-d (and as `tt_svd` for ``rank`` and ``rtol``).
+    """
+    table = jnp.asarray(table)
+    u, v = _svd_factors("LowRankEmbedding.from_dense", "table", "(vocab, features)", table, rank, rtol)
+    return cls(*table.shape, u=u, v=v, **kwargs)
+
+  @property
+  def rank(self) -> int:
+    return self.u.shape[1]
+
+  @property
+  def num_params(self) -> int:
+    """Parameters stored: ``r (num_embeddings + features)`` (works on ``nnx.eval_shape`` results too)."""
+    return self.rank * (self.num_embeddings + self.features)
+
+  def attend_flops(self, rows: int) -> int:
+    """FLOPs of `attend` on ``rows`` rows: ``2 rows r (features + num_embeddings)``."""
+    return 2 * rows * self.rank * (self.features + self.num_embeddings)
+
+  def _factors(self) -> tuple[jax.Array, jax.Array]:
+    u, v = self.u[...], self.v[...]
+    return (u, v) if self.dtype is None else (u.astype(self.dtype), v.astype(self.dtype))
+
+  @property
+  def embedding(self) -> jax.Array:
+    """The dense (num_embeddings, features) table ``u @ v`` in the factors' dtype (for export; builds it)."""
+    return jnp.matmul(self.u[...], self.v[...], precision=self.precision)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    """Embeds integer ids of any shape into ``ids.shape + (features,)`` (out-of-range ids: as TTEmbedding)."""
+    ids, valid = _check_ids("LowRankEmbedding", ids, self.num_embeddings)
+    u, v = self._factors()
+    rows = jnp.matmul(u[jnp.where(valid, ids, 0)], v, precision=self.precision)
+    return jnp.where(valid[..., None], rows, jnp.asarray(jnp.nan, rows.dtype))
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """Logits ``x @ E.T`` of shape (..., num_embeddings) for x of shape (..., features): the tied LM head,
+    as ``(x @ v.T) @ u.T``."""
+    _checks.check_last_dim("LowRankEmbedding.attend", x, self.features, "features")
+    u, v = self._factors()
+    y = jnp.matmul(x.astype(v.dtype), v.T, precision=self.precision)
+    return jnp.matmul(y, u.T, precision=self.precision)
 
 
 def hidden_fan_ins(module: nnx.Module) -> dict[str, int]:
