@@ -165,7 +165,7 @@ def timing(args, env):
                 "mpo ratio 0.7": mpo_compress(model, ratio=0.7), "svd ratio 0.7": svd_compress(model, ratio=0.7),
                 "int8": small["int8"]}
   if env["platform"] == "gpu":  # two-core MPO layers run by the fused Pallas kernels
-    gen_models["mpo chi 16 fused"] = mpo_compress(model, chi=16, layout="fused")
+    gen_models["mpo chi 16 fused"] = mpo_compress(model, rank=16, layout="fused")
   new = 16 if args.smoke else 128
   for batch in (1, 16):
     prompt = jnp.asarray(rng.integers(0, vocab, (batch, 16)).astype(np.int32))

@@ -233,7 +233,8 @@ def test_compress_api_refusals(files, tmp_path):
     parse_targets(None, None, None)
   with pytest.raises(ValueError, match=r"compress: target \{'rank': None\} but one of rank, ratio, rtol"):
     run(model, "svd", tmp_path / "a", targets=[{"rank": None}])
-  with pytest.raises(ValueError, match=r"compress: svd at rank=4096 keeps .* but fewer are expected"):
+  with pytest.raises(ValueError, match=r"svd_compress: rank=4096 would give layer 'h.0.attn.c_attn' 4,096 "
+                                       r"parameters but it stores 3,072 now"):
     run(model, "svd", tmp_path / "b", targets=[{"rank": 4096}])
   ttm = GPT(preset("tiny", **SMALL_MODEL, layers={"mlp.c_fc": {"kind": "ttm", "rank": 4}}), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"compress: method='modegpt' but layers \['h.0.mlp.c_fc'\] are not dense"):
@@ -263,7 +264,7 @@ def _cli_cases(f):
       (["compress", "--model", m, "--method", "svd", "--out", str(f["dir"] / "o1")], r"compress: no target given"),
       (["compress", "--model", m, "--method", "svd", "--ratio", "0.5", "--out", m], r"already holds \['config.json'"),
       (["compress", "--model", m, "--method", "svd", "--rank", "4096", "--out", str(f["dir"] / "o2")],
-       r"svd at rank=4096 keeps .* but fewer are expected"),
+       r"svd_compress: rank=4096 would give layer .* but it stores 3,072 now"),
       (["compress", "--model", m, "--method", "svd", "--ratio", "0.5", "--valid", nowhere, "--out",
         str(f["dir"] / "o3")], r"compress: --valid file .*nowhere does not exist"),
       (["compress", "--model", m, "--method", "modegpt", "--ratio", "0.5", "--calib", b, "--out",

@@ -92,7 +92,7 @@ def test_compress_modegpt_heal_int8(model_dir, tmp_path, capsys):
     (["--method", "svd", "--ratio", "1.5"], "ratio=1.5 but 0 < ratio <= 1"),
     (["--method", "mpo", "--ratio", "0.5,x"], "not a comma-separated list"),
     (["--method", "svd", "--rank", "2", "--layers", "mlp.up"], "unknown layer name 'mlp.up'"),
-    (["--method", "svd", "--rank", "2", "--layout", "fused"], "layout='fused' but only mpo takes a layout"),
+    (["--method", "svd", "--rank", "2", "--layout", "fused"], "layout='fused' but svd takes no other options"),
     (["--method", "mpo", "--rank", "4", "--layout", "fused"], "fused_dims: in_features="),
 ])
 def test_compress_errors_exit_2(model_dir, tmp_path, capsys, extra, match):

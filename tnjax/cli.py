@@ -100,7 +100,8 @@ def cmd_compress(args) -> int:
                valid_ids=_text_ids(tok, "compress", "--valid", args.valid, args.max_tokens),
                calib_ids=_text_ids(tok, "compress", "--calib", args.calib), layers=layers, heal_steps=args.heal_steps,
                heal_lr=args.heal_lr, int8=args.int8, block_size=args.block_size, tokenizer=tok,
-               layout=args.layout, overwrite=args.overwrite)
+               overwrite=args.overwrite, allocation=args.allocation, sequential=args.sequential,
+               if_larger=args.if_larger, **({} if args.layout is None else {"layout": args.layout}))
   for r in report["runs"]:
     s = r["summary"]
     ppl = "" if r["perplexity"] is None else f", val ppl {r['perplexity']:.3f}"
@@ -197,19 +198,29 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--seed", type=non_negative, default=0)
   gen.set_defaults(run=cmd_generate)
 
-  from tnjax.compress.report import METHODS  # the one list of methods
+  from tnjax.compress.registry import REGISTRY  # the one list of methods
+  from tnjax.compress.targets import ALLOCATIONS, IF_LARGER
 
-  co = sub.add_parser("compress", help="compress a trained model (TensorGPT, MPO, MoDeGPT, SVD, SVD-LLM)")
+  co = sub.add_parser("compress", help="compress a trained model (" + ", ".join(REGISTRY) + ")",
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      description="methods:\n" + "\n".join(f"  {k:10s} {m.summary}" for k, m in REGISTRY.items()))
   co.add_argument("--model", required=True, help="tnjax or Hugging Face (GPT-2, Llama, Qwen2) directory")
-  co.add_argument("--method", required=True, choices=list(METHODS))
-  co.add_argument("--rank", help="rank cap (mpo: bond dimension chi); comma-separated for a sweep")
+  co.add_argument("--method", required=True, choices=list(REGISTRY))
+  co.add_argument("--rank", help="rank cap (mpo: bond dimension); comma-separated for a sweep")
   co.add_argument("--ratio", help="fraction of the compressed part's parameters kept, in (0, 1]; "
                   "comma-separated for a sweep (writes perplexity.png)")
   co.add_argument("--rtol", help="relative Frobenius error per layer (per row for tensorgpt)")
   co.add_argument("--layers", help="comma-separated layer names, e.g. mlp.c_fc,h.11.attn.c_proj (mpo, svd)")
   co.add_argument("--layout", choices=["balanced", "fused"], default=None,
                   help="mpo only: 'fused' makes two-core layers run by the fused GPU kernels (rank <= 16)")
-  co.add_argument("--calib", help="text file: calibration for modegpt and svdllm, training text for --heal-steps")
+  co.add_argument("--calib", help="text file: calibration (modegpt, svdllm, mpo-data, --allocation importance), "
+                  "training text for --heal-steps")
+  co.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                  help="how a --ratio is spread over layers (default uniform)")
+  co.add_argument("--sequential", action="store_true",
+                  help="svdllm, mpo-data: calibrate each block on the outputs of the compressed blocks before it")
+  co.add_argument("--if-larger", choices=IF_LARGER, default="error",
+                  help="a layer the target would not make smaller: refuse (default), keep it, or allow growth")
   co.add_argument("--valid", help="text file for validation perplexity before and after")
   co.add_argument("--max-tokens", type=at_least_2, default=None, help="score only the first N validation tokens")
   co.add_argument("--block-size", type=at_least_2, default=None, help="window for evaluation and calibration")

@@ -16,20 +16,22 @@ from tnjax.compress import (
   mpo_compress,
   quantize_int8,
   svd_compress,
+  svdllm_compress,
   tensorgpt_embedding,
 )
-from tnjax.compress.report import compress, summary
+from tnjax.compress.registry import compress
+from tnjax.compress.report import summary
 from tnjax.eval import perplexity
 from tnjax.interop import load_model, save_model
 from tnjax.nn import Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
 
 EXACT = [
-    ("svd full rank", lambda m, ids: svd_compress(m, rank=256)),
+    ("svd full rank", lambda m, ids: svd_compress(m, rank=256, if_larger="allow")),
     ("svd ratio 1", lambda m, ids: svd_compress(m, ratio=1.0)),
-    ("mpo exact", lambda m, ids: mpo_compress(m)),
+    ("mpo exact", lambda m, ids: mpo_compress(m, rank=10**6, if_larger="allow")),
     ("mpo ratio 1", lambda m, ids: mpo_compress(m, ratio=1)),
-    ("tensorgpt mps exact", lambda m, ids: tensorgpt_embedding(m)),
-    ("tensorgpt ttm exact", lambda m, ids: tensorgpt_embedding(m, form="ttm")),
+    ("tensorgpt mps exact", lambda m, ids: tensorgpt_embedding(m, rank=10**6, if_larger="allow")),
+    ("tensorgpt ttm exact", lambda m, ids: tensorgpt_embedding(m, rank=10**6, form="ttm", if_larger="allow")),
     ("tensorgpt ratio 1", lambda m, ids: tensorgpt_embedding(m, ratio=1.0)),
     ("modegpt ratio 1", lambda m, ids: modegpt_compress(m, ids, ratio=1.0)),
 ]
@@ -42,10 +44,11 @@ def test_full_rank_or_ratio_1_leaves_logits_unchanged(trained, ids, name, method
 
 
 SWEEPS = [
-    ("svd", lambda m, ids, r: svd_compress(m, rank=r), [2, 8, 32]),
-    ("mpo", lambda m, ids, r: mpo_compress(m, chi=r), [2, 8, 32]),
-    ("tensorgpt", lambda m, ids, r: tensorgpt_embedding(m, rank=r), [1, 2, 4]),
-    ("tensorgpt ttm", lambda m, ids, r: tensorgpt_embedding(m, rank=r, form="ttm"), [2, 8, 32]),
+    # error vs rank, whatever the size: growth allowed
+    ("svd", lambda m, ids, r: svd_compress(m, rank=r, if_larger="allow"), [2, 8, 32]),
+    ("mpo", lambda m, ids, r: mpo_compress(m, rank=r, if_larger="allow"), [2, 8, 32]),
+    ("tensorgpt", lambda m, ids, r: tensorgpt_embedding(m, rank=r, if_larger="allow"), [1, 2, 4]),
+    ("tensorgpt ttm", lambda m, ids, r: tensorgpt_embedding(m, rank=r, form="ttm", if_larger="allow"), [2, 8, 32]),
     pytest.param("modegpt", lambda m, ids, r: modegpt_compress(m, ids, ratio=r, allocation="uniform"),
                  [0.3, 0.6, 0.9], marks=pytest.mark.slow, id="modegpt"),
 ]
@@ -67,7 +70,7 @@ def test_parameter_accounting_is_exact(trained):
   svd = svd_compress(trained, ratio=r, layers="mlp.c_proj")
   rank = int(r * d * f // (d + f))
   assert svd.h[1].mlp.c_proj.rank == rank
-  mpo = mpo_compress(trained, chi=3, layers=["h.1.attn.c_proj"])
+  mpo = mpo_compress(trained, rank=3, layers=["h.1.attn.c_proj"])
   layer = mpo.h[1].attn.c_proj
   assert isinstance(layer, TTMLinear) and max(layer.ranks) == 3
   assert trained.num_params - mpo.num_params == d * d - sum(c.size for c in layer.ttm.cores)
@@ -90,7 +93,8 @@ def test_config_records_per_bond_ranks_and_loading_checks_tt_cores(trained, tmp_
 
   from tnjax.models import GPT
 
-  small = tensorgpt_embedding(mpo_compress(trained, rtol=0.3, layers=["mlp.c_fc"]), rtol=0.3)
+  small = tensorgpt_embedding(mpo_compress(trained, rtol=0.3, layers=["mlp.c_fc"], if_larger="allow"), rtol=0.3,
+                              if_larger="allow")
   for name, layer in (("h.0.mlp.c_fc", small.h[0].mlp.c_fc), ("h.1.mlp.c_fc", small.h[1].mlp.c_fc),
                       ("embedding", small.wte)):
     assert small.config.spec_of(name).ranks == layer.ranks[1:-1]
@@ -111,7 +115,7 @@ def test_tensorgpt_ratio_and_rtol(trained):
   table = trained.wte.embedding[...]
   tg = tensorgpt_embedding(trained, ratio=0.3)
   assert tg.wte.num_params <= 0.3 * table.size
-  tg = tensorgpt_embedding(trained, rtol=0.3)
+  tg = tensorgpt_embedding(trained, rtol=0.3, if_larger="allow")
   rows = tg.wte.embedding
   per_row = jnp.linalg.norm(rows - table, axis=1) / jnp.linalg.norm(table, axis=1)
   assert float(per_row.max()) <= 0.3 + 1e-9
@@ -138,14 +142,14 @@ def test_int8_round_trip_and_bytes(trained, ids):
 @pytest.mark.slow  # two compressions, then int8 on each
 def test_int8_on_top_of_mpo_and_svd(trained, ids):
   """Cores and factors quantized, logits close to the float model."""
-  for base in (mpo_compress(trained, chi=8), svd_compress(trained, rank=8)):
+  for base in (mpo_compress(trained, rank=8), svd_compress(trained, rank=8)):
     assert rel_err(quantize_int8(base), base(ids), ids) < 0.02
 
 
 @pytest.mark.parametrize("make", [
     lambda m, ids: svd_compress(m, ratio=0.5),
     pytest.param(lambda m, ids: quantize_int8(mpo_compress(m, rtol=0.5)), marks=pytest.mark.slow),
-    lambda m, ids: tensorgpt_embedding(m, rtol=0.2),
+    lambda m, ids: tensorgpt_embedding(m, rtol=0.2, if_larger="allow"),
     lambda m, ids: quantize_int8(svd_compress(m, rank=4)),
     lambda m, ids: modegpt_compress(m, ids, ratio=0.5),
 ], ids=["svd", "mpo-rtol-int8", "tensorgpt-rtol", "svd-int8", "modegpt"])
@@ -158,7 +162,7 @@ def test_save_load_round_trip(trained, ids, tmp_path, make):
 
 def test_sensitivity_choose_and_heal(trained, tokens):
   valid = tokens[16000:17000]
-  sens = layer_sensitivity(trained, valid, functools.partial(mpo_compress, chi=2), layers=["mlp.c_fc"])
+  sens = layer_sensitivity(trained, valid, functools.partial(mpo_compress, rank=2), layers=["mlp.c_fc"])
   assert set(sens["layers"]) == {"h.0.mlp.c_fc", "h.1.mlp.c_fc"}
   for v in sens["layers"].values():
     assert v["params_saved"] > 0 and v["perplexity"] == pytest.approx(sens["base"] * (1 + v["increase"]))
@@ -177,19 +181,51 @@ def test_sensitivity_choose_and_heal(trained, tokens):
     (lambda m, ids: svd_compress(m, ratio=0.0), r"svd_compress: ratio=0.0 but 0 < ratio <= 1"),
     (lambda m, ids: mpo_compress(m, ratio=1.5), r"mpo_compress: ratio=1.5 but 0 < ratio <= 1"),
     (lambda m, ids: svd_compress(m, rank=0), r"svd_compress: rank=0"),
-    (lambda m, ids: mpo_compress(m, chi=0), r"mpo_compress: chi=0"),
+    (lambda m, ids: mpo_compress(m, rank=0), r"mpo_compress: rank=0 but a positive integer"),
+    (lambda m, ids: mpo_compress(m, rank=True), r"mpo_compress: rank=True but a positive integer"),
+    (lambda m, ids: svd_compress(m), r"svd_compress: no target; give exactly one of rank, ratio, rtol"),
+    (lambda m, ids: svd_compress(m, rtol=-1.0), r"svd_compress: rtol=-1.0 but a finite number >= 0"),
+    (lambda m, ids: svd_compress(m, rank=10**5), r"svd_compress: rank=100000 would give layer 'h.0.attn.c_attn' "
+                                                 r"16,384 parameters but it stores 12,288 now"),
+    (lambda m, ids: tensorgpt_embedding(m, rank=10**5), r"tensorgpt_embedding: rank=100000 would give the "
+                                                        r"embedding"),
+    (lambda m, ids: svd_compress(m, rank=2, if_larger="grow"), r"svd_compress: if_larger='grow' but one of"),
+    (lambda m, ids: svd_compress(m, rank=2, allocation="loss"), r"svd_compress: allocation='loss' with rank=2 but "
+                                                                r"an allocation spreads a ratio"),
+    (lambda m, ids: svd_compress(m, ratio=0.5, allocation="importance"), r"svd_compress: calib=None but "
+                                                                         r"allocation=importance needs"),
+    (lambda m, ids: svd_compress(m, ratio=0.01, allocation="loss"), r"allocation='loss' needs 2,048 parameters "
+                                                                    r"for rank 1 in every layer"),
+    (lambda m, ids: svd_compress(m, ratio=0.5, allocation="greedy"), r"svd_compress: allocation='greedy'"),
+    (lambda m, ids: svdllm_compress(m, ids[:2], ratio=0.5), r"svdllm_compress: calib has 128 tokens but layer "
+                                                            r"'h.0.mlp.c_proj' reads 256 features"),
+    (lambda m, ids: svdllm_compress(m, None, ratio=0.5), r"svdllm_compress: calib=None but SVD-LLM needs"),
+    (lambda m, ids: mpo_compress(m, ratio=0.5, fit="data"), r"mpo_compress: calib=None but this fit needs"),
+    (lambda m, ids: mpo_compress(m, ratio=0.5, fit="output"), r"mpo_compress: fit='output' but one of"),
+    (lambda m, ids: mpo_compress(m, ratio=0.5, sequential=True), r"mpo_compress: sequential=True but this fit "
+                                                                 r"does not read calibration"),
+    (lambda m, ids: tensorgpt_embedding(m, rank=2, calib=ids),
+     r"tensorgpt_embedding: calib given with form='mps' but only form='lowrank'"),
+    (lambda m, ids: compress(m, "svd", ratio=0.5, form="ttm"), r"compress: form='ttm' but svd takes no other"),
+    (lambda m, ids: compress(m, "tensorgpt", rank=2, layers=["mlp.c_fc"]), r"compress: layers=\['mlp.c_fc'\] but "
+                                                                           r"tensorgpt compresses the embedding only"),
+    (lambda m, ids: compress(m, "svdllm", ratio=0.5), r"compress: method='svdllm' needs calibration text"),
+    (lambda m, ids: compress(m, "svd", ratio=0.5, sequential=True, calib=ids), r"compress: sequential=True but "
+                                                                               r"svd does not calibrate"),
+    (lambda m, ids: compress(m, "tensorgpt", ratio=0.5, allocation="loss"), r"compress: allocation='loss' but one "
+                                                                            r"of \('uniform',\)"),
     (lambda m, ids: tensorgpt_embedding(m, rank=0), r"tensorgpt_embedding: rank=0"),
-    (lambda m, ids: mpo_compress(m, chi=2, ratio=0.5), r"mpo_compress: chi=2 and ratio=0.5 but at most one"),
+    (lambda m, ids: mpo_compress(m, rank=2, ratio=0.5), r"mpo_compress: rank=2 and ratio=0.5 but exactly one"),
     (lambda m, ids: svd_compress(m, rank=2, layers=["h.7.mlp.c_fc"]), r"svd_compress: unknown layer name 'h.7"),
-    (lambda m, ids: mpo_compress(m, chi=2, layers=["mlp.fc"]), r"mpo_compress: unknown layer name 'mlp.fc'"),
+    (lambda m, ids: mpo_compress(m, rank=2, layers=["mlp.fc"]), r"mpo_compress: unknown layer name 'mlp.fc'"),
     (lambda m, ids: svd_compress(m, rank=2, layers=["lm_head"]), r"unknown layer name 'lm_head'.*untied head"),
     (lambda m, ids: modegpt_compress(m, None, ratio=0.5), r"modegpt_compress: calib=None but MoDeGPT needs"),
     (lambda m, ids: modegpt_compress(m, ids, ratio=0.0), r"modegpt_compress: ratio=0.0"),
     (lambda m, ids: modegpt_compress(m, ids, ratio=0.5, allocation="even"), r"allocation='even'"),
-    (lambda m, ids: tensorgpt_embedding(m, form="mpo"), r"form='mpo' but 'mps' or 'ttm'"),
+    (lambda m, ids: tensorgpt_embedding(m, rank=2, form="mpo"), r"form='mpo' but one of \('mps', 'ttm', 'lowrank'\)"),
     (lambda m, ids: quantize_int8(quantize_int8(m)), r"quantize_int8: layer 'h.0.attn.c_attn' is already"),
     (lambda m, ids: heal(quantize_int8(m), np.arange(200) % 128, 2), r"heal: layers .* are int8"),
-    (lambda m, ids: compress(m, "modegpt", rank=4, calib=ids), r"compress: .* but modegpt takes a ratio only"),
+    (lambda m, ids: compress(m, "modegpt", rank=4, calib=ids), r"compress: rank=4 but this method takes only ratio"),
     (lambda m, ids: compress(m, "pca", rank=4), r"compress: method='pca' but one of"),
 ])
 def test_bad_arguments(trained, ids, call, match):
@@ -200,7 +236,7 @@ def test_bad_arguments(trained, ids, call, match):
 @pytest.mark.slow  # three compressions, jit and grad each
 def test_compressed_models_jit_and_grad(trained, ids):
   """A compressed model is an ordinary NNX model: jit, and gradients reach the cores and factors."""
-  for small in (mpo_compress(trained, chi=4), tensorgpt_embedding(trained, rank=2),
+  for small in (mpo_compress(trained, rank=4), tensorgpt_embedding(trained, rank=2),
                 modegpt_compress(trained, ids, ratio=0.5)):
     graphdef, params, rest = nnx.split(small, nnx.Param, ...)
 
@@ -214,21 +250,23 @@ def test_compressed_models_jit_and_grad(trained, ids):
 
 def test_mpo_gram_method_matches_svd(trained, ids):
   ref = trained(ids)
-  errs = [rel_err(mpo_compress(trained, chi=8, method=m), ref, ids) for m in ("svd", "gram")]
+  errs = [rel_err(mpo_compress(trained, rank=8, method=m), ref, ids) for m in ("svd", "gram")]
   assert errs[1] == pytest.approx(errs[0], rel=0.01)
   with pytest.raises(ValueError, match=r"ttm_svd: method='fast' but one of"):
-    mpo_compress(trained, chi=8, method="fast")
+    mpo_compress(trained, rank=8, method="fast")
 
 
 @pytest.mark.slow  # nine compressions
 def test_ratio_counts_stored_weights_so_recompressing_never_grows(trained):
   """A ratio is a fraction of what a layer stores now: an MPO or low-rank model compressed again gets smaller
   (or stays), never back toward dense size."""
-  for base in (mpo_compress(trained, chi=4), svd_compress(trained, rank=4), tensorgpt_embedding(trained, rank=2)):
+  for base in (mpo_compress(trained, rank=4), svd_compress(trained, rank=4), tensorgpt_embedding(trained, rank=2)):
     for method in (svd_compress, mpo_compress, tensorgpt_embedding):
-      out = method(base, ratio=0.5)
+      out = method(base, ratio=0.5, if_larger="keep")
       assert out.num_params <= base.num_params, (method.__name__, base.num_params, out.num_params)
-  small = mpo_compress(trained, chi=8, layers=["h.0.mlp.c_fc"])
+  with pytest.raises(ValueError, match=r"svd_compress: ratio=0.5 would give layer 'h.0.attn.c_attn' no smaller form"):
+    svd_compress(svd_compress(trained, rank=1), ratio=0.5)  # rank 1 has nothing to halve
+  small = mpo_compress(trained, rank=8, layers=["h.0.mlp.c_fc"])
   again = mpo_compress(small, ratio=0.5, layers=["h.0.mlp.c_fc"])
   before = sum(c.size for c in small.h[0].mlp.c_fc.ttm.cores)
   assert sum(c.size for c in again.h[0].mlp.c_fc.ttm.cores) <= 0.5 * before
@@ -243,7 +281,7 @@ def test_mpo_fused_layout_uses_the_kernel_layout_and_keeps_it_through_save(tmp_p
   ref = model(ids)
   errs = []
   for chi in (4, 16):
-    small = mpo_compress(model, chi=chi, layout="fused", layers=["mlp.c_fc", "mlp.c_proj"])
+    small = mpo_compress(model, rank=chi, layout="fused", layers=["mlp.c_fc", "mlp.c_proj"])
     errs.append(rel_err(small, ref, ids))
   up, down = small.h[1].mlp.c_fc, small.h[1].mlp.c_proj
   assert (up.in_dims, up.out_dims, up.ranks, up.path) == ((16, 16), (64, 16), (1, 16, 1), "fused")
@@ -260,8 +298,8 @@ def test_mpo_fused_layout_uses_the_kernel_layout_and_keeps_it_through_save(tmp_p
   fitted = mpo_compress(model, ratio=0.5, layout="fused", layers=["mlp.c_fc"])
   assert max(fitted.h[0].mlp.c_fc.ranks) == 16  # ratio 0.5 would allow more; the kernel takes at most 16
   with pytest.raises(ValueError, match=r"mpo_compress: layout='wide' but 'balanced' or 'fused' is expected"):
-    mpo_compress(model, chi=4, layout="wide")
-  with pytest.raises(ValueError, match=r"mpo_compress: chi=32 but the fused layout takes at most 16"):
-    mpo_compress(model, chi=32, layout="fused")
+    mpo_compress(model, rank=4, layout="wide")
+  with pytest.raises(ValueError, match=r"mpo_compress: rank=32 but the fused layout takes at most 16"):
+    mpo_compress(model, rank=32, layout="fused")
   with pytest.raises(ValueError, match=r"mpo_compress: layer h.0.attn.c_attn is 128 x 384: fused_dims: in_features"):
-    mpo_compress(GPT(preset("tiny"), rngs=nnx.Rngs(0)), chi=4, layout="fused")
+    mpo_compress(GPT(preset("tiny"), rngs=nnx.Rngs(0)), rank=4, layout="fused")

@@ -2,22 +2,28 @@
 
 * `svd_compress` — truncated SVD per projection, the baseline.
 * `svdllm_compress` — SVD-LLM: the SVD of each projection in its input data metric (output error).
-* `mpo_compress`, `layer_sensitivity`, `choose_layers`,
+* `mpo_compress` — MPO (TT-matrix) per projection, fitted to the weights or to the outputs.
+* `layer_sensitivity`, `choose_layers`,
   `heal`, `quantize_int8` — CompactifAI (MPO, profiling, healing, int8).
 * `tensorgpt_embedding` — TensorGPT (an MPS per token row, or one TT-matrix).
 * `modegpt_compress`, `calibrate` — MoDeGPT (Nystrom, CR, whitened SVD).
 * `input_grams` — every projection's input Gram ``X^T X`` (for the output-error fits of `tnjax.core.whitening`).
-* `compress` and [`run`][tnjax.compress.report.run] — what ``tnjax compress`` runs.
+* `compress`, `REGISTRY` — every method by name, with the targets, calibration and allocations it takes
+  (`tnjax.compress.registry`); one meaning of a target (`tnjax.compress.targets`).
+* [`run`][tnjax.compress.report.run] — what ``tnjax compress`` runs.
 """
 
 from tnjax.compress._model import count_bytes, count_params, get_layer, projection_names, resolve_layers
-from tnjax.compress.calibration import input_grams
+from tnjax.compress.calibration import Calibration, input_grams
 from tnjax.compress.methods import mpo_compress, quantize_int8, svd_compress, svdllm_compress, tensorgpt_embedding
-from tnjax.compress.modegpt import allocate, calibrate, cr_select, modegpt_compress, nystrom_select, whitened_svd
+from tnjax.compress.modegpt import calibrate, cr_select, modegpt_compress, nystrom_select, whitened_svd
+from tnjax.compress.registry import REGISTRY, Method, compress, register
+from tnjax.compress.targets import Target, allocate
 from tnjax.compress.tuning import choose_layers, heal, layer_sensitivity
 
 __all__ = [
     "svd_compress", "svdllm_compress", "mpo_compress", "tensorgpt_embedding", "quantize_int8", "modegpt_compress",
     "layer_sensitivity", "choose_layers", "heal", "calibrate", "allocate", "nystrom_select", "cr_select",
-    "whitened_svd", "input_grams", "count_params", "count_bytes", "get_layer", "projection_names", "resolve_layers",
+    "whitened_svd", "input_grams", "Calibration", "Target", "compress", "REGISTRY", "Method", "register",
+    "count_params", "count_bytes", "get_layer", "projection_names", "resolve_layers",
 ]

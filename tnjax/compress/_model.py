@@ -107,35 +107,3 @@ def count_bytes(module: nnx.Module) -> int:
   """
   return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
              for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
-
-
-def largest_rank(params_at, budget: float, hi: int) -> int:
-  """The largest r in [1, hi] with ``params_at(r) <= budget`` (params_at increasing); 1 when none fits."""
-  lo = 1
-  if params_at(hi) <= budget:
-    return hi
-  while lo < hi:
-    mid = (lo + hi + 1) // 2
-    if params_at(mid) <= budget:
-      lo = mid
-    else:
-      hi = mid - 1
-  return lo
-
-
-def check_ratio(fn: str, ratio) -> float:
-  if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-    raise ValueError(f"{fn}: ratio={ratio!r} but 0 < ratio <= 1 (the fraction of parameters kept) is expected")
-  return float(ratio)
-
-
-def one_target(fn: str, **targets) -> tuple[str | None, object]:
-  """The single rank/ratio/tolerance argument given (or (None, None) for an exact decomposition)."""
-  given = {k: v for k, v in targets.items() if v is not None}
-  if len(given) > 1:
-    raise ValueError(f"{fn}: {' and '.join(f'{k}={v!r}' for k, v in given.items())} but at most one of "
-                     f"{tuple(targets)} is expected")
-  if not given:
-    return None, None
-  (key, value), = given.items()
-  return key, value

@@ -4,16 +4,27 @@ With ``G = X^T X`` of a layer's inputs, the output error of any replacement
 ``W'`` is ``||X (W - W')||_F^2 = tr((W - W')^T G (W - W'))``, so the data-aware
 decompositions of [`tnjax.core.whitening`][tnjax.core.whitening] need only
 ``G``. One pass through the model, block by block through each block's
-``trace`` (the model seam), collects it for every projection of every family.
+``trace`` (the model seam), collects it for every projection of every family,
+with each block's importance (MoDeGPT's ``1 - cos(input, output)``) and the
+token counts (an embedding's metric).
+
+Sequential calibration (``refit``): block i's statistics are taken on the
+hidden states that leave the already-compressed blocks 0..i-1, so each fit
+sees the inputs it will get (as GPTQ and SVD-LLM's sequential variant do).
 
 Precision and memory: each batch's Grams are computed on the device in
 float32 at the highest matmul precision and summed on the host in float64,
 so rounding does not grow with the number of batches. Projections that read
-the same input (Llama's q/k/v, gate/up) share one computation. GPT-2 124M needs
-about 1.1 GB of float64 Grams (its 3072-wide MLP inputs dominate).
+the same input (Llama's q/k/v, gate/up) share one computation. The hidden
+states of all batches are kept between blocks (tokens x d_model float32:
+400 MB for 128k tokens of GPT-2 124M); GPT-2 124M's float64 Grams take
+about 1.1 GB (its 3072-wide MLP inputs dominate).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,33 +47,129 @@ def as_batches(fn: str, batches) -> list[jax.Array]:
   return batches
 
 
+@dataclasses.dataclass
+class Calibration:
+  """What a calibration pass collects (`input_grams`).
+
+  Attributes:
+    grams: ``{"h.{i}.{projection}": (n_in, n_in) float64}``, ``X^T X`` of each projection's inputs.
+    tokens: tokens summed.
+    importance: per block, ``1 - mean cos(block input, block output)`` (MoDeGPT's block importance).
+    token_counts: (vocab_size,) int64, occurrences of each id (an embedding's diagonal metric).
+    sequential: whether block i was measured after blocks 0..i-1 were compressed.
+  """
+
+  grams: dict[str, np.ndarray]
+  tokens: int
+  importance: list[float]
+  token_counts: np.ndarray
+  sequential: bool = False
+
+
+def check_tokens(fn: str, calib, widths: dict[str, int]) -> None:
+  """Refuses calibration (ids or a `Calibration`) with fewer tokens than the widest input in ``widths``
+  (layer name -> input features): its Gram would be singular, leaving the fit free in directions the
+  data never visits."""
+  if calib is None or not widths:
+    return
+  tokens = calib.tokens if isinstance(calib, Calibration) else sum(int(b.size) for b in as_batches(fn, calib))
+  name = max(widths, key=widths.get)
+  if tokens < widths[name]:
+    raise ValueError(f"{fn}: calib has {tokens} tokens but layer {name!r} reads {widths[name]} features; expected "
+                     f"at least {widths[name]} calibration tokens (more text, or longer batches)")
+
+
+def _cos_sum(x, y):
+  return jnp.sum(jnp.sum(x * y, -1) / (jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(y, axis=-1) + 1e-12))
+
+
 @nnx.jit
-def _batch_grams(model: Decoder, ids) -> list[dict]:
-  x = model.embed(ids).astype(jnp.float32)
-  out = []
-  for block in model.h:
-    y, acts = block.trace(x)
-    seen: dict[int, jax.Array] = {}
-    grams = {}
-    for name, inp in acts["inputs"].items():
-      if id(inp) not in seen:  # q/k/v (and gate/up) read one array: one Gram
-        z = inp.reshape(-1, inp.shape[-1]).astype(jnp.float32)
-        seen[id(inp)] = jnp.matmul(z.T, z, precision=jax.lax.Precision.HIGHEST)
-      grams[name] = seen[id(inp)]
-    out.append(grams)
-    x = y.astype(jnp.float32)
-  return out
+def _block_stats(block, x) -> tuple[jax.Array, dict, jax.Array]:
+  y, acts = block.trace(x)
+  seen: dict[int, jax.Array] = {}
+  grams = {}
+  for name, inp in acts["inputs"].items():
+    if id(inp) not in seen:  # q/k/v (and gate/up) read one array: one Gram
+      z = inp.reshape(-1, inp.shape[-1]).astype(jnp.float32)
+      seen[id(inp)] = jnp.matmul(z.T, z, precision=jax.lax.Precision.HIGHEST)
+    grams[name] = seen[id(inp)]
+  return y.astype(jnp.float32), grams, _cos_sum(x, y.astype(jnp.float32))
 
 
-def input_grams(model: Decoder, batches) -> tuple[dict[str, np.ndarray], int]:
-  """``X^T X`` of the inputs of every projection, summed over calibration batches.
+@nnx.jit
+def _embed(model, ids):
+  return model.embed(ids).astype(jnp.float32)
+
+
+@nnx.jit
+def _forward(block, x):
+  return block(x)[0].astype(jnp.float32)
+
+
+def with_layers(block: nnx.Module, layers: dict[str, nnx.Module]) -> nnx.Module:
+  """A copy of ``block`` whose projections (``{"mlp.c_fc": module}``) are replaced."""
+  block = nnx.clone(block)
+  for name, module in layers.items():
+    *path, last = name.split(".")
+    owner = block
+    for part in path:
+      owner = getattr(owner, part)
+    setattr(owner, last, module)
+  return block
+
+
+Refit = Callable[[int, dict[str, np.ndarray]], dict[str, nnx.Module]]
+
+
+def calibration_pass(fn: str, model: Decoder, batches, refit: Refit | None = None) -> Calibration:
+  """One pass over the calibration batches, block by block.
+
+  ``refit(i, grams)`` (``grams`` keyed by projection name) returns block i's
+  replacement projections; the states go on through block i with them, so
+  block i + 1 is measured on the compressed model's states. Without
+  ``refit``, the model's own blocks carry them.
+  """
+  batches = as_batches(fn, batches)
+  for b in batches:
+    model._check_ids(b)
+  counts = np.zeros(model.config.vocab_size, np.int64)
+  for b in batches:
+    counts += np.bincount(np.asarray(b).ravel(), minlength=model.config.vocab_size)
+  states = [_embed(model, b) for b in batches]
+  grams, importance = {}, []
+  for i, block in enumerate(model.h):
+    total, cos, outs = None, 0.0, []
+    for x in states:
+      y, g, c = _block_stats(block, x)
+      g = {name: np.asarray(v, np.float64) for name, v in jax.device_get(g).items()}
+      if total is None:
+        total = g  # one float64 copy per name (shared inputs too), so each sum is its own
+      else:
+        for name, v in g.items():
+          total[name] += v
+      cos += float(c)
+      outs.append(y)
+    importance.append(1.0 - cos / sum(int(np.prod(x.shape[:-1])) for x in states))
+    grams.update({layer_key(i, name): v for name, v in total.items()})
+    replaced = refit(i, total) if refit is not None else {}
+    if replaced:
+      new = with_layers(block, replaced)
+      outs = [_forward(new, x) for x in states]
+    states = outs
+  tokens = sum(int(b.size) for b in batches)
+  return Calibration(grams, tokens, importance, counts, sequential=refit is not None)
+
+
+def input_grams(model: Decoder, batches) -> Calibration:
+  """``X^T X`` of the inputs of every projection, summed over calibration batches, in one pass.
 
   Args:
     model: any decoder family (GPT-2, Llama-style), dense or tensorized.
     batches: integer id arrays (batch, time), or one such array.
 
   Returns:
-    ``(grams, tokens)``: ``{"h.{i}.{projection}": (n_in, n_in) float64}`` and the number of tokens summed.
+    A `Calibration`: ``grams`` ``{"h.{i}.{projection}": (n_in, n_in) float64}``, the number of ``tokens``,
+    per-block ``importance`` and ``token_counts``.
 
   Raises:
     ValueError: on empty or non-integer batches, or ids the model refuses (out of vocabulary, too long).
@@ -71,21 +178,8 @@ def input_grams(model: Decoder, batches) -> tuple[dict[str, np.ndarray], int]:
     >>> import numpy as np
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset
-    >>> grams, tokens = input_grams(GPT(preset("tiny"), rngs=nnx.Rngs(0)), np.zeros((2, 16), np.int32))
-    >>> tokens, grams["h.1.attn.c_attn"].shape, grams["h.1.mlp.c_proj"].shape, grams["h.0.mlp.c_fc"].dtype
-    (32, (128, 128), (512, 512), dtype('float64'))
+    >>> cal = input_grams(GPT(preset("tiny"), rngs=nnx.Rngs(0)), np.zeros((2, 16), np.int32))
+    >>> cal.tokens, cal.grams["h.1.attn.c_attn"].shape, cal.grams["h.1.mlp.c_proj"].shape, int(cal.token_counts[0])
+    (32, (128, 128), (512, 512), 32)
   """
-  fn = "input_grams"
-  total: list[dict] | None = None
-  tokens = 0
-  for b in as_batches(fn, batches):
-    model._check_ids(b)
-    stats = jax.device_get(_batch_grams(model, b))
-    tokens += int(b.size)
-    if total is None:
-      total = [{n: np.asarray(g, np.float64) for n, g in block.items()} for block in stats]
-    else:
-      for acc, block in zip(total, stats):
-        for n, g in block.items():
-          acc[n] += g
-  return {layer_key(i, name): g for i, block in enumerate(total) for name, g in block.items()}, tokens
+  return calibration_pass("input_grams", model, batches)

@@ -1,18 +1,24 @@
-"""Training-free compression by factorization: truncated SVD (the baseline), MPO (CompactifAI), TensorGPT
-embeddings, and weight-only int8 on top of any of them.
+"""Training-free compression by factorization: truncated SVD (the baseline), SVD-LLM (SVD in the data
+metric), MPO (CompactifAI, in the weight or the data metric), TensorGPT embeddings, and weight-only int8 on
+top of any of them.
 
 Every function maps a model of any family ([`GPT`][tnjax.models.GPT],
 [`Llama`][tnjax.models.Llama]) to a new one (the input is
 left untouched) whose config records the new layer kinds, so the result saves
 and loads like any tnjax model and exports to Hugging Face as dense.
 
-Targets: ``ratio`` is the fraction of a layer's weight parameters kept (bias
-excluded), counted as the layer stores them now (a layer already tensorized
-counts its cores, not the dense size); a layer whose factorized form would not
-be smaller at that ratio stays as it is, so ``ratio=1`` returns an unchanged
-model and compressing a compressed model never grows it. ``rank`` (``chi``
-for MPO) caps ranks; ``rtol`` bounds each layer's relative Frobenius error
-(ranks chosen on the host). With no target the decomposition is exact.
+Targets (`tnjax.compress.targets`): exactly one of ``rank`` (a rank cap for
+every layer), ``ratio`` (the fraction of the compressed part's stored
+parameters kept, spread by ``allocation``) or ``rtol`` (a per-layer relative
+error bound). ``ratio=1`` returns an unchanged model; a layer the target
+would not make smaller is refused (``if_larger="error"``), left as it is
+(``"keep"``) or written anyway (``"allow"``).
+
+Data-aware fits (``svdllm_compress``, ``mpo_compress(fit="data")``) minimize
+each layer's output error on calibration text, ``||X (W - W')||_F``, from the
+input Grams of [`input_grams`][tnjax.compress.calibration.input_grams];
+``sequential=True`` measures block i on the outputs of the already-compressed
+blocks before it.
 """
 
 from __future__ import annotations
@@ -21,14 +27,28 @@ import dataclasses
 import functools
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
 from tnjax.compress import _model
+from tnjax.compress.calibration import Calibration, calibration_pass, check_tokens
+from tnjax.compress.targets import (
+    IF_LARGER,
+    Target,
+    check_choice,
+    largest_rank,
+    layer_budgets,
+    rank_within,
+)
 from tnjax.core import _checks, fused
 from tnjax.core.shapes import factorize
+from tnjax.core.whitening import whitened_spectrum, whitened_svd, whitened_ttm_svd
 from tnjax.models.config import LayerSpec
 from tnjax.models.decoder import Decoder, dense_kernel
-from tnjax.nn import BTTLinear, Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
+from tnjax.models.names import parse_layer_key
+from tnjax.nn import BTTLinear, Int8Linear, LowRankEmbedding, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
+
+FITS = ("weights", "data")
 
 
 def _bias(layer):
@@ -40,32 +60,152 @@ def _bonds(ranks) -> tuple[int, ...] | None:
   return tuple(int(r) for r in ranks[1:-1]) or None
 
 
-def _target(fn: str, **targets) -> tuple[str | None, object]:
-  key, value = _model.one_target(fn, **targets)
-  if key == "ratio":
-    _model.check_ratio(fn, value)
-  elif key == "rtol":
-    _checks.check_rtol(fn, value)
-  elif key is not None:
-    _checks.check_positive_int(fn, key, value)
-  return key, value
+def calibration(fn: str, model: Decoder, calib) -> Calibration:
+  """``calib`` as a `Calibration`: computed from (batch, time) ids, or one already computed."""
+  if isinstance(calib, Calibration):
+    return calib
+  from tnjax.compress.calibration import as_batches
+
+  return calibration_pass(fn, model, as_batches(fn, calib))
+
+
+def _with_bias(layer, bias, n: int):
+  if bias is not None:
+    layer.bias[...] = jnp.asarray(bias, layer.bias.dtype).reshape(n)
+  return layer
+
+
+@dataclasses.dataclass
+class _Job:
+  """One layer-by-layer compression: what each method supplies to `_run`."""
+
+  fn: str
+  target: Target
+  names: list[str]
+  fit: object  # fit(name, layer, w, cap, gram) -> (module, LayerSpec) | None (None: not smaller at this budget)
+  cap: object  # cap(name, layer, w, budget) -> a rank (or None) for the fit, None when nothing smaller fits
+  spectrum: object  # spectrum(name, w, gram) -> singular values, for allocation="loss"
+  unit: object  # unit(w) -> parameters per unit of rank of the low-rank form, for allocation="loss"
+  data: bool  # whether the fit reads the layer's input Gram
+
+
+def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool, if_larger: str) -> Decoder:
+  """Fits every named layer at its budget, refuses growth per ``if_larger``, and rebuilds the model."""
+  fn, target = job.fn, job.target
+  check_choice(fn, "if_larger", if_larger, IF_LARGER)
+  if sequential and not job.data:
+    raise ValueError(f"{fn}: sequential=True but this fit does not read calibration statistics; use a data-aware "
+                     "fit (svdllm, mpo with fit='data')")
+  if (target.key, target.value) == ("ratio", 1.0):
+    return _model.rebuild(model, model.config, {})
+  needs_cal = job.data or allocation == "importance"
+  if needs_cal and calib is None:
+    raise ValueError(f"{fn}: calib=None but {'this fit' if job.data else 'allocation=importance'} needs calibration "
+                     "ids (batch, time) or a Calibration from input_grams")
+  if sequential and isinstance(calib, Calibration):
+    raise ValueError(f"{fn}: sequential=True but calib is a Calibration; sequential calibration runs the text "
+                     "through the compressed blocks, so pass the ids")
+  layers = {name: _model.get_layer(model, name) for name in job.names}
+  kernels = {name: dense_kernel(layer) for name, layer in layers.items()}
+  if job.data:
+    check_tokens(fn, calib, {name: w.shape[0] for name, w in kernels.items()})
+  cal = calibration(fn, model, calib) if needs_cal and (not sequential or allocation != "uniform") else None
+  stored = {name: _model.weights(layer) for name, layer in layers.items()}
+  gram = lambda name: None if not job.data else jnp.asarray(cal.grams[name], kernels[name].dtype)  # noqa: E731
+  budgets = layer_budgets(
+      fn, target, allocation, stored, importance=None if cal is None else cal.importance,
+      unit={name: job.unit(w) for name, w in kernels.items()},
+      spectra=lambda name: np.asarray(job.spectrum(name, kernels[name], gram(name)), np.float64))
+  replaced, specs = {}, {}
+
+  def fit_one(name, g):
+    layer, w = layers[name], kernels[name]
+    cap = job.cap(name, layer, w, budgets[name]) if target.key == "ratio" else (
+        target.value if target.key == "rank" else None)
+    out = None if (target.key == "ratio" and cap is None) else job.fit(name, layer, w, cap, g)
+    if out is not None and (_model.weights(out[0]) < stored[name] or if_larger == "allow"):
+      replaced[name], specs[name] = out
+      return out[0]
+    if if_larger == "error":
+      got = "no smaller form" if out is None else f"{_model.weights(out[0]):,} parameters"
+      raise ValueError(f"{fn}: {target} would give layer {name!r} {got} but it stores {stored[name]:,} now; "
+                       "choose a smaller target, or pass if_larger='keep' to leave such layers as they are")
+    return None
+
+  if sequential:
+    by_block: dict[int, list[str]] = {}
+    for name in job.names:
+      by_block.setdefault(parse_layer_key(name)[0], []).append(name)
+    if None in by_block:
+      raise ValueError(f"{fn}: sequential=True but {by_block[None]} are not in a block; compress them separately")
+
+    def refit(i, grams):
+      out = {}
+      for name in by_block.get(i, []):
+        proj = parse_layer_key(name)[1]
+        new = fit_one(name, jnp.asarray(grams[proj], kernels[name].dtype))
+        if new is not None:
+          out[proj] = new
+      return out
+
+    calibration_pass(fn, model, calib, refit)
+  else:
+    for name in job.names:
+      fit_one(name, gram(name))
+  return _model.rebuild(model, _model.with_specs(model.config, specs), replaced)
+
+
+def _lowrank_job(fn: str, target: Target, names, data: bool) -> _Job:
+  def unit(w):
+    return sum(w.shape)
+
+  def cap(name, layer, w, budget):
+    m, n = w.shape
+    r = rank_within(budget, m + n)
+    return None if r >= min(m, n) or r * (m + n) >= _model.weights(layer) else r
+
+  def spectrum(name, w, g):
+    return whitened_spectrum(w, g) if data else jnp.linalg.svd(w, compute_uv=False)
+
+  def fit(name, layer, w, r, g):
+    bias = _bias(layer)
+    if not data:
+      new = LowRankLinear.from_dense(w, bias, rank=None if r is None else min(r, *w.shape),
+                                     rtol=target.value if target.key == "rtol" else None)
+    else:
+      if r is None:  # rtol: the smallest rank whose discarded whitened energy is within the bound
+        s2 = np.asarray(whitened_spectrum(w, g), np.float64) ** 2
+        tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
+        r = max(int(np.argmax(tail <= target.value ** 2 * s2.sum())), 1)
+      a, b = whitened_svd(w, g, min(r, *w.shape))
+      root = jnp.sqrt(jnp.maximum(jnp.linalg.norm(a, axis=0), 1e-30))  # balance the two factors' scales
+      new = _with_bias(LowRankLinear(*w.shape, u=a / root[None, :], v=b * root[:, None], use_bias=bias is not None),
+                       bias, w.shape[1])
+    return new, LayerSpec(kind="lowrank", rank=new.rank)
+
+  return _Job(fn, target, names, fit, cap, spectrum, unit, data)
 
 
 def svd_compress(model: Decoder, *, ratio: float | None = None, rank: int | None = None, rtol: float | None = None,
-                 layers=None) -> Decoder:
+                 layers=None, allocation: str = "uniform", calib=None, if_larger: str = "error") -> Decoder:
   """Truncated SVD of every selected projection: W (m, n) -> U (m, r) V (r, n), the baseline.
 
   Args:
     model: the model to compress.
-    ratio: fraction of each layer's weights kept: r = floor(ratio m n / (m + n)).
-    rank: r for every layer (capped at min(m, n); the full rank is exact).
+    ratio: fraction of the selected layers' weights kept; with ``allocation="uniform"`` each layer gets
+      r = floor(ratio m n / (m + n)).
+    rank: r for every layer (capped at min(m, n)).
     rtol: per-layer relative Frobenius error bound.
     layers: names (see `tnjax.compress._model.resolve_layers`); default every
       attention and MLP projection.
+    allocation: how a ratio is spread: "uniform", "importance" (needs ``calib``) or "loss" (from the
+      singular values); see `tnjax.compress.targets`.
+    calib: calibration ids (batch, time) or a `Calibration`, for ``allocation="importance"``.
+    if_larger: "error", "keep" or "allow" (a layer the target would not make smaller).
 
   Raises:
-    ValueError: on more than one target, ratio outside (0, 1], rank < 1, a
-      negative rtol, or an unknown layer name.
+    ValueError: on no target or more than one, ratio outside (0, 1], rank < 1, a
+      negative rtol, an unknown layer name or allocation, or a layer that would grow.
 
   Example:
     >>> from flax import nnx
@@ -76,39 +216,15 @@ def svd_compress(model: Decoder, *, ratio: float | None = None, rank: int | None
     ('lowrank', True)
   """
   fn = "svd_compress"
-  key, value = _target(fn, ratio=ratio, rank=rank, rtol=rtol)
-
-  def fit(name, w, r, bias):
-    return LowRankLinear.from_dense(w, bias, rank=r, rtol=value if key == "rtol" else None)
-
-  return _lowrank(fn, model, key, value, layers, fit)
-
-
-def _lowrank(fn: str, model: Decoder, key, value, layers, fit) -> Decoder:
-  """Every selected projection as the LowRankLinear ``fit(name, kernel, rank, bias)`` returns, the rank set by
-  the target (None for rtol: ``fit`` chooses); a layer that would not shrink at a ratio is left as it is."""
-  names = _model.resolve_layers(fn, model.config, [] if (key, value) == ("ratio", 1) else layers)
-  replaced, specs = {}, {}
-  for name in names:
-    layer = _model.get_layer(model, name)
-    w = dense_kernel(layer)
-    m, n = w.shape
-    r = None
-    if key == "ratio":
-      stored = _model.weights(layer)
-      r = max(math.floor(value * stored / (m + n)), 1)
-      if r >= min(m, n) or r * (m + n) >= stored:
-        continue  # no smaller at this ratio
-    elif key == "rank":
-      r = min(value, m, n)
-    new = fit(name, w, r, _bias(layer))
-    replaced[name] = new
-    specs[name] = LayerSpec(kind="lowrank", rank=new.rank)
-  return _model.rebuild(model, _model.with_specs(model.config, specs), replaced)
+  target = Target.of(fn, ratio=ratio, rank=rank, rtol=rtol)
+  names = _model.resolve_layers(fn, model.config, layers)
+  return _run(_lowrank_job(fn, target, names, data=False), model, calib=calib, allocation=allocation,
+              sequential=False, if_larger=if_larger)
 
 
 def svdllm_compress(model: Decoder, calib, *, ratio: float | None = None, rank: int | None = None,
-                    rtol: float | None = None, layers=None) -> Decoder:
+                    rtol: float | None = None, layers=None, allocation: str = "uniform", sequential: bool = False,
+                    if_larger: str = "error") -> Decoder:
   """SVD-LLM (Wang et al. 2024): each projection's rank-r factors that minimize its *output* error on
   calibration text, ``||X (W - U V)||_F``, by truncation-aware whitening
   ([`whitened_svd`][tnjax.core.whitening.whitened_svd] of the input Gram from
@@ -116,47 +232,31 @@ def svdllm_compress(model: Decoder, calib, *, ratio: float | None = None, rank: 
 
   Args:
     model: the model to compress (any family; projections dense or tensorized).
-    calib: calibration ids, (batch, time) arrays.
-    ratio, rank, layers: as in `svd_compress` (a ratio sets the same rank as plain SVD would).
+    calib: calibration ids, (batch, time) arrays, or a `Calibration` (reused across targets); at least as many
+      tokens as the widest input compressed.
+    ratio, rank, layers, allocation, if_larger: as in `svd_compress` ("loss" reads the whitened spectra).
     rtol: per-layer relative *output* error bound ``||X (W - W')|| <= rtol ||X W||`` on the calibration inputs.
+    sequential: measure block i on the outputs of the compressed blocks 0..i-1 (needs ids, not a Calibration).
 
   Raises:
-    ValueError: on the target errors of `svd_compress`, no target, or bad calibration batches.
+    ValueError: on the target errors of `svd_compress`, bad or too short calibration.
 
   Example:
     >>> import numpy as np
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset
     >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
-    >>> small = svdllm_compress(model, np.random.default_rng(0).integers(0, 512, (4, 32)), ratio=0.5)
+    >>> small = svdllm_compress(model, np.random.default_rng(0).integers(0, 512, (8, 64)), ratio=0.5)
     >>> small.config.spec("mlp.c_fc", 0).kind, small.num_params < model.num_params
     ('lowrank', True)
   """
-  import jax.numpy as jnp
-
-  from tnjax.compress.calibration import input_grams
-  from tnjax.core.whitening import whitened_spectrum, whitened_svd
-
   fn = "svdllm_compress"
-  key, value = _target(fn, ratio=ratio, rank=rank, rtol=rtol)
-  if key is None:
-    raise ValueError(f"{fn}: no target; give exactly one of ratio, rank or rtol")
-  grams, _ = input_grams(model, calib)
-
-  def fit(name, w, r, bias):
-    gram = jnp.asarray(grams[name], w.dtype)
-    if r is None:  # rtol: the smallest rank whose discarded whitened energy is within the bound
-      s2 = np.asarray(whitened_spectrum(w, gram), np.float64) ** 2
-      tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
-      r = max(int(np.argmax(tail <= value * value * s2.sum())), 1)
-    a, b = whitened_svd(w, gram, r)
-    root = jnp.sqrt(jnp.maximum(jnp.linalg.norm(a, axis=0), 1e-30))  # balance the two factors' scales
-    layer = LowRankLinear(*w.shape, u=a / root[None, :], v=b * root[:, None], use_bias=bias is not None)
-    if bias is not None:
-      layer.bias[...] = jnp.asarray(bias, layer.bias.dtype).reshape(w.shape[1])
-    return layer
-
-  return _lowrank(fn, model, key, value, layers, fit)
+  target = Target.of(fn, ratio=ratio, rank=rank, rtol=rtol)
+  names = _model.resolve_layers(fn, model.config, layers)
+  if calib is None:
+    raise ValueError(f"{fn}: calib=None but SVD-LLM needs calibration ids (batch, time) or a Calibration")
+  return _run(_lowrank_job(fn, target, names, data=True), model, calib=calib, allocation=allocation,
+              sequential=sequential, if_larger=if_larger)
 
 
 def _ttm_params(in_dims, out_dims, rank: int) -> int:
@@ -165,81 +265,105 @@ def _ttm_params(in_dims, out_dims, rank: int) -> int:
   return sum(r[k] * modes[k] * r[k + 1] for k in range(len(modes)))
 
 
-def mpo_compress(model: Decoder, *, chi: int | None = None, ratio: float | None = None, rtol: float | None = None,
-                 layers=None, num_cores: int = 3, method: str = "svd", layout: str = "balanced") -> Decoder:
-  """CompactifAI's step one: every selected projection becomes an MPO (TT-matrix) of bond dimension chi.
+def mpo_compress(model: Decoder, *, rank: int | None = None, ratio: float | None = None, rtol: float | None = None,
+                 layers=None, num_cores: int = 3, method: str = "svd", layout: str = "balanced",
+                 fit: str = "weights", calib=None, allocation: str = "uniform", sequential: bool = False,
+                 if_larger: str = "error") -> Decoder:
+  """CompactifAI's step one: every selected projection becomes an MPO (TT-matrix) of bond dimension ``rank``.
 
-  Each kernel is decomposed by [`ttm_svd`][tnjax.ttm_svd] into ``num_cores``
-  cores with [`factorize`][tnjax.factorize] dims; the layer becomes a
-  [`TTMLinear`][tnjax.nn.TTMLinear]. With ``layout="fused"`` every layer gets the
-  two cores of [`fused_dims`][tnjax.core.fused.fused_dims] and ``path="fused"``, so
-  on a GPU it runs the fused Pallas kernels (bond dimensions up to 16).
+  Each kernel is decomposed into ``num_cores`` cores with
+  [`factorize`][tnjax.factorize] dims; the layer becomes a
+  [`TTMLinear`][tnjax.nn.TTMLinear]. ``fit="weights"`` is CompactifAI's
+  [`ttm_svd`][tnjax.ttm_svd] of the weights; ``fit="data"`` fits the layer's
+  outputs on calibration text instead
+  ([`whitened_ttm_svd`][tnjax.core.whitening.whitened_ttm_svd]: TT-SVD in the
+  Kronecker-factored metric of the input Gram). With ``layout="fused"`` every
+  layer gets the two cores of [`fused_dims`][tnjax.core.fused.fused_dims] and
+  ``path="fused"``, so on a GPU it runs the fused Pallas kernels (ranks up to 16).
 
   Args:
     model: the model to compress.
-    chi: bond dimension (rank cap) of every layer.
-    ratio: fraction of each layer's weights kept; chi is the largest that fits.
-    rtol: per-layer relative Frobenius error bound (ranks chosen per bond).
+    rank: bond dimension (rank cap) of every layer.
+    ratio: fraction of the selected layers' weights kept; each layer's bond dimension is the largest within
+      its budget (see ``allocation``).
+    rtol: per-layer relative error bound (ranks chosen per bond), of the weights or, with ``fit="data"``, of
+      the whitened weights.
     layers: names (see `tnjax.compress._model.resolve_layers`); default all projections.
     num_cores: MPO sites per layer ("balanced" layout).
     method: TT-SVD steps, "svd" or "gram" (faster on GPUs, same truncation; see [`tt_svd`][tnjax.tt_svd]).
     layout: "balanced" (``factorize`` dims, ``num_cores`` sites) or "fused" (two sites in the fused
-      kernel's layout; widths must be multiples of 256, chi <= 16).
+      kernel's layout; widths must be multiples of 256, rank <= 16).
+    fit: "weights" or "data" (needs ``calib``).
+    calib, allocation, sequential, if_larger: as in `svdllm_compress` ("loss" reads each layer's singular
+      values, whitened for ``fit="data"``).
 
   Raises:
-    ValueError: as `svd_compress`, for num_cores < 1, an unknown layout, and for the fused layout a
-      width it cannot take or a bond dimension above 16.
+    ValueError: as `svd_compress`, for num_cores < 1, an unknown layout or fit, and for the fused layout a
+      width it cannot take or a rank above 16.
 
   Complexity:
     One TT-SVD per layer, O(n[0]^2 m n) for an (m, n) kernel (a QR first
-    when the first unfolding is wide).
+    when the first unfolding is wide); ``fit="data"`` adds one eigendecomposition per input mode.
 
   Example:
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset
     >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
-    >>> small = mpo_compress(model, chi=8, layers=["mlp.c_fc"])
+    >>> small = mpo_compress(model, rank=8, layers=["mlp.c_fc"])
     >>> type(small.h[0].mlp.c_fc).__name__, max(small.h[0].mlp.c_fc.ranks), small.num_params < model.num_params
     ('TTMLinear', 8, True)
   """
   fn = "mpo_compress"
-  key, value = _target(fn, chi=chi, ratio=ratio, rtol=rtol)
+  target = Target.of(fn, rank=rank, ratio=ratio, rtol=rtol)
   num_cores = _checks.check_positive_int(fn, "num_cores", num_cores)
-  if layout not in ("balanced", "fused"):
-    raise ValueError(f"{fn}: layout={layout!r} but 'balanced' or 'fused' is expected")
+  check_choice(fn, "layout", layout, ("balanced", "fused"))
+  check_choice(fn, "fit", fit, FITS)
   if layout == "fused":
     num_cores = 2
-    if chi is not None and chi > fused.MAX_RANK:
-      raise ValueError(f"{fn}: chi={chi} but the fused layout takes at most {fused.MAX_RANK}")
-  replaced, specs = {}, {}
-  for name in _model.resolve_layers(fn, model.config, [] if (key, value) == ("ratio", 1) else layers):
-    layer = _model.get_layer(model, name)
-    w = dense_kernel(layer)
-    m, n = w.shape
+    if rank is not None and rank > fused.MAX_RANK:
+      raise ValueError(f"{fn}: rank={rank} but the fused layout takes at most {fused.MAX_RANK}")
+    if fit == "data":
+      raise ValueError(f"{fn}: fit='data' with layout='fused' but the data-aware fit is for the balanced layout")
+  names = _model.resolve_layers(fn, model.config, layers)
+
+  @functools.cache
+  def dims(name):
+    m, n = dense_kernel(_model.get_layer(model, name)).shape
     if layout == "fused":
       try:
-        in_dims, out_dims = fused.fused_dims(m, n)
+        return fused.fused_dims(m, n)
       except ValueError as err:
         raise ValueError(f"{fn}: layer {name} is {m} x {n}: {err}") from None
+    return factorize(m, num_cores), factorize(n, num_cores)
+
+  def cap(name, layer, w, budget):
+    in_dims, out_dims = dims(name)
+    full = max(_checks.full_ranks([i * o for i, o in zip(in_dims, out_dims)]) or (1,))
+    if layout == "fused":
+      full = min(full, fused.MAX_RANK)
+    params_at = functools.partial(_ttm_params, in_dims, out_dims)
+    c = largest_rank(params_at, budget, full)
+    return None if params_at(c) >= _model.weights(layer) else c
+
+  def spectrum(name, w, g):
+    return whitened_spectrum(w, g) if fit == "data" else jnp.linalg.svd(w, compute_uv=False)
+
+  def fit_layer(name, layer, w, c, g):
+    in_dims, out_dims = dims(name)
+    r_tol = target.value if target.key == "rtol" else None
+    bias = _bias(layer)
+    if fit == "data":
+      new = _with_bias(TTMLinear(*w.shape, ttm=whitened_ttm_svd(w, g, in_dims, out_dims, max_rank=c, rtol=r_tol),
+                                 use_bias=bias is not None), bias, w.shape[1])
     else:
-      in_dims, out_dims = factorize(m, num_cores), factorize(n, num_cores)
-    cap = chi
-    if key == "ratio":
-      stored = _model.weights(layer)
-      full = max(_checks.full_ranks([i * o for i, o in zip(in_dims, out_dims)]) or (1,))
-      if layout == "fused":
-        full = min(full, fused.MAX_RANK)
-      cap = _model.largest_rank(functools.partial(_ttm_params, in_dims, out_dims), value * stored, full)
-      if _ttm_params(in_dims, out_dims, cap) >= stored:
-        continue
-    new = TTMLinear.from_dense(w, _bias(layer), rank=cap, rtol=rtol, in_dims=in_dims, out_dims=out_dims,
-                               method=method)
-    replaced[name] = new
+      new = TTMLinear.from_dense(w, bias, rank=c, rtol=r_tol, in_dims=in_dims, out_dims=out_dims, method=method)
     path = "fused" if layout == "fused" else _model.spec_of(model.config, name).path
     new.path = path
-    specs[name] = LayerSpec(kind="ttm", rank=max(new.ranks), in_dims=in_dims, out_dims=out_dims,
-                            num_cores=num_cores, path=path, ranks=_bonds(new.ranks))
-  return _model.rebuild(model, _model.with_specs(model.config, specs), replaced)
+    return new, LayerSpec(kind="ttm", rank=max(new.ranks), in_dims=in_dims, out_dims=out_dims,
+                          num_cores=len(in_dims), path=path, ranks=_bonds(new.ranks))
+
+  job = _Job(fn, target, names, fit_layer, cap, spectrum, lambda w: sum(w.shape), fit == "data")
+  return _run(job, model, calib=calib, allocation=allocation, sequential=sequential, if_larger=if_larger)
 
 
 def _mps_params(dims, rank: int) -> int:
@@ -249,27 +373,43 @@ def _mps_params(dims, rank: int) -> int:
 
 def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float | None = None,
                         rtol: float | None = None, feature_dims=None, num_cores: int = 3,
-                        form: str = "mps") -> Decoder:
+                        form: str = "mps", calib=None, count_smoothing: float = 1.0,
+                        if_larger: str = "error") -> Decoder:
   """TensorGPT: the token embedding compressed without training.
 
   ``form="mps"`` (the paper): each row, reshaped to ``feature_dims``, is
   decomposed by TT-SVD into its own MPS, vmapped over the vocabulary
   ([`MPSEmbedding`][tnjax.nn.MPSEmbedding]). ``form="ttm"``: the whole table as one
-  TT-matrix ([`TTEmbedding`][tnjax.nn.TTEmbedding]). A tied head keeps reading the
-  (compressed) embedding, so it stays tied.
+  TT-matrix ([`TTEmbedding`][tnjax.nn.TTEmbedding]). ``form="lowrank"``: ``U V``
+  ([`LowRankEmbedding`][tnjax.nn.LowRankEmbedding]), the baseline at equal size.
+  A tied head keeps reading the (compressed) embedding, so it stays tied.
+
+  With ``calib`` (form "lowrank"), each row is weighted by how often its token
+  occurs (``counts + count_smoothing``): the exact minimizer of
+  ``sum_v c_v ||E_v - E'_v||^2`` ([`whitened_svd`][tnjax.core.whitening.whitened_svd]
+  with a diagonal metric), so frequent tokens are fitted best. Per-row MPS rows
+  are independent, so a metric cannot change them; a token metric does not
+  factor over a TT-matrix's vocabulary modes (token ids carry no Kronecker
+  structure), so "ttm" takes none either.
 
   Args:
     model: the model to compress.
     rank: TT rank cap (per row for "mps").
-    ratio: fraction of the table's stored parameters kept; rank is the largest that fits
-      (an embedding that would not get smaller is returned unchanged).
-    rtol: relative error bound, per row for "mps", of the whole table for "ttm".
+    ratio: fraction of the table's stored parameters kept; rank is the largest that fits.
+    rtol: relative error bound, per row for "mps", of the whole (weighted) table for "ttm".
     feature_dims: factorization of d_model (default ``factorize(d_model, num_cores)``).
     num_cores: d, used when feature_dims is not given.
-    form: "mps" or "ttm".
+    form: "mps", "ttm" or "lowrank".
+    calib: calibration ids (batch, time) or a `Calibration` ("lowrank" only): its token counts.
+    count_smoothing: added to every token's count, so tokens unseen in ``calib`` still count.
+    if_larger: "error", "keep" or "allow", for a result not smaller than the embedding.
 
   The compression ratio is ``vocab * d_model / stored parameters``; with
   rank 1 and dims summing to s it is d_model / s (GPT-2, dims summing to 20: 38.4x).
+
+  Raises:
+    ValueError: for the target errors of `svd_compress`, an unknown form, feature_dims whose product is below
+      d_model, calib with a form other than "lowrank", or a result that would not be smaller.
 
   Example:
     >>> from flax import nnx
@@ -280,9 +420,14 @@ def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float
     8.0
   """
   fn = "tensorgpt_embedding"
-  key, value = _target(fn, rank=rank, ratio=ratio, rtol=rtol)
-  if form not in ("mps", "ttm"):
-    raise ValueError(f"{fn}: form={form!r} but 'mps' or 'ttm' is expected")
+  target = Target.of(fn, rank=rank, ratio=ratio, rtol=rtol)
+  check_choice(fn, "form", form, ("mps", "ttm", "lowrank"))
+  check_choice(fn, "if_larger", if_larger, IF_LARGER)
+  if calib is not None and form != "lowrank":
+    raise ValueError(f"{fn}: calib given with form={form!r} but only form='lowrank' takes a token-frequency "
+                     "metric")
+  if isinstance(count_smoothing, bool) or not isinstance(count_smoothing, (int, float)) or not count_smoothing >= 0:
+    raise ValueError(f"{fn}: count_smoothing={count_smoothing!r} but a number >= 0 is expected")
   table = model.embedding_table
   v, d = table.shape
   feature_dims = (factorize(d, num_cores) if feature_dims is None
@@ -290,28 +435,50 @@ def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float
   if math.prod(feature_dims) < d:
     raise ValueError(f"{fn}: prod(feature_dims)={math.prod(feature_dims)} but d_model={d}; expected at least that")
   vocab_dims = factorize(v, len(feature_dims))
-  cap = rank
-  if (key, value) == ("ratio", 1):
+  if (target.key, target.value) == ("ratio", 1.0):
     return _model.rebuild(model, model.config, {})
-  if key == "ratio":
+  stored = _model.count_params(model.wte)
+  cap = target.value if target.key == "rank" else None
+  rtol = target.value if target.key == "rtol" else None
+  if target.key == "ratio":
     if form == "mps":
-      params_at = lambda r: v * _mps_params(feature_dims, r)
+      params_at = lambda r: v * _mps_params(feature_dims, r)  # noqa: E731
       full = max(_checks.full_ranks(feature_dims) or (1,))
+    elif form == "lowrank":
+      params_at = lambda r: r * (v + d)  # noqa: E731
+      full = min(v, d)
     else:
-      params_at = lambda r: _ttm_params(vocab_dims, feature_dims, r)
+      params_at = lambda r: _ttm_params(vocab_dims, feature_dims, r)  # noqa: E731
       full = max(_checks.full_ranks([a * b for a, b in zip(vocab_dims, feature_dims)]) or (1,))
-    stored = _model.count_params(model.wte)
-    cap = _model.largest_rank(params_at, value * stored, full)
-    if params_at(cap) >= stored:
-      return _model.rebuild(model, model.config, {})
+    cap = largest_rank(params_at, target.value * stored, full)
   if form == "mps":
     wte = MPSEmbedding.from_dense(table, rank=cap, rtol=rtol, feature_dims=feature_dims)
     spec = LayerSpec(kind="mps", rank=max(wte.ranks), out_dims=feature_dims, num_cores=len(feature_dims),
                      ranks=_bonds(wte.ranks))
+  elif form == "lowrank":
+    if calib is None:
+      wte = LowRankEmbedding.from_dense(table, rank=None if cap is None else min(cap, v, d), rtol=rtol)
+    else:
+      counts = calibration(fn, model, calib).token_counts.astype(np.float64) + count_smoothing
+      gram = jnp.asarray(counts, table.dtype)
+      r = cap
+      if r is None:  # rtol: the smallest rank whose discarded weighted energy is within the bound
+        s2 = np.asarray(whitened_spectrum(table, gram), np.float64) ** 2
+        tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
+        r = max(int(np.argmax(tail <= rtol * rtol * s2.sum())), 1)
+      a, b = whitened_svd(table, gram, min(r, v, d))
+      root = jnp.sqrt(jnp.maximum(jnp.linalg.norm(a, axis=0), 1e-30))
+      wte = LowRankEmbedding(v, d, u=a / root[None, :], v=b * root[:, None])
+    spec = LayerSpec(kind="lowrank", rank=wte.rank)
   else:
     wte = TTEmbedding.from_dense(table, rank=cap, rtol=rtol, vocab_dims=vocab_dims, feature_dims=feature_dims)
     spec = LayerSpec(kind="ttm", rank=max(wte.ttm.ranks), in_dims=vocab_dims, out_dims=feature_dims,
                      num_cores=len(feature_dims), ranks=_bonds(wte.ttm.ranks))
+  if _model.count_params(wte) >= stored and if_larger != "allow":
+    if if_larger == "keep":
+      return _model.rebuild(model, model.config, {})
+    raise ValueError(f"{fn}: {target} would give the embedding {_model.count_params(wte):,} parameters but it "
+                     f"stores {stored:,} now; choose a smaller target, or pass if_larger='keep'")
   return _model.rebuild(model, _model.with_specs(model.config, {"embedding": spec}), {"embedding": wte})
 
 

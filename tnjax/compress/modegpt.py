@@ -35,6 +35,7 @@ from flax import nnx
 
 from tnjax.compress import _model
 from tnjax.compress.calibration import as_batches
+from tnjax.compress.targets import Target, allocate, check_choice
 from tnjax.core import _checks
 from tnjax.models.config import LayerSpec
 from tnjax.models.decoder import Decoder
@@ -220,39 +221,13 @@ def calibrate(model: Decoder, batches) -> list[dict]:
   return [{**{k: s[k] for k in keys}, "importance": float(1 - s["cos"] / s["tokens"])} for s in total]
 
 
-def allocate(importance, ratio: float, *, temperature: float = 1.0, max_cut: float = 0.95) -> list[float]:
-  """Per-block kept fractions averaging ``ratio``: cut_l proportional to softmax(-importance_l / eps).
-
-  ``eps = temperature * mean(importance)``; no block loses more than ``max_cut``
-  (the excess goes to the others in proportion). Blocks are the same size,
-  so the mean kept fraction is the overall one.
-
-  Example:
-    >>> [round(r, 3) for r in allocate([0.4, 0.1, 0.1], 0.7)]  # the important first block keeps more
-    [0.91, 0.595, 0.595]
-  """
-  s = np.asarray(importance, np.float64)
-  n, cut = len(s), 1.0 - ratio
-  eps = temperature * max(float(np.mean(s)), 1e-12)
-  w = np.exp(-(s - s.min()) / eps)
-  cuts, free = np.zeros(n), np.ones(n, bool)
-  for _ in range(n):
-    remaining = n * cut - cuts[~free].sum()
-    cuts[free] = remaining * w[free] / w[free].sum()
-    over = free & (cuts > max_cut)
-    if not over.any():
-      break
-    cuts[over], free = max_cut, free & ~over
-  return [float(1 - c) for c in cuts]
-
-
 def _check_calib(fn, calib):
   if calib is None:
     raise ValueError(f"{fn}: calib=None but MoDeGPT needs calibration ids (batch, time) or statistics from "
                      "calibrate(); pass a few batches of text")
 
 
-def modegpt_compress(model: Decoder, calib, *, ratio: float, allocation: str = "global", temperature: float = 1.0,
+def modegpt_compress(model: Decoder, calib, *, ratio: float, allocation: str = "importance", temperature: float = 1.0,
                      ridge: float = 1e-4, multiple_of: int = 1) -> Decoder:
   """Compresses every block's attention and MLP to about ``ratio`` of their weights (MoDeGPT).
 
@@ -260,8 +235,8 @@ def modegpt_compress(model: Decoder, calib, *, ratio: float, allocation: str = "
     model: the model (projections may be dense or tensorized; the result is dense).
     calib: calibration ids, (batch, time) arrays, or the list `calibrate` returns.
     ratio: overall fraction of attention and MLP weights kept, in (0, 1].
-    allocation: "global" (per-block fractions from importance, as the paper)
-      or "uniform" (every block the same).
+    allocation: "importance" (per-block fractions from block importance, as the paper's global
+      allocation) or "uniform" (every block the same).
     temperature: sharpness of the global allocation (see `allocate`).
     ridge: regularization of the correlations (fraction of their mean diagonal).
     multiple_of: round kept widths to multiples of this (8 suits GPU tensor
@@ -287,15 +262,14 @@ def modegpt_compress(model: Decoder, calib, *, ratio: float, allocation: str = "
   """
   fn = "modegpt_compress"
   _check_calib(fn, calib)
-  ratio = _model.check_ratio(fn, ratio)
+  ratio = Target.of(fn, ratio=ratio, accepted=("ratio",)).value
   multiple_of = _checks.check_positive_int(fn, "multiple_of", multiple_of)
-  if allocation not in ("global", "uniform"):
-    raise ValueError(f"{fn}: allocation={allocation!r} but 'global' or 'uniform' is expected")
+  check_choice(fn, "allocation", allocation, ("importance", "uniform"))
   cfg = model.config
   stats = calib if isinstance(calib, list) and calib and isinstance(calib[0], dict) else calibrate(model, calib)
   if len(stats) != cfg.n_layer:
     raise ValueError(f"{fn}: statistics for {len(stats)} blocks but the model has n_layer={cfg.n_layer}")
-  if allocation == "global":
+  if allocation == "importance":
     ratios = allocate([s["importance"] for s in stats], ratio, temperature=temperature)
   else:
     ratios = [ratio] * cfg.n_layer

@@ -12,65 +12,17 @@ import numpy as np
 
 from tnjax._io import atomic_write, atomic_write_text
 from tnjax.compress import _model
-from tnjax.compress.methods import mpo_compress, quantize_int8, svd_compress, svdllm_compress, tensorgpt_embedding
-from tnjax.compress.modegpt import modegpt_compress
+from tnjax.compress.methods import quantize_int8
+from tnjax.compress.registry import compress, method
 from tnjax.compress.tuning import heal
 from tnjax.models.decoder import Decoder
 
-METHODS = ("tensorgpt", "mpo", "modegpt", "svd", "svdllm")
 
-
-def compress(model: Decoder, method: str, *, rank: int | None = None, ratio: float | None = None,
-             rtol: float | None = None, calib=None, layers=None, layout: str | None = None) -> Decoder:
-  """One method by name: "tensorgpt" (embedding), "mpo" (rank = chi), "modegpt" (ratio only), "svd" or
-  "svdllm" (whitened SVD on calibration ``calib``).
-
-  ``layout`` is mpo's ([`mpo_compress`][tnjax.compress.mpo_compress]): "balanced" (default) or "fused".
-
-  Raises:
-    ValueError: for an unknown method, a target or layout the method does not
-      take, or the methods' own argument errors.
-
-  Example:
-    >>> from flax import nnx
-    >>> from tnjax.models import GPT, preset
-    >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
-    >>> compress(model, "mpo", rank=4).config.spec("attn.c_proj", 1).kind
-    'ttm'
-  """
-  fn = "compress"
-  if layout is not None and method != "mpo":
-    raise ValueError(f"{fn}: layout={layout!r} but only mpo takes a layout")
-  if method == "tensorgpt":
-    if layers is not None:
-      raise ValueError(f"{fn}: layers={layers!r} but tensorgpt compresses the embedding only")
-    return tensorgpt_embedding(model, rank=rank, ratio=ratio, rtol=rtol)
-  if method == "mpo":
-    return mpo_compress(model, chi=rank, ratio=ratio, rtol=rtol, layers=layers, layout=layout or "balanced")
-  if method == "svd":
-    return svd_compress(model, rank=rank, ratio=ratio, rtol=rtol, layers=layers)
-  if method == "svdllm":
-    return svdllm_compress(model, calib, rank=rank, ratio=ratio, rtol=rtol, layers=layers)
-  if method == "modegpt":
-    if rank is not None or rtol is not None or ratio is None:
-      raise ValueError(f"{fn}: rank={rank!r}, rtol={rtol!r}, ratio={ratio!r} but modegpt takes a ratio only")
-    if layers is not None:
-      raise ValueError(f"{fn}: layers={layers!r} but modegpt compresses every block (allocation is global)")
-    # Its factors are dense: on TT-matrix (or other tensorized) layers the result would be larger than the input.
-    cfg = model.config
-    tensorized = [n for n in _model.projection_names(cfg) if cfg.spec_of(n).kind != "dense"]
-    if tensorized:
-      raise ValueError(f"{fn}: method='modegpt' but layers {tensorized[:4]}{'...' if len(tensorized) > 4 else ''} "
-                       "are not dense; modegpt expects dense projections (it would make these larger)")
-    return modegpt_compress(model, calib, ratio=ratio)
-  raise ValueError(f"{fn}: method={method!r} but one of {METHODS} is expected")
-
-
-def compressed_part(model: Decoder, method: str, layers=None) -> list[str]:
-  """Names of the layers a method targets: "embedding" for tensorgpt, else the projections."""
-  if method == "tensorgpt":
+def compressed_part(model: Decoder, name: str, layers=None) -> list[str]:
+  """Names of the layers a method targets: "embedding" for the embedding methods, else the projections."""
+  if method(name).part == "embedding":
     return ["embedding"]
-  return _model.resolve_layers("compress", model.config, None if method == "modegpt" else layers)
+  return _model.resolve_layers("compress", model.config, None if name == "modegpt" else layers)
 
 
 def summary(before: Decoder, after: Decoder, names: list[str]) -> dict:
@@ -136,11 +88,11 @@ def plot_sweep(rows: list[dict], path, *, baseline: float | None = None, title: 
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-  for method in dict.fromkeys(r["method"] for r in rows):
-    pts = sorted((r["kept"], r["perplexity"]) for r in rows if r["method"] == method)
+  for name in dict.fromkeys(r["method"] for r in rows):
+    pts = sorted((r["kept"], r["perplexity"]) for r in rows if r["method"] == name)
     if ylim is not None:
       pts = [(k, min(p, ylim[1])) for k, p in pts]
-    (line,) = ax.plot(*zip(*pts), "o-", label=method)
+    (line,) = ax.plot(*zip(*pts), "o-", label=name)
     if ylim is not None:
       clipped = [(k, p) for k, p in pts if p >= ylim[1]]
       if clipped:
@@ -161,16 +113,19 @@ def plot_sweep(rows: list[dict], path, *, baseline: float | None = None, title: 
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=pathlib.Path(path).suffix[1:] or "png"))
 
 
-def run(model: Decoder, method: str, out_dir, *, targets: list[dict], valid_ids=None, calib_ids=None, layers=None,
-        heal_steps: int = 0, heal_lr: float = 1e-4, int8: bool = False, block_size: int | None = None,
-        tokenizer=None, save: bool = True, layout: str | None = None, overwrite: bool = False) -> dict:
+def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid_ids=None, calib_ids=None,
+        layers=None, heal_steps: int = 0, heal_lr: float = 1e-4, int8: bool = False, block_size: int | None = None,
+        tokenizer=None, save: bool = True, overwrite: bool = False, allocation: str = "uniform",
+        sequential: bool = False, if_larger: str = "error", **options) -> dict:
   """Compresses ``model`` at each target ({"rank"|"ratio"|"rtol": value}), evaluates, saves and reports.
 
   Writes ``out_dir/report.json`` and ``report.md``; the compressed model (tnjax
   format, plus ``tokenizer.json`` when a tokenizer is given) goes to
   ``out_dir/model`` for one target, ``out_dir/<key>-<value>/model`` for several,
   and a sweep also writes ``perplexity.png``. Every file is written under a
-  temporary name and renamed.
+  temporary name and renamed. ``allocation``, ``sequential``, ``if_larger``
+  and ``options`` (``layout``, ``form``) go to `compress`; calibration
+  statistics are computed once and reused across targets (except sequential).
 
   Raises:
     ValueError: when ``out_dir`` already holds a model or a report (a training
@@ -200,26 +155,34 @@ def run(model: Decoder, method: str, out_dir, *, targets: list[dict], valid_ids=
   block = min(block_size or model.config.block_size, model.config.block_size)
   evaluate = (lambda m: None) if valid_ids is None else (
       lambda m: perplexity(m, valid_ids, block_size=block)["perplexity"])
+  m = method(method_name)
   calib = None
-  if method in ("modegpt", "svdllm"):
+  if m.calibration == "required" or allocation == "importance":
     if calib_ids is None:
-      raise ValueError(f"compress: method {method!r} needs calibration text (--calib FILE)")
+      why = f"method {m.name!r}" if m.calibration == "required" else f"allocation {allocation!r}"
+      raise ValueError(f"compress: {why} needs calibration text (--calib FILE)")
     calib = [x for x, _ in eval_batches(np.asarray(calib_ids), 8, 8, block)]
+    if not sequential and m.name != "modegpt":  # one pass, reused by every target
+      from tnjax.compress.calibration import input_grams
+
+      calib = input_grams(model, calib)
   if heal_steps and calib_ids is None:
     raise ValueError("compress: healing needs training text (--calib FILE)")
-  names = compressed_part(model, method, layers)
-  report = {"method": method, "int8": int8, "heal_steps": heal_steps, "perplexity_before": evaluate(model),
+  names = compressed_part(model, m.name, layers)
+  report = {"method": m.name, "allocation": allocation, "sequential": sequential, "int8": int8,
+            "heal_steps": heal_steps, "perplexity_before": evaluate(model),
             "runs": []}
   for target in targets:
     start = time.perf_counter()
-    small = compress(model, method, calib=calib, layers=layers, layout=layout, **target)
+    small = compress(model, m.name, calib=calib, layers=layers, allocation=allocation, sequential=sequential,
+                     if_larger=if_larger, **options, **target)
     jax.block_until_ready(jax.tree_util.tree_leaves(small))
     compress_s = time.perf_counter() - start
     (key, value), = target.items()
     label = f"{key}={value}"
     info = summary(model, small, names)
-    if info["part_params_after"] >= info["part_params_before"]:
-      raise ValueError(f"{fn}: {method} at {label} keeps {info['part_params_after']:,} of the compressed part's "
+    if info["part_params_after"] >= info["part_params_before"] and if_larger != "allow":
+      raise ValueError(f"{fn}: {m.name} at {label} keeps {info['part_params_after']:,} of the compressed part's "
                        f"{info['part_params_before']:,} parameters but fewer are expected (a rank at or above full "
                        "rank, or layers already smaller than the method's output); choose a smaller target")
     start = time.perf_counter()
@@ -240,9 +203,9 @@ def run(model: Decoder, method: str, out_dir, *, targets: list[dict], valid_ids=
   atomic_write_text(out / "report.json", json.dumps(report, indent=2))
   atomic_write_text(out / "report.md", _markdown(report))
   if len(targets) > 1 and valid_ids is not None:
-    rows = [{"method": method, "kept": r["summary"]["part_kept"], "perplexity": r["perplexity"]}
+    rows = [{"method": m.name, "kept": r["summary"]["part_kept"], "perplexity": r["perplexity"]}
             for r in report["runs"]]
-    plot_sweep(rows, out / "perplexity.png", baseline=report["perplexity_before"], title=f"tnjax compress: {method}")
+    plot_sweep(rows, out / "perplexity.png", baseline=report["perplexity_before"], title=f"tnjax compress: {m.name}")
   return report
 
 

@@ -28,7 +28,7 @@ def layer_sensitivity(model: Decoder, tokens, compress, *, layers=None, block_si
     model: the model.
     tokens: 1-d validation ids (see [`perplexity`][tnjax.eval.perplexity]).
     compress: ``compress(model, layers=[name]) -> model``, e.g.
-      ``functools.partial(mpo_compress, chi=16)``.
+      ``functools.partial(mpo_compress, rank=16)``.
     layers: names to profile (default every attention and MLP projection).
     block_size: evaluation window (default the model's).
 
