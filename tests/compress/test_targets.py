@@ -137,3 +137,13 @@ def test_keep_leaves_layers_that_cannot_shrink_and_allow_writes_them(trained):
   assert kept.h[0].mlp.c_fc.rank == 1 and kept.h[0].attn.c_attn.rank < 64 and kept.num_params < base.num_params
   grown = svd_compress(trained, rank=64, layers=["h.0.attn.c_proj"], if_larger="allow")
   assert grown.num_params > trained.num_params
+
+
+def test_an_untied_head_keeps_the_dense_table(trained, ids):
+  small = tensorgpt_embedding(trained, rank=2, form="lowrank", head="dense")
+  assert not small.config.tie_embeddings and small.lm_head is not None
+  np.testing.assert_array_equal(np.asarray(small.lm_head.kernel[...]).T, np.asarray(trained.embedding_table))
+  x = trained.embed(ids)  # the same hidden states read by both heads give the same logits
+  np.testing.assert_allclose(small.lm_head(x), trained.wte.attend(x), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"tensorgpt_embedding: head='none' but one of \('tied', 'dense'\)"):
+    tensorgpt_embedding(trained, rank=2, head="none")

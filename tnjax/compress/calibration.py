@@ -114,6 +114,8 @@ def with_layers(block: nnx.Module, layers: dict[str, nnx.Module]) -> nnx.Module:
     owner = block
     for part in path:
       owner = getattr(owner, part)
+    if hasattr(module, "dtype") and hasattr(getattr(owner, last), "dtype"):  # keep the computation dtype
+      module.dtype = getattr(owner, last).dtype
     setattr(owner, last, module)
   return block
 

@@ -42,7 +42,7 @@ from tnjax.compress.targets import (
 )
 from tnjax.core import _checks, fused
 from tnjax.core.shapes import factorize
-from tnjax.core.whitening import whitened_spectrum, whitened_svd, whitened_ttm_svd
+from tnjax.core.whitening import whitened_spectrum, whitened_svd, whitened_ttm_svd, whitening
 from tnjax.models.config import LayerSpec
 from tnjax.models.decoder import Decoder, dense_kernel
 from tnjax.models.names import parse_layer_key
@@ -156,6 +156,18 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
 
 
 def _lowrank_job(fn: str, target: Target, names, data: bool) -> _Job:
+  """Low-rank fits from one SVD per layer (of ``W``, or of the whitened ``S^T W``), cached: an allocation's
+  spectrum and the fit at any rank read the same factorization. The rank-r optimum in either metric is
+  ``(W V_r) V_r^T`` with ``V_r`` the top right singular vectors."""
+  cache: dict[str, tuple] = {}
+
+  def factor(name, w, g):
+    if name not in cache:
+      x = w if not data else whitening(g, fn=fn)[0] @ w
+      _, sv, vt = jnp.linalg.svd(x, full_matrices=False)
+      cache[name] = (sv, vt)
+    return cache[name]
+
   def unit(w):
     return sum(w.shape)
 
@@ -165,22 +177,21 @@ def _lowrank_job(fn: str, target: Target, names, data: bool) -> _Job:
     return None if r >= min(m, n) or r * (m + n) >= _model.weights(layer) else r
 
   def spectrum(name, w, g):
-    return whitened_spectrum(w, g) if data else jnp.linalg.svd(w, compute_uv=False)
+    return factor(name, w, g)[0]
 
   def fit(name, layer, w, r, g):
     bias = _bias(layer)
-    if not data:
-      new = LowRankLinear.from_dense(w, bias, rank=None if r is None else min(r, *w.shape),
-                                     rtol=target.value if target.key == "rtol" else None)
-    else:
-      if r is None:  # rtol: the smallest rank whose discarded whitened energy is within the bound
-        s2 = np.asarray(whitened_spectrum(w, g), np.float64) ** 2
-        tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
-        r = max(int(np.argmax(tail <= target.value ** 2 * s2.sum())), 1)
-      a, b = whitened_svd(w, g, min(r, *w.shape))
-      root = jnp.sqrt(jnp.maximum(jnp.linalg.norm(a, axis=0), 1e-30))  # balance the two factors' scales
-      new = _with_bias(LowRankLinear(*w.shape, u=a / root[None, :], v=b * root[:, None], use_bias=bias is not None),
-                       bias, w.shape[1])
+    sv, vt = factor(name, w, g)
+    if r is None:  # rtol: the smallest rank whose discarded (whitened) energy is within the bound
+      s2 = np.asarray(sv, np.float64) ** 2
+      tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
+      r = max(int(np.argmax(tail <= target.value ** 2 * s2.sum())), 1)
+    b = vt[:min(r, *w.shape)]
+    a = w @ b.T
+    root = jnp.sqrt(jnp.maximum(jnp.linalg.norm(a, axis=0), 1e-30))  # balance the two factors' scales
+    new = _with_bias(LowRankLinear(*w.shape, u=a / root[None, :], v=b * root[:, None], use_bias=bias is not None),
+                     bias, w.shape[1])
+    cache.pop(name)  # the fit is a layer's last use of its factorization
     return new, LayerSpec(kind="lowrank", rank=new.rank)
 
   return _Job(fn, target, names, fit, cap, spectrum, unit, data)
@@ -373,7 +384,7 @@ def _mps_params(dims, rank: int) -> int:
 
 def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float | None = None,
                         rtol: float | None = None, feature_dims=None, num_cores: int = 3,
-                        form: str = "mps", calib=None, count_smoothing: float = 1.0,
+                        form: str = "mps", calib=None, count_smoothing: float = 1.0, head: str = "tied",
                         if_larger: str = "error") -> Decoder:
   """TensorGPT: the token embedding compressed without training.
 
@@ -382,7 +393,9 @@ def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float
   ([`MPSEmbedding`][tnjax.nn.MPSEmbedding]). ``form="ttm"``: the whole table as one
   TT-matrix ([`TTEmbedding`][tnjax.nn.TTEmbedding]). ``form="lowrank"``: ``U V``
   ([`LowRankEmbedding`][tnjax.nn.LowRankEmbedding]), the baseline at equal size.
-  A tied head keeps reading the (compressed) embedding, so it stays tied.
+  A tied head keeps reading the (compressed) embedding, so it stays tied;
+  ``head="dense"`` unties it first (the head keeps the dense table, and only
+  the input embedding is compressed).
 
   With ``calib`` (form "lowrank"), each row is weighted by how often its token
   occurs (``counts + count_smoothing``): the exact minimizer of
@@ -402,6 +415,7 @@ def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float
     form: "mps", "ttm" or "lowrank".
     calib: calibration ids (batch, time) or a `Calibration` ("lowrank" only): its token counts.
     count_smoothing: added to every token's count, so tokens unseen in ``calib`` still count.
+    head: "tied" (a tied head reads the compressed table) or "dense" (untie: the head keeps the dense table).
     if_larger: "error", "keep" or "allow", for a result not smaller than the embedding.
 
   The compression ratio is ``vocab * d_model / stored parameters``; with
@@ -422,6 +436,7 @@ def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float
   fn = "tensorgpt_embedding"
   target = Target.of(fn, rank=rank, ratio=ratio, rtol=rtol)
   check_choice(fn, "form", form, ("mps", "ttm", "lowrank"))
+  check_choice(fn, "head", head, ("tied", "dense"))
   check_choice(fn, "if_larger", if_larger, IF_LARGER)
   if calib is not None and form != "lowrank":
     raise ValueError(f"{fn}: calib given with form={form!r} but only form='lowrank' takes a token-frequency "
@@ -479,7 +494,11 @@ def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float
       return _model.rebuild(model, model.config, {})
     raise ValueError(f"{fn}: {target} would give the embedding {_model.count_params(wte):,} parameters but it "
                      f"stores {stored:,} now; choose a smaller target, or pass if_larger='keep'")
-  return _model.rebuild(model, _model.with_specs(model.config, {"embedding": spec}), {"embedding": wte})
+  cfg, replaced = _model.with_specs(model.config, {"embedding": spec}), {"embedding": wte}
+  if head == "dense" and cfg.tie_embeddings:
+    cfg = cfg.replace(tie_embeddings=False, layers={**cfg.layers, "lm_head": LayerSpec()})
+    replaced["lm_head"] = {"kernel": np.asarray(table).T}
+  return _model.rebuild(model, cfg, replaced)
 
 
 def quantize_int8(model: Decoder, *, layers=None) -> Decoder:

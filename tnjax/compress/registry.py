@@ -81,8 +81,9 @@ def _modegpt(model, target, *, calib, layers, allocation, sequential, if_larger)
   return modegpt_compress(model, calib, ratio=target.value, allocation=allocation)
 
 
-def _tensorgpt(model, target, *, calib, layers, allocation, sequential, if_larger, form="mps"):
-  return tensorgpt_embedding(model, **{target.key: target.value}, form=form, calib=calib, if_larger=if_larger)
+def _tensorgpt(model, target, *, calib, layers, allocation, sequential, if_larger, form="mps", head="tied"):
+  return tensorgpt_embedding(model, **{target.key: target.value}, form=form, head=head, calib=calib,
+                             if_larger=if_larger)
 
 
 register(Method("svd", _svd, "truncated SVD of each weight matrix (the baseline)", calibration="optional"))
@@ -95,7 +96,7 @@ register(Method("mpo-data", _mpo("data"), "MPO fitted to each layer's outputs (K
 register(Method("modegpt", _modegpt, "MoDeGPT: Nystrom (MLP), CR (Q/K), whitened SVD (V/O) per block",
                 targets=("ratio",), calibration="required", allocations=("importance", "uniform")))
 register(Method("tensorgpt", _tensorgpt, "TensorGPT: the embedding as an MPS per row (or one TT-matrix, or U V)",
-                part="embedding", calibration="optional", allocations=("uniform",), options=("form",)))
+                part="embedding", calibration="optional", allocations=("uniform",), options=("form", "head")))
 METHODS = tuple(REGISTRY)
 
 
@@ -119,7 +120,7 @@ def compress(model: Decoder, method_name: str, *, rank: int | None = None, ratio
     allocation: how a ratio is spread over layers ("uniform", "importance", "loss"; per method).
     sequential: calibrate block by block on the compressed blocks (svdllm, mpo-data).
     if_larger: "error", "keep" or "allow", for a layer the target would not make smaller.
-    options: a method's own options: ``layout`` for mpo, ``form`` for tensorgpt.
+    options: a method's own options: ``layout`` for mpo, ``form``, ``head`` for tensorgpt.
 
   Raises:
     ValueError: for an unknown method, a target, allocation, option or ``layers`` the method does not take,

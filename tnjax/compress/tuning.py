@@ -103,7 +103,8 @@ def heal(model: Decoder, tokens, steps: int, *, lr: float = 1e-4, batch_size: in
     tokens: 1-d training ids; windows are sampled as in [`train`][tnjax.train.train].
     steps: optimizer steps (at least 1).
     lr, batch_size, warmup, seed: as [`TrainConfig`][tnjax.train.TrainConfig]
-      (warmup default: 10% of steps); computation runs in the model's dtype.
+      (warmup default: 10% of steps); computation runs in the model's dtype. Every parameter gets ``lr``,
+      also in a muP model (its multipliers are for training from scratch).
     block_size: window length (default the model's).
 
   Returns:
@@ -138,7 +139,9 @@ def heal(model: Decoder, tokens, steps: int, *, lr: float = 1e-4, batch_size: in
   cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, block_size=block,
                     warmup=max(1, steps // 10) if warmup is None else warmup, weight_decay=0.0, seed=seed,
                     layers={}).validate()
-  trainer = Trainer(cfg, model.config.vocab_size, model=model)
+  # one learning rate for every parameter: muP's per-layer multipliers are for training from scratch (and are
+  # undefined for a compressed model's per-block widths)
+  trainer = Trainer(cfg, model.config.vocab_size, model=model, mup=False)
   loss = None
   with jax.numpy_dtype_promotion("standard"):  # optax mixes its int step count with floats
     for step in tqdm(range(steps), disable=not progress, desc="heal", unit="step"):

@@ -147,7 +147,7 @@ class Trainer:
     True
   """
 
-  def __init__(self, cfg: TrainConfig, vocab_size: int, model: Decoder | None = None):
+  def __init__(self, cfg: TrainConfig, vocab_size: int, model: Decoder | None = None, *, mup: bool = True):
     """Builds the model from ``cfg`` (preset, overrides, layers, dtype), or continues training ``model``
     (its config, computation dtype included, wins; ``cfg`` gives the optimizer and batches)."""
     self.cfg = cfg
@@ -171,7 +171,7 @@ class Trainer:
     self.shardings = param_shardings(params, self.mesh, cfg.fsdp)
     self.params = jax.device_put(params, self.shardings)
     multipliers = None
-    if self.model_config.mup_base_width is not None:  # ".value" ends the names of nnx variables' arrays
+    if mup and self.model_config.mup_base_width is not None:  # ".value" ends nnx variables' array names
       multipliers = {f"{k}.value": v for k, v in mup_multipliers(self.model_config).items()}
     self.tx = make_optimizer(cfg, params, multipliers)
     # Moments follow their parameters' sharding; scalars (the step count) are replicated.

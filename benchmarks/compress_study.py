@@ -1,0 +1,292 @@
+"""The activation-aware compression study (issue 15): every method of the registry, each allocation, on a
+trained GPT, training-free and healed, with an int8 pass and the embedding forms.
+
+Protocol: calibration windows are drawn from the training split (three calibration seeds for every method
+that reads calibration); allocations and any other choice are made on the validation split, and the table
+reports test perplexity (mean and sd over seeds). Healing uses the same training tokens for every method
+and for a dense+heal control.
+
+Jobs are independent, so ``--shard K/N`` runs every N-th of them (one process per GPU); ``--summarize``
+merges the shards' JSON lines into a Markdown table and a plot.
+
+Run:
+  python benchmarks/compress_study.py --smoke
+  python benchmarks/compress_study.py --model runs/dense/best_model --train train.txt --valid valid.txt \\
+      --test test.txt --out study/compress --shard 0/4        # and 1/4, 2/4, 3/4 on the other GPUs
+  python benchmarks/compress_study.py --summarize study/compress
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tnjax.compress import compress, heal, input_grams, quantize_int8
+from tnjax.compress.report import plot_sweep, summary
+from tnjax.data import eval_batches
+from tnjax.eval import perplexity
+
+from _common import emit, environment
+
+RATIOS = (0.5, 0.7, 0.9)
+SEEDS = (0, 1, 2)
+# (method, allocation, sequential, calibration seeds): the training-free grid. Methods without calibration run
+# once; the main variant of each calibrated method runs on every seed, the others on the first.
+FREE = [("svd", "uniform", False, 0), ("svd", "loss", False, 0), ("mpo", "uniform", False, 0),
+        ("svdllm", "uniform", False, 3), ("svdllm", "loss", False, 1), ("svdllm", "uniform", True, 1),
+        ("modegpt", "importance", False, 3), ("modegpt", "uniform", False, 1), ("mpo-data", "uniform", False, 3)]
+# healed at the two smaller sizes (calibration seed 0), with a dense+heal control
+HEALED = [("svdllm", "uniform"), ("modegpt", "importance"), ("mpo-data", "uniform")]
+HEAL_RATIOS = (0.5, 0.7)
+EMBEDDING = [("mps", False), ("ttm", False), ("lowrank", False), ("lowrank", True)]
+
+
+def jobs(smoke: bool) -> list[dict]:
+  out = []
+  seeds = SEEDS[:1] if smoke else SEEDS
+  for ratio in RATIOS[:1] if smoke else RATIOS:
+    for method, allocation, seq, n_seeds in FREE:
+      for seed in seeds[:n_seeds] or (None,):
+        out.append({"kind": "free", "method": method, "allocation": allocation, "sequential": seq, "ratio": ratio,
+                    "seed": seed})
+    for method, allocation in HEALED if ratio in HEAL_RATIOS else ():
+      out.append({"kind": "heal", "method": method, "allocation": allocation, "sequential": False, "ratio": ratio,
+                  "seed": None if method in ("svd", "mpo") else 0})
+  out.append({"kind": "heal", "method": "dense", "allocation": None, "sequential": False, "ratio": 1.0, "seed": None})
+  for form, weighted in EMBEDDING:
+    for head in ("tied", "dense"):
+      out.append({"kind": "embedding", "method": "tensorgpt", "form": form, "weighted": weighted, "head": head,
+                  "ratio": 0.25, "seed": 0 if weighted else None})
+  main = {("svd", "uniform"), ("mpo", "uniform"), ("svdllm", "uniform"), ("modegpt", "importance"),
+          ("mpo-data", "uniform")}
+
+  def priority(job):  # what a time-limited run finishes first: every method once, then healing, then the rest
+    if job["kind"] == "free":
+      first = job["seed"] in (None, 0) and not job["sequential"]
+      return 0 if first and (job["method"], job["allocation"]) in main else 3
+    return {"heal": 1 if job["ratio"] in (0.5, 1.0) else 4, "embedding": 2}[job["kind"]]
+
+  return sorted(out, key=priority)
+
+
+def _windows(ids: np.ndarray, n: int, block: int, seed: int) -> np.ndarray:
+  starts = np.random.default_rng(seed).integers(0, len(ids) - block, n)
+  return np.stack([ids[s:s + block] for s in starts]).astype(np.int32)
+
+
+class Context:
+  """The model, the splits and per-seed calibration, loaded once per process."""
+
+  def __init__(self, args):
+    if args.smoke:
+      from tnjax.models import GPT, preset
+
+      rng = np.random.default_rng(0)  # a sparse Markov chain: each token has 4 likely successors
+      succ, tokens = rng.integers(0, 256, (256, 4)), np.zeros(60_000, np.int32)
+      for i in range(1, len(tokens)):
+        tokens[i] = rng.integers(0, 256) if rng.random() < 0.1 else succ[tokens[i - 1], rng.integers(0, 4)]
+      cfg = preset("tiny", vocab_size=256, block_size=64, d_model=64, n_head=4)
+      self.model = heal(GPT(cfg, rngs=nnx.Rngs(0)), tokens[:40_000], 40, lr=3e-3, batch_size=16)
+      self.train, self.valid, self.test = tokens[:40_000], tokens[40_000:50_000], tokens[50_000:]
+    else:
+      from tnjax.data import load_tokenizer
+      from tnjax.interop import load_model
+
+      self.model = load_model(args.model)
+      tok = load_tokenizer(args.tokenizer or args.model)
+      def enc(path, limit=None):  # a training prefix of about ``limit`` tokens (6 characters a token at most)
+        text = pathlib.Path(path).read_text(encoding="utf-8")
+        return np.asarray(tok.encode(text if limit is None else text[: 6 * limit]).ids, np.int32)[:limit]
+
+      self.train, self.valid, self.test = enc(args.train, args.train_tokens), enc(args.valid), enc(args.test)
+    self.block = self.model.config.block_size
+    # evaluation: eval_tokens in windows spread evenly over each split (as training's validation), one window each
+    n = max(args.eval_tokens // self.block, 1)
+    self.valid, self.test = (np.concatenate([x[0] for x, _ in eval_batches(ids, n, 1, self.block)])
+                             for ids in (self.valid, self.test))
+    self.args = args
+    self._calib: dict[int, tuple] = {}
+
+  def calibration(self, seed: int):
+    """(ids, Calibration) of ``calib_windows`` training windows drawn with ``seed``."""
+    if seed not in self._calib:
+      ids = _windows(self.train, self.args.calib_windows, self.block, 1000 + seed)
+      batches = [ids[i:i + 16] for i in range(0, len(ids), 16)]
+      self._calib[seed] = (batches, input_grams(self.model, batches))
+    return self._calib[seed]
+
+  def ppl(self, model, split) -> float:
+    return perplexity(model, self.valid if split == "valid" else self.test, block_size=self.block)["perplexity"]
+
+
+def _compress(ctx: Context, job: dict):
+  if job["method"] == "dense":
+    return ctx.model
+  calib = None
+  if job["seed"] is not None:
+    ids, cal = ctx.calibration(job["seed"])
+    calib = ids if (job.get("sequential") or job["method"] == "modegpt") else cal
+  if job["kind"] == "embedding":
+    return compress(ctx.model, "tensorgpt", ratio=job["ratio"], form=job["form"], head=job["head"],
+                    calib=calib if job["weighted"] else None)
+  return compress(ctx.model, job["method"], ratio=job["ratio"], allocation=job["allocation"],
+                  sequential=job["sequential"], calib=calib)
+
+
+def run_job(ctx: Context, job: dict, env: dict) -> list[dict]:
+  start = time.perf_counter()
+  small = _compress(ctx, job)
+  jax.block_until_ready(jax.tree_util.tree_leaves(nnx.state(small)))
+  secs = time.perf_counter() - start
+  part = ["embedding"] if job["kind"] == "embedding" else [
+      f"h.{i}.{p}" for i in range(ctx.model.config.n_layer) for p in ctx.model.config.PROJECTIONS]
+  variants = [("", small, 0.0)]
+  if job["kind"] == "heal":
+    start = time.perf_counter()
+    healed = heal(small, ctx.train, ctx.args.heal_steps, lr=ctx.args.heal_lr, batch_size=ctx.args.heal_batch,
+                  block_size=ctx.block)
+    heal_s = time.perf_counter() - start
+    variants = [("+heal", healed, heal_s), ("+heal+int8", quantize_int8(healed), heal_s)]
+  rows = []
+  for suffix, m, heal_s in variants:
+    s = summary(ctx.model, m, part)
+    rows.append({"bench": "compress_study", **job, "variant": suffix or "free",
+                 "label": f"{job['method']}{suffix}", "kept": s["part_kept"], "params": s["params_after"],
+                 "bytes": s["bytes_after"], "valid_ppl": ctx.ppl(m, "valid"), "test_ppl": ctx.ppl(m, "test"),
+                 "compress_s": secs, "heal_s": heal_s,
+                 "heal_tokens": ctx.args.heal_steps * ctx.args.heal_batch * ctx.block if suffix else 0, **env})
+  return rows
+
+
+def _mean_sd(xs):
+  return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(out: pathlib.Path) -> str:
+  """Merges ``out/*.jsonl`` into ``out/summary.md``, ``out/summary.jsonl`` and ``out/test_ppl_vs_kept.png``."""
+  rows = [json.loads(line) for f in sorted(out.glob("shard*.jsonl")) for line in f.read_text().splitlines() if line]
+  groups: dict[tuple, list] = {}
+  for r in rows:
+    key = (r["kind"], r["label"], r.get("allocation"), r.get("sequential"), r.get("form"), r.get("weighted"),
+           r.get("head"), r["ratio"], r["variant"])
+    groups.setdefault(key, []).append(r)
+  summ = []
+  for key, rs in groups.items():
+    kind, label, alloc, seq, form, weighted, head, ratio, variant = key
+    v, vsd = _mean_sd([r["valid_ppl"] for r in rs])
+    t, tsd = _mean_sd([r["test_ppl"] for r in rs])
+    name = label + ("-seq" if seq else "")
+    if kind == "embedding":
+      name = f"tensorgpt-{form}{'-freq' if weighted else ''}-{head}-head"
+    summ.append({"kind": kind, "name": name, "allocation": alloc, "ratio": ratio, "variant": variant,
+                 "kept": statistics.fmean(r["kept"] for r in rs), "valid_ppl": v, "valid_sd": vsd, "test_ppl": t,
+                 "test_sd": tsd, "seeds": len(rs), "compress_s": statistics.fmean(r["compress_s"] for r in rs)})
+  dense = next((s for s in summ if s["name"] == "dense+heal"), None)
+  ref = rows[0].get("dense_test_ppl") if rows else None
+  lines = [f"# Compression study ({rows[0]['device'] if rows else '?'}, jax {rows[0]['jax'] if rows else '?'})", ""]
+  if ref:
+    lines += [f"Dense model: validation perplexity {rows[0]['dense_valid_ppl']:.3f}, test {ref:.3f}.", ""]
+  lines += ["## Training-free, every allocation (test ppl, mean +- sd over calibration seeds; * = the allocation "
+            "chosen on validation)", "", "| method | allocation | " + " | ".join(f"kept {r}" for r in RATIOS) + " |",
+            "|---|---|" + "---|" * len(RATIOS)]
+  free = [s for s in summ if s["kind"] == "free"]
+  chosen = {}
+  for name in dict.fromkeys(s["name"] for s in free):
+    for ratio in RATIOS:
+      cands = [s for s in free if s["name"] == name and s["ratio"] == ratio]
+      if cands:
+        chosen[(name, ratio)] = min(cands, key=lambda s: s["valid_ppl"])["allocation"]
+  for name, alloc in dict.fromkeys((s["name"], s["allocation"]) for s in free):
+    cells = []
+    for ratio in RATIOS:
+      s = next((s for s in free if s["name"] == name and s["allocation"] == alloc and s["ratio"] == ratio), None)
+      if s is None:
+        cells.append("-")
+        continue
+      mark = "*" if chosen.get((name, ratio)) == alloc else ""
+      rel = f" ({s['test_ppl'] / ref:.2f}x)" if ref else ""
+      sd = f" +- {s['test_sd']:.2f}" if s["seeds"] > 1 else ""
+      cells.append(f"{s['test_ppl']:.2f}{sd}{rel}{mark}")
+    lines.append(f"| {name} | {alloc} | " + " | ".join(cells) + " |")
+  lines += ["", "## Healed (equal heal tokens) and int8 on top (test ppl)", "",
+            "| method | allocation | " + " | ".join(f"kept {r}" for r in RATIOS) + " |",
+            "|---|---|" + "---|" * len(RATIOS)]
+  for variant in ("+heal", "+heal+int8"):
+    healed = [s for s in summ if s["kind"] == "heal" and s["variant"] == variant]
+    for name, alloc in dict.fromkeys((s["name"], s["allocation"]) for s in healed if not s["name"].startswith("dense")):
+      cells = []
+      for ratio in RATIOS:
+        s = next((s for s in healed if s["name"] == name and s["ratio"] == ratio), None)
+        cells.append("-" if s is None else f"{s['test_ppl']:.2f}" + (f" ({s['test_ppl'] / ref:.2f}x)" if ref else ""))
+      lines.append(f"| {name} | {alloc} | " + " | ".join(cells) + " |")
+  if dense:
+    lines += ["", f"Dense + heal control (same tokens): test {dense['test_ppl']:.3f}."]
+  lines += ["", "## Embedding at a quarter of its parameters (test ppl)", "", "| form | test ppl | kept |",
+            "|---|---|---|"]
+  for s in sorted((s for s in summ if s["kind"] == "embedding"), key=lambda s: s["test_ppl"]):
+    rel = f" ({s['test_ppl'] / ref:.2f}x)" if ref else ""
+    lines.append(f"| {s['name']} | {s['test_ppl']:.2f}{rel} | {s['kept']:.3f} |")
+  text = "\n".join(lines) + "\n"
+  (out / "summary.md").write_text(text)
+  (out / "summary.jsonl").write_text("".join(json.dumps(s) + "\n" for s in summ))
+  pts = [{"method": f"{s['name']} ({s['allocation']})", "kept": s["kept"], "perplexity": s["test_ppl"]}
+         for s in free if chosen.get((s["name"], s["ratio"])) == s["allocation"]]
+  if pts:
+    plot_sweep(pts, out / "test_ppl_vs_kept.png", baseline=ref, title="training-free, allocation chosen on validation")
+  return text
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--smoke", action="store_true", help="a tiny trained model, one seed, for CI")
+  parser.add_argument("--model", help="trained tnjax model directory")
+  parser.add_argument("--tokenizer", help="tokenizer.json (default: the model directory)")
+  parser.add_argument("--train"), parser.add_argument("--valid"), parser.add_argument("--test")
+  parser.add_argument("--out", default="study/compress")
+  parser.add_argument("--shard", default="0/1", help="K/N: run every N-th job starting at K")
+  parser.add_argument("--summarize", metavar="DIR", help="merge DIR/shard*.jsonl into a table and a plot")
+  parser.add_argument("--calib-windows", type=int, default=256, help="calibration windows of block_size tokens")
+  parser.add_argument("--eval-tokens", type=int, default=131_072,
+                      help="validation and test tokens scored, in windows spread evenly over each split")
+  parser.add_argument("--train-tokens", type=int, default=8_000_000, help="training tokens read (calibration, heal)")
+  parser.add_argument("--heal-steps", type=int, default=200)
+  parser.add_argument("--heal-batch", type=int, default=32)
+  parser.add_argument("--heal-lr", type=float, default=3e-4)
+  args = parser.parse_args()
+  if args.summarize:
+    print(summarize(pathlib.Path(args.summarize)))
+    return
+  if args.smoke:
+    args.calib_windows, args.heal_steps, args.heal_batch, args.eval_tokens = 16, 2, 4, 4096
+  k, n = (int(x) for x in args.shard.split("/"))
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  ctx = Context(args)
+  env = {**environment(), "dense_valid_ppl": ctx.ppl(ctx.model, "valid"), "dense_test_ppl": ctx.ppl(ctx.model, "test"),
+         "calib_tokens": args.calib_windows * ctx.block}
+  path = out / f"shard{k}.jsonl"
+  key = lambda d: json.dumps({x: d.get(x) for x in JOB_KEYS})  # noqa: E731
+  done = {key(json.loads(line)) for line in path.read_text().splitlines() if line} if path.exists() else set()
+  todo = [j for i, j in enumerate(jobs(args.smoke)) if i % n == k]
+  for i, job in enumerate(todo):
+    if key(job) in done:  # resume: a finished job is skipped
+      continue
+    start = time.perf_counter()
+    for row in run_job(ctx, job, env):
+      emit(row, str(path))
+    print(f"[{k}/{n}] {i + 1}/{len(todo)} {job} {time.perf_counter() - start:.1f} s", flush=True)
+  if n == 1:
+    print(summarize(out))
+
+
+JOB_KEYS = ("kind", "method", "allocation", "sequential", "ratio", "seed", "form", "weighted", "head")
+
+if __name__ == "__main__":
+  main()
