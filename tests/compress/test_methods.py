@@ -297,7 +297,7 @@ def test_mpo_fused_layout_uses_the_kernel_layout_and_keeps_it_through_save(tmp_p
   assert by_name.h[0].mlp.c_fc.path == "fused" and by_name.config.spec("mlp.c_fc", 0).in_dims == (16, 16)
   fitted = mpo_compress(model, ratio=0.5, layout="fused", layers=["mlp.c_fc"])
   assert max(fitted.h[0].mlp.c_fc.ranks) == 16  # ratio 0.5 would allow more; the kernel takes at most 16
-  with pytest.raises(ValueError, match=r"mpo_compress: layout='wide' but 'balanced' or 'fused' is expected"):
+  with pytest.raises(ValueError, match=r"mpo_compress: layout='wide' but one of \('balanced', 'fused'\) is expected"):
     mpo_compress(model, rank=4, layout="wide")
   with pytest.raises(ValueError, match=r"mpo_compress: rank=32 but the fused layout takes at most 16"):
     mpo_compress(model, rank=32, layout="fused")

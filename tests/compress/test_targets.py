@@ -33,8 +33,12 @@ def test_loss_ranks_is_within_one_step_of_the_budgeted_optimum():
     assert loss(best(budget)) - 1e-12 <= loss(got) <= loss(best(budget - 5)) + 1e-12
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "importance", "loss"])
-@pytest.mark.parametrize("method", ["svd", "svdllm", "mpo", "mpo-data"])
+DEFAULT_RUN = {("svd", "importance"), ("svdllm", "loss"), ("mpo-data", "uniform")}  # the rest: slow run (suite time)
+
+
+@pytest.mark.parametrize("method,allocation", [
+    pytest.param(m, a, marks=() if (m, a) in DEFAULT_RUN else pytest.mark.slow)
+    for m in ("svd", "svdllm", "mpo", "mpo-data") for a in ("uniform", "importance", "loss")])
 def test_a_ratio_is_the_fraction_of_the_part_kept(trained, ids, method, allocation):
   calib = input_grams(trained, ids)
   small = compress(trained, method, ratio=0.5, allocation=allocation,
