@@ -29,11 +29,13 @@ from flax import nnx
 
 from tnjax.compress import (
     heal,
+    input_grams,
     layer_sensitivity,
     modegpt_compress,
     mpo_compress,
     quantize_int8,
     svd_compress,
+    svdllm_compress,
     tensorgpt_embedding,
 )
 from tnjax.compress.report import compressed_part, plot_sweep, summary
@@ -141,10 +143,18 @@ def timing(args, env):
   model = GPT(preset(name, dtype=args.dtype), rngs=nnx.Rngs(0))
   vocab = model.config.vocab_size
   rng = np.random.default_rng(0)
-  calib = [rng.integers(0, vocab, (8, 256 if not args.smoke else 64)).astype(np.int32)]
+  calib = [rng.integers(0, vocab, (8, 512 if not args.smoke else 64)).astype(np.int32)]  # >= the 3072-wide input
+  cal = None
+  if not args.generate_only:  # one calibration pass (every projection's input Gram), timed, shared below
+    start = time.perf_counter()
+    cal = input_grams(model, calib)
+    emit({"bench": "compress_time", "model": name, "method": "calibration (input_grams)",
+          "first_s": time.perf_counter() - start, "tokens": cal.tokens, **env}, args.jsonl)
   methods = {
       "svd ratio 0.5": lambda: svd_compress(model, ratio=0.5),
+      "svdllm ratio 0.5": lambda: svdllm_compress(model, cal, ratio=0.5),
       "mpo ratio 0.5": lambda: mpo_compress(model, ratio=0.5),
+      "mpo-data ratio 0.5": lambda: mpo_compress(model, ratio=0.5, fit="data", calib=cal),
       "modegpt ratio 0.7": lambda: modegpt_compress(model, calib, ratio=0.7, multiple_of=8),
       "tensorgpt rank 1": lambda: tensorgpt_embedding(model, rank=1),
       "int8": lambda: quantize_int8(model),

@@ -86,6 +86,18 @@ def test_compress_modegpt_heal_int8(model_dir, tmp_path, capsys):
   assert (out / "model" / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # calibration and a data-aware fit end to end
+def test_compress_data_aware_mpo_with_a_loss_allocation_sequentially(model_dir, tmp_path):
+  """The registry's flags end to end: mpo-data at a ratio spread by truncation loss, calibrated block by block."""
+  d, text = model_dir
+  out = tmp_path / "mpo-data"
+  assert main(["compress", "--model", str(d), "--method", "mpo-data", "--ratio", "0.5", "--allocation", "loss",
+               "--sequential", "--calib", str(text), "--block-size", "32", "--out", str(out)]) == 0
+  report = json.loads((out / "report.json").read_text())
+  assert (report["method"], report["allocation"], report["sequential"]) == ("mpo-data", "loss", True)
+  assert 0.3 < report["runs"][0]["summary"]["part_kept"] <= 0.51
+
+
 @pytest.mark.parametrize("extra,match", [
     (["--method", "modegpt", "--ratio", "0.5"], "needs calibration text"),
     (["--method", "mpo", "--ratio", "0.5", "--rank", "3"], "at most one of --rank, --ratio, --rtol"),
@@ -94,6 +106,11 @@ def test_compress_modegpt_heal_int8(model_dir, tmp_path, capsys):
     (["--method", "svd", "--rank", "2", "--layers", "mlp.up"], "unknown layer name 'mlp.up'"),
     (["--method", "svd", "--rank", "2", "--layout", "fused"], "layout='fused' but svd takes no other options"),
     (["--method", "mpo", "--rank", "4", "--layout", "fused"], "fused_dims: in_features="),
+    (["--method", "svd", "--rank", "100000"], "svd_compress: rank=100000 would give layer"),
+    (["--method", "svd", "--rank", "2", "--allocation", "loss"], "allocation='loss' with rank=2 but an allocation "
+                                                                 "spreads a ratio"),
+    (["--method", "svd", "--ratio", "0.5", "--allocation", "importance"], "allocation 'importance' needs calibration"),
+    (["--method", "svd", "--ratio", "0.5", "--sequential"], "sequential=True but svd does not calibrate"),
 ])
 def test_compress_errors_exit_2(model_dir, tmp_path, capsys, extra, match):
   d, _ = model_dir
