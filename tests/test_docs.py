@@ -9,9 +9,9 @@ import jax
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MODULES = ["tnjax.core.decompositions", "tnjax.core.ops", "tnjax.core.initializers", "tnjax.core.shapes",
-           "tnjax.core.btt", "tnjax.nn.quant", "tnjax.models.config", "tnjax.core.tensor_train",
-           "tnjax.core.fused", "tnjax.core.whitening", "tnjax.train.config", "tnjax.data.tokenizer", "tnjax.data.cache",
+MODULES = ["tnjax.core.initializers", "tnjax.core.shapes", "tnjax.nn.quant", "tnjax.models.config",
+           "tnjax.core.tensor_train", "tnjax.core.fused", "tnjax.compress.targets", "tnjax.train.config",
+           "tnjax.data.tokenizer", "tnjax.data.cache",
            "tnjax._io", "tnjax.models.names", "tnjax.models.family", "tnjax.interop.hf_llama"]
 # Examples that build, train or compress models: several seconds each, so in the slow run (.ci/run runs it).
 SLOW_MODULES = ["tnjax.nn.layers", "tnjax.models.gpt", "tnjax.models.generate", "tnjax.compress.methods",
@@ -19,7 +19,8 @@ SLOW_MODULES = ["tnjax.nn.layers", "tnjax.models.gpt", "tnjax.models.generate", 
                 "tnjax.compress._model", "tnjax.compress.report", "tnjax.models.decoder", "tnjax.interop.native",
                 "tnjax.interop.hf",
                 "tnjax.interop.hf_gpt2", "tnjax.eval", "tnjax.train.loop", "tnjax.train.mup",
-                "tnjax.core.linear", "tnjax.models.llama"]
+                "tnjax.core.linear", "tnjax.models.llama", "tnjax.core.decompositions", "tnjax.core.ops",
+                "tnjax.core.btt", "tnjax.core.whitening", "tnjax.compress.registry"]
 
 
 @pytest.fixture

@@ -62,6 +62,7 @@ def test_bad_batches(batches):
     input_grams(GPT(preset("tiny"), rngs=nnx.Rngs(0)), batches)
 
 
+@pytest.mark.slow  # default suite time; .ci/run runs it
 def test_svdllm_beats_svd_at_equal_size():
   model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)

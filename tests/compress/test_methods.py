@@ -160,6 +160,7 @@ def test_save_load_round_trip(trained, ids, tmp_path, make):
   np.testing.assert_allclose(loaded(ids), small(ids), atol=1e-6)
 
 
+@pytest.mark.slow  # default suite time; .ci/run runs it
 def test_sensitivity_choose_and_heal(trained, tokens):
   valid = tokens[16000:17000]
   sens = layer_sensitivity(trained, valid, functools.partial(mpo_compress, rank=2), layers=["mlp.c_fc"])

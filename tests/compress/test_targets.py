@@ -50,6 +50,7 @@ def test_a_ratio_is_the_fraction_of_the_part_kept(trained, ids, method, allocati
   assert 0.3 < kept <= 0.5 + 0.01  # biases (kept whole) are the slack
 
 
+@pytest.mark.slow  # default suite time; .ci/run runs it
 def test_allocations_differ_as_documented(trained, ids):
   calib = input_grams(trained, ids)
   stored = {f"h.{i}.mlp.c_fc": 16384 for i in range(2)}
@@ -86,6 +87,7 @@ def test_data_aware_mpo_has_lower_output_error_than_weight_mpo(trained, ids):
     assert out_err(dense_kernel(layer)) == pytest.approx(best, rel=1e-6)
 
 
+@pytest.mark.slow  # default suite time; .ci/run runs it
 def test_sequential_calibration_measures_each_block_on_the_compressed_blocks(trained, ids):
   one_pass = input_grams(trained, ids)
   first = svdllm_compress(trained, one_pass, rank=4, layers=["h.0.attn.c_proj", "h.0.mlp.c_fc"])
@@ -142,6 +144,7 @@ def test_registry_drives_the_cli_and_the_docs():
     compress(None, "pca", ratio=0.5)
 
 
+@pytest.mark.slow  # default suite time; .ci/run runs it
 def test_keep_leaves_layers_that_cannot_shrink_and_allow_writes_them(trained):
   base = svd_compress(trained, rank=1, layers=["mlp.c_fc"])  # rank 1 has nothing to halve
   kept = svd_compress(base, ratio=0.5, if_larger="keep")
@@ -150,6 +153,7 @@ def test_keep_leaves_layers_that_cannot_shrink_and_allow_writes_them(trained):
   assert grown.num_params > trained.num_params
 
 
+@pytest.mark.slow  # default suite time; .ci/run runs it
 def test_an_untied_head_keeps_the_dense_table(trained, ids):
   small = tensorgpt_embedding(trained, rank=2, form="lowrank", head="dense")
   assert not small.config.tie_embeddings and small.lm_head is not None

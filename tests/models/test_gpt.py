@@ -59,6 +59,7 @@ def test_low_rank_embedding_gpt_forward_and_tied_head():
   np.testing.assert_allclose(logits, x @ model.embedding_table.T, atol=1e-5)
 
 
+@pytest.mark.slow  # default suite time; .ci/run runs it
 def test_kv_cached_steps_equal_full_forward():
   model = GPT(preset("tiny", layers={"mlp.c_fc": {"kind": "ttm", "rank": 8}}), rngs=nnx.Rngs(0))
   ids = _ids((2, 12))

@@ -88,6 +88,7 @@ def test_quantize_round_trip_bound(rng):
   assert np.all(np.asarray(q) == 0) and np.all(np.asarray(scale) == 1)
 
 
+@pytest.mark.slow  # default suite time; .ci/run runs it
 def test_int8_layers_match_their_dequantized_float_layers(rng):
   xn = rng.normal(size=(3, 4, 16))
   x = jnp.asarray(xn)

@@ -85,6 +85,7 @@ def test_few_steps_lower_the_loss_and_write_outputs(tmp_path):
   assert events and events[0].stat().st_size > 0
 
 
+@pytest.mark.slow  # default suite time; .ci/run runs it
 def test_resume_refusals_a_moved_run_and_a_corrupt_checkpoint(tmp_path, monkeypatch, capsys):
   """One short run, then: refusals; a moved run that resumes with more steps (said on stderr), logs each step once,
   starts its progress bar after the compiling step and warns of no deprecation; and a corrupt checkpoint."""

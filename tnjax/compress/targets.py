@@ -189,7 +189,7 @@ def layer_budgets(fn: str, target: Target, allocation: str, stored: dict[str, in
   Example:
     >>> t = Target.of("f", ratio=0.5)
     >>> layer_budgets("f", t, "importance", {"h.0.mlp.c_fc": 100, "h.1.mlp.c_fc": 100}, importance=[0.4, 0.1])
-    {'h.0.mlp.c_fc': 60.59..., 'h.1.mlp.c_fc': 39.40...}
+    {'h.0.mlp.c_fc': 76.85..., 'h.1.mlp.c_fc': 23.14...}
   """
   check_choice(fn, "allocation", allocation, ALLOCATIONS)
   if allocation != "uniform" and target.key != "ratio":
