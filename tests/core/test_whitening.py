@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tnjax
-from tnjax.core.whitening import kronecker_grams, whitened_spectrum, whitened_svd, whitened_ttm_svd, whitening
+from tnjax.core.whitening import kronecker_grams, whiten, whitened_spectrum, whitened_svd, whitened_ttm_svd, whitening
 
 
 def _data(n_in=12, n_out=10, tokens=400, seed=0):
@@ -42,6 +42,22 @@ def test_whitened_svd_is_the_best_rank_r_fit_of_the_outputs(rank, jit):
         (rank, 10)))  # a nearby rank-r matrix
     assert np.linalg.norm(x @ (w - other)) >= bound - 1e-9
   np.testing.assert_allclose(np.asarray(b @ b.T), np.eye(rank), atol=1e-10)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_whiten_preserves_output_norms_full_and_diagonal(jit):
+  x, w = _data()
+  fn = jax.jit(whiten) if jit else whiten
+  sw = np.asarray(fn(jnp.asarray(w), jnp.asarray(x.T @ x)))
+  # ||S^T w v|| = ||X w v|| for every v: the whitened matrix has the outputs' Gram w^T X^T X w
+  np.testing.assert_allclose(sw.T @ sw, w.T @ x.T @ x @ w, rtol=1e-8, atol=1e-8)
+  counts = np.arange(1.0, 13.0)  # a diagonal metric: sum_i c_i ||w_i||^2
+  sd = np.asarray(fn(jnp.asarray(w), jnp.asarray(counts)))
+  np.testing.assert_allclose(sd, np.sqrt(counts)[:, None] * w, rtol=1e-10)
+  g = jax.grad(lambda m: jnp.sum(whiten(m, jnp.asarray(x.T @ x)) ** 2))(jnp.asarray(w))
+  np.testing.assert_allclose(np.asarray(g), 2 * x.T @ x @ w, rtol=1e-6, atol=1e-8)
+  with pytest.raises(ValueError, match=r"whiten: gram.shape=\(3,\) but \(12, 12\) is expected"):
+    whiten(jnp.asarray(w), jnp.ones(3))
 
 
 def test_spectrum_gives_the_truncation_loss_and_identity_gram_is_plain_svd():

@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -44,7 +45,7 @@ from tnjax.core import _checks, fused
 from tnjax.core.decompositions import ttm_svd
 from tnjax.core.ops import to_dense
 from tnjax.core.shapes import factorize
-from tnjax.core.whitening import whitened_spectrum, whitened_svd, whitened_ttm_svd, whitening
+from tnjax.core.whitening import whiten, whitened_spectrum, whitened_ttm_svd
 from tnjax.models.config import LayerSpec
 from tnjax.models.decoder import Decoder, dense_kernel
 from tnjax.models.names import parse_layer_key
@@ -66,9 +67,7 @@ def calibration(fn: str, model: Decoder, calib) -> Calibration:
   """``calib`` as a `Calibration`: computed from (batch, time) ids, or one already computed."""
   if isinstance(calib, Calibration):
     return calib
-  from tnjax.compress.calibration import as_batches
-
-  return calibration_pass(fn, model, as_batches(fn, calib))
+  return calibration_pass(fn, model, calib)
 
 
 def _with_bias(layer, bias, n: int):
@@ -157,6 +156,28 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
   return _model.rebuild(model, _model.with_specs(model.config, specs), replaced)
 
 
+def _svd_factors(fn: str, w, gram) -> tuple[jax.Array, jax.Array]:
+  """Singular values and ``V^T`` of ``w``, or of the whitened ``S^T w`` when ``gram`` is given. The rank-r
+  optimum in either metric is ``(w V_r) V_r^T``: one SVD serves every rank and the truncation loss."""
+  _, sv, vt = jnp.linalg.svd(w if gram is None else whiten(w, gram, fn=fn), full_matrices=False)
+  return sv, vt
+
+
+def _rtol_rank(sv, rtol: float) -> int:
+  """The smallest rank whose discarded energy ``sum(sv[r:]**2)`` is within ``rtol**2`` of the total."""
+  s2 = np.asarray(sv, np.float64) ** 2
+  tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
+  return max(int(np.argmax(tail <= rtol * rtol * s2.sum())), 1)
+
+
+def _balanced(w, vt, rank: int) -> tuple[jax.Array, jax.Array]:
+  """The factors ``u`` (in, rank), ``v`` (rank, out) of ``(w V_r) V_r^T``, each column/row pair at one scale."""
+  b = vt[:rank]
+  a = w @ b.T
+  root = jnp.sqrt(jnp.maximum(jnp.linalg.norm(a, axis=0), 1e-30))
+  return a / root[None, :], b * root[:, None]
+
+
 def _lowrank_job(fn: str, target: Target, names, data: bool) -> _Job:
   """Low-rank fits from one SVD per layer (of ``W``, or of the whitened ``S^T W``), cached: an allocation's
   spectrum and the fit at any rank read the same factorization. The rank-r optimum in either metric is
@@ -165,9 +186,7 @@ def _lowrank_job(fn: str, target: Target, names, data: bool) -> _Job:
 
   def factor(name, w, g):
     if name not in cache:
-      x = w if not data else whitening(g, fn=fn)[0] @ w
-      _, sv, vt = jnp.linalg.svd(x, full_matrices=False)
-      cache[name] = (sv, vt)
+      cache[name] = _svd_factors(fn, w, g if data else None)
     return cache[name]
 
   def unit(w):
@@ -184,15 +203,8 @@ def _lowrank_job(fn: str, target: Target, names, data: bool) -> _Job:
   def fit(name, layer, w, r, g):
     bias = _bias(layer)
     sv, vt = factor(name, w, g)
-    if r is None:  # rtol: the smallest rank whose discarded (whitened) energy is within the bound
-      s2 = np.asarray(sv, np.float64) ** 2
-      tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
-      r = max(int(np.argmax(tail <= target.value ** 2 * s2.sum())), 1)
-    b = vt[:min(r, *w.shape)]
-    a = w @ b.T
-    root = jnp.sqrt(jnp.maximum(jnp.linalg.norm(a, axis=0), 1e-30))  # balance the two factors' scales
-    new = _with_bias(LowRankLinear(*w.shape, u=a / root[None, :], v=b * root[:, None], use_bias=bias is not None),
-                     bias, w.shape[1])
+    u, v = _balanced(w, vt, min(_rtol_rank(sv, target.value) if r is None else r, *w.shape))
+    new = _with_bias(LowRankLinear(*w.shape, u=u, v=v, use_bias=bias is not None), bias, w.shape[1])
     cache.pop(name)  # the fit is a layer's last use of its factorization
     return new, LayerSpec(kind="lowrank", rank=new.rank)
 
@@ -491,15 +503,9 @@ def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float
       wte = LowRankEmbedding.from_dense(table, rank=None if cap is None else min(cap, v, d), rtol=rtol)
     else:
       counts = calibration(fn, model, calib).token_counts.astype(np.float64) + count_smoothing
-      gram = jnp.asarray(counts, table.dtype)
-      r = cap
-      if r is None:  # rtol: the smallest rank whose discarded weighted energy is within the bound
-        s2 = np.asarray(whitened_spectrum(table, gram), np.float64) ** 2
-        tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
-        r = max(int(np.argmax(tail <= rtol * rtol * s2.sum())), 1)
-      a, b = whitened_svd(table, gram, min(r, v, d))
-      root = jnp.sqrt(jnp.maximum(jnp.linalg.norm(a, axis=0), 1e-30))
-      wte = LowRankEmbedding(v, d, u=a / root[None, :], v=b * root[:, None])
+      sv, vt = _svd_factors(fn, table, jnp.asarray(counts, table.dtype))
+      u, vv = _balanced(table, vt, min(_rtol_rank(sv, rtol) if cap is None else cap, v, d))
+      wte = LowRankEmbedding(v, d, u=u, v=vv)
     spec = LayerSpec(kind="lowrank", rank=wte.rank)
   else:
     wte = TTEmbedding.from_dense(table, rank=cap, rtol=rtol, vocab_dims=vocab_dims, feature_dims=feature_dims)

@@ -7,11 +7,11 @@ from tnjax.core.linear import gather_rows, matvec, transpose
 from tnjax.core.ops import add, inner, matvec_plan, norm, scale, to_dense
 from tnjax.core.shapes import factorize
 from tnjax.core.tensor_train import TensorTrain, TTMatrix
-from tnjax.core.whitening import whitened_spectrum, whitened_svd, whitened_ttm_svd
+from tnjax.core.whitening import whiten, whitened_spectrum, whitened_svd, whitened_ttm_svd
 
 __all__ = [
     "TensorTrain", "TTMatrix", "BlockTT", "btt_from_dense", "btt_matvec", "btt_to_dense", "random_btt",
-    "tt_svd", "ttm_svd", "truncate", "orthogonalize", "whitened_svd", "whitened_ttm_svd", "whitened_spectrum",
+    "tt_svd", "ttm_svd", "truncate", "orthogonalize", "whitened_svd", "whitened_ttm_svd", "whitened_spectrum", "whiten",
     "to_dense", "matvec", "matvec_plan", "add", "scale", "inner", "norm",
     "random_tt", "random_ttm", "factorize", "transpose", "gather_rows",
 ]

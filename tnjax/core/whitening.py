@@ -103,8 +103,25 @@ def whitening(gram, *, floor: float = FLOOR, fn: str = "whitening") -> tuple[jax
   return root[:, None] * q.T, q / root[None, :]
 
 
-def _apply(s_t, w):
-  """``S^T @ w`` for a full or a diagonal (1-d) ``S^T``."""
+def whiten(w, gram, *, floor: float = FLOOR, fn: str = "whiten") -> jax.Array:
+  """``S^T w`` with ``S S^T = G`` (`whitening`): the matrix whose Frobenius norm is the output norm ``||X w||_F``,
+  so its SVD is the SVD of ``w`` in the data metric (`whitened_spectrum`, `whitened_svd`).
+
+  Args:
+    w: (in, out), for a layer ``y = x @ w``.
+    gram: (in, in) ``X^T X``, or (in,) a diagonal (token counts).
+    floor: the jitter rule of `whitening`.
+    fn: the caller named in errors.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[1.0, 2.0], [0.0, 3.0], [4.0, 1.0]])
+    >>> w = jnp.array([[1.0, -1.0], [2.0, 0.5]])
+    >>> bool(jnp.isclose(jnp.linalg.norm(whiten(w, x.T @ x)), jnp.linalg.norm(x @ w)))
+    True
+  """
+  w = _check_matrix(fn, w)
+  s_t, _ = whitening(_check_gram(fn, gram, w.shape[0]), floor=floor, fn=fn)
   return s_t[:, None] * w if s_t.ndim == 1 else s_t @ w
 
 
@@ -118,10 +135,7 @@ def whitened_spectrum(w, gram, *, floor: float = FLOOR) -> jax.Array:
     >>> [round(float(v), 4) for v in s]
     [3.0, 2.0, 1.0]
   """
-  fn = "whitened_spectrum"
-  w = _check_matrix(fn, w)
-  s_t, _ = whitening(_check_gram(fn, gram, w.shape[0]), floor=floor, fn=fn)
-  return jnp.linalg.svd(_apply(s_t, w), compute_uv=False)
+  return jnp.linalg.svd(whiten(w, gram, floor=floor, fn="whitened_spectrum"), compute_uv=False)
 
 
 def _check_matrix(fn: str, w) -> jax.Array:
@@ -167,8 +181,7 @@ def whitened_svd(w, gram, rank: int, *, floor: float = FLOOR) -> tuple[jax.Array
   full = min(w.shape)
   if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
     raise ValueError(f"{fn}: rank={rank!r} but an int in [1, {full}] is expected (w.shape={w.shape})")
-  s_t, _ = whitening(gram, floor=floor, fn=fn)
-  _, _, vt = jnp.linalg.svd(_apply(s_t, w), full_matrices=False)
+  _, _, vt = jnp.linalg.svd(whiten(w, gram, floor=floor, fn=fn), full_matrices=False)
   b = vt[:rank]
   # a = S^-T U_r Sigma_r = S^-T (S^T w) V_r = w V_r: the whitened optimum has an unwhitened closed form.
   return w @ b.T, b
