@@ -17,7 +17,7 @@ if [ ! -f /tmp/cs/dense/best_model/config.json ]; then
   tail -3 /tmp/cs/train.log; cp /tmp/cs/dense/report.json "$OUT/dense_report.json"
 fi
 data="--model /tmp/cs/dense/best_model --tokenizer .data/bpe8192.json --train /tmp/corpus/train.txt \
-  --valid /tmp/corpus/valid.txt --test /tmp/corpus/test.txt --out /tmp/cs/study"
+  --valid /tmp/corpus/valid.txt --test /tmp/corpus/test.txt --out /tmp/cs/study --cache /tmp/cs/dense/cache"
 for k in $(seq 0 $((GPUS - 1))); do
   CUDA_VISIBLE_DEVICES=$k timeout $((end - SECONDS)) python benchmarks/compress_study.py $data \
     --shard $k/$GPUS > /tmp/cs/shard$k.log 2>&1 &

@@ -170,12 +170,17 @@ def _rtol_rank(sv, rtol: float) -> int:
   return max(int(np.argmax(tail <= rtol * rtol * s2.sum())), 1)
 
 
-def _balanced(w, vt, rank: int) -> tuple[jax.Array, jax.Array]:
-  """The factors ``u`` (in, rank), ``v`` (rank, out) of ``(w V_r) V_r^T``, each column/row pair at one scale."""
-  b = vt[:rank]
-  a = w @ b.T
-  root = jnp.sqrt(jnp.maximum(jnp.linalg.norm(a, axis=0), 1e-30))
-  return a / root[None, :], b * root[:, None]
+def _balanced(w, vt, rank: int) -> tuple[np.ndarray, np.ndarray]:
+  """The factors ``u`` (in, rank), ``v`` (rank, out) of ``(w V_r) V_r^T``, each column/row pair at one scale.
+
+  On the host in NumPy: on a GPU, eager jnp ops would compile once per distinct rank, which an allocation
+  makes per layer and which cost more than the SVD."""
+  dtype = np.dtype(w.dtype)
+  work = np.result_type(dtype, np.float32)
+  b = np.asarray(vt, work)[:rank]
+  a = np.asarray(w, work) @ b.T
+  root = np.sqrt(np.maximum(np.linalg.norm(a, axis=0), 1e-30))
+  return (a / root[None, :]).astype(dtype), (b * root[:, None]).astype(dtype)
 
 
 def _lowrank_job(fn: str, target: Target, names, data: bool) -> _Job:
