@@ -158,8 +158,13 @@ def run_job(ctx: Context, job: dict, env: dict) -> list[dict]:
   variants = [("", small, 0.0)]
   if job["kind"] == "heal":
     start = time.perf_counter()
-    healed = heal(small, ctx.train, ctx.args.heal_steps, lr=job["lr"], batch_size=ctx.args.heal_batch,
-                  block_size=ctx.block)
+    try:
+      healed = heal(small, ctx.train, ctx.args.heal_steps, lr=job["lr"], batch_size=ctx.args.heal_batch,
+                    block_size=ctx.block)
+    except ValueError as e:  # a rate that diverges is a result of the sweep, not the end of the shard
+      return [{"bench": "compress_study", **job, "variant": "+heal", "label": f"{job['method']}+heal",
+               "valid_ppl": float("nan"), "test_ppl": float("nan"), "compress_s": secs,
+               "heal_s": time.perf_counter() - start, "error": str(e), **env}]
     heal_s = time.perf_counter() - start
     variants = [("+heal", healed, heal_s), ("+heal+int8", quantize_int8(healed), heal_s)]
   rows = []
@@ -194,7 +199,8 @@ def summarize(out: pathlib.Path) -> str:
     if kind == "embedding":
       name = f"tensorgpt-{form}{'-freq' if weighted else ''}-{head}-head"
     summ.append({"kind": kind, "name": name, "allocation": alloc, "ratio": ratio, "variant": variant,
-                 "kept": statistics.fmean(r["kept"] for r in rs), "valid_ppl": v, "valid_sd": vsd, "test_ppl": t,
+                 "kept": statistics.fmean(r.get("kept", float("nan")) for r in rs), "valid_ppl": v,
+                 "valid_sd": vsd, "test_ppl": t,
                  "test_sd": tsd, "seeds": len(rs), "compress_s": statistics.fmean(r["compress_s"] for r in rs),
                  "lr": lr})
   dense = sorted((s for s in summ if s["name"] == "dense+heal"), key=lambda s: s["lr"] or 0)
@@ -231,7 +237,8 @@ def summarize(out: pathlib.Path) -> str:
   best_lr = {}  # (name, ratio) -> the heal rate with the lowest validation perplexity after healing
   for s in healed:
     k = (s["name"].split("+")[0], s["ratio"])
-    if s["variant"] == "+heal" and (k not in best_lr or s["valid_ppl"] < best_lr[k][1]):
+    if s["variant"] == "+heal" and s["valid_ppl"] == s["valid_ppl"] and (k not in best_lr or s["valid_ppl"] <
+                                                                          best_lr[k][1]):  # nan: diverged
       best_lr[k] = (s["lr"], s["valid_ppl"])
   for variant in ("+heal", "+heal+int8"):
     rows_v = [s for s in healed if s["variant"] == variant]
@@ -243,7 +250,13 @@ def summarize(out: pathlib.Path) -> str:
         cells.append("-" if s is None else f"{s['test_ppl']:.2f}" + (f" ({s['test_ppl'] / ref:.2f}x)" if ref else "")
                      + f" lr {lr:g}")
       lines.append(f"| {name} | {alloc} | " + " | ".join(cells) + " |")
+  diverged = sorted({f"{s['name']} at kept {s['ratio']}, lr {s['lr']:g}" for s in summ if s["kind"] == "heal"
+                     and s["valid_ppl"] != s["valid_ppl"]})
+  if diverged:
+    lines += ["", "Diverged (loss not finite after healing): " + "; ".join(diverged) + "."]
   for s in dense:
+    if s["valid_ppl"] != s["valid_ppl"]:
+      continue
     lines += ["", f"Dense + heal control (same tokens, lr {s['lr']:g}): validation {s['valid_ppl']:.3f}, "
               f"test {s['test_ppl']:.3f}."]
   lines += ["", "## Embedding at a quarter of its parameters (test ppl)", "", "| form | test ppl | kept |",
@@ -257,7 +270,8 @@ def summarize(out: pathlib.Path) -> str:
   pts = [{"method": f"{s['name']} ({s['allocation']})", "kept": s["kept"], "perplexity": s["test_ppl"]}
          for s in free if chosen.get((s["name"], s["ratio"])) == s["allocation"]]
   if pts:
-    plot_sweep(pts, out / "test_ppl_vs_kept.png", baseline=ref, title="training-free, allocation chosen on validation")
+    plot_sweep(pts, out / "test_ppl_vs_kept.png", baseline=ref, title="training-free, allocation chosen on validation",
+               ylabel="test perplexity")
   return text
 
 

@@ -72,12 +72,13 @@ def _markdown(report: dict) -> str:
 
 
 def plot_sweep(rows: list[dict], path, *, baseline: float | None = None, title: str = "", ylim=None,
-               ax=None) -> None:
+               ax=None, ylabel: str = "validation perplexity") -> None:
   """Perplexity against the fraction of the compressed part kept, one line per method.
 
   ``rows``: dicts with "method", "kept" and "perplexity". ``ylim``: (low, high)
   to zoom in (points above are drawn at the top edge, marked ^). ``ax``: draw
   into this matplotlib axis instead of a new figure (``path`` is then ignored).
+  ``ylabel``: which split's perplexity the rows hold.
   """
   # A Figure with its own Agg canvas: no pyplot, so the caller's backend and open figures are untouched.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -100,7 +101,7 @@ def plot_sweep(rows: list[dict], path, *, baseline: float | None = None, title: 
   if baseline is not None:
     ax.axhline(baseline, color="gray", ls="--", label="uncompressed")
   ax.set_xlabel("fraction of the compressed part's parameters kept")
-  ax.set_ylabel("validation perplexity")
+  ax.set_ylabel(ylabel)
   if ylim is None:
     ax.set_yscale("log")
   else:
