@@ -47,6 +47,18 @@ def test_perplexity_matches_hugging_face_guide(tmp_path, block, stride):
   np.testing.assert_allclose(out["perplexity"], np.exp(ref_nll), rtol=1e-5)
 
 
+def test_batches_of_windows_give_the_same_result(tmp_path):
+  make_hf_gpt2(tmp_path)
+  model = load_hf_gpt2(tmp_path)
+  ids = np.random.default_rng(2).integers(0, 101, 90)  # 12 windows: batches of 5 leave a padded last call
+  outs = [perplexity(model, ids, block_size=20, stride=7, batch_size=b) for b in (1, 5, None)]
+  assert len({o["tokens"] for o in outs}) == 1
+  for o in outs[1:]:
+    np.testing.assert_allclose(o["nll"], outs[0]["nll"], rtol=1e-6)
+  with pytest.raises(ValueError, match=r"perplexity: batch_size=0 but a positive int \(windows per call\) or None"):
+    perplexity(model, ids, batch_size=0)
+
+
 def test_single_window_equals_direct_computation(tmp_path):
   make_hf_gpt2(tmp_path)
   model = load_hf_gpt2(tmp_path)

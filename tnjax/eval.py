@@ -39,7 +39,11 @@ def windows(length: int, block_size: int, stride: int):
       break
 
 
-def perplexity(model, token_ids, *, block_size: int | None = None, stride: int | None = None) -> dict:
+LOGITS_PER_CALL = 1 << 25  # float32 logits one call may hold (128 MB): sets the default batch of windows
+
+
+def perplexity(model, token_ids, *, block_size: int | None = None, stride: int | None = None,
+               batch_size: int | None = None) -> dict:
   """Perplexity of a token sequence under ``model`` with overlapping windows.
 
   Args:
@@ -48,6 +52,10 @@ def perplexity(model, token_ids, *, block_size: int | None = None, stride: int |
     block_size: window length (default: the model's block_size).
     stride: step between windows (default: block_size, no overlap); smaller
       strides give each token more context and a lower, more faithful figure.
+    batch_size: windows per device call (default: as many as keep the logits within
+      ``LOGITS_PER_CALL`` floats, at most 64; GPT-2's 1024 x 50257 gets 1). Every call has the same
+      shape (the last is padded with unscored windows), so the model compiles once; on a GPU, one window
+      per call leaves it waiting on dispatch.
 
   Returns:
     ``{"perplexity", "nll", "tokens"}``: exp of the mean NLL, the mean NLL in
@@ -80,13 +88,19 @@ def perplexity(model, token_ids, *, block_size: int | None = None, stride: int |
     raise ValueError(f"{fn}: block_size={block} but 2 <= block_size <= {cfg.block_size} is expected")
   if not 1 <= stride <= block:
     raise ValueError(f"{fn}: stride={stride} but 1 <= stride <= block_size={block} is expected")
+  if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+    raise ValueError(f"{fn}: batch_size={batch_size!r} but a positive int (windows per call) or None is expected")
+  spans = list(windows(len(ids), block, stride))
+  batch = batch_size or max(1, min(64, LOGITS_PER_CALL // (block * cfg.vocab_size)))
+  batch = min(batch, len(spans))
   graphdef, state = nnx.split(model)
   total, count = 0.0, 0.0
-  for begin, end, first in windows(len(ids), block, stride):
-    window = np.zeros((1, block), np.int32)  # one shape for every window: one compilation
-    window[0, : end - begin] = ids[begin:end]
-    weights = np.zeros((1, block), np.float32)
-    weights[0, first : end - begin] = 1.0
+  for start in range(0, len(spans), batch):
+    window = np.zeros((batch, block), np.int32)  # one shape for every call: one compilation
+    weights = np.zeros((batch, block), np.float32)  # rows past the last window stay unscored
+    for row, (begin, end, first) in enumerate(spans[start:start + batch]):
+      window[row, : end - begin] = ids[begin:end]
+      weights[row, first : end - begin] = 1.0
     nll, n = _window_nll(graphdef, state, jnp.asarray(window), jnp.asarray(weights))
     total, count = total + float(nll), count + float(n)
   mean = total / count
