@@ -15,6 +15,7 @@ if [ ! -f /tmp/cs/dense/best_model/config.json ]; then
     --set 'test_files=["/tmp/corpus/test.txt"]' --set tokenizer=.data/bpe8192.json --set out_dir=/tmp/cs/dense \
     > /tmp/cs/train.log 2>&1
   tail -3 /tmp/cs/train.log; cp /tmp/cs/dense/report.json "$OUT/dense_report.json"
+  echo "trained (with tokenization and evaluations) in $SECONDS s"
 fi
 data="--model /tmp/cs/dense/best_model --tokenizer .data/bpe8192.json --train /tmp/corpus/train.txt \
   --valid /tmp/corpus/valid.txt --test /tmp/corpus/test.txt --out /tmp/cs/study --cache /tmp/cs/dense/cache"
@@ -23,6 +24,7 @@ for k in $(seq 0 $((GPUS - 1))); do
     --shard $k/$GPUS > /tmp/cs/shard$k.log 2>&1 &
 done
 wait
+echo "jobs ran until $SECONDS s"
 for k in $(seq 0 $((GPUS - 1))); do grep -v '^{' /tmp/cs/shard$k.log | tail -4; done
 python benchmarks/compress_study.py --summarize /tmp/cs/study > /dev/null
 tar -czf "$OUT/study.tgz" -C /tmp/cs study train.log $(cd /tmp/cs && ls shard*.log)
