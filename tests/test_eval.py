@@ -55,7 +55,7 @@ def test_batches_of_windows_give_the_same_result(tmp_path):
   assert len({o["tokens"] for o in outs}) == 1
   for o in outs[1:]:
     np.testing.assert_allclose(o["nll"], outs[0]["nll"], rtol=1e-6)
-  with pytest.raises(ValueError, match=r"perplexity: batch_size=0 but a positive int \(windows per call\) or None"):
+  with pytest.raises(ValueError, match=r"perplexity: batch_size=0 but a positive integer is expected"):
     perplexity(model, ids, batch_size=0)
 
 

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tnjax.core import _checks
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def _window_nll(graphdef, state, ids, weights):
@@ -88,8 +90,8 @@ def perplexity(model, token_ids, *, block_size: int | None = None, stride: int |
     raise ValueError(f"{fn}: block_size={block} but 2 <= block_size <= {cfg.block_size} is expected")
   if not 1 <= stride <= block:
     raise ValueError(f"{fn}: stride={stride} but 1 <= stride <= block_size={block} is expected")
-  if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-    raise ValueError(f"{fn}: batch_size={batch_size!r} but a positive int (windows per call) or None is expected")
+  if batch_size is not None:
+    batch_size = _checks.check_positive_int(fn, "batch_size", batch_size)
   spans = list(windows(len(ids), block, stride))
   batch = batch_size or max(1, min(64, LOGITS_PER_CALL // (block * cfg.vocab_size)))
   batch = min(batch, len(spans))

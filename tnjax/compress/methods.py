@@ -156,7 +156,7 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
   return _model.rebuild(model, _model.with_specs(model.config, specs), replaced)
 
 
-def _svd_factors(fn: str, w, gram) -> tuple[jax.Array, jax.Array]:
+def _layer_svd(fn: str, w, gram) -> tuple[jax.Array, jax.Array]:
   """Singular values and ``V^T`` of ``w``, or of the whitened ``S^T w`` when ``gram`` is given. The rank-r
   optimum in either metric is ``(w V_r) V_r^T``: one SVD serves every rank and the truncation loss."""
   _, sv, vt = jnp.linalg.svd(w if gram is None else whiten(w, gram, fn=fn), full_matrices=False)
@@ -191,7 +191,7 @@ def _lowrank_job(fn: str, target: Target, names, data: bool) -> _Job:
 
   def factor(name, w, g):
     if name not in cache:
-      cache[name] = _svd_factors(fn, w, g if data else None)
+      cache[name] = _layer_svd(fn, w, g if data else None)
     return cache[name]
 
   def unit(w):
@@ -508,7 +508,7 @@ def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float
       wte = LowRankEmbedding.from_dense(table, rank=None if cap is None else min(cap, v, d), rtol=rtol)
     else:
       counts = calibration(fn, model, calib).token_counts.astype(np.float64) + count_smoothing
-      sv, vt = _svd_factors(fn, table, jnp.asarray(counts, table.dtype))
+      sv, vt = _layer_svd(fn, table, jnp.asarray(counts, table.dtype))
       u, vv = _balanced(table, vt, min(_rtol_rank(sv, rtol) if cap is None else cap, v, d))
       wte = LowRankEmbedding(v, d, u=u, v=vv)
     spec = LayerSpec(kind="lowrank", rank=wte.rank)
