@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from tnjax.compress import compress, heal, input_grams, quantize_int8
+from tnjax.compress import choose_layers, compress, heal, input_grams, layer_sensitivity, quantize_int8
 from tnjax.compress.report import plot_sweep, summary
 from tnjax.data import eval_batches
 from tnjax.eval import perplexity
@@ -41,7 +41,15 @@ SEEDS = (0, 1, 2)
 # once; the main variant of each calibrated method runs on every seed, the others on the first.
 FREE = [("svd", "uniform", False, 0), ("svd", "loss", False, 0), ("mpo", "uniform", False, 0),
         ("svdllm", "uniform", False, 3), ("svdllm", "loss", False, 1), ("svdllm", "uniform", True, 1),
-        ("modegpt", "importance", False, 3), ("modegpt", "uniform", False, 1), ("mpo-data", "uniform", False, 3)]
+        ("modegpt", "importance", False, 3), ("modegpt", "uniform", False, 1), ("mpo-data", "uniform", False, 3),
+        ("mpo", "sensitivity", False, 0)]
+# "sensitivity" is CompactifAI's recipe: profile each layer alone at SENSITIVITY_RATIO on PROFILE tokens of the
+# training split, then compress the least harmful layers (per parameter saved) at that ratio until the kept
+# fraction is met; at 0.5 kept it is every layer, the uniform allocation, so it runs at the larger sizes only.
+SENSITIVITY_RATIO = 0.5
+# MoDeGPT's MLP refit with a regularized solve (refit_ridge, fraction of the mean diagonal; default 1e-10): a probe
+# of why MoDeGPT got worse from 0.7 to 0.9 kept in two trainings (near-duplicate neurons, huge refit weights).
+REFIT_RIDGES = (1e-4,)
 # healed at the two smaller sizes (calibration seed 0), with a dense+heal control, at each heal learning rate
 # (the rate is chosen per method and size on validation). The dense model ends a WSD decay at 1e-5 to 7e-5
 # per parameter (muP), so rates near it: 3e-4 made SVD-LLM worse (11.30 -> 11.94) in an earlier run.
@@ -58,12 +66,19 @@ def jobs(smoke: bool) -> list[dict]:
   for ratio in RATIOS[:1] if smoke else RATIOS:
     for method, allocation, seq, n_seeds in FREE:
       for seed in seeds[:min(n_seeds, SEEDS_AT_09) if ratio == 0.9 else n_seeds] or (None,):
-        out.append({"kind": "free", "method": method, "allocation": allocation, "sequential": seq, "ratio": ratio,
-                    "seed": seed})
+        if allocation != "sensitivity" or ratio > SENSITIVITY_RATIO:
+          out.append({"kind": "free", "method": method, "allocation": allocation, "sequential": seq, "ratio": ratio,
+                      "seed": seed})
+    for ridge in REFIT_RIDGES:
+      out.append({"kind": "free", "method": "modegpt", "allocation": "importance", "sequential": False, "ratio": ratio,
+                  "seed": 0, "refit_ridge": ridge})
     for method, allocation in HEALED if ratio in HEAL_RATIOS else ():
       for lr in HEAL_LRS:
         out.append({"kind": "heal", "method": method, "allocation": allocation, "sequential": False, "ratio": ratio,
                     "seed": None if method in ("svd", "mpo") else 0, "lr": lr})
+  if smoke:  # the profiled allocation too, at the next size
+    out.append({"kind": "free", "method": "mpo", "allocation": "sensitivity", "sequential": False, "ratio": RATIOS[1],
+                "seed": None})
   for lr in HEAL_LRS:
     out.append({"kind": "heal", "method": "dense", "allocation": None, "sequential": False, "ratio": 1.0,
                 "seed": None, "lr": lr})
@@ -76,7 +91,7 @@ def jobs(smoke: bool) -> list[dict]:
 
   def priority(job):  # what a time-limited run finishes first: every method once, then healing, then the rest
     if job["kind"] == "free":
-      first = job["seed"] in (None, 0) and not job["sequential"]
+      first = job["seed"] in (None, 0) and not job["sequential"] and "refit_ridge" not in job
       return 0 if first and (job["method"], job["allocation"]) in main else 3
     return {"heal": 1 if job["ratio"] in (0.5, 1.0) else 4, "embedding": 2}[job["kind"]]
 
@@ -119,8 +134,10 @@ class Context:
     n = max(args.eval_tokens // self.block, 1)
     self.valid, self.test = (np.concatenate([x[0] for x, _ in eval_batches(ids, n, 1, self.block)])
                              for ids in (self.valid, self.test))
+    self.profile = self.train[:args.profile_tokens]  # sensitivity profiling reads training text, not validation
     self.args = args
     self._calib: dict[int, tuple] = {}
+    self._sensitivity: dict[str, dict] = {}
 
   def calibration(self, seed: int):
     """(ids, Calibration) of ``calib_windows`` training windows drawn with ``seed``."""
@@ -129,6 +146,15 @@ class Context:
       batches = [ids[i:i + 16] for i in range(0, len(ids), 16)]
       self._calib[seed] = (batches, input_grams(self.model, batches))
     return self._calib[seed]
+
+  def sensitivity(self, method: str) -> dict:
+    """`layer_sensitivity` of ``method`` at SENSITIVITY_RATIO on the profiling tokens, once per method."""
+    if method not in self._sensitivity:
+      def one(model, layers):
+        return compress(model, method, ratio=SENSITIVITY_RATIO, layers=layers)
+
+      self._sensitivity[method] = layer_sensitivity(self.model, self.profile, one, block_size=self.block)
+    return self._sensitivity[method]
 
   def ppl(self, model, split) -> float:
     return perplexity(model, self.valid if split == "valid" else self.test, block_size=self.block)["perplexity"]
@@ -144,8 +170,14 @@ def _compress(ctx: Context, job: dict):
   if job["kind"] == "embedding":
     return compress(ctx.model, "tensorgpt", ratio=job["ratio"], form=job["form"], head=job["head"],
                     calib=calib if job["weighted"] else None)
+  if job["allocation"] == "sensitivity":
+    names = [f"h.{i}.{p}" for i in range(ctx.model.config.n_layer) for p in ctx.model.config.PROJECTIONS]
+    part = sum(ctx.model.layer(n).kernel.size for n in names)
+    chosen = choose_layers(ctx.sensitivity(job["method"]), (1 - job["ratio"]) * part)
+    return compress(ctx.model, job["method"], ratio=SENSITIVITY_RATIO, layers=chosen)
+  options = {"refit_ridge": job["refit_ridge"]} if "refit_ridge" in job else {}
   return compress(ctx.model, job["method"], ratio=job["ratio"], allocation=job["allocation"],
-                  sequential=job["sequential"], calib=calib)
+                  sequential=job["sequential"], calib=calib, **options)
 
 
 def run_job(ctx: Context, job: dict, env: dict) -> list[dict]:
@@ -188,14 +220,14 @@ def summarize(out: pathlib.Path) -> str:
   groups: dict[tuple, list] = {}
   for r in rows:
     key = (r["kind"], r["label"], r.get("allocation"), r.get("sequential"), r.get("form"), r.get("weighted"),
-           r.get("head"), r["ratio"], r["variant"], r.get("lr"))
+           r.get("head"), r["ratio"], r["variant"], r.get("lr"), r.get("refit_ridge"))
     groups.setdefault(key, []).append(r)
   summ = []
   for key, rs in groups.items():
-    kind, label, alloc, seq, form, weighted, head, ratio, variant, lr = key
+    kind, label, alloc, seq, form, weighted, head, ratio, variant, lr, ridge = key
     v, vsd = _mean_sd([r["valid_ppl"] for r in rs])
     t, tsd = _mean_sd([r["test_ppl"] for r in rs])
-    name = label + ("-seq" if seq else "")
+    name = label + ("-seq" if seq else "") + (f" (refit ridge {ridge:g})" if ridge else "")
     if kind == "embedding":
       name = f"tensorgpt-{form}{'-freq' if weighted else ''}-{head}-head"
     summ.append({"kind": kind, "name": name, "allocation": alloc, "ratio": ratio, "variant": variant,
@@ -290,6 +322,8 @@ def main():
   parser.add_argument("--cache", help="token cache directory (default OUT/cache; a training run's out_dir/cache "
                       "with the same tokenizer and files is reused)")
   parser.add_argument("--train-tokens", type=int, default=8_000_000, help="training tokens read (calibration, heal)")
+  parser.add_argument("--profile-tokens", type=int, default=32_768,
+                      help="training tokens of the sensitivity profile (the first of the split)")
   parser.add_argument("--heal-steps", type=int, default=200)
   parser.add_argument("--heal-batch", type=int, default=32)
   args = parser.parse_args()
@@ -297,13 +331,24 @@ def main():
     print(summarize(pathlib.Path(args.summarize)))
     return
   if args.smoke:
-    args.calib_windows, args.heal_steps, args.heal_batch, args.eval_tokens = 16, 2, 4, 4096
+    args.calib_windows, args.heal_steps, args.heal_batch, args.eval_tokens, args.profile_tokens = 16, 2, 4, 4096, 2048
   k, n = (int(x) for x in args.shard.split("/"))
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   ctx = Context(args)
   env = {**environment(), "dense_valid_ppl": ctx.ppl(ctx.model, "valid"), "dense_test_ppl": ctx.ppl(ctx.model, "test"),
          "calib_tokens": args.calib_windows * ctx.block}
+  timing = out / "eval_timing.json"
+  if k == 0 and not timing.exists():  # what batching the evaluation windows saves (tnjax.eval.perplexity)
+    secs = {}
+    for batch in (1, None, 1, None):  # the first of each compiles
+      start = time.perf_counter()
+      perplexity(ctx.model, ctx.valid, block_size=ctx.block, batch_size=batch)
+      secs[str(batch)] = time.perf_counter() - start
+    timing.write_text(json.dumps({"windows": len(ctx.valid) // ctx.block, "batch_1_s": secs["1"],
+                                  "batch_default_s": secs["None"], **env}) + "\n")
+    print(f"evaluation of {len(ctx.valid) // ctx.block} windows: one per call {secs['1']:.2f} s, "
+          f"batched {secs['None']:.2f} s", flush=True)
   path = out / f"shard{k}.jsonl"
   key = lambda d: json.dumps({x: d.get(x) for x in JOB_KEYS})  # noqa: E731
   done = {key(json.loads(line)) for line in path.read_text().splitlines() if line} if path.exists() else set()
@@ -319,7 +364,8 @@ def main():
     print(summarize(out))
 
 
-JOB_KEYS = ("kind", "method", "allocation", "sequential", "ratio", "seed", "form", "weighted", "head", "lr")
+JOB_KEYS = ("kind", "method", "allocation", "sequential", "ratio", "seed", "form", "weighted", "head", "lr",
+            "refit_ridge")
 
 if __name__ == "__main__":
   main()

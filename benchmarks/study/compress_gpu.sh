@@ -28,4 +28,4 @@ echo "jobs ran until $SECONDS s"
 for k in $(seq 0 $((GPUS - 1))); do grep -v '^{' /tmp/cs/shard$k.log | tail -4; done
 python benchmarks/compress_study.py --summarize /tmp/cs/study > /dev/null
 tar -czf "$OUT/study.tgz" -C /tmp/cs study train.log $(cd /tmp/cs && ls shard*.log)
-cp /tmp/cs/study/summary.md "$OUT/"
+cp /tmp/cs/study/summary.md "$OUT/"; cp /tmp/cs/study/eval_timing.json "$OUT/" 2>/dev/null || true

@@ -160,6 +160,21 @@ def test_save_load_round_trip(trained, ids, tmp_path, make):
   np.testing.assert_allclose(loaded(ids), small(ids), atol=1e-6)
 
 
+@pytest.mark.parametrize("make", [functools.partial(svd_compress, rank=3), functools.partial(mpo_compress, rank=2),
+                                  lambda m, layers: quantize_int8(svd_compress(m, rank=3, layers=layers))],
+                         ids=["svd", "mpo", "svd-int8"])
+def test_sensitivity_is_each_compressed_models_perplexity(trained, tokens, make):
+  """The one-graph probe (reconstructed kernel in a copy of the model) scores what the compressed model scores."""
+  valid = tokens[16000:16600]
+  before = trained(tokens[None, :64])
+  sens = layer_sensitivity(trained, valid, make, layers=["h.1.attn.c_attn", "h.0.mlp.c_proj"])
+  for name, v in sens["layers"].items():
+    own = perplexity(make(trained, layers=[name]), valid)["perplexity"]
+    # rel 1e-3: int8's probe multiplies by the dequantized kernel, the layer scales after the product
+    assert v["perplexity"] == pytest.approx(own, rel=1e-3) and v["perplexity"] != sens["base"]
+  np.testing.assert_array_equal(trained(tokens[None, :64]), before)  # the model is left as it was
+
+
 @pytest.mark.slow  # default suite time; .ci/run runs it
 def test_sensitivity_choose_and_heal(trained, tokens):
   valid = tokens[16000:17000]

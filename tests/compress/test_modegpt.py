@@ -21,6 +21,23 @@ def test_nystrom_is_the_least_squares_refit(rng):
   np.testing.assert_allclose(h[:, keep] @ w, h @ w_down, atol=1e-6)
 
 
+def test_nystrom_refit_ridge_is_ridge_regression_and_bounds_weights(rng):
+  base = rng.normal(size=(400, 6))  # 3 near-duplicate neurons, and a weak one that the selection drops
+  h = np.concatenate([base, base[:, :3] + 1e-5 * rng.normal(size=(400, 3)), 0.3 * rng.normal(size=(400, 1))], 1)
+  w_down = rng.normal(size=(10, 4))
+  c = h.T @ h
+  keep, exact = nystrom_select(c, w_down, 9, ridge=10.0)
+  assert list(keep) == list(range(9))
+  _, w = nystrom_select(c, w_down, 9, ridge=10.0, refit_ridge=1e-2)
+  eps = 1e-2 * np.trace(c) / 10
+  np.testing.assert_allclose(w, np.linalg.solve(c[:9, :9] + eps * np.eye(9), c[:9] @ w_down), rtol=1e-8)
+  # The exact refit spends weights ~100x the originals on the duplicates' noise direction; the ridge does not,
+  # and fits almost as well.
+  assert np.abs(exact).max() > 100 * np.abs(w_down).max() > 100 * np.abs(w).max() / 2
+  fit = lambda v: np.linalg.norm(h[:, keep] @ v - h @ w_down) / np.linalg.norm(h @ w_down)  # noqa: E731
+  assert fit(exact) <= fit(w) < 1.01 * fit(exact)
+
+
 def test_cr_keeps_the_largest_column_products(rng):
   q, k = rng.normal(size=(50, 2, 6)), rng.normal(size=(50, 2, 6)) * rng.uniform(0.1, 2, size=6)
   cols = cr_select(np.sum(q * q, 0), np.sum(k * k, 0), 3)

@@ -59,9 +59,9 @@ def _leverage_scores(c, ridge):
 
 
 @jax.jit
-def _masked_refit(c, w_down, mask, ridge):
+def _masked_refit(c, w_down, mask, refit_ridge):
   """Solves (C[S,S] + eps I) X = C[S,:] W_D as a full-size system: identity outside S, so X is 0 there."""
-  eps = 1e-6 * ridge * jnp.trace(c) / c.shape[0]
+  eps = refit_ridge * jnp.trace(c) / c.shape[0]
   both = mask[:, None] & mask[None, :]
   eye = jnp.eye(c.shape[0], dtype=c.dtype)
   system = jnp.where(both, c + eps * eye, eye)
@@ -69,14 +69,19 @@ def _masked_refit(c, w_down, mask, ridge):
   return jnp.linalg.solve(system, rhs)
 
 
-def nystrom_select(c, w_down, k: int, *, ridge: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+def nystrom_select(c, w_down, k: int, *, ridge: float = 1e-4,
+                   refit_ridge: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
   """Type I: the k columns of a correlation ``c`` (f, f) with the largest ridge leverage scores, and the refit.
 
   Args:
     c: ``H^T H`` of the intermediate activations H (tokens, f).
     w_down: the following matrix (f, out).
     k: columns kept.
-    ridge: lambda as a fraction of mean(diag(c)), for the scores (the solve adds 1e-6 of it).
+    ridge: lambda as a fraction of mean(diag(c)), for the scores.
+    refit_ridge: eps as a fraction of mean(diag(c)), for the refit's solve.
+      The default keeps the fit close to exact; larger values bound the
+      refit's weights when kept neurons are near-duplicates (``c[s,s]`` ill
+      conditioned), at some fit error.
 
   Returns:
     ``(s, w)``: sorted kept indices (k,) and ``w = (c[s,s] + eps)^-1 c[s,:] w_down``
@@ -94,7 +99,7 @@ def nystrom_select(c, w_down, k: int, *, ridge: float = 1e-4) -> tuple[np.ndarra
   s = np.sort(np.argsort(-scores, kind="stable")[:k])
   mask = np.zeros(c.shape[0], bool)
   mask[s] = True
-  return s, np.asarray(_masked_refit(c, jnp.asarray(w_down, c.dtype), jnp.asarray(mask), ridge))[s]
+  return s, np.asarray(_masked_refit(c, jnp.asarray(w_down, c.dtype), jnp.asarray(mask), refit_ridge))[s]
 
 
 def cr_select(q_norm2, k_norm2, k: int) -> np.ndarray:
@@ -228,7 +233,7 @@ def _check_calib(fn, calib):
 
 
 def modegpt_compress(model: Decoder, calib, *, ratio: float, allocation: str = "importance", temperature: float = 1.0,
-                     ridge: float = 1e-4, multiple_of: int = 1) -> Decoder:
+                     ridge: float = 1e-4, refit_ridge: float = 1e-10, multiple_of: int = 1) -> Decoder:
   """Compresses every block's attention and MLP to about ``ratio`` of their weights (MoDeGPT).
 
   Args:
@@ -239,6 +244,7 @@ def modegpt_compress(model: Decoder, calib, *, ratio: float, allocation: str = "
       allocation) or "uniform" (every block the same).
     temperature: sharpness of the global allocation (see `allocate`).
     ridge: regularization of the correlations (fraction of their mean diagonal).
+    refit_ridge: regularization of the MLP refit's solve (see `nystrom_select`).
     multiple_of: round kept widths to multiples of this (8 suits GPU tensor
       cores and fused attention); widths never exceed the original.
 
@@ -275,7 +281,7 @@ def modegpt_compress(model: Decoder, calib, *, ratio: float, allocation: str = "
     ratios = [ratio] * cfg.n_layer
   replaced, specs, dims = {}, {}, dict(cfg.dims)
   for i, (st, rho) in enumerate(zip(stats, ratios)):
-    parts, block_dims = _narrow_block(cfg, i, model.h[i].parts(), st, rho, ridge, multiple_of)
+    parts, block_dims = _narrow_block(cfg, i, model.h[i].parts(), st, rho, ridge, refit_ridge, multiple_of)
     if parts is None:
       continue
     replaced.update({layer_key(i, name): t for name, t in type(model.h[i]).projections(parts).items()})
@@ -289,7 +295,8 @@ def _kept(n: int, rho: float, multiple_of: int) -> int:
   return min(n, max(multiple_of, multiple_of * round(rho * n / multiple_of)))
 
 
-def _narrow_block(cfg, i: int, parts: dict, st: dict, rho: float, ridge: float, multiple_of: int):
+def _narrow_block(cfg, i: int, parts: dict, st: dict, rho: float, ridge: float, refit_ridge: float,
+                  multiple_of: int):
   """One block's matrices narrowed to about ``rho`` of its widths, and its new ``dims`` (None, None when nothing
   would change). ``parts`` are the block's q, k, v, o, up (a list) and down (kernel, bias or None)."""
   h, kv = cfg.n_head, cfg.kv_heads
@@ -304,7 +311,7 @@ def _narrow_block(cfg, i: int, parts: dict, st: dict, rho: float, ridge: float, 
   out = {}
   # Type I: MLP neurons by Nystrom; SwiGLU's gate and up projections keep the same neurons.
   w_down, b_down = parts["down"]
-  keep, w_down = nystrom_select(st["mlp_act"], w_down, k_ff, ridge=ridge)
+  keep, w_down = nystrom_select(st["mlp_act"], w_down, k_ff, ridge=ridge, refit_ridge=refit_ridge)
   out["up"] = [(w[:, keep], None if b is None else b[keep]) for w, b in parts["up"]]
   out["down"] = (w_down, b_down)
   # Type II: query/key columns by CR, scored per key head over the query heads that read it.

@@ -71,14 +71,14 @@ def _mpo(fit):
   return run
 
 
-def _modegpt(model, target, *, calib, layers, allocation, sequential, if_larger):
+def _modegpt(model, target, *, calib, layers, allocation, sequential, if_larger, refit_ridge=1e-10):
   # Its factors are dense: on TT-matrix (or other tensorized) layers the result would be larger than the input.
   cfg = model.config
   tensorized = [n for n in _model.projection_names(cfg) if cfg.spec_of(n).kind != "dense"]
   if tensorized:
     raise ValueError(f"compress: method='modegpt' but layers {tensorized[:4]}{'...' if len(tensorized) > 4 else ''} "
                      "are not dense; modegpt expects dense projections (it would make these larger)")
-  return modegpt_compress(model, calib, ratio=target.value, allocation=allocation)
+  return modegpt_compress(model, calib, ratio=target.value, allocation=allocation, refit_ridge=refit_ridge)
 
 
 def _tensorgpt(model, target, *, calib, layers, allocation, sequential, if_larger, form="mps", head="tied"):
@@ -94,7 +94,8 @@ register(Method("mpo", _mpo("weights"), "CompactifAI: TT-SVD of each weight matr
 register(Method("mpo-data", _mpo("data"), "MPO fitted to each layer's outputs (Kronecker-factored input metric)",
                 calibration="required", sequential=True))
 register(Method("modegpt", _modegpt, "MoDeGPT: Nystrom (MLP), CR (Q/K), whitened SVD (V/O) per block",
-                targets=("ratio",), calibration="required", allocations=("importance", "uniform")))
+                targets=("ratio",), calibration="required", allocations=("importance", "uniform"),
+                options=("refit_ridge",)))
 register(Method("tensorgpt", _tensorgpt, "TensorGPT: the embedding as an MPS per row (or one TT-matrix, or U V)",
                 part="embedding", calibration="optional", allocations=("uniform",), options=("form", "head")))
 METHODS = tuple(REGISTRY)
@@ -120,7 +121,8 @@ def compress(model: Decoder, method_name: str, *, rank: int | None = None, ratio
     allocation: how a ratio is spread over layers ("uniform", "importance", "loss"; per method).
     sequential: calibrate block by block on the compressed blocks (svdllm, mpo-data).
     if_larger: "error", "keep" or "allow", for a layer the target would not make smaller.
-    options: a method's own options: ``layout`` for mpo, ``form``, ``head`` for tensorgpt.
+    options: a method's own options: ``layout`` for mpo, ``refit_ridge`` for modegpt, ``form``, ``head``
+      for tensorgpt.
 
   Raises:
     ValueError: for an unknown method, a target, allocation, option or ``layers`` the method does not take,

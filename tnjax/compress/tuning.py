@@ -6,11 +6,13 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from tnjax.compress import _model
 from tnjax.eval import perplexity
-from tnjax.models.decoder import Decoder
+from tnjax.models.decoder import Decoder, dense_kernel
 
 
 def _check_tokens(fn: str, tokens) -> np.ndarray:
@@ -26,7 +28,9 @@ def layer_sensitivity(model: Decoder, tokens, compress, *, layers=None, block_si
 
   Args:
     model: the model.
-    tokens: 1-d validation ids (see [`perplexity`][tnjax.eval.perplexity]).
+    tokens: 1-d ids to profile on (see [`perplexity`][tnjax.eval.perplexity]);
+      take training text, so that validation text stays for the choices made
+      from the profile.
     compress: ``compress(model, layers=[name]) -> model``, e.g.
       ``functools.partial(mpo_compress, rank=16)``.
     layers: names to profile (default every attention and MLP projection).
@@ -37,7 +41,13 @@ def layer_sensitivity(model: Decoder, tokens, compress, *, layers=None, block_si
     "params_saved"}}}``; increase is relative, ppl / base - 1.
 
   Complexity:
-    One compression and one perplexity evaluation per layer.
+    One compression and one perplexity evaluation per layer. Where the
+    compressed layer has a dense kernel of the original's shape (SVD, MPO,
+    low rank: any projection of the same width), it is evaluated as that
+    reconstructed kernel in a copy of the original model, so every layer
+    shares one compiled graph (the factorized layer computes the same
+    product, up to rounding); otherwise the compressed model is evaluated
+    as it is (a compile per layer).
 
   Example:
     >>> import functools, numpy as np
@@ -56,10 +66,26 @@ def layer_sensitivity(model: Decoder, tokens, compress, *, layers=None, block_si
   names = _model.resolve_layers(fn, model.config, layers)
   evaluate = functools.partial(perplexity, token_ids=ids, block_size=block_size)
   base = evaluate(model)["perplexity"]
+  probe = nnx.clone(model)  # the original graph; one layer at a time holds a reconstructed kernel
   out = {}
   for name in names:
     small = compress(model, layers=[name])
-    ppl = evaluate(small)["perplexity"]
+    target, new = probe.layer(name), small.layer(name)
+    kernel = dense_kernel(new) if isinstance(target, nnx.Linear) else None
+    same_bias = kernel is not None and ((target.bias is None) == (new.bias is None))
+    if same_bias and kernel.shape == target.kernel.shape:
+      saved = (target.kernel[...], None if target.bias is None else target.bias[...])
+      target.kernel[...] = jnp.asarray(kernel, saved[0].dtype)
+      if target.bias is not None:
+        target.bias[...] = jnp.asarray(new.bias[...], saved[1].dtype)
+      try:
+        ppl = evaluate(probe)["perplexity"]
+      finally:
+        target.kernel[...] = saved[0]
+        if target.bias is not None:
+          target.bias[...] = saved[1]
+    else:
+      ppl = evaluate(small)["perplexity"]
     out[name] = {"perplexity": ppl, "increase": ppl / base - 1,
                  "params_saved": model.num_params - small.num_params}
   return {"base": base, "layers": out}
