@@ -10,6 +10,7 @@ from tnjax.core import (
     TensorTrain,
     TTMatrix,
     add,
+    balance,
     btt_from_dense,
     btt_matvec,
     btt_to_dense,
@@ -40,6 +41,6 @@ __version__ = "0.1.0"
 __all__ = [
     "TensorTrain", "TTMatrix", "BlockTT", "btt_from_dense", "btt_matvec", "btt_to_dense", "random_btt",
     "tt_svd", "ttm_svd", "truncate", "orthogonalize", "whitened_svd", "whitened_ttm_svd", "whitened_spectrum", "whiten",
-    "to_dense", "matvec", "matvec_plan", "add", "scale", "inner", "norm",
+    "to_dense", "matvec", "matvec_plan", "add", "scale", "balance", "inner", "norm",
     "random_tt", "random_ttm", "factorize", "transpose", "gather_rows",
 ]

@@ -2,7 +2,7 @@
 # The compression study on one GPU machine (run from the repository root): decompress corpus-large from
 # .data/, train the dense 12 x 768 model on every GPU (data parallel) unless it exists, then run
 # benchmarks/compress_study.py with one shard per GPU, resuming finished jobs, and copy the results to $1.
-# Usage: bash benchmarks/study/compress_gpu.sh OUT [GPUS] [SECONDS]
+# Usage: bash benchmarks/study/compress_gpu.sh OUT [GPUS] [SECONDS] [compress_study.py options, e.g. --only ...]
 set -u
 OUT=$1; GPUS=${2:-1}; LIMIT=${3:-540}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -21,7 +21,7 @@ data="--model /tmp/cs/dense/best_model --tokenizer .data/bpe8192.json --train /t
   --valid /tmp/corpus/valid.txt --test /tmp/corpus/test.txt --out /tmp/cs/study --cache /tmp/cs/dense/cache"
 for k in $(seq 0 $((GPUS - 1))); do
   CUDA_VISIBLE_DEVICES=$k timeout $((end - SECONDS)) python benchmarks/compress_study.py $data \
-    --shard $k/$GPUS > /tmp/cs/shard$k.log 2>&1 &
+    --shard $k/$GPUS "${@:4}" > /tmp/cs/shard$k.log 2>&1 &
 done
 wait
 echo "jobs ran until $SECONDS s"

@@ -119,6 +119,26 @@ def test_second_jitted_call_does_not_retrace(rng):
 
 
 @EAGER_AND_JIT
+def test_balance_equalizes_core_norms_and_keeps_the_tensor(jit):
+  wrap = jax.jit if jit else (lambda f: f)
+  a = _tt(0, (3, 4, 5), (2, 3))
+  lopsided = tnjax.TensorTrain((a.cores[0] * 1e6, a.cores[1], a.cores[2] * 1e-3))
+  b = wrap(tnjax.balance)(lopsided)
+  np.testing.assert_allclose(tt_full(b.cores), tt_full(lopsided.cores), rtol=1e-12)
+  norms = [np.linalg.norm(np.asarray(c)) for c in b.cores]
+  np.testing.assert_allclose(norms, np.prod([np.linalg.norm(np.asarray(c)) for c in lopsided.cores]) ** (1 / 3),
+                             rtol=1e-12)
+  m = _ttm(2, (2, 3), (4, 2), 3)
+  bm = wrap(tnjax.balance)(tnjax.TTMatrix((m.cores[0] * 1e4, m.cores[1])))
+  assert isinstance(bm, tnjax.TTMatrix) and bm.ranks == m.ranks
+  np.testing.assert_allclose(ttm_full(bm.cores), 1e4 * ttm_full(m.cores), rtol=1e-10)
+  zero = tnjax.TensorTrain((a.cores[0] * 0, a.cores[1], a.cores[2]))
+  assert all(np.array_equal(x, y) for x, y in zip(tnjax.balance(zero).cores, zero.cores))  # nothing to balance
+  with pytest.raises(ValueError, match="balance: tt is"):
+    tnjax.balance(np.ones((2, 2)))
+
+
+@EAGER_AND_JIT
 def test_add_scale_inner_norm_match_dense(jit):
   wrap = jax.jit if jit else (lambda f: f)
   a, b = _tt(0, (3, 4, 5), (2, 3)), _tt(1, (3, 4, 5), (3, 2))

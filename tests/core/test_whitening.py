@@ -111,6 +111,11 @@ def test_data_aware_ttm_fit_has_lower_output_error_on_correlated_inputs(jit):
     err = lambda t: np.linalg.norm(x @ (w - np.asarray(tnjax.to_dense(t))))  # noqa: E731, B023
     assert err(fit) < gain * err(plain), name
     assert fit.ranks == plain.ranks
+    # balanced cores (scale 1e3 on the inputs: a Gram of many tokens), for the optimizers of a later heal
+    big = fn(jnp.asarray(w), jnp.asarray(1e6 * x.T @ x), (8, 8), (8, 6), 6)
+    norms = [float(jnp.linalg.norm(c)) for c in big.cores]
+    np.testing.assert_allclose(norms, norms[0], rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(tnjax.to_dense(big)), np.asarray(tnjax.to_dense(fit)), atol=1e-8)
 
 
 def test_diagonal_metric_of_an_embedding_with_a_padded_vocabulary():

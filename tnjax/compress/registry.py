@@ -71,14 +71,14 @@ def _mpo(fit):
   return run
 
 
-def _modegpt(model, target, *, calib, layers, allocation, sequential, if_larger, refit_ridge=1e-10):
+def _modegpt(model, target, *, calib, layers, allocation, sequential, if_larger, **options):
   # Its factors are dense: on TT-matrix (or other tensorized) layers the result would be larger than the input.
   cfg = model.config
   tensorized = [n for n in _model.projection_names(cfg) if cfg.spec_of(n).kind != "dense"]
   if tensorized:
     raise ValueError(f"compress: method='modegpt' but layers {tensorized[:4]}{'...' if len(tensorized) > 4 else ''} "
                      "are not dense; modegpt expects dense projections (it would make these larger)")
-  return modegpt_compress(model, calib, ratio=target.value, allocation=allocation, refit_ridge=refit_ridge)
+  return modegpt_compress(model, calib, ratio=target.value, allocation=allocation, **options)
 
 
 def _tensorgpt(model, target, *, calib, layers, allocation, sequential, if_larger, form="mps", head="tied"):

@@ -4,7 +4,7 @@ from tnjax.core.btt import BlockTT, btt_from_dense, btt_matvec, btt_to_dense, ra
 from tnjax.core.decompositions import orthogonalize, truncate, tt_svd, ttm_svd
 from tnjax.core.initializers import random_tt, random_ttm
 from tnjax.core.linear import gather_rows, matvec, transpose
-from tnjax.core.ops import add, inner, matvec_plan, norm, scale, to_dense
+from tnjax.core.ops import add, balance, inner, matvec_plan, norm, scale, to_dense
 from tnjax.core.shapes import factorize
 from tnjax.core.tensor_train import TensorTrain, TTMatrix
 from tnjax.core.whitening import whiten, whitened_spectrum, whitened_svd, whitened_ttm_svd
@@ -12,6 +12,6 @@ from tnjax.core.whitening import whiten, whitened_spectrum, whitened_svd, whiten
 __all__ = [
     "TensorTrain", "TTMatrix", "BlockTT", "btt_from_dense", "btt_matvec", "btt_to_dense", "random_btt",
     "tt_svd", "ttm_svd", "truncate", "orthogonalize", "whitened_svd", "whitened_ttm_svd", "whitened_spectrum", "whiten",
-    "to_dense", "matvec", "matvec_plan", "add", "scale", "inner", "norm",
+    "to_dense", "matvec", "matvec_plan", "add", "scale", "balance", "inner", "norm",
     "random_tt", "random_ttm", "factorize", "transpose", "gather_rows",
 ]

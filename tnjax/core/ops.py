@@ -207,6 +207,30 @@ def scale(tt: TT, alpha) -> TT:
   return type(tt)((tt.cores[0] * alpha,) + tuple(tt.cores[1:]))
 
 
+def balance(tt: TT) -> TT:
+  """The same tensor with every core of equal Frobenius norm (their geometric mean); ranks unchanged.
+
+  A TT's scale can sit in any core. Fits that whiten or orthogonalize leave it
+  in a few cores (norms 1e-3 to 1e6 apart), which adaptive optimizers, whose
+  steps have the same size for every parameter, then move at very different
+  relative rates. A zero tensor is returned as it is.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, tnjax
+    >>> a = tnjax.random_tt(jax.random.key(0), (3, 4, 5), rank=2)
+    >>> b = tnjax.balance(tnjax.TensorTrain((a.cores[0] * 1e4,) + a.cores[1:2] + (a.cores[2] * 1e-2,)))
+    >>> [round(float(jnp.linalg.norm(c)), 3) for c in b.cores] == [round(float(jnp.linalg.norm(b.cores[0])), 3)] * 3
+    True
+  """
+  check_tt("balance", "tt", tt)
+  dtype = tt.dtype if jnp.finfo(tt.dtype).bits >= 32 else jnp.float32  # bfloat16 cores: norms in float32
+  norms = jnp.stack([jnp.linalg.norm(c.astype(dtype)) for c in tt.cores])
+  positive = jnp.all(norms > 0)
+  mean = jnp.exp(jnp.mean(jnp.log(jnp.where(positive, norms, 1.0))))
+  factors = jnp.where(positive, mean / jnp.where(positive, norms, 1.0), 1.0)
+  return type(tt)(tuple(c * factors[k].astype(c.dtype) for k, c in enumerate(tt.cores)))
+
+
 def inner(a: TT, b: TT) -> jax.Array:
   """Frobenius inner product ``sum(to_dense(a) * to_dense(b))`` without dense tensors.
 
