@@ -110,8 +110,8 @@ def study(args, env, out_dir: pathlib.Path):
       row["ppl_vs_dense"] = row["perplexity"] / base
       emb_rows.append(row)
       emit(row, args.jsonl)
-  # CompactifAI profiling: each layer alone to MPO at half its weights.
-  sens = layer_sensitivity(model, valid[: args.sensitivity_tokens], functools.partial(mpo_compress, ratio=0.5),
+  # CompactifAI profiling: each layer alone to MPO at half its weights, on training text (validation is for choices).
+  sens = layer_sensitivity(model, train[-args.sensitivity_tokens:], functools.partial(mpo_compress, ratio=0.5),
                            block_size=block)
   for name, v in sens["layers"].items():
     emit({"bench": "compress_sensitivity", "layer": name, **v, "base": sens["base"], **env}, args.jsonl)
@@ -207,7 +207,7 @@ def main():
   parser.add_argument("--calib-batches", type=int, default=16)
   parser.add_argument("--max-tokens", type=int, default=100_000, help="validation tokens scored")
   parser.add_argument("--train-tokens", type=int, default=2_000_000)
-  parser.add_argument("--sensitivity-tokens", type=int, default=30_000)
+  parser.add_argument("--sensitivity-tokens", type=int, default=30_000, help="training tokens (the last read) profiled")
   parser.add_argument("--dtype", default=None, help="computation dtype of the timing model (e.g. bfloat16)")
   parser.add_argument("--no-timing", action="store_true")
   parser.add_argument("--no-generate", action="store_true")
