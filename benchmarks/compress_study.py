@@ -98,6 +98,18 @@ def jobs(smoke: bool) -> list[dict]:
   return sorted(out, key=priority)
 
 
+def select(grid: list[dict], only: list[str]) -> list[dict]:
+  """The jobs matching every ``KEY=V`` of at least one ``"KEY=V;KEY=V"`` group (all of them when none); V is
+  compared with the field as ``str`` prints it (None, True, 0.5), a missing field as None."""
+  groups = []
+  for group in only:
+    terms = [term.split("=", 1) for term in group.split(";")]
+    if any(len(t) != 2 or t[0] not in JOB_KEYS for t in terms):
+      raise SystemExit(f"--only {group!r}: expected KEY=V terms joined by ';' with KEY one of {JOB_KEYS}")
+    groups.append(dict(terms))
+  return [j for j in grid if not groups or any(all(str(j.get(k)) == v for k, v in g.items()) for g in groups)]
+
+
 def _windows(ids: np.ndarray, n: int, block: int, seed: int) -> np.ndarray:
   starts = np.random.default_rng(seed).integers(0, len(ids) - block, n)
   return np.stack([ids[s:s + block] for s in starts]).astype(np.int32)
@@ -355,10 +367,7 @@ def main():
   path = out / f"shard{k}.jsonl"
   key = lambda d: json.dumps({x: d.get(x) for x in JOB_KEYS})  # noqa: E731
   done = {key(json.loads(line)) for line in path.read_text().splitlines() if line} if path.exists() else set()
-  groups = [dict(term.split("=", 1) for term in group.split(";")) for group in args.only]
-  picked = [j for j in jobs(args.smoke) if not groups or any(all(str(j.get(key)) == value for key, value in g.items())
-                                                              for g in groups)]
-  todo = [j for i, j in enumerate(picked) if i % n == k]
+  todo = [j for i, j in enumerate(select(jobs(args.smoke), args.only)) if i % n == k]
   for i, job in enumerate(todo):
     if key(job) in done:  # resume: a finished job is skipped
       continue

@@ -6,6 +6,8 @@ import json
 import pathlib
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the driver imports benchmarks/_common.py
 _spec = importlib.util.spec_from_file_location("compress_study", ROOT / "benchmarks" / "compress_study.py")
@@ -53,3 +55,14 @@ def test_summary_chooses_allocation_and_heal_rate_on_validation_and_lists_diverg
   assert "Diverged (loss not finite after healing): svdllm+heal at kept 0.5, lr 0.0003." in text
   assert "Dense + heal control (same tokens, lr 3e-05): validation 9.900, test 8.900." in text
   assert (tmp_path / "summary.md").read_text() == text
+
+
+def test_only_selects_jobs_by_field_groups():
+  grid = study.jobs(smoke=False)
+  heals = study.select(grid, ["method=mpo-data;kind=heal"])
+  assert heals and all(j["method"] == "mpo-data" and j["kind"] == "heal" for j in heals)
+  both = study.select(grid, ["method=mpo-data;kind=heal", "method=modegpt;refit_ridge=None;ratio=0.9"])
+  assert len(both) == len(heals) + 2  # modegpt at 0.9: importance and uniform, not the refit-ridge probe
+  assert study.select(grid, []) == grid
+  with pytest.raises(SystemExit, match="--only 'methd=svd'"):
+    study.select(grid, ["methd=svd"])
