@@ -26,7 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from tnjax.core import _checks
+from tnjax.core import _checks, _random
 from tnjax.core.shapes import factorize
 
 
@@ -234,8 +234,8 @@ def random_btt(key, in_dims, out_dims, rank: int, *, std: float = 1.0, dtype=jnp
     raise ValueError(f"{fn}: std={std!r} but a finite number >= 0 is expected")
   s_left, s_right = btt_core_stds((m1, m2), (n1, n2), rank, std)
   k1, k2 = jax.random.split(key)
-  return BlockTT((s_left * jax.random.normal(k1, (m2, m1, rank, n1), dtype),
-                  s_right * jax.random.normal(k2, (n1, rank, m2, n2), dtype)))
+  return BlockTT((s_left * _random.normal(k1, (m2, m1, rank, n1), dtype),
+                  s_right * _random.normal(k2, (n1, rank, m2, n2), dtype)))
 
 
 def btt_flops(btt: BlockTT, rows: int) -> int:

@@ -8,7 +8,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from tnjax.core import _checks
+from tnjax.core import _checks, _random
 from tnjax.core.tensor_train import TensorTrain, TTMatrix, split_modes
 
 
@@ -48,7 +48,7 @@ def _random_cores(fn: str, key, dims, rank, std, dtype, fan_ins=None) -> TensorT
     core_vars = [c / fk for fk in f]
   keys = jax.random.split(key, d)
   return TensorTrain(tuple(
-      math.sqrt(v) * jax.random.normal(k, (ranks[i], n, ranks[i + 1]), dtype)
+      math.sqrt(v) * _random.normal(k, (ranks[i], n, ranks[i + 1]), dtype)
       for i, (k, n, v) in enumerate(zip(keys, dims, core_vars))))
 
 
