@@ -93,7 +93,7 @@ def nystrom_select(c, w_down, k: int, *, ridge: float = 1e-4,
   Example:
     >>> import numpy as np
     >>> h = np.random.default_rng(0).normal(size=(100, 6)); w = np.ones((6, 2))
-    >>> keep, w_new = nystrom_select(h.T @ h, w, 6)
+    >>> keep, w_new = nystrom_select(h.T @ h, w, 6, refit_ridge=0.0)  # every column kept, no ridge: exact
     >>> keep.tolist(), bool(np.allclose(h[:, keep] @ w_new, h @ w, atol=1e-4))
     ([0, 1, 2, 3, 4, 5], True)
   """
