@@ -28,7 +28,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from tnjax.compress import choose_layers, compress, heal, input_grams, layer_sensitivity, quantize_int8
+from tnjax.compress import (
+  choose_layers,
+  compress,
+  heal,
+  input_grams,
+  layer_sensitivity,
+  projection_names,
+  quantize_int8,
+)
 from tnjax.compress.report import plot_sweep, summary
 from tnjax.data import eval_batches
 from tnjax.eval import perplexity
@@ -183,8 +191,7 @@ def _compress(ctx: Context, job: dict):
     return compress(ctx.model, "tensorgpt", ratio=job["ratio"], form=job["form"], head=job["head"],
                     calib=calib if job["weighted"] else None)
   if job["allocation"] == "sensitivity":
-    names = [f"h.{i}.{p}" for i in range(ctx.model.config.n_layer) for p in ctx.model.config.PROJECTIONS]
-    part = sum(ctx.model.layer(n).kernel.size for n in names)
+    part = sum(ctx.model.layer(n).kernel.size for n in projection_names(ctx.model.config))
     chosen = choose_layers(ctx.sensitivity(job["method"]), (1 - job["ratio"]) * part)
     return compress(ctx.model, job["method"], ratio=SENSITIVITY_RATIO, layers=chosen)
   options = {"refit_ridge": job["refit_ridge"]} if "refit_ridge" in job else {}
@@ -197,8 +204,7 @@ def run_job(ctx: Context, job: dict, env: dict) -> list[dict]:
   small = _compress(ctx, job)
   jax.block_until_ready(jax.tree_util.tree_leaves(nnx.state(small)))
   secs = time.perf_counter() - start
-  part = ["embedding"] if job["kind"] == "embedding" else [
-      f"h.{i}.{p}" for i in range(ctx.model.config.n_layer) for p in ctx.model.config.PROJECTIONS]
+  part = ["embedding"] if job["kind"] == "embedding" else projection_names(ctx.model.config)
   variants = [("", small, 0.0)]
   if job["kind"] == "heal":
     start = time.perf_counter()

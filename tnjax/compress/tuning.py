@@ -71,9 +71,9 @@ def layer_sensitivity(model: Decoder, tokens, compress, *, layers=None, block_si
   for name in names:
     small = compress(model, layers=[name])
     target, new = probe.layer(name), small.layer(name)
-    kernel = dense_kernel(new) if isinstance(target, nnx.Linear) else None
-    same_bias = kernel is not None and ((target.bias is None) == (new.bias is None))
-    if same_bias and kernel.shape == target.kernel.shape:
+    kernel = dense_kernel(new)
+    if (isinstance(target, nnx.Linear) and kernel.shape == target.kernel.shape
+        and (target.bias is None) == (new.bias is None)):
       saved = (target.kernel[...], None if target.bias is None else target.bias[...])
       target.kernel[...] = jnp.asarray(kernel, saved[0].dtype)
       if target.bias is not None:

@@ -225,9 +225,8 @@ def balance(tt: TT) -> TT:
   check_tt("balance", "tt", tt)
   dtype = tt.dtype if jnp.finfo(tt.dtype).bits >= 32 else jnp.float32  # bfloat16 cores: norms in float32
   norms = jnp.stack([jnp.linalg.norm(c.astype(dtype)) for c in tt.cores])
-  positive = jnp.all(norms > 0)
-  mean = jnp.exp(jnp.mean(jnp.log(jnp.where(positive, norms, 1.0))))
-  factors = jnp.where(positive, mean / jnp.where(positive, norms, 1.0), 1.0)
+  norms = jnp.where(jnp.all(norms > 0), norms, 1.0)  # a zero core: a zero tensor, every factor 1
+  factors = jnp.exp(jnp.mean(jnp.log(norms))) / norms
   return type(tt)(tuple(c * factors[k].astype(c.dtype) for k, c in enumerate(tt.cores)))
 
 
