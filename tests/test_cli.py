@@ -229,3 +229,64 @@ def test_unexpected_errors_keep_their_traceback_and_ctrl_c_is_130(monkeypatch, c
   monkeypatch.setattr(tnjax.cli, "cmd_eval", interrupted)
   assert main(["eval", "--model", "m", "--text", "t"]) == 130
   assert capsys.readouterr().err == "tnjax eval: interrupted; checkpoints and files already written are intact\n"
+
+
+@pytest.fixture
+def long_context_dir(tmp_path):
+  """A Llama-style directory with Llama-3.x's 131072-token context (a tiny model: no window may be padded to it)."""
+  text = tmp_path / "text.txt"
+  text.write_text(TEXT)
+  d = tmp_path / "long"
+  make_hf_llama(d, vocab_size=300, max_position_embeddings=1 << 17, num_hidden_layers=1)
+  train_tokenizer([text], 300).save(str(d / "tokenizer.json"))
+  return d, text
+
+
+def test_long_context_model_evaluates_and_compresses_without_block_size(long_context_dir, tmp_path, capsys):
+  d, text = long_context_dir
+  assert main(["eval", "--model", str(d), "--text", str(text), "--max-tokens", "300"]) == 0
+  default = json.loads(capsys.readouterr().out)
+  assert main(["eval", "--model", str(d), "--text", str(text), "--max-tokens", "300", "--block-size", "300"]) == 0
+  assert json.loads(capsys.readouterr().out) == default and default["tokens"] == 299
+  out = tmp_path / "small"
+  assert main(["compress", "--model", str(d), "--method", "svdllm", "--ratio", "0.5", "--calib", str(text),
+               "--calib-windows", "4", "--heal-steps", "1", "--out", str(out)]) == 0
+  assert "svdllm ratio=0.5" in capsys.readouterr().out and (out / "model" / "config.json").exists()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["eval", "--text", "T", "--block-size", "200000"],
+     r"tnjax eval: perplexity: block_size=200000 but 2 <= block_size <= 131072 \(the model's context\)"),
+    (["compress", "--method", "svd", "--ratio", "0.5", "--block-size", "200000", "--out", "O"],
+     r"tnjax compress: compress: block_size=200000 but 2 <= block_size <= 131072"),
+    (["compress", "--method", "svdllm", "--ratio", "0.5", "--calib", "T", "--block-size", "100000", "--out", "O"],
+     r"compress: calib_ids \(--calib\) has \d+ tokens but a window of 100000 needs at least 100002; give more "
+     r"text or a smaller block_size \(--block-size\)"),
+])
+def test_windows_refused_exit_2(long_context_dir, tmp_path, capsys, argv, match):
+  import re
+
+  d, text = long_context_dir
+  argv = [str(text) if a == "T" else str(tmp_path / "o") if a == "O" else a for a in argv]
+  assert main(argv[:1] + ["--model", str(d)] + argv[1:]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and re.search(match, err), err
+  assert not (tmp_path / "o" / "model").exists()
+
+
+def test_out_of_memory_is_one_line_naming_the_option(model_dir, monkeypatch, capsys):
+  """A real XLA RESOURCE_EXHAUSTED (a 16 TB allocation on the CPU) inside a command: one line, exit 2."""
+  import jax.numpy as jnp
+
+  import tnjax.eval
+
+  def allocate(*args, **kwargs):
+    return jax.jit(lambda: jnp.ones((1 << 42,), jnp.float32))().block_until_ready()
+
+  monkeypatch.setattr(tnjax.eval, "perplexity", allocate)
+  d, text = model_dir
+  assert main(["eval", "--model", str(d), "--text", str(text)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "Traceback" not in err, err
+  assert err.startswith("tnjax eval: the device ran out of memory (RESOURCE_EXHAUSTED: Out of memory")
+  assert err.rstrip().endswith("; lower --block-size or --batch-size")

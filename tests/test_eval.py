@@ -93,5 +93,51 @@ def test_errors(tmp_path):
     perplexity(model, [1])
   with pytest.raises(ValueError, match=r"perplexity: block_size=64 but 2 <= block_size <= 32"):
     perplexity(model, [1, 2, 3], block_size=64)
-  with pytest.raises(ValueError, match=r"perplexity: stride=40 but 1 <= stride <= block_size=32"):
-    perplexity(model, [1, 2, 3], stride=40)
+  with pytest.raises(ValueError, match=r"perplexity: stride=40 but 1 <= stride <= block_size=3 "):
+    perplexity(model, [1, 2, 3], stride=40)  # the default window is the text's 3 tokens
+
+
+def _window_shapes(monkeypatch):
+  """Records the (batch, window) shape of every device call `perplexity` makes."""
+  import tnjax.eval as ev
+
+  shapes, real = [], ev._window_nll
+  monkeypatch.setattr(ev, "_window_nll", lambda g, s, ids, w: (shapes.append(ids.shape), real(g, s, ids, w))[1])
+  return shapes
+
+
+def test_default_window_fits_the_text_not_the_context(monkeypatch):
+  """A long-context model (Llama-3.x, Qwen2.5) is never padded to its context: the default window is the
+  smallest of the context, DEFAULT_WINDOW and the text, and scores what the same explicit window scores."""
+  from flax import nnx
+
+  import tnjax.eval as ev
+  from tnjax.models import Llama, preset
+
+  model = Llama(preset("llama-tiny", block_size=1 << 17), rngs=nnx.Rngs(0))
+  ids = np.random.default_rng(0).integers(0, 512, 300)
+  shapes = _window_shapes(monkeypatch)
+  default = perplexity(model, ids)
+  assert shapes == [(1, 300)] and default["tokens"] == 299
+  padded = perplexity(model, ids, block_size=4096)  # longer than the text: scored as far as the text goes
+  np.testing.assert_allclose(padded["nll"], default["nll"], rtol=1e-6)
+  assert shapes[-1] == (1, 300)
+  monkeypatch.setattr(ev, "DEFAULT_WINDOW", 64)  # a text longer than the default window
+  shapes.clear()
+  default = perplexity(model, ids)
+  explicit = perplexity(model, ids, block_size=64)
+  assert {s[1] for s in shapes} == {64} and default == explicit and default["tokens"] == 300 - 5
+
+
+def test_window_size_refusals():
+  from tnjax.eval import DEFAULT_WINDOW, window_size
+
+  assert window_size("f", 1 << 17, 10**6) == DEFAULT_WINDOW == 2048
+  assert window_size("f", 1 << 17, 100, reads_past=2) == 98
+  with pytest.raises(ValueError, match=r"f: block_size=4096 but 2 <= block_size <= 2048 \(the model's context\)"):
+    window_size("f", 2048, 10**6, 4096)
+  with pytest.raises(ValueError, match=r"f: calib \(--calib\) has 100 tokens but a window of 512 needs at least "
+                                       r"514; give more text or a smaller block_size \(--block-size\)"):
+    window_size("f", 2048, 100, 512, reads_past=2, text="calib (--calib)")
+  with pytest.raises(ValueError, match=r"f: tokens has 3 tokens but a window of 2 needs at least 4"):
+    window_size("f", 2048, 3, reads_past=2, text="tokens")

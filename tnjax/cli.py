@@ -2,7 +2,8 @@
 
 One error boundary (`main`): an expected failure (a missing, unreadable
 or undecodable file, a corrupt or mismatched model or checkpoint, a bad value)
-prints one line naming the file or argument and exits 2; Ctrl-C prints one
+prints one line naming the file or argument and exits 2, and so does running out of host or device memory
+(naming the option that lowers it); Ctrl-C prints one
 line and exits 130; anything else keeps its traceback.
 """
 
@@ -40,7 +41,7 @@ def cmd_eval(args) -> int:
 
   model, tok = _load(args.model, args.tokenizer)
   ids = _text_ids(tok, "eval", "--text", args.text, args.max_tokens)
-  result = perplexity(model, ids, block_size=args.block_size, stride=args.stride)
+  result = perplexity(model, ids, block_size=args.block_size, stride=args.stride, batch_size=args.batch_size)
   print(json.dumps({"model": args.model, "text": args.text, **result}, allow_nan=False))
   return 0
 
@@ -101,7 +102,8 @@ def cmd_compress(args) -> int:
                calib_ids=_text_ids(tok, "compress", "--calib", args.calib), layers=layers, heal_steps=args.heal_steps,
                heal_lr=args.heal_lr, int8=args.int8, block_size=args.block_size, tokenizer=tok,
                overwrite=args.overwrite, allocation=args.allocation, sequential=args.sequential,
-               if_larger=args.if_larger, **({} if args.layout is None else {"layout": args.layout}))
+               if_larger=args.if_larger, calib_windows=args.calib_windows,
+               **({} if args.layout is None else {"layout": args.layout}))
   for r in report["runs"]:
     s = r["summary"]
     ppl = "" if r["perplexity"] is None else f", val ppl {r['perplexity']:.3f}"
@@ -183,8 +185,11 @@ def _parser() -> argparse.ArgumentParser:
   ev.add_argument("--model", required=True, help="tnjax or Hugging Face (GPT-2, Llama, Qwen2) directory")
   ev.add_argument("--text", required=True, help="UTF-8 text file")
   ev.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
-  ev.add_argument("--block-size", type=at_least_2, default=None)
-  ev.add_argument("--stride", type=positive, default=None)
+  ev.add_argument("--block-size", type=at_least_2, default=None,
+                  help="window (default: the smallest of the model's context, 2048 and the text)")
+  ev.add_argument("--stride", type=positive, default=None, help="step between windows (default: the window)")
+  ev.add_argument("--batch-size", type=positive, default=None,
+                  help="windows per device call (default: as many as keep the logits within 32M floats, at most 64)")
   ev.add_argument("--max-tokens", type=at_least_2, default=None, help="score only the first N tokens")
   ev.set_defaults(run=cmd_eval)
 
@@ -223,7 +228,10 @@ def _parser() -> argparse.ArgumentParser:
                   help="a layer the target would not make smaller: refuse (default), keep it, or allow growth")
   co.add_argument("--valid", help="text file for validation perplexity before and after")
   co.add_argument("--max-tokens", type=at_least_2, default=None, help="score only the first N validation tokens")
-  co.add_argument("--block-size", type=at_least_2, default=None, help="window for evaluation and calibration")
+  co.add_argument("--block-size", type=at_least_2, default=None, help="window for evaluation, calibration and "
+                  "healing (default: the smallest of the model's context, 2048 and the text)")
+  co.add_argument("--calib-windows", type=positive, default=64,
+                  help="calibration windows read from --calib, evenly spaced (default 64)")
   co.add_argument("--heal-steps", type=non_negative, default=0, help="fine-tune this many steps after compressing")
   co.add_argument("--heal-lr", type=_float_at_least(0.0, strict=True), default=1e-4)
   co.add_argument("--int8", action="store_true", help="weight-only int8 on top (after healing)")
@@ -243,6 +251,22 @@ def _one_line(e: BaseException) -> str:
   return " ".join(text.split())
 
 
+# What lowers each command's memory, named when the host or the device runs out of it.
+_MEMORY_OPTIONS = {"eval": "--block-size or --batch-size", "compress": "--block-size or --calib-windows",
+                   "generate": "--max-new-tokens", "train": "--set batch_size (with --set grad_accum to keep the "
+                   "batch) or --set block_size"}
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+  """The first line of a host or device out-of-memory error (XLA's RESOURCE_EXHAUSTED), else None."""
+  if isinstance(e, MemoryError):
+    return f"the host ran out of memory ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
+  if isinstance(e, RuntimeError) and "RESOURCE_EXHAUSTED" in str(e):  # jax.errors.JaxRuntimeError
+    line = next(line for line in str(e).splitlines() if "RESOURCE_EXHAUSTED" in line)
+    return f"the device ran out of memory ({' '.join(line.split())[:300]})"
+  return None
+
+
 def main(argv=None) -> int:
   """Runs one command; returns its exit code: 0, 2 for an expected failure (one line on stderr), 130 for Ctrl-C."""
   args = _parser().parse_args(argv)
@@ -253,6 +277,12 @@ def main(argv=None) -> int:
     return 130
   except (ValueError, OSError) as e:  # expected: bad values, files missing, unreadable, corrupt or mismatched
     print(f"tnjax {args.command}: {_one_line(e)}", file=sys.stderr)
+    return 2
+  except (MemoryError, RuntimeError) as e:
+    why = _out_of_memory(e)
+    if why is None:
+      raise
+    print(f"tnjax {args.command}: {why}; lower {_MEMORY_OPTIONS[args.command]}", file=sys.stderr)
     return 2
 
 

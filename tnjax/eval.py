@@ -41,6 +41,38 @@ def windows(length: int, block_size: int, stride: int):
       break
 
 
+DEFAULT_WINDOW = 2048
+"""Tokens per window when none is asked for and the model's context is longer: Llama-3.x and Qwen2.5 contexts
+(32k-131k tokens) would make each window, and its activations, 16-64x larger than the text or the job needs."""
+
+
+def window_size(fn: str, context: int, tokens: int, block_size: int | None = None, *, reads_past: int = 0,
+                text: str = "token_ids", past_text: bool = False) -> int:
+  """The window of an evaluation or calibration job: ``block_size`` checked, or a default that fits the job.
+
+  The default is the smallest of the model's ``context``, `DEFAULT_WINDOW` and the text (``tokens`` less
+  ``reads_past``: training and calibration windows read one target past the window and need one spare start).
+  ``past_text=True`` accepts a ``block_size`` longer than the text (perplexity scores the text either way).
+
+  Raises:
+    ValueError: a ``block_size`` outside [2, context], or a text too short for the window, naming ``text``.
+
+  Example:
+    >>> window_size("eval", context=131072, tokens=100_000), window_size("eval", context=1024, tokens=300)
+    (2048, 300)
+  """
+  if block_size is not None and not 2 <= block_size <= context:
+    raise ValueError(f"{fn}: block_size={block_size} but 2 <= block_size <= {context} (the model's context) is "
+                     "expected")
+  room = tokens - reads_past
+  block = min(context, DEFAULT_WINDOW, room) if block_size is None else block_size
+  if block < 2 or (block > room and not past_text):
+    need = max(block, 2) + reads_past
+    raise ValueError(f"{fn}: {text} has {tokens} tokens but a window of {max(block, 2)} needs at least {need}; "
+                     "give more text or a smaller block_size (--block-size)")
+  return block
+
+
 LOGITS_PER_CALL = 1 << 25  # float32 logits one call may hold (128 MB): sets the default batch of windows
 
 
@@ -51,7 +83,8 @@ def perplexity(model, token_ids, *, block_size: int | None = None, stride: int |
   Args:
     model: a model of any family ([`GPT`][tnjax.models.GPT], [`Llama`][tnjax.models.Llama]).
     token_ids: 1-d integer ids (at least 2).
-    block_size: window length (default: the model's block_size).
+    block_size: window length (default: the smallest of the model's block_size, `DEFAULT_WINDOW` and
+      the text; a window longer than the text scores the same tokens).
     stride: step between windows (default: block_size, no overlap); smaller
       strides give each token more context and a lower, more faithful figure.
     batch_size: windows per device call (default: as many as keep the logits within
@@ -79,20 +112,19 @@ def perplexity(model, token_ids, *, block_size: int | None = None, stride: int |
   fn = "perplexity"
   ids = np.asarray(token_ids)
   cfg = model.config
-  block = cfg.block_size if block_size is None else block_size
-  stride = block if stride is None else stride
   if ids.ndim != 1 or ids.size < 2 or not np.issubdtype(ids.dtype, np.integer):
     raise ValueError(f"{fn}: token_ids.shape={ids.shape}, dtype={ids.dtype} but 1-d integer ids with at least 2 "
                      "tokens are expected")
   if ids.min() < 0 or ids.max() >= cfg.vocab_size:
     raise ValueError(f"{fn}: token_ids contain {int(ids.max())} but 0 <= id < vocab_size={cfg.vocab_size}")
-  if not 2 <= block <= cfg.block_size:
-    raise ValueError(f"{fn}: block_size={block} but 2 <= block_size <= {cfg.block_size} is expected")
+  block = window_size(fn, cfg.block_size, ids.size, block_size, past_text=True)
+  stride = block if stride is None else stride
   if not 1 <= stride <= block:
     raise ValueError(f"{fn}: stride={stride} but 1 <= stride <= block_size={block} is expected")
   if batch_size is not None:
     batch_size = _checks.check_positive_int(fn, "batch_size", batch_size)
   spans = list(windows(len(ids), block, stride))
+  block = min(block, len(ids))  # causal: padding past the text changes no score, only the compiled shape
   batch = batch_size or max(1, min(64, LOGITS_PER_CALL // (block * cfg.vocab_size)))
   batch = min(batch, len(spans))
   graphdef, state = nnx.split(model)

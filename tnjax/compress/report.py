@@ -114,10 +114,13 @@ def plot_sweep(rows: list[dict], path, *, baseline: float | None = None, title: 
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=pathlib.Path(path).suffix[1:] or "png"))
 
 
+CALIB_TOKENS_PER_CALL = 8192  # calibration tokens per device call (rows of windows): sets its activation memory
+
+
 def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid_ids=None, calib_ids=None,
         layers=None, heal_steps: int = 0, heal_lr: float = 1e-4, int8: bool = False, block_size: int | None = None,
         tokenizer=None, save: bool = True, overwrite: bool = False, allocation: str = "uniform",
-        sequential: bool = False, if_larger: str = "error", **options) -> dict:
+        sequential: bool = False, if_larger: str = "error", calib_windows: int = 64, **options) -> dict:
   """Compresses ``model`` at each target ({"rank"|"ratio"|"rtol": value}), evaluates, saves and reports.
 
   Writes ``out_dir/report.json`` and ``report.md``; the compressed model (tnjax
@@ -128,15 +131,22 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
   and ``options`` (``layout``, ``form``) go to `compress`; calibration
   statistics are computed once and reused across targets (except sequential).
 
+  Windows: ``block_size`` (at most the model's context) sets the evaluation, calibration and healing
+  windows; by default each is the smallest of the model's context, `tnjax.eval.DEFAULT_WINDOW` and its
+  text. Calibration reads ``calib_windows`` evenly spaced windows of ``calib_ids`` (rounded up to whole
+  device calls of ``CALIB_TOKENS_PER_CALL`` tokens; they overlap when the text is shorter).
+
   Raises:
-    ValueError: when ``out_dir`` already holds a model or a report (a training
+    ValueError: a ``block_size`` above the model's context or a text shorter than its window; when
+      ``out_dir`` already holds a model or a report (a training
       run, an earlier compression, the input model itself) and ``overwrite``
       is False; for a target missing its value; when a target does not make
       the compressed part smaller (a rank at or above full rank, modegpt on
       TT-matrix layers); and the methods' own errors.
   """
+  from tnjax.core import _checks
   from tnjax.data import eval_batches
-  from tnjax.eval import perplexity
+  from tnjax.eval import perplexity, window_size
   from tnjax.interop import save_model
 
   fn = "compress"
@@ -153,16 +163,24 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
       raise ValueError(f"{fn}: out_dir {out} already holds {found}; choose a new directory or pass --overwrite "
                        "(overwrite=True) to replace them")
   out.mkdir(parents=True, exist_ok=True)
-  block = min(block_size or model.config.block_size, model.config.block_size)
+  context = model.config.block_size
+  if block_size is not None:
+    window_size(fn, context, block_size, block_size)  # refuses a window longer than the model's context
+  calib_windows = _checks.check_positive_int(fn, "calib_windows", calib_windows)
   evaluate = (lambda m: None) if valid_ids is None else (
-      lambda m: perplexity(m, valid_ids, block_size=block)["perplexity"])
+      lambda m: perplexity(m, valid_ids, block_size=block_size)["perplexity"])
   m = method(method_name)
   calib = None
+  if calib_ids is not None and (m.calibration != "none" or allocation == "importance" or heal_steps):
+    # train_batch and eval_batches read one target past each window and need a spare start: 2 tokens more
+    calib_block = window_size(fn, context, len(calib_ids), block_size, reads_past=2, text="calib_ids (--calib)")
   if m.calibration == "required" or allocation == "importance":
     if calib_ids is None:
       why = f"method {m.name!r}" if m.calibration == "required" else f"allocation {allocation!r}"
       raise ValueError(f"compress: {why} needs calibration text (--calib FILE)")
-    calib = [x for x, _ in eval_batches(np.asarray(calib_ids), 8, 8, block)]
+    rows = max(1, min(8, CALIB_TOKENS_PER_CALL // calib_block))  # 8 windows of up to 1024 tokens per call
+    batches = eval_batches(np.asarray(calib_ids), -(-calib_windows // rows), rows, calib_block)
+    calib = [x for x, _ in batches]
     if not sequential and m.name != "modegpt":  # one pass, reused by every target
       from tnjax.compress.calibration import input_grams
 
@@ -188,7 +206,7 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
                        "rank, or layers already smaller than the method's output); choose a smaller target")
     start = time.perf_counter()
     if heal_steps:
-      small = heal(small, calib_ids, heal_steps, lr=heal_lr, block_size=block)
+      small = heal(small, calib_ids, heal_steps, lr=heal_lr, block_size=calib_block)
     if int8:
       small = quantize_int8(small)
     heal_s = time.perf_counter() - start

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from tnjax.compress import _model
-from tnjax.eval import perplexity
+from tnjax.eval import perplexity, window_size
 from tnjax.models.decoder import Decoder, dense_kernel
 
 
@@ -131,7 +131,8 @@ def heal(model: Decoder, tokens, steps: int, *, lr: float = 1e-4, batch_size: in
     lr, batch_size, warmup, seed: as [`TrainConfig`][tnjax.train.TrainConfig]
       (warmup default: 10% of steps); computation runs in the model's dtype. Every parameter gets ``lr``,
       also in a muP model (its multipliers are for training from scratch).
-    block_size: window length (default the model's).
+    block_size: window length (default: the smallest of the model's, `tnjax.eval.DEFAULT_WINDOW` and the
+      text's).
 
   Returns:
     The fine-tuned model (same config).
@@ -161,7 +162,7 @@ def heal(model: Decoder, tokens, steps: int, *, lr: float = 1e-4, batch_size: in
   quantized = sorted(k for k, v in model.config.layers.items() if v.quant is not None)
   if quantized:
     raise ValueError(f"{fn}: layers {quantized[:4]} are int8; heal before quantize_int8, not after")
-  block = model.config.block_size if block_size is None else block_size
+  block = window_size(fn, model.config.block_size, ids.size, block_size, reads_past=2, text="tokens")
   cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, block_size=block,
                     warmup=max(1, steps // 10) if warmup is None else warmup, weight_decay=0.0, seed=seed,
                     layers={}).validate()
