@@ -91,3 +91,11 @@ def test_readme_and_example_configs_name_only_files_in_the_repository():
     files = [f for key in ("train_files", "valid_files", "test_files")
              for f in tomllib.loads(config.read_text()).get(key, [])]
     assert all((ROOT / f).is_file() for f in files), (config, files)
+
+
+def test_docstring_example_sections_are_code():
+  """griffe's Google parser renders ``Examples:`` as code; ``Example:`` becomes Markdown (nested blockquotes,
+  and outputs such as ``[3.0, 2.0]`` taken as links, which fails ``mkdocs build --strict``)."""
+  singular = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "tnjax").rglob("*.py"))
+              for i, line in enumerate(p.read_text().splitlines(), 1) if re.fullmatch(r"\s+Example:\s*", line)]
+  assert not singular, f"use 'Examples:' (a code section): {singular}"

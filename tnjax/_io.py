@@ -11,7 +11,7 @@ from collections.abc import Callable
 def atomic_write(path, write: Callable[[str], object]) -> pathlib.Path:
   """Calls ``write(tmp)`` with a temporary name next to ``path``, then renames it to ``path``.
 
-  Example:
+  Examples:
     >>> import tempfile
     >>> p = atomic_write(pathlib.Path(tempfile.mkdtemp()) / "a.txt", lambda t: pathlib.Path(t).write_text("hi"))
     >>> p.read_text()
@@ -48,7 +48,7 @@ def atomic_write_text(path, text: str) -> pathlib.Path:
 def read_text(fn: str, name: str, path) -> str:
   """The UTF-8 text of a file; a missing, unreadable or binary file raises ValueError naming ``fn``, ``name`` and it.
 
-  Example:
+  Examples:
     >>> read_text("eval", "--text", "/nowhere.txt")
     Traceback (most recent call last):
     ValueError: eval: --text file /nowhere.txt does not exist

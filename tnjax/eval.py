@@ -28,7 +28,7 @@ def windows(length: int, block_size: int, stride: int):
   Each token after the first is scored exactly once, with up to
   ``block_size - stride`` tokens of context carried over from the previous window.
 
-  Example:
+  Examples:
     >>> list(windows(10, block_size=4, stride=2))  # (begin, end, first scored position)
     [(0, 4, 1), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
   """
@@ -57,7 +57,7 @@ def window_size(fn: str, context: int, tokens: int, block_size: int | None = Non
   Raises:
     ValueError: a ``block_size`` outside [2, context], or a text too short for the window, naming ``text``.
 
-  Example:
+  Examples:
     >>> window_size("eval", context=131072, tokens=100_000), window_size("eval", context=1024, tokens=300)
     (2048, 300)
   """
@@ -100,7 +100,7 @@ def perplexity(model, token_ids, *, block_size: int | None = None, stride: int |
     ValueError: on fewer than 2 tokens, ids outside the vocabulary,
       block_size / stride out of range, or a non-finite result.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset

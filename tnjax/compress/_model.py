@@ -17,7 +17,7 @@ from tnjax.models.names import layer_key, parse_layer_key
 def projection_names(cfg: DecoderConfig) -> list[str]:
   """Every attention and MLP projection of the model, "h.{i}.{projection}", block by block.
 
-  Example:
+  Examples:
     >>> from tnjax.models import preset
     >>> projection_names(preset("tiny", n_layer=1))
     ['h.0.attn.c_attn', 'h.0.attn.c_proj', 'h.0.mlp.c_fc', 'h.0.mlp.c_proj']
@@ -29,7 +29,7 @@ def resolve_layers(fn: str, cfg: DecoderConfig, layers) -> list[str]:
   """Layer names to compress: None is every attention and MLP projection; a name is "h.{i}.{projection}",
   a projection ("mlp.c_fc": every block) or "lm_head" (an untied head).
 
-  Example:
+  Examples:
     >>> from tnjax.models import preset
     >>> resolve_layers("f", preset("tiny"), ["mlp.c_fc", "h.0.attn.c_proj"])
     ['h.0.mlp.c_fc', 'h.1.mlp.c_fc', 'h.0.attn.c_proj']
@@ -100,7 +100,7 @@ def count_params(module: nnx.Module) -> int:
 def count_bytes(module: nnx.Module) -> int:
   """Bytes the parameters take (int8 weights count one byte each).
 
-  Example:
+  Examples:
     >>> from flax import nnx
     >>> count_bytes(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))  # 15 float32 parameters
     60

@@ -176,7 +176,7 @@ def input_grams(model: Decoder, batches) -> Calibration:
   Raises:
     ValueError: on empty or non-integer batches, or ids the model refuses (out of vocabulary, too long).
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset

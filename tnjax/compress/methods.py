@@ -237,7 +237,7 @@ def svd_compress(model: Decoder, *, ratio: float | None = None, rank: int | None
     ValueError: on no target or more than one, ratio outside (0, 1], rank < 1, a
       negative rtol, an unknown layer name or allocation, or a layer that would grow.
 
-  Example:
+  Examples:
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset
     >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
@@ -271,7 +271,7 @@ def svdllm_compress(model: Decoder, calib, *, ratio: float | None = None, rank: 
   Raises:
     ValueError: on the target errors of `svd_compress`, bad or too short calibration.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset
@@ -339,7 +339,7 @@ def mpo_compress(model: Decoder, *, rank: int | None = None, ratio: float | None
     One TT-SVD per layer, O(n[0]^2 m n) for an (m, n) kernel (a QR first
     when the first unfolding is wide); ``fit="data"`` adds one eigendecomposition per input mode.
 
-  Example:
+  Examples:
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset
     >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
@@ -458,7 +458,7 @@ def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float
     ValueError: for the target errors of `svd_compress`, an unknown form, feature_dims whose product is below
       d_model, calib with a form other than "lowrank", or a result that would not be smaller.
 
-  Example:
+  Examples:
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset
     >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
@@ -542,7 +542,7 @@ def quantize_int8(model: Decoder, *, layers=None) -> Decoder:
   Raises:
     ValueError: for an unknown layer name or a layer already quantized.
 
-  Example:
+  Examples:
     >>> from flax import nnx
     >>> from tnjax.compress import count_bytes
     >>> from tnjax.models import GPT, preset

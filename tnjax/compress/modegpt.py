@@ -90,7 +90,7 @@ def nystrom_select(c, w_down, k: int, *, ridge: float = 1e-4,
     ``(s, w)``: sorted kept indices (k,) and ``w = (c[s,s] + eps)^-1 c[s,:] w_down``
     (k, out), the least-squares fit of ``H w_down`` by ``H[:, s] w``.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> h = np.random.default_rng(0).normal(size=(100, 6)); w = np.ones((6, 2))
     >>> keep, w_new = nystrom_select(h.T @ h, w, 6, refit_ridge=0.0)  # every column kept, no ridge: exact
@@ -116,7 +116,7 @@ def cr_select(q_norm2, k_norm2, k: int) -> np.ndarray:
   Returns:
     (n_head, k) sorted column indices within each head.
 
-  Example:
+  Examples:
     >>> cr_select([[1.0, 9.0, 4.0]], [[1.0, 1.0, 4.0]], 2).tolist()  # products 1, 9, 16
     [[1, 2]]
   """
@@ -157,7 +157,7 @@ def whitened_svd(c, w_v, w_o, k: int, *, ridge: float = 1e-4) -> tuple[np.ndarra
   Complexity:
     One eigendecomposition of c, QRs of (d, h) matrices and an (h, h) SVD.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
     >>> x, wv, wo = rng.normal(size=(50, 8)), rng.normal(size=(8, 3)), rng.normal(size=(3, 8))
@@ -208,7 +208,7 @@ def calibrate(model: Decoder, batches) -> list[dict]:
     of the MLP activations, and "importance" (1 - mean cosine similarity of
     the block's input and output).
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset
@@ -259,7 +259,7 @@ def modegpt_compress(model: Decoder, calib, *, ratio: float, allocation: str = "
     ValueError: without calibration data, for ratio outside (0, 1], or an
       unknown allocation.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset

@@ -128,7 +128,7 @@ def compress(model: Decoder, method_name: str, *, rank: int | None = None, ratio
     ValueError: for an unknown method, a target, allocation, option or ``layers`` the method does not take,
       missing calibration, and the methods' own argument errors; all before any work is done.
 
-  Example:
+  Examples:
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset
     >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
@@ -161,7 +161,7 @@ def compress(model: Decoder, method_name: str, *, rank: int | None = None, ratio
 def methods_table() -> str:
   """The Markdown table of registered methods (the docs show exactly this).
 
-  Example:
+  Examples:
     >>> print(methods_table().splitlines()[0])
     | method | what it does | compresses | targets | calibration | allocations | sequential |
   """

@@ -28,7 +28,7 @@ def compressed_part(model: Decoder, name: str, layers=None) -> list[str]:
 def summary(before: Decoder, after: Decoder, names: list[str]) -> dict:
   """Parameter and byte accounting: whole model and per compressed layer (biases included).
 
-  Example:
+  Examples:
     >>> from flax import nnx
     >>> from tnjax.compress import svd_compress
     >>> from tnjax.models import GPT, preset
@@ -231,7 +231,7 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
 def parse_targets(rank: str | None, ratio: str | None, rtol: str | None) -> list[dict]:
   """``--rank/--ratio/--rtol`` strings (comma-separated for a sweep) as target dicts.
 
-  Example:
+  Examples:
     >>> parse_targets(None, "0.5,0.7", None)
     [{'ratio': 0.5}, {'ratio': 0.7}]
   """

@@ -46,7 +46,7 @@ IF_LARGER = ("error", "keep", "allow")
 class Target:
   """One validated target: ``key`` in ``TARGETS`` and its value.
 
-  Example:
+  Examples:
     >>> Target.of("svd_compress", ratio=0.5)
     Target(key='ratio', value=0.5)
     >>> str(Target.of("f", rank=8))
@@ -104,7 +104,7 @@ def allocate(importance, ratio: float, *, temperature: float = 1.0, max_cut: flo
   (the excess goes to the others in proportion). Blocks are the same size,
   so the mean kept fraction is the overall one.
 
-  Example:
+  Examples:
     >>> [round(r, 3) for r in allocate([0.4, 0.1, 0.1], 0.7)]  # the important first block keeps more
     [0.91, 0.595, 0.595]
   """
@@ -138,7 +138,7 @@ def loss_ranks(spectra: dict[str, np.ndarray], unit: dict[str, int], stored: dic
   Raises:
     ValueError: when rank 1 everywhere already exceeds the budget.
 
-  Example:
+  Examples:
     >>> loss_ranks({"a": np.array([3.0, 1, 1]), "b": np.array([2.0, 2, 2])}, {"a": 2, "b": 2},
     ...            {"a": 9, "b": 9}, 8)
     {'a': 1, 'b': 3}
@@ -186,7 +186,7 @@ def layer_budgets(fn: str, target: Target, allocation: str, stored: dict[str, in
     spectra: a callable giving a layer's singular values, for "loss".
     importance: per-block importance (`Calibration.importance`), for "importance".
 
-  Example:
+  Examples:
     >>> t = Target.of("f", ratio=0.5)
     >>> layer_budgets("f", t, "importance", {"h.0.mlp.c_fc": 100, "h.1.mlp.c_fc": 100}, importance=[0.4, 0.1])
     {'h.0.mlp.c_fc': 76.85..., 'h.1.mlp.c_fc': 23.14...}
@@ -213,7 +213,7 @@ def layer_budgets(fn: str, target: Target, allocation: str, stored: dict[str, in
 def largest_rank(params_at, budget: float, hi: int) -> int:
   """The largest r in [1, hi] with ``params_at(r) <= budget`` (params_at increasing); 1 when none fits.
 
-  Example:
+  Examples:
     >>> largest_rank(lambda r: 10 * r, 55, 100)
     5
   """

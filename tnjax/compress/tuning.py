@@ -49,7 +49,7 @@ def layer_sensitivity(model: Decoder, tokens, compress, *, layers=None, block_si
     product, up to rounding); otherwise the compressed model is evaluated
     as it is (a compile per layer).
 
-  Example:
+  Examples:
     >>> import functools, numpy as np
     >>> from flax import nnx
     >>> from tnjax.compress import svd_compress
@@ -100,7 +100,7 @@ def choose_layers(sensitivity: dict, params_to_remove: int) -> list[str]:
   Raises:
     ValueError: when even every layer together does not remove enough.
 
-  Example:
+  Examples:
     >>> sens = {"layers": {"a": {"increase": 0.10, "params_saved": 100},
     ...                    "b": {"increase": 0.01, "params_saved": 100}}}
     >>> choose_layers(sens, 50), choose_layers(sens, 150)
@@ -141,7 +141,7 @@ def heal(model: Decoder, tokens, steps: int, *, lr: float = 1e-4, batch_size: in
     ValueError: on a quantized model, steps < 1, too few tokens, or a loss
       that is not finite at the end.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset

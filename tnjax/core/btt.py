@@ -39,7 +39,7 @@ class BlockTT:
   Build one with `from_cores` (validates), `btt_from_dense` or
   `random_btt`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> btt = BlockTT.from_cores(jnp.ones((3, 2, 1, 4)), jnp.ones((4, 1, 3, 5)))
     >>> btt.in_dims, btt.out_dims, btt.rank, btt.shape, btt.num_params
@@ -116,7 +116,7 @@ def btt_dims(in_features: int, out_features: int) -> tuple[tuple[int, int], tupl
   """Default (in_dims, out_dims): balanced two-factor splits with the larger input factor first and the smaller
   output factor first, which makes the parameter count ``r * (m * n1 + n * m2)`` the smaller of the orders.
 
-  Example:
+  Examples:
     >>> btt_dims(768, 3072)
     ((32, 24), (48, 64))
   """
@@ -130,7 +130,7 @@ def btt_to_dense(btt: BlockTT) -> jax.Array:
 
   Complexity: ``m * n * r`` multiply-adds.
 
-  Example:
+  Examples:
     >>> import jax
     >>> btt = random_btt(jax.random.key(0), (4, 3), (2, 5), rank=2)
     >>> btt_to_dense(btt).shape
@@ -147,7 +147,7 @@ def btt_matvec(btt: BlockTT, x: jax.Array, *, precision=None) -> jax.Array:
   Complexity: ``rows * r * (m * n1 + n * m2)`` multiply-adds; the intermediate
   holds ``rows * m2 * r * n1`` numbers.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> btt = random_btt(jax.random.key(0), (4, 3), (2, 5), rank=2)
     >>> x = jnp.ones((7, 12))
@@ -181,7 +181,7 @@ def btt_from_dense(w, in_dims, out_dims, rank: int) -> BlockTT:
     in_dims, out_dims: (m1, m2) and (n1, n2).
     rank: r, at most min(m1, n2).
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> w = np.random.default_rng(0).normal(size=(12, 10))
     >>> btt = btt_from_dense(w, (4, 3), (2, 5), rank=4)
@@ -221,7 +221,7 @@ def random_btt(key, in_dims, out_dims, rank: int, *, std: float = 1.0, dtype=jnp
   Each core's std follows its own fan-in (`btt_core_stds`), the
   structure-aware (muP) init of "Compute Better Spent".
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> btt = random_btt(jax.random.key(0), (32, 24), (48, 64), rank=4, std=0.02)
     >>> round(float(jnp.std(btt_to_dense(btt))), 3), btt.num_params
@@ -241,7 +241,7 @@ def random_btt(key, in_dims, out_dims, rank: int, *, std: float = 1.0, dtype=jnp
 def btt_flops(btt: BlockTT, rows: int) -> int:
   """FLOPs (2 per multiply-add) of `btt_matvec` on ``rows`` rows: ``2 * rows * r * (m * n1 + n * m2)``.
 
-  Example:
+  Examples:
     >>> import jax
     >>> btt_flops(random_btt(jax.random.key(0), (32, 24), (48, 64), rank=1), 1) / (2 * 768 * 3072)
     0.046875

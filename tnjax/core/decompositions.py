@@ -161,7 +161,7 @@ def tt_svd(x, max_rank=None, rtol=None, method: str = "svd") -> TensorTrain:
     d - 1 SVDs; the first, of an (n[0], prod(n[1:])) matrix, dominates:
     O(n[0]^2 prod(n)) time for a wide unfolding.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tnjax
     >>> x = jnp.arange(24.0).reshape(2, 3, 4)
     >>> tt = tnjax.tt_svd(x, max_rank=2)
@@ -218,7 +218,7 @@ def ttm_svd(w, in_dims, out_dims, max_rank=None, rtol=None, method: str = "svd")
   Complexity:
     One TT-SVD of a d-mode tensor with modes n_in[k] * n_out[k].
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tnjax
     >>> w = jnp.eye(6)
     >>> ttm = tnjax.ttm_svd(w, in_dims=(2, 3), out_dims=(2, 3), rtol=1e-6)  # I6 = I2 (x) I3
@@ -291,7 +291,7 @@ def orthogonalize(tt: TT, direction: str = "left") -> TT:
   Complexity:
     d QR factorizations, O(d n r^3).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tnjax
     >>> a = tnjax.random_tt(jax.random.key(0), (4, 5, 6), rank=3)
     >>> q = tnjax.orthogonalize(a, "left")
@@ -331,7 +331,7 @@ def truncate(tt: TT, max_rank=None, rtol=None) -> TT:
   Complexity:
     d QRs and d SVDs of (r n, r) matrices: O(d n r^3).
 
-  Example:
+  Examples:
     >>> import jax, tnjax
     >>> a = tnjax.random_tt(jax.random.key(0), (4, 5, 6), rank=3)
     >>> tnjax.truncate(tnjax.add(a, a), rtol=1e-5).ranks  # a + a has a's ranks

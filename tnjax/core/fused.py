@@ -92,7 +92,7 @@ def _layout(ttm: TTMatrix):
 def fused_supported(ttm: TTMatrix) -> bool:
   """Whether `matvec_fused` takes this TT-matrix's layout (not whether a GPU is present).
 
-  Example:
+  Examples:
     >>> import jax, tnjax
     >>> fused_supported(tnjax.random_ttm(jax.random.key(0), (16, 48), (192, 16), rank=8))
     True
@@ -110,7 +110,7 @@ def fused_unavailable(ttm: TTMatrix, *, interpret: bool = False, dtype=None) -> 
   input ``dtype`` outside `DTYPES`), or None when it can. With ``interpret=True`` (the Pallas interpreter)
   any backend will do.
 
-  Example:
+  Examples:
     >>> import jax, tnjax
     >>> fused_unavailable(tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=8))
     'the fused kernel takes a two-core TTMatrix'
@@ -132,7 +132,7 @@ def fused_dims(in_features: int, out_features: int) -> tuple[tuple[int, int], tu
   Raises:
     ValueError: when a size is not 16 times a multiple of 16.
 
-  Example:
+  Examples:
     >>> fused_dims(768, 3072)
     ((16, 48), (192, 16))
   """
@@ -429,7 +429,7 @@ def matvec_fused(ttm: TTMatrix, x: jax.Array, *, block_tokens: int | None = None
   Raises:
     ValueError: on an unsupported layout, a bad ``block_tokens`` or a shape mismatch.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tnjax
     >>> ttm = tnjax.random_ttm(jax.random.key(0), (16, 32), (32, 16), rank=2)
     >>> x = jax.random.normal(jax.random.key(1), (3, 512))
@@ -467,7 +467,7 @@ def fused_work(ttm: TTMatrix, tokens: int, itemsize: int = 2):
   x and dy, writes dx) and "core_grad" (the kernel making dA: recomputes V, reads x once per output slab and
   dy once). FLOPs count the padded rank. For the cost model of [`tnjax.core.linear`][tnjax.core.linear].
 
-  Example:
+  Examples:
     >>> import jax, tnjax
     >>> work = fused_work(tnjax.random_ttm(jax.random.key(0), (16, 48), (192, 16), rank=4), 16384)
     >>> work["forward"]  # 2 tokens r a q (b + p) FLOPs; tokens (768 + 3072) bf16 elements

@@ -67,7 +67,7 @@ def random_tt(key, dims, rank, *, std: float = 1.0, dtype=jnp.float32) -> Tensor
     ValueError: on non-positive dims or ranks, a per-bond rank above the
       bond's full rank, a wrong-length rank tuple, or a negative std.
 
-  Example:
+  Examples:
     >>> import jax, tnjax
     >>> tnjax.random_tt(jax.random.key(0), (4, 5, 6), rank=3).ranks
     (1, 3, 3, 1)
@@ -97,7 +97,7 @@ def random_ttm(key, in_dims, out_dims, rank, *, std: float = 1.0, dtype=jnp.floa
   Raises:
     ValueError: as `random_tt`, and when the dims differ in length.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tnjax
     >>> ttm = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=16, std=0.02)
     >>> round(float(jnp.std(tnjax.to_dense(ttm))), 3)

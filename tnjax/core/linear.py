@@ -96,7 +96,7 @@ class CostModel(NamedTuple):
   Another device (or dtype) needs its own constants: `benchmarks/bench_auto_path.py` prints how far
   ``"auto"`` lands from the best path with these.
 
-  Example:
+  Examples:
     >>> slow = CostModel(peak_flops=1e14, bandwidth=1e12, launch=5e-6)  # a smaller GPU
     >>> import jax, tnjax
     >>> choose_path(tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=16), 1, slow)
@@ -131,7 +131,7 @@ class Plan(NamedTuple):
   and core_grad are "fused" together or not at all. A plan whose three entries name one XLA path is that
   path (its own autodiff); any other runs in one custom VJP (reverse mode only, like "direct").
 
-  Example:
+  Examples:
     >>> Plan("fused", "dense", "dense")  # the forward kernel, the rebuild-W backward: path "fused_fwd"
     Plan(forward='fused', input_grad='dense', core_grad='dense')
   """
@@ -144,7 +144,7 @@ class Plan(NamedTuple):
 def transpose(ttm: TTMatrix) -> TTMatrix:
   """The TT-matrix of ``W.T``: swaps each core's input and output modes.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tnjax
     >>> ttm = tnjax.random_ttm(jax.random.key(0), (2, 3), (4, 5), rank=2)
     >>> bool(jnp.allclose(tnjax.to_dense(tnjax.transpose(ttm)), tnjax.to_dense(ttm).T))
@@ -314,7 +314,7 @@ def product_costs(ttm: TTMatrix, batch: int, cost: CostModel = H100, *,
     [`fused_work`][tnjax.core.fused.fused_work] and the ``fused_*`` constants, plus one launch. The
     input_grad kernel also makes dB; the two backward kernels run together.
 
-  Example:
+  Examples:
     >>> import jax, tnjax
     >>> ttm = tnjax.random_ttm(jax.random.key(0), (16, 48), (192, 16), rank=4)
     >>> costs = product_costs(ttm, 16384, gpu=True)
@@ -348,7 +348,7 @@ def choose_plan(ttm: TTMatrix, batch: int, cost: CostModel = H100, *, gpu: bool 
   [`fused_supported`][tnjax.core.fused.fused_supported] takes, and ``gpu`` (default: whether JAX's default
   backend is a GPU; pass True to see what a GPU would run, e.g. in a test on a CPU).
 
-  Example:
+  Examples:
     >>> import jax, tnjax
     >>> fused_layout = lambda rank: tnjax.random_ttm(jax.random.key(0), (16, 48), (192, 16), rank=rank)
     >>> choose_plan(fused_layout(4), 16384, gpu=True)  # measured best: the kernels both ways
@@ -378,7 +378,7 @@ def plan_seconds(ttm: TTMatrix, batch: int, plan: Plan, cost: CostModel = H100, 
   """Estimated forward+backward seconds of ``plan`` (the sum of its products in `product_costs`; the
   rebuild-W path's own autodiff rebuilds W once, not once per product).
 
-  Example:
+  Examples:
     >>> import jax, tnjax
     >>> ttm = tnjax.random_ttm(jax.random.key(0), (16, 48), (192, 16), rank=4)
     >>> fused, dense = Plan("fused", "fused", "fused"), Plan("dense", "dense", "dense")
@@ -397,7 +397,7 @@ def plan_seconds(ttm: TTMatrix, batch: int, plan: Plan, cost: CostModel = H100, 
 def path_costs(ttm: TTMatrix, batch: int, cost: CostModel = H100, *, gpu: bool | None = None) -> dict[str, float]:
   """Estimated forward seconds of each path for ``batch`` rows (`product_costs`'s "forward").
 
-  Example:
+  Examples:
     >>> import jax, tnjax
     >>> ttm = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=16)
     >>> sorted(path_costs(ttm, batch=16384))
@@ -414,7 +414,7 @@ def path_flops(ttm: TTMatrix, batch: int, path: str = "auto", cost: CostModel = 
   picks; "fused" and "fused_fwd" count as "split" (the kernel makes the same
   two products, keeping the intermediate on chip); "einsum" opt_einsum's count.
 
-  Example:
+  Examples:
     >>> import jax, tnjax
     >>> ttm = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=16)
     >>> path_flops(ttm, 16384, "dense") - 2 * 16384 * 768 * 3072  # rebuilding W
@@ -445,7 +445,7 @@ def path_flops(ttm: TTMatrix, batch: int, path: str = "auto", cost: CostModel = 
 def choose_path(ttm: TTMatrix, batch: int, cost: CostModel = H100, *, gpu: bool | None = None) -> str:
   """The forward path of `choose_plan`: ``"dense"``, ``"direct"``, ``"split"`` or, on a GPU, ``"fused"``.
 
-  Example:
+  Examples:
     >>> import jax, tnjax
     >>> ttm = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=32)
     >>> choose_path(ttm, batch=1), choose_path(ttm, batch=16384)
@@ -580,7 +580,7 @@ def matvec_split(ttm: TTMatrix, x: jax.Array, *, split: int | None = None, order
     entries). Per token: 2 r in_1 in_2 out_1 + 2 r out_1 in_2 out_2 FLOPs
     (prefix), 2 r in_1 in_2 out_2 + 2 r in_1 out_1 out_2 (suffix).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tnjax
     >>> ttm = tnjax.random_ttm(jax.random.key(0), (2, 3, 4), (4, 3, 2), rank=3)
     >>> x = jax.random.normal(jax.random.key(1), (5, 24))
@@ -736,7 +736,7 @@ def matvec(ttm: TTMatrix | BlockTT, x: jax.Array, *, path="auto", precision=None
   Raises:
     ValueError: on an unknown path or Plan, a shape mismatch, or a path other than "auto" for a BlockTT.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tnjax
     >>> w = tnjax.random_ttm(jax.random.key(0), (4, 4), (2, 3), rank=2)
     >>> tnjax.matvec(w, jnp.ones((5, 16))).shape
@@ -751,7 +751,7 @@ def matvec(ttm: TTMatrix | BlockTT, x: jax.Array, *, path="auto", precision=None
 def linear(ttm: TTMatrix, x: jax.Array, *, path="auto", precision=None, cost: CostModel = H100) -> jax.Array:
   """`matvec` under its former name (errors and warnings say "linear"); kept for existing callers.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tnjax
     >>> ttm = tnjax.random_ttm(jax.random.key(0), (4, 4), (4, 8), rank=3)
     >>> x = jnp.ones((2, 16))
@@ -803,7 +803,7 @@ def gather_rows(ttm: TTMatrix, ids: jax.Array) -> jax.Array:
   Complexity:
     Building the tables, plus per id 2 * r[s] * prod(out_dims) FLOPs.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tnjax
     >>> ttm = tnjax.random_ttm(jax.random.key(0), (4, 5), (2, 3), rank=2)
     >>> ids = jnp.array([[0, 19], [7, 7]])

@@ -30,7 +30,7 @@ def to_dense(tt: TT) -> jax.Array:
   Complexity:
     O(prod(n) * r^2) time, O(prod(n) * r) memory at the last step.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tnjax
     >>> x = jnp.arange(8.0).reshape(2, 2, 2)
     >>> bool(jnp.allclose(tnjax.to_dense(tnjax.tt_svd(x)), x, atol=1e-5))
@@ -92,7 +92,7 @@ def matvec_plan(ttm: TTMatrix, batch: int) -> opt_einsum.contract.PathInfo:
   [`tnjax.matvec`][tnjax.matvec] picks by default come from the cost model of
   [`tnjax.core.linear`][tnjax.core.linear] instead.
 
-  Example:
+  Examples:
     >>> import jax, tnjax
     >>> ttm = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=8)
     >>> tnjax.matvec_plan(ttm, batch=1).opt_cost < tnjax.matvec_plan(ttm, batch=1024).opt_cost
@@ -170,7 +170,7 @@ def add(a: TT, b: TT) -> TT:
   Raises:
     ValueError: when the formats or mode sizes differ.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tnjax
     >>> a = tnjax.random_tt(jax.random.key(0), (3, 4, 5), rank=2)
     >>> s = tnjax.add(a, a)
@@ -194,7 +194,7 @@ def add(a: TT, b: TT) -> TT:
 def scale(tt: TT, alpha) -> TT:
   """``alpha * tt``, applied to the first core (ranks unchanged). ``alpha`` is a scalar.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tnjax
     >>> a = tnjax.random_tt(jax.random.key(0), (3, 4), rank=2)
     >>> bool(jnp.allclose(tnjax.to_dense(tnjax.scale(a, -2.0)), -2 * tnjax.to_dense(a)))
@@ -215,7 +215,7 @@ def balance(tt: TT) -> TT:
   steps have the same size for every parameter, then move at very different
   relative rates. A zero tensor is returned as it is.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tnjax
     >>> a = tnjax.random_tt(jax.random.key(0), (3, 4, 5), rank=2)
     >>> b = tnjax.balance(tnjax.TensorTrain((a.cores[0] * 1e4,) + a.cores[1:2] + (a.cores[2] * 1e-2,)))
@@ -236,7 +236,7 @@ def inner(a: TT, b: TT) -> jax.Array:
   Complexity:
     O(d n r^3) for ranks r on both sides.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tnjax
     >>> a = tnjax.random_tt(jax.random.key(0), (3, 4, 5), rank=2)
     >>> bool(jnp.allclose(tnjax.inner(a, a), jnp.sum(tnjax.to_dense(a) ** 2), rtol=1e-5))
@@ -256,7 +256,7 @@ def norm(tt: TT) -> jax.Array:
   of two nearly equal tensors the result is accurate only to about
   ``sqrt(eps) * ||a||``; compare dense tensors or round first where that matters.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tnjax
     >>> a = tnjax.random_tt(jax.random.key(0), (3, 4, 5), rank=2)
     >>> bool(jnp.allclose(tnjax.norm(a), jnp.linalg.norm(tnjax.to_dense(a)), rtol=1e-5))

@@ -75,7 +75,7 @@ def factorize(n: int, d: int) -> tuple[int, ...]:
   Raises:
     ValueError: when n or d is not a positive integer.
 
-  Example:
+  Examples:
     >>> import tnjax
     >>> tnjax.factorize(768, 3), tnjax.factorize(3072, 3)
     ((8, 8, 12), (12, 16, 16))

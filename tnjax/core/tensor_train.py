@@ -72,7 +72,7 @@ class TensorTrain(_TTBase):
 
   Build one with `from_cores` (validates) or [`tt_svd`][tnjax.tt_svd].
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tnjax
     >>> tt = tnjax.TensorTrain((jnp.ones((1, 2, 3)), jnp.ones((3, 4, 1))))
     >>> tt.dims, tt.ranks, tt.num_params
@@ -112,7 +112,7 @@ class TTMatrix(_TTBase):
 
   Build one with `from_cores` (validates) or [`ttm_svd`][tnjax.ttm_svd].
 
-  Example:
+  Examples:
     >>> import jax, tnjax
     >>> ttm = tnjax.random_ttm(jax.random.key(0), (2, 3), (4, 5), rank=2)
     >>> ttm.in_dims, ttm.out_dims, ttm.shape, ttm.ranks

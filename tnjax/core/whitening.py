@@ -73,7 +73,7 @@ def whitening(gram, *, floor: float = FLOOR, fn: str = "whitening") -> tuple[jax
     ValueError: when ``gram`` is not square, not finite, all zero, or (concrete) has an eigenvalue below
       ``-floor * max eigenvalue``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> s_t, s_t_inv = whitening(jnp.diag(jnp.array([4.0, 1.0])))
     >>> bool(jnp.allclose(s_t.T @ s_t, jnp.diag(jnp.array([4.0, 1.0])))), bool(jnp.allclose(s_t_inv @ s_t, jnp.eye(2)))
@@ -114,7 +114,7 @@ def whiten(w, gram, *, floor: float = FLOOR, fn: str = "whiten") -> jax.Array:
     floor: the jitter rule of `whitening`.
     fn: the caller named in errors.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> x = jnp.array([[1.0, 2.0], [0.0, 3.0], [4.0, 1.0]])
     >>> w = jnp.array([[1.0, -1.0], [2.0, 0.5]])
@@ -130,7 +130,7 @@ def whitened_spectrum(w, gram, *, floor: float = FLOOR) -> jax.Array:
   """Singular values of the whitened ``S^T W``, descending: keeping rank r loses ``sum(s[r:]**2)`` of squared
   output error (``||X (W - W_r)||_F^2``), the truncation loss an allocation compares across layers.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> s = whitened_spectrum(jnp.eye(3), jnp.diag(jnp.array([9.0, 4.0, 1.0])))
     >>> [round(float(v), 4) for v in s]
@@ -166,7 +166,7 @@ def whitened_svd(w, gram, rank: int, *, floor: float = FLOOR) -> tuple[jax.Array
   Complexity:
     One eigendecomposition of ``gram`` (in^3) and one SVD of an (in, out) matrix.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> x = jax.random.normal(jax.random.key(0), (256, 8)) * jnp.arange(1.0, 9.0)  # correlated scales
     >>> w = jax.random.normal(jax.random.key(1), (8, 6))
@@ -193,7 +193,7 @@ def kronecker_grams(gram, in_dims) -> tuple[jax.Array, ...]:
   (row-major: mode 0 is the slowest index). For ``gram = A (x) B`` they are ``tr(B) A`` and ``tr(A) B``.
   A 1-d (diagonal) ``gram`` gives 1-d factors.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> a, b = jnp.array([[2.0, 1.0], [1.0, 2.0]]), jnp.diag(jnp.array([1.0, 3.0, 5.0]))
     >>> g0, g1 = kronecker_grams(jnp.kron(a, b), (2, 3))
@@ -233,7 +233,7 @@ def whitened_ttm_svd(w, gram, in_dims, out_dims, max_rank=None, rtol=None, *, fl
     scale, ~1e6 on a trained GPT, in its last core, which healing with Adam
     could not train).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tnjax
     >>> mix = jax.random.normal(jax.random.key(0), (16, 16))
     >>> x = jax.random.normal(jax.random.key(1), (512, 16)) @ mix  # correlated inputs

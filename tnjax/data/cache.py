@@ -86,7 +86,7 @@ def train_batch(tokens: np.ndarray, step: int, batch_size: int, block_size: int,
   Returns:
     ``(x, y)`` int32 arrays of shape (batch_size, block_size), y shifted by one.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> x, y = train_batch(np.arange(100), step=3, batch_size=2, block_size=8, seed=0)
     >>> x.shape, bool((y[:, :-1] == x[:, 1:]).all())
@@ -102,7 +102,7 @@ def train_batch(tokens: np.ndarray, step: int, batch_size: int, block_size: int,
 def eval_batches(tokens: np.ndarray, num_batches: int, batch_size: int, block_size: int):
   """Fixed, evenly spaced windows for validation: the same every call.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> batches = eval_batches(np.arange(100), num_batches=3, batch_size=2, block_size=8)
     >>> x, y = batches[0]

@@ -25,7 +25,7 @@ def load_tokenizer(path) -> Tokenizer:
   Raises:
     ValueError: when none of those files exists.
 
-  Example:
+  Examples:
     >>> import tempfile, pathlib
     >>> from tnjax.data import SAMPLE_DIR, train_tokenizer
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -62,7 +62,7 @@ def train_tokenizer(files: Sequence, vocab_size: int, *, min_frequency: int = 2,
   Raises:
     ValueError: on a missing file or too small a vocabulary.
 
-  Example:
+  Examples:
     >>> from tnjax.data import SAMPLE_DIR
     >>> tok = train_tokenizer([SAMPLE_DIR / "valid.txt"], 300)
     >>> tok.get_vocab_size(), tok.decode(tok.encode("In the beginning").ids)

@@ -108,7 +108,7 @@ def load_hf(path, *, dtype: str | None = None, fn: str = "load_hf", model_types:
       (named), missing, unexpected or wrongly shaped tensors (named), all
       before any weight is used.
 
-  Example:
+  Examples:
     >>> import tempfile
     >>> from flax import nnx
     >>> from tnjax.models import Llama, preset

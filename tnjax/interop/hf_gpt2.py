@@ -88,7 +88,7 @@ def load_hf_gpt2(path, *, dtype: str | None = None) -> GPT:
 def hf_config(cfg: GPTConfig) -> dict:
   """The Hugging Face ``config.json`` dict of a `GPTConfig`.
 
-  Example:
+  Examples:
     >>> from tnjax.models import preset
     >>> hf = hf_config(preset("gpt2"))
     >>> hf["n_embd"], hf["n_layer"], hf["vocab_size"], config_from_hf(hf) == preset("gpt2")
@@ -164,7 +164,7 @@ def save_hf_gpt2(model: GPT, path):
   and blocks narrowed by MoDeGPT zero-padded to full width (same function);
   use [`save_model`][tnjax.interop.save_model] to keep the compact form.
 
-  Example:
+  Examples:
     >>> import tempfile
     >>> import jax.numpy as jnp
     >>> from flax import nnx

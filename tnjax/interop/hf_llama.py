@@ -47,7 +47,7 @@ def config_from_hf(hf: dict, fn: str = "load_hf") -> LlamaConfig:
   name: other activations, MLP biases, sliding-window attention, partial or per-layer rotary embeddings, rope
   scaling types other than linear and llama3, and a ``head_dim`` other than ``hidden_size / heads``.
 
-  Example:
+  Examples:
     >>> from tnjax.models import preset
     >>> hf = hf_config(preset("smollm-135m"))
     >>> hf["num_key_value_heads"], hf["tie_word_embeddings"], config_from_hf(hf) == preset("smollm-135m")

@@ -32,7 +32,7 @@ def save_model(model: Decoder, path) -> pathlib.Path:
   """Writes ``config.json`` (format marker, tnjax version, model family, config) and ``model.safetensors`` (all
   parameters).
 
-  Example:
+  Examples:
     >>> import tempfile
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset

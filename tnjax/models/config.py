@@ -50,7 +50,7 @@ class LayerSpec:
       so the config rebuilds every layer exactly and loading checks TT cores'
       shapes too.
 
-  Example:
+  Examples:
     >>> LayerSpec.coerce({"kind": "ttm", "rank": 16}, "mlp.c_fc")
     LayerSpec(kind='ttm', rank=16, num_cores=3, in_dims=None, out_dims=None, path='auto', quant=None, ranks=None)
   """
@@ -154,7 +154,7 @@ class DecoderConfig:
     embedding, else ``vocab_size`` (TT embeddings pad their own way, low-rank and MPS ones need no padding; an
     untied head is never padded).
 
-    Example:
+    Examples:
       >>> GPTConfig().padded_vocab, GPTConfig(vocab_multiple=1).padded_vocab
       (50304, 50257)
     """
@@ -218,7 +218,7 @@ class DecoderConfig:
   def projection_shape(self, name: str, layer: int) -> tuple[int, int]:
     """(in_features, out_features) of projection ``name`` in block ``layer`` ("lm_head": (d_model, vocab_size)).
 
-    Example:
+    Examples:
       >>> GPTConfig().projection_shape("attn.c_attn", 0), GPTConfig().projection_shape("mlp.c_proj", 0)
       ((768, 2304), (3072, 768))
     """
@@ -332,7 +332,7 @@ class GPTConfig(DecoderConfig):
       "v_dim" (value width per head); what MoDeGPT compression produces.
       Attention keeps the scale 1 / sqrt(d_model / n_head).
 
-  Example:
+  Examples:
     >>> cfg = GPTConfig(n_layer=2, layers={"mlp.c_fc": {"kind": "ttm", "rank": 8}, "h.0.mlp.c_fc": "dense"})
     >>> cfg.spec("mlp.c_fc", 0).kind, cfg.spec("mlp.c_fc", 1).kind, cfg.ff_dim
     ('dense', 'ttm', 3072)
@@ -366,7 +366,7 @@ class GPTConfig(DecoderConfig):
     """This configuration widened or narrowed to ``d_model`` by heads at a fixed head width, with ``d_ff`` scaled
     alike: the base model of muP.
 
-    Example:
+    Examples:
       >>> base = GPTConfig(d_model=768, n_head=12).at_width(256)
       >>> base.d_model, base.n_head, base.ff_dim
       (256, 4, 1024)
@@ -402,7 +402,7 @@ PRESETS = {
 def preset(name: str, **overrides) -> DecoderConfig:
   """A named configuration of any family, with overrides (see `tnjax.models.family.preset`).
 
-  Example:
+  Examples:
     >>> cfg = preset("gpt2", n_layer=6)
     >>> cfg.n_layer, cfg.d_model, cfg.vocab_size
     (6, 768, 50257)

@@ -40,7 +40,7 @@ def make_linear(spec: LayerSpec, in_features: int, out_features: int, *, std: fl
   """One projection, dense or tensorized by ``spec``, with dense-equivalent init std ``std`` (``balance``: how
   TT-matrix cores share it, see [`TTMLinear`][tnjax.nn.TTMLinear]).
 
-  Example:
+  Examples:
     >>> from tnjax.models import LayerSpec
     >>> layer = make_linear(LayerSpec("lowrank", rank=4), 16, 32, std=0.02, use_bias=True, dtype=None,
     ...                     rngs=nnx.Rngs(0))
@@ -66,7 +66,7 @@ def make_linear(spec: LayerSpec, in_features: int, out_features: int, *, std: fl
 def dense_kernel(layer: nnx.Module) -> jax.Array:
   """The (in, out) dense kernel of any projection (reconstructed for tensorized ones).
 
-  Example:
+  Examples:
     >>> from tnjax.nn import TTMLinear
     >>> dense_kernel(TTMLinear(12, 20, rank=2, rngs=nnx.Rngs(0))).shape
     (12, 20)
@@ -77,7 +77,7 @@ def dense_kernel(layer: nnx.Module) -> jax.Array:
 def linear_flops(layer: nnx.Module, rows: int) -> int:
   """Forward FLOPs (2 per multiply-add, bias excluded) of a projection of any kind on ``rows`` rows.
 
-  Example:
+  Examples:
     >>> linear_flops(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), 10)
     10240
   """
@@ -126,7 +126,7 @@ def cached_attention(q, k, v, cache, pos, *, scale: float, impl) -> tuple[jax.Ar
 def make_embedding(cfg: DecoderConfig, rngs: nnx.Rngs) -> nnx.Module:
   """The token embedding of ``cfg.layers["embedding"]``: dense (``padded_vocab`` rows), TT-matrix, low-rank or MPS.
 
-  Example:
+  Examples:
     >>> from tnjax.models import preset
     >>> emb = make_embedding(preset("tiny", layers={"embedding": {"kind": "lowrank", "rank": 8}}), nnx.Rngs(0))
     >>> type(emb).__name__, emb.num_params  # 8 * (512 + 128)
@@ -268,7 +268,7 @@ class Decoder(nnx.Module):
     ``rows`` is the tokens per forward call (a micro-batch), default ``block_size``: TT-matrix layers that
     rebuild W spread that cost over them, and the cost model's path choice depends on it.
 
-    Example:
+    Examples:
       >>> from tnjax.models import GPT, preset
       >>> model = nnx.eval_shape(lambda: GPT(preset("gpt2", vocab_multiple=1), rngs=nnx.Rngs(0)))
       >>> round(model.flops_per_token() / 1e6, 1)  # 2 * 85M block params + 2 * 38.6M head + attention

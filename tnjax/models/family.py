@@ -64,7 +64,7 @@ FAMILIES = {
 def family(name_or_config) -> ModelFamily:
   """The family of a registry name, a config or a model.
 
-  Example:
+  Examples:
     >>> family(preset("llama-tiny")).model.__name__, family("gpt2").config.__name__
     ('Llama', 'GPTConfig')
   """
@@ -94,7 +94,7 @@ def preset(name: str, **overrides) -> DecoderConfig:
   """A named configuration with overrides: GPT-2's "gpt2" (124M), "gpt2-medium", "gpt2-large", "tiny", and
   Llama-style "smollm-135m", "smollm-360m" (public SmolLM shapes) and "llama-tiny" (for CPU tests).
 
-  Example:
+  Examples:
     >>> cfg = preset("gpt2", n_layer=6)
     >>> cfg.n_layer, cfg.d_model, cfg.vocab_size
     (6, 768, 50257)

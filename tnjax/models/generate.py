@@ -59,7 +59,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0
       block_size, a negative temperature, top_k outside [1, vocab], or a
       missing rng when sampling.
 
-  Example:
+  Examples:
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset
     >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))

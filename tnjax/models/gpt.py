@@ -132,7 +132,7 @@ class GPT(Decoder):
   `init_cache` and `step` (or [`generate`][tnjax.models.generate]) for
   KV-cached decoding.
 
-  Example:
+  Examples:
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset
     >>> model = GPT(preset("tiny", layers={"mlp.c_fc": {"kind": "ttm", "rank": 8}}), rngs=nnx.Rngs(0))

@@ -65,15 +65,14 @@ class LlamaConfig(DecoderConfig):
     attention_bias: biases on the query, key and value projections (Qwen2).
     output_bias: a bias on the attention output projection (Llama's
       ``attention_bias=True`` sets both).
-    dropout, tie_embeddings, init_std, layers, attention_impl, dtype,
-      vocab_multiple: as `GPTConfig`. Every projection is initialized with
-      std ``init_std`` (Hugging Face's ``initializer_range``).
+    dropout, tie_embeddings, init_std, layers, attention_impl, dtype, vocab_multiple: as `GPTConfig`.
+      Every projection is initialized with std ``init_std`` (Hugging Face's ``initializer_range``).
     dims: per-block sizes set by MoDeGPT, keyed "h.{i}": "d_ff", "qk_dim",
       "v_dim" and "rope_pairs" (the rotary frequency indices kept, sorted,
       ``qk_dim / 2`` of them).
     mup_base_width: muP is implemented for GPT-2 only: must be None.
 
-  Example:
+  Examples:
     >>> cfg = LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, vocab_size=100)
     >>> cfg.kv_heads, cfg.projection_shape("attn.k_proj", 0), cfg.projection_shape("mlp.down_proj", 1)
     (2, (64, 32), (128, 64))
@@ -314,7 +313,7 @@ class Block(PreNormBlock):
 class Llama(Decoder):
   """A Llama-style language model (see the module docstring).
 
-  Example:
+  Examples:
     >>> from flax import nnx
     >>> from tnjax.models import Llama, preset
     >>> model = Llama(preset("llama-tiny", layers={"mlp.up_proj": {"kind": "ttm", "rank": 8}}), rngs=nnx.Rngs(0))

@@ -23,7 +23,7 @@ _BLOCK_KEY = re.compile(r"^h\.(\d+)$")
 def layer_key(layer: int, projection: str) -> str:
   """The name of ``projection`` in block ``layer``.
 
-  Example:
+  Examples:
     >>> layer_key(3, "mlp.c_fc")
     'h.3.mlp.c_fc'
   """
@@ -38,7 +38,7 @@ def block_key(layer: int) -> str:
 def parse_layer_key(key: str) -> tuple[int | None, str]:
   """``(block, projection)`` of a layer name; block is None for a name without ``"h.{i}."``.
 
-  Example:
+  Examples:
     >>> parse_layer_key("h.3.mlp.c_fc"), parse_layer_key("mlp.c_fc"), parse_layer_key("lm_head")
     ((3, 'mlp.c_fc'), (None, 'mlp.c_fc'), (None, 'lm_head'))
   """

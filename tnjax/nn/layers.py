@@ -165,7 +165,7 @@ class TTMLinear(nnx.Module):
       stds, or "fan_in" (each core's variance proportional to one over its own
       fan-in ``r[k] * n_in[k]``: the muP init); see [`random_ttm`][tnjax.random_ttm].
 
-  Example:
+  Examples:
     >>> from flax import nnx
     >>> layer = TTMLinear(768, 3072, rank=16, rngs=nnx.Rngs(0))
     >>> layer(jnp.ones((2, 768))).shape, layer.in_dims, layer.out_dims
@@ -278,7 +278,7 @@ class TTEmbedding(nnx.Module):
     dtype, param_dtype, cost, precision, rngs: as `TTMLinear`.
     ttm: existing cores of shape (prod(vocab_dims), prod(feature_dims)).
 
-  Example:
+  Examples:
     >>> from flax import nnx
     >>> emb = TTEmbedding(50257, 768, rank=32, rngs=nnx.Rngs(0))
     >>> emb(jnp.array([[0, 50256]])).shape, emb.vocab_dims
@@ -389,7 +389,7 @@ class MPSEmbedding(nnx.Module):
     rngs: ``nnx.Rngs`` for a random init.
     cores: existing stacked cores (see `from_dense`).
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> table = np.random.default_rng(0).normal(size=(10, 12))
     >>> emb = MPSEmbedding.from_dense(table, feature_dims=(2, 2, 3))  # exact (full rank)
@@ -499,7 +499,7 @@ class BTTLinear(nnx.Module):
     btt: existing cores to wrap (e.g. from `tnjax.btt_from_dense`).
     quant: None, or "int8" (cores stored as int8 with per-channel scales).
 
-  Example:
+  Examples:
     >>> from flax import nnx
     >>> layer = BTTLinear(768, 3072, rank=4, rngs=nnx.Rngs(0))
     >>> layer(jnp.ones((2, 768))).shape, layer.in_dims, layer.out_dims, layer.num_params
@@ -649,7 +649,7 @@ class LowRankLinear(nnx.Module):
     u, v: existing factors of shapes (in_features, r) and (r, out_features).
     quant: None, or "int8" (factors stored as int8 with per-column scales).
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> w = np.random.default_rng(0).normal(size=(64, 32))
     >>> layer = LowRankLinear.from_dense(w, rank=8)
@@ -742,7 +742,7 @@ class LowRankEmbedding(nnx.Module):
       min(num_embeddings, features), a missing ``rank`` or ``rngs`` for a random
       init, only one factor, or factors of the wrong shapes.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> table = np.random.default_rng(0).normal(size=(100, 16))
     >>> emb = LowRankEmbedding.from_dense(table, rank=16)  # full rank: exact
@@ -823,7 +823,7 @@ def hidden_fan_ins(module: nnx.Module) -> dict[str, int]:
   (scaled by the model's output multiplier instead) are absent: muP keeps
   their learning rates. Used by `tnjax.train.mup_multipliers`.
 
-  Example:
+  Examples:
     >>> from flax import nnx
     >>> hidden_fan_ins(BTTLinear(768, 3072, rank=4, rngs=nnx.Rngs(0)))
     {'cores.0': 32, 'cores.1': 96}

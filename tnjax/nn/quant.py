@@ -28,7 +28,7 @@ def quantize(w) -> tuple[jax.Array, jax.Array]:
     ``(q, scale)``: q int8 of w's shape, scale float32 with size-1 leading
     axes (broadcasts against q); an all-zero channel gets scale 1.
 
-  Example:
+  Examples:
     >>> q, s = quantize(jnp.array([[1.0, -4.0], [0.5, 2.0]]))
     >>> q.tolist(), s.shape
     ([[127, -127], [64, 64]], (1, 2))
@@ -44,7 +44,7 @@ def quantize(w) -> tuple[jax.Array, jax.Array]:
 def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
   """``q * scale`` in ``dtype``.
 
-  Example:
+  Examples:
     >>> w = jnp.array([[0.5, -1.0], [0.25, 2.0]])
     >>> q, s = quantize(w)
     >>> bool(jnp.all(jnp.abs(dequantize(q, s) - w) <= s / 2))
@@ -67,7 +67,7 @@ class Int8Linear(nnx.Module):
     kernel: a float (in, out) kernel to quantize; zeros when None (a skeleton to load into).
     bias: its bias.
 
-  Example:
+  Examples:
     >>> layer = Int8Linear(4, 3, kernel=jnp.ones((4, 3)))
     >>> layer(jnp.ones((2, 4))).tolist()
     [[4.0, 4.0, 4.0], [4.0, 4.0, 4.0]]

@@ -51,7 +51,7 @@ class TrainConfig:
       ``d_model = mup_base_width`` carries over to wider models.
     mup_base_width: the width at which muP equals the standard parametrization.
 
-  Example:
+  Examples:
     >>> cfg = TrainConfig(steps=1000, layers={"mlp.c_fc": {"kind": "ttm", "rank": 64}}, dtype="bfloat16")
     >>> cfg.validate().batch_size, cfg.model
     (16, 'tiny')
@@ -203,7 +203,7 @@ def apply_overrides(base: dict, overrides: list[str]) -> dict:
   dot being the key: ``layers.mlp.c_fc={"kind": "ttm", "rank": 32}``,
   ``model_overrides.n_layer=4``.
 
-  Example:
+  Examples:
     >>> apply_overrides({"steps": 10, "layers": {}}, ["steps=500", 'layers.mlp.c_fc={"kind": "ttm", "rank": 8}'])
     {'steps': 500, 'layers': {'mlp.c_fc': {'kind': 'ttm', 'rank': 8}}}
   """
@@ -227,7 +227,7 @@ def apply_overrides(base: dict, overrides: list[str]) -> dict:
 def resolve(config_file: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
   """Defaults, then a TOML file's top-level keys, then ``--set`` overrides.
 
-  Example:
+  Examples:
     >>> cfg = resolve(None, ["steps=50", "lr=1e-3"])
     >>> cfg.steps, cfg.lr
     (50, 0.001)

@@ -62,7 +62,7 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     decay to ``min_lr_ratio * lr`` at ``steps``. Runs of different ``steps`` agree up to the
     earlier decay start, which is what lets one run branch into several budgets.
 
-  Example:
+  Examples:
     >>> from tnjax.train import TrainConfig
     >>> f = lr_schedule(TrainConfig(lr=1.0, min_lr_ratio=0.0, warmup=10, steps=100, schedule="wsd",
     ...                             decay_fraction=0.2))
@@ -84,7 +84,7 @@ def make_optimizer(cfg: TrainConfig, params: dict, multipliers: dict | None = No
   and weight decay only on matrices and TT cores (not on norms and biases); with ``multipliers``
   (``{name: float}`` for some of ``params``, e.g. muP's), each parameter's update is scaled by its own.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from tnjax.train import TrainConfig
     >>> params = {"w": jnp.ones((4, 4)), "b": jnp.zeros(4)}
@@ -137,7 +137,7 @@ def _cross_entropy(logits, targets):
 class Trainer:
   """Holds the model definition, optimizer and jitted steps of one run.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from tnjax.train import TrainConfig
     >>> trainer = Trainer(TrainConfig(steps=2, block_size=32, batch_size=4), vocab_size=512)

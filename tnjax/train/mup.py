@@ -30,7 +30,7 @@ def mup_multipliers(cfg: GPTConfig) -> dict[str, float]:
   ``mup_base_width``), by dotted parameter name: ``fan_in`` at the base width over ``fan_in`` at ``cfg``'s.
   Parameters not listed keep multiplier 1.
 
-  Example:
+  Examples:
     >>> from tnjax.models import preset
     >>> cfg = preset("tiny", d_model=256, n_head=8, mup_base_width=128,
     ...              layers={"mlp.c_fc": {"kind": "btt", "rank": 2}})
@@ -58,7 +58,7 @@ def scale_by_multipliers(multipliers) -> optax.GradientTransformation:
   """Multiplies each update by a constant of the same tree structure (a per-parameter learning rate when it
   follows the optimizer, decoupled weight decay included).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> tx = scale_by_multipliers({"a": 0.5, "b": 1.0})
     >>> tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, tx.init(None))[0]["a"]
