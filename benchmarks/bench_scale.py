@@ -191,6 +191,7 @@ def main() -> None:
   p.add_argument("--calib-windows", type=int, default=64)
   p.add_argument("--eval-tokens", type=int, default=32768)
   p.add_argument("--ratio", default="0.8")
+  p.add_argument("--skip", default="", help="comma-separated stages not to run (e.g. load,eval)")
   p.add_argument("--vocab", type=int, default=8192, help="tokenizer size (at most the shape's vocabulary)")
   p.add_argument("--work", help="directory for checkpoints (default a temporary one); reused when it holds them")
   p.add_argument("--out", help="JSON-lines file to append to")
@@ -225,6 +226,8 @@ def main() -> None:
       small, hf = work / f"{shape}-svdllm" / "model", work / f"{shape}-svdllm-hf"
       stages += [("export", ["export", str(small), str(hf)]), ("hf-reload", ["hf-reload", str(hf)])]
     for name, stage_args in stages:
+      if name in args.skip.split(","):
+        continue
       row = run_stage(name, stage_args, log)
       _common.emit({"bench": "scale", "shape": shape, **row, "ratio": args.ratio, "calib_windows": args.calib_windows,
                     "eval_tokens": args.eval_tokens, **env}, args.out)

@@ -1,6 +1,7 @@
 """Per-projection input Grams from one calibration pass, for GPT-2 and Llama-style models, and their use:
 the whitened SVD of a real layer has lower output error on the calibration activations than plain SVD."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -101,3 +102,30 @@ def test_compress_run_svdllm_needs_calibration_text(tmp_path):
 
   with pytest.raises(ValueError, match=r"compress: method 'svdllm' needs calibration text \(--calib FILE\)"):
     run(GPT(preset("tiny"), rngs=nnx.Rngs(0)), "svdllm", tmp_path / "o", targets=[{"ratio": 0.5}])
+
+
+def test_projections_reading_one_input_share_one_stored_gram():
+  cfg = preset("llama-tiny")
+  model = Llama(cfg, rngs=nnx.Rngs(0))
+  grams = input_grams(model, np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8)).astype(np.int32)).grams
+  for i in range(cfg.n_layer):
+    q, k, v, o = (grams[f"h.{i}.attn.{p}"] for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    gate, up, down = (grams[f"h.{i}.mlp.{p}"] for p in ("gate_proj", "up_proj", "down_proj"))
+    assert q is k is v and gate is up and len({id(g) for g in (q, o, gate, down)}) == 4
+  gpt = input_grams(GPT(preset("tiny"), rngs=nnx.Rngs(0)), np.zeros((1, 8), np.int32)).grams
+  assert len({id(g) for g in gpt.values()}) == len(gpt)  # GPT-2: every projection its own input
+
+
+def test_compensated_sums_do_not_grow_rounding_with_the_number_of_batches():
+  from tnjax.compress.calibration import _compensated_add
+
+  values = np.random.default_rng(0).uniform(0, 1, (4000, 8)).astype(np.float32) + np.float32(1e4)
+  exact = values.astype(np.float64).sum(0)
+  total = (jnp.zeros(8, jnp.float32), jnp.zeros(8, jnp.float32))
+  naive = np.zeros(8, np.float32)
+  add = jax.jit(_compensated_add)
+  for v in values:
+    total = add(total, jnp.asarray(v))
+    naive += v
+  assert np.abs(np.asarray(total[0], np.float64) - exact).max() <= 2 * np.spacing(np.float32(exact.max()))
+  assert np.abs(naive.astype(np.float64) - exact).max() > 50 * np.spacing(np.float32(exact.max()))

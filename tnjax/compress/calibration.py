@@ -13,9 +13,12 @@ hidden states that leave the already-compressed blocks 0..i-1, so each fit
 sees the inputs it will get (as GPTQ and SVD-LLM's sequential variant do).
 
 Precision and memory: each batch's Grams are computed on the device in
-float32 at the highest matmul precision and summed on the host in float64,
-so rounding does not grow with the number of batches. Projections that read
-the same input (Llama's q/k/v, gate/up) share one computation. The hidden
+float32 at the highest matmul precision and summed there with compensated
+(Kahan) summation, so rounding does not grow with the number of batches; each
+block's sums reach the host once, as float64. (Moving every batch's Grams to
+the host took most of svdllm's 242 s on a Llama-3.2-1B shape.) Projections
+that read the same input (Llama's q/k/v, gate/up) share one computation and
+one stored array. The hidden
 states of all batches are kept between blocks (tokens x d_model float32:
 400 MB for 128k tokens of GPT-2 124M); GPT-2 124M's float64 Grams take
 about 1.1 GB (its 3072-wide MLP inputs dominate).
@@ -24,6 +27,7 @@ about 1.1 GB (its 3072-wide MLP inputs dominate).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -83,17 +87,40 @@ def _cos_sum(x, y):
   return jnp.sum(jnp.sum(x * y, -1) / (jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(y, axis=-1) + 1e-12))
 
 
-@nnx.jit
-def _block_stats(block, x) -> tuple[jax.Array, dict, jax.Array]:
+def shared_inputs(block, x) -> dict[str, str]:
+  """``{projection: the first projection reading the same array}`` of one block (Llama's q/k/v and gate/up,
+  GPT-2's c_attn read one input each), found by tracing ``block.trace`` abstractly (no computation)."""
+  first: dict[str, str] = {}
+
+  def names(block, x):
+    seen: dict[int, str] = {}
+    for name, inp in block.trace(x)[1]["inputs"].items():
+      first[name] = seen.setdefault(id(inp), name)
+    return 0
+
+  nnx.eval_shape(names, block, x)
+  return first
+
+
+def _compensated_add(total, value):
+  """Kahan summation: ``(sum, lost low-order bits)`` plus ``value``; float32 sums whose error does not grow
+  with the number of terms, so Grams can be summed on the device and moved to the host once per block."""
+  s, c = total
+  y = value - c
+  t = s + y
+  return t, (t - s) - y
+
+
+@functools.partial(nnx.jit, donate_argnums=2)
+def _block_stats(block, x, totals) -> tuple[jax.Array, dict, jax.Array]:
+  """Block outputs, the Grams of its distinct inputs added into ``totals`` (donated), and the cosine sum."""
   y, acts = block.trace(x)
-  seen: dict[int, jax.Array] = {}
-  grams = {}
-  for name, inp in acts["inputs"].items():
-    if id(inp) not in seen:  # q/k/v (and gate/up) read one array: one Gram
-      z = inp.reshape(-1, inp.shape[-1]).astype(jnp.float32)
-      seen[id(inp)] = jnp.matmul(z.T, z, precision=jax.lax.Precision.HIGHEST)
-    grams[name] = seen[id(inp)]
-  return y.astype(jnp.float32), grams, _cos_sum(x, y.astype(jnp.float32))
+  out = {}
+  for name, (s, c) in totals.items():
+    z = acts["inputs"][name]
+    z = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+    out[name] = _compensated_add((s, c), jnp.matmul(z.T, z, precision=jax.lax.Precision.HIGHEST))
+  return y.astype(jnp.float32), out, _cos_sum(x, y.astype(jnp.float32))
 
 
 @nnx.jit
@@ -140,20 +167,22 @@ def calibration_pass(fn: str, model: Decoder, batches, refit: Refit | None = Non
   states = [_embed(model, b) for b in batches]
   grams, importance = {}, []
   for i, block in enumerate(model.h):
-    total, cos, outs = None, 0.0, []
+    first = shared_inputs(block, states[0])
+    inputs = nnx.eval_shape(lambda b, x: b.trace(x)[1]["inputs"], block, states[0])
+    zero = lambda n: jnp.zeros((n, n), jnp.float32)  # noqa: E731
+    totals = {name: (zero(inputs[name].shape[-1]), zero(inputs[name].shape[-1])) for name in dict.fromkeys(
+        first.values())}  # (sum, compensation) of each distinct input's Gram
+    cos, outs = 0.0, []
     for x in states:
-      y, g, c = _block_stats(block, x)
-      g = {name: np.asarray(v, np.float64) for name, v in jax.device_get(g).items()}
-      if total is None:
-        total = g  # one float64 copy per name (shared inputs too), so each sum is its own
-      else:
-        for name, v in g.items():
-          total[name] += v
-      cos += float(c)
-      outs.append(y)
-    importance.append(1.0 - cos / sum(int(np.prod(x.shape[:-1])) for x in states))
-    grams.update({layer_key(i, name): v for name, v in total.items()})
-    replaced = refit(i, total) if refit is not None else {}
+      y, totals, c = _block_stats(block, x, totals)
+      cos, outs = cos + c, outs + [y]  # no host sync per batch
+    importance.append(1.0 - float(cos) / sum(int(np.prod(x.shape[:-1])) for x in states))
+    # one float64 array per distinct input, shared by the projections that read it
+    distinct = {name: np.asarray(jax.device_get(s), np.float64) for name, (s, _) in totals.items()}
+    del totals
+    block_grams = {name: distinct[first[name]] for name in first}
+    grams.update({layer_key(i, name): v for name, v in block_grams.items()})
+    replaced = refit(i, block_grams) if refit is not None else {}
     if replaced:
       new = with_layers(block, replaced)
       outs = [_forward(new, x) for x in states]
