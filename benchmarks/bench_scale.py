@@ -3,7 +3,7 @@
 For each named shape it writes a checkpoint with ``transformers`` (bf16 safetensors, sharded above 2 GB, the
 published ``config.json`` fields; no hub is reachable, so the weights are random) and a BPE tokenizer trained
 on ``--train``, then runs each stage as its own process and records wall time (imports and compilation
-included), the process's peak host RSS (``wait4``) and its peak device memory (the JAX allocator's
+included), the process's peak host RSS (its ``VmHWM``) and its peak device memory (the JAX allocator's
 ``peak_bytes_in_use``, read by the process at exit) as one JSON line:
 
 * ``make``: the checkpoint (transformers, on the GPU when there is one);
@@ -141,7 +141,10 @@ def stage_main(argv: list[str]) -> int:
 
       stats = jax.devices()[0].memory_stats() or {}
       peak = stats.get("peak_bytes_in_use")
-    pathlib.Path(record).write_text(json.dumps({"device_peak_bytes": peak, "rc": rc}))
+    # VmHWM is this process's own peak; wait4's ru_maxrss starts from the parent's RSS at fork
+    with open("/proc/self/status") as f:
+      hwm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
+    pathlib.Path(record).write_text(json.dumps({"device_peak_bytes": peak, "peak_rss_bytes": hwm, "rc": rc}))
   return rc
 
 
@@ -159,7 +162,7 @@ def run_stage(name: str, args: list[str], log: pathlib.Path) -> dict:
   child = json.loads(pathlib.Path(record).read_text() or "{}") if os.path.getsize(record) else {}
   os.unlink(record)
   return {"stage": name, "rc": proc.returncode, "wall_s": round(wall, 2),
-          "peak_rss_gb": round(usage.ru_maxrss / 2**20, 3),  # ru_maxrss is in KiB on Linux
+          "peak_rss_gb": round((child.get("peak_rss_bytes") or usage.ru_maxrss * 1024) / 2**30, 3),
           "device_peak_gb": None if child.get("device_peak_bytes") is None else
           round(child["device_peak_bytes"] / 2**30, 3)}
 

@@ -4,15 +4,19 @@ usage error) and changes no input file."""
 
 import hashlib
 import json
+import os
 import pathlib
 import re
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from flax import nnx
 
 from tests.data.test_tokenizer import TEXT
-from tnjax._io import atomic_write, read_text
+from tnjax._io import LOCK_NAME, atomic_write, dir_lock, read_text
 from tnjax.cli import main
 from tnjax.data import load_tokenizer, train_tokenizer
 from tnjax.interop import load_hf_gpt2, load_model, save_model
@@ -221,6 +225,92 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
   with pytest.raises(OSError, match="disk full"):
     atomic_write(target, half_then_fail)
   assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def _dead_pid() -> int:
+  """The PID of a process of this host that has ended."""
+  done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  return int(done.stdout)
+
+
+def test_dir_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
+  lock = tmp_path / LOCK_NAME
+  with dir_lock("compress", tmp_path):
+    holder = json.loads(lock.read_text())
+    assert (holder["pid"], holder["host"], holder["command"]) == (os.getpid(), socket.gethostname(), "compress")
+    with pytest.raises(ValueError, match=rf"train: {re.escape(str(tmp_path))} is in use by another run \(pid "
+                                         rf"{os.getpid()} on host .*, tnjax compress since .*; lock file .*; wait for "
+                                         rf"it to end or choose another directory; if that process is gone, delete"):
+      with dir_lock("train", tmp_path):
+        pass
+    assert json.loads(lock.read_text()) == holder  # the refused run leaves the holder's lock alone
+  assert not lock.exists()
+  for stop in (OSError("disk full"), KeyboardInterrupt()):  # removed on errors and Ctrl-C too
+    with pytest.raises(type(stop)):
+      with dir_lock("compress", tmp_path):
+        raise stop
+    assert not lock.exists()
+
+  # A lock left by a process of this host that is gone (SIGKILL, a crash) is stale: taken over, then removed.
+  lock.write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "command": "train", "since": "x"}))
+  with dir_lock("compress", tmp_path):
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+  assert [p.name for p in tmp_path.iterdir()] == []
+  # Another host's processes cannot be checked, nor can a lock file be read: refused, saying how to clear it.
+  for text, who in ((json.dumps({"pid": 1, "host": "elsewhere", "command": "train", "since": "x"}),
+                     "pid 1 on host elsewhere"), ("", "holder unknown")):
+    lock.write_text(text)
+    with pytest.raises(ValueError, match=rf"is in use by another run \({who}.*delete {re.escape(str(lock))}$"):
+      with dir_lock("compress", tmp_path):
+        pass
+    assert lock.read_text() == text
+
+
+def _train_argv(f, out, *extra):
+  sets = ['model_overrides={"n_layer": 1, "d_model": 32, "n_head": 2}', "layers={}", "vocab_size=300",
+          "block_size=16", "batch_size=2", "eval_batches=1", "steps=2", f"train_files=[\"{f['text']}\"]",
+          f"valid_files=[\"{f['text']}\"]", f"out_dir={out}", *extra]
+  return ["train", "--no-progress"] + [a for s in sets for a in ("--set", s)]
+
+
+@pytest.mark.parametrize("field, content, match", [
+    ("test_files", b"", r"train: test_files has '.*bad.txt', which is empty"),
+    ("test_files", bytes(range(256)) * 4, r"train: test_files: token_cache: text file .*bad.txt is not UTF-8 text"),
+    ("test_files", b"In the beginning", r"train: test_files \['.*bad.txt'\] hold \d+ tokens but block_size=16 needs "
+                                        r"at least 18"),
+    ("valid_files", b"In the beginning", r"train: valid_files \['.*bad.txt'\] hold \d+ tokens but block_size=16"),
+    ("train_files", b"In the beginning", r"train: train_files \['.*bad.txt'\] hold \d+ tokens but block_size=16"),
+    ("train_files", bytes(range(256)) * 4, r"train: train_files: train_tokenizer: text file .*bad.txt is not UTF-8"),
+], ids=["test-empty", "test-binary", "test-short", "valid-short", "train-short", "train-binary"])
+def test_train_refuses_every_bad_data_file_before_the_first_step(files, tmp_path, monkeypatch, capsys, field,
+                                                                 content, match):
+  """Test files too: found only after training, a bad one left a run without model or report, and not resumable."""
+  from tnjax.train import Trainer
+
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(content)
+  monkeypatch.setattr(Trainer, "__init__", lambda *a, **k: pytest.fail("a model was built before the refusal"))
+  out = tmp_path / "run"
+  before = _digest(files["dir"])
+  assert main(_train_argv(files, out, f"{field}=[\"{bad}\"]")) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("tnjax train: ") and re.search(match, lines[0]), lines
+  assert {k: v for k, v in _digest(files["dir"]).items() if k in before} == before and bad.read_bytes() == content
+  # nothing that would block a corrected run: no checkpoints, no saved config, no lock
+  assert not (out / "checkpoints").exists() and not (out / "train_config.json").exists()
+  assert not (out / LOCK_NAME).exists()
+
+
+def test_train_into_a_directory_in_use_is_refused_and_changes_nothing(files, tmp_path, capsys):
+  out = tmp_path / "run"
+  out.mkdir()
+  with dir_lock("train", out):  # as a first `tnjax train` into out_dir holds it while it runs
+    before = _digest(out)
+    assert main(_train_argv(files, out)) == 2
+    assert _digest(out) == before
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"tnjax train: train: {out} is in use by another run (pid "), lines
+  assert list(out.iterdir()) == []
 
 
 # --- compression ------------------------------------------------------------------------------------------------------

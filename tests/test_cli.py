@@ -290,3 +290,179 @@ def test_out_of_memory_is_one_line_naming_the_option(model_dir, monkeypatch, cap
   assert err.count("\n") == 1 and "Traceback" not in err, err
   assert err.startswith("tnjax eval: the device ran out of memory (RESOURCE_EXHAUSTED: Out of memory")
   assert err.rstrip().endswith("; lower --block-size or --batch-size")
+
+
+def _files(path) -> dict:
+  """Every file under ``path`` (relative name: bytes), to compare a directory before and after a command."""
+  return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+HOLD = """
+import sys
+from tnjax._io import dir_lock
+with dir_lock("compress", sys.argv[1]):
+  print("held", flush=True)
+  sys.stdin.readline()
+"""
+
+
+def test_compress_into_a_directory_another_run_writes_is_refused_until_that_run_is_gone(model_dir, tmp_path,
+                                                                                         capsys):
+  """Two compress runs into one --out: the second is refused naming it (no longer both exit 0, one replacing the
+  other's report and models); a holder killed without cleanup (SIGKILL) does not block the next run."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  d, _ = model_dir
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "notes.txt").write_text("mine")
+  env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+  holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "held\n"
+    before = _files(out)
+    argv = ["compress", "--model", str(d), "--method", "svd", "--ratio", "0.5", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"tnjax compress: compress: {out} is in use by another run (pid {holder.pid} on host "), err
+    assert _files(out) == before
+  finally:
+    holder.kill()  # SIGKILL: its lock file stays behind, stale
+    holder.wait()
+  assert (out / ".tnjax.lock").exists()
+  assert main(argv) == 0
+  assert (out / "model" / "config.json").exists() and not (out / ".tnjax.lock").exists()
+  assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow  # two CLI processes
+def test_two_compress_processes_into_one_out_one_wins(model_dir, tmp_path):
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  d, _ = model_dir
+  out = tmp_path / "out"
+  env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+  procs = [subprocess.Popen([sys.executable, "-m", "tnjax", "compress", "--model", str(d), "--method", "svd",
+                             "--ratio", ratio, "--out", str(out)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for ratio in ("0.5", "0.6")]
+  results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+  assert sorted(rc for rc, _ in results) == [0, 2], results
+  (rc, err), = [r for r in results if r[0] == 2]
+  assert "Traceback" not in err and err.count("\n") == 1, err
+  assert "is in use by another run" in err or "already holds" in err, err
+  won = ["0.5", "0.6"][[rc for rc, _ in results].index(0)]
+  assert json.loads((out / "report.json").read_text())["runs"][0]["target"] == f"ratio={won}"
+
+
+def test_compress_sweep_failing_mid_way_leaves_out_as_it_was_and_the_retry_runs(model_dir, tmp_path, monkeypatch,
+                                                                               capsys):
+  """A sweep whose second target fails (here: a rank the method refuses when it gets to it, and Ctrl-C) removes
+  what it wrote, and only that: before, ``rank-2/`` stayed and the retry was refused ("already holds")."""
+  import tnjax.compress.report
+
+  d, _ = model_dir
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "notes.txt").write_text("mine")
+  argv = ["compress", "--model", str(d), "--method", "svd", "--out", str(out), "--rank"]
+  assert main(argv + ["2,100000"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "svd_compress: rank=100000 would give layer" in err, err
+  assert _files(out) == {"notes.txt": b"mine"} and [p.name for p in out.iterdir()] == ["notes.txt"]
+
+  fresh = tmp_path / "new" / "out"  # a directory the run created goes too
+  assert main(argv[:-2] + [str(fresh), "--rank", "2,100000"]) == 2
+  assert not (tmp_path / "new").exists()
+
+  calls, real = [], tnjax.compress.report.compress
+
+  def interrupted_at_the_second(*args, **kwargs):
+    calls.append(kwargs)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(tnjax.compress.report, "compress", interrupted_at_the_second)
+  capsys.readouterr()
+  assert main(argv + ["2,3"]) == 130
+  assert capsys.readouterr().err == "tnjax compress: interrupted; what this run had written to --out was removed\n"
+  assert _files(out) == {"notes.txt": b"mine"} and [p.name for p in out.iterdir()] == ["notes.txt"]
+  monkeypatch.setattr(tnjax.compress.report, "compress", real)
+
+  assert main(argv + ["2,3"]) == 0  # the retry into the same --out
+  report = json.loads((out / "report.json").read_text())
+  assert [r["target"] for r in report["runs"]] == ["rank=2", "rank=3"] and (out / "rank-3" / "model").is_dir()
+  assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("targets, match", [
+    (["--ratio", "0.5,1.0"], r"compress: ratio=1.0 keeps the whole compressed part, so svd would make nothing "
+                             r"smaller; a ratio < 1 is expected"),
+    (["--ratio", "0.5,1.5"], r"compress: ratio=1.5 but 0 < ratio <= 1"),
+    (["--ratio", "0.5,0.5"], r"compress: targets \['ratio=0.5'\] are given twice"),
+], ids=["ratio-1", "out-of-range", "twice"])
+def test_compress_sweep_refuses_a_target_before_any_work(model_dir, tmp_path, monkeypatch, capsys, targets, match):
+  import re
+
+  import tnjax.compress.report
+
+  monkeypatch.setattr(tnjax.compress.report, "compress", lambda *a, **k: pytest.fail("compressed before refusing"))
+  d, _ = model_dir
+  out = tmp_path / "out"
+  assert main(["compress", "--model", str(d), "--method", "svd", "--out", str(out)] + targets) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and re.search(match, err), err
+  assert not out.exists()
+
+
+def test_compress_refuses_a_ratio_it_cannot_meet_naming_the_smallest(model_dir, tmp_path, capsys):
+  """Before: --ratio 1e-9 exited 0 keeping several % of the part (every layer clamped to rank 1)."""
+  import re
+
+  d, _ = model_dir
+  out = tmp_path / "out"
+  argv = ["compress", "--model", str(d), "--method", "svd", "--out", str(out), "--ratio"]
+  assert main(argv + ["0.5,1e-9"]) == 2
+  err = capsys.readouterr().err
+  found = re.fullmatch(r"tnjax compress: compress: svd cannot meet ratio=1e-09: it keeps at least ([0-9.e-]+) of the "
+                       r"compressed part's weights \(every layer at its smallest\); choose ratio >= \1\n", err)
+  assert found, err
+  assert not out.exists()  # the first target's model went with the failure
+  least = float(found.group(1))
+  assert 0.01 < least < 0.2
+  assert main(argv + [found.group(1)]) == 0  # the smallest ratio named is met (biases aside, as a ratio counts)
+  from tnjax.compress.report import _weights_kept, compressed_part
+  from tnjax.interop import load_any
+
+  before, after = load_any(d), load_any(out / "model")
+  assert _weights_kept(before, after, compressed_part(before, "svd")) <= least
+
+
+@pytest.mark.slow  # three commands on one model (~30 s); the bf16 loader's own test runs by default
+def test_bf16_checkpoint_compresses_with_bf16_parameters(long_context_dir, tmp_path, capsys):
+  """--param-dtype bfloat16 end to end: a bf16 model is evaluated, calibrated and fitted (in float32)."""
+  with jax.numpy_dtype_promotion("standard"):  # a bf16 computation mixes in float32, as any bf16 model's does
+    _bf16_compress(long_context_dir, tmp_path, capsys)
+
+
+def _bf16_compress(long_context_dir, tmp_path, capsys):
+  d, text = long_context_dir
+  assert main(["eval", "--model", str(d), "--text", str(text), "--max-tokens", "200", "--param-dtype",
+               "bfloat16"]) == 0
+  bf16 = json.loads(capsys.readouterr().out)
+  assert main(["eval", "--model", str(d), "--text", str(text), "--max-tokens", "200"]) == 0
+  assert abs(bf16["nll"] - json.loads(capsys.readouterr().out)["nll"]) < 0.05
+  out = tmp_path / "small"
+  assert main(["compress", "--model", str(d), "--method", "svdllm", "--ratio", "0.5", "--calib", str(text),
+               "--calib-windows", "4", "--param-dtype", "bfloat16", "--valid", str(text), "--max-tokens", "200",
+               "--out", str(out)]) == 0
+  report = json.loads((out / "report.json").read_text())
+  assert report["perplexity_before"] > 1 and report["runs"][0]["perplexity"] > 1

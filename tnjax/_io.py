@@ -1,11 +1,17 @@
-"""Atomic file writes: a reader (or a run interrupted mid-write) never sees a half-written file."""
+"""Atomic file writes: a reader (or a run interrupted mid-write) never sees a half-written file; and a directory
+lock, so that two runs never write into one directory at once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import socket
+import time
 from collections.abc import Callable
+
+LOCK_NAME = ".tnjax.lock"
 
 
 def atomic_write(path, write: Callable[[str], object]) -> pathlib.Path:
@@ -88,7 +94,6 @@ def read_safetensors(fn: str, path) -> dict:
     ValueError: naming ``fn`` and the file when it is missing, truncated or
       garbled, or when a floating tensor holds NaN or Inf (overwritten bytes).
   """
-  import numpy as np
   from safetensors.numpy import load_file
 
   if not pathlib.Path(path).is_file():
@@ -99,6 +104,102 @@ def read_safetensors(fn: str, path) -> dict:
     raise ValueError(f"{fn}: {path} is not a readable safetensors file ({str(e)[:200]}); it is truncated or "
                      "corrupt") from e
   for name, value in tensors.items():
-    if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-      raise ValueError(f"{fn}: tensor {name} in {path} has NaN or infinite values; the file is corrupt")
+    check_finite(fn, name, path, value)
   return tensors
+
+
+def check_finite(fn: str, name: str, path, value) -> None:
+  """Refuses a floating tensor (bfloat16 included) read from ``path`` that holds NaN or Inf (overwritten bytes)."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  if jnp.issubdtype(value.dtype, jnp.floating) and not np.isfinite(value).all():
+    raise ValueError(f"{fn}: tensor {name} in {path} has NaN or infinite values; the file is corrupt")
+
+
+def _lock_alive(holder: dict) -> bool:
+  """Whether the process that wrote a lock may still run: False only for a PID of this host that no longer exists
+  (another host's processes cannot be checked from here, and Windows' os.kill would terminate one)."""
+  pid = holder.get("pid")
+  if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0 or os.name == "nt":
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
+def _break_stale_lock(lock: pathlib.Path, seen: str) -> None:
+  """Removes ``lock`` if it still holds ``seen`` (a dead process's). Renamed aside first: of two runs breaking one
+  stale lock at once, the second would otherwise remove the fresh lock the first has just taken."""
+  aside = lock.with_name(f"{lock.name}.{os.getpid()}.stale")
+  try:
+    os.replace(lock, aside)
+  except FileNotFoundError:  # another run broke it first
+    return
+  if aside.read_text(encoding="utf-8", errors="replace") == seen:
+    aside.unlink()
+  else:  # a live run's fresh lock, taken since the stale one was read: put it back
+    os.replace(aside, lock)
+
+
+@contextlib.contextmanager
+def dir_lock(fn: str, directory):
+  """Holds ``directory/.tnjax.lock`` for the block, so that one run at a time writes into ``directory``.
+
+  The lock file is created with ``O_CREAT | O_EXCL`` and records the holder's PID, host and start time; the block's
+  end removes it, errors and Ctrl-C included. A lock left by a process that is gone (a PID of this host that no
+  longer runs: SIGKILL, SIGTERM, a crash) is stale and taken over; a live holder's, or one written on another host
+  (whose processes cannot be checked from here), refuses, saying how to clear it by hand.
+
+  Raises:
+    ValueError: naming ``fn``, the directory, the holder and the lock file, when another run holds it.
+
+  Examples:
+    >>> import tempfile
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> with dir_lock("compress", d):
+    ...   (d / LOCK_NAME).exists()
+    True
+    >>> (d / LOCK_NAME).exists()
+    False
+  """
+  directory = pathlib.Path(directory)
+  lock = directory / LOCK_NAME
+  mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": fn,
+                     "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+  for _ in range(3):  # again when the lock is released or broken as stale meanwhile (other runs racing for it)
+    try:
+      fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      try:
+        seen = lock.read_text(encoding="utf-8", errors="replace")
+      except FileNotFoundError:  # released meanwhile
+        continue
+      try:
+        holder = json.loads(seen)
+      except json.JSONDecodeError:
+        holder = None
+      if isinstance(holder, dict) and not _lock_alive(holder):
+        _break_stale_lock(lock, seen)
+        continue
+      who = (f"pid {holder.get('pid')} on host {holder.get('host')}, tnjax {holder.get('command')} since "
+             f"{holder.get('since')}") if isinstance(holder, dict) \
+          else "holder unknown: the lock file is empty or unreadable"
+      raise ValueError(f"{fn}: {directory} is in use by another run ({who}; lock file {lock}); wait for it to end or "
+                       f"choose another directory; if that process is gone, delete {lock}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(mine)
+    break
+  else:
+    raise ValueError(f"{fn}: {directory} is in use: its lock {lock} was taken by another run as this one broke a "
+                     "stale one; try again")
+  try:
+    yield lock
+  finally:
+    with contextlib.suppress(OSError):
+      if lock.read_text(encoding="utf-8") == mine:  # never another run's (one that broke ours as stale)
+        lock.unlink()

@@ -15,14 +15,14 @@ import pathlib
 import sys
 
 
-def _load(model_dir: str, tokenizer: str | None):
+def _load(model_dir: str, tokenizer: str | None, param_dtype: str | None = None):
   from tnjax.data import load_tokenizer
   from tnjax.interop import load_any
 
   if not pathlib.Path(model_dir).is_dir():
     raise ValueError(f"--model {model_dir} is not a directory; a tnjax or Hugging Face (GPT-2, Llama, Qwen2) model "
                      "directory is expected")
-  return load_any(model_dir), load_tokenizer(tokenizer or model_dir)
+  return load_any(model_dir, param_dtype=param_dtype), load_tokenizer(tokenizer or model_dir)
 
 
 def _text_ids(tok, command: str, arg: str, path: str | None, max_tokens: int | None = None):
@@ -39,7 +39,7 @@ def _text_ids(tok, command: str, arg: str, path: str | None, max_tokens: int | N
 def cmd_eval(args) -> int:
   from tnjax.eval import perplexity
 
-  model, tok = _load(args.model, args.tokenizer)
+  model, tok = _load(args.model, args.tokenizer, args.param_dtype)
   ids = _text_ids(tok, "eval", "--text", args.text, args.max_tokens)
   result = perplexity(model, ids, block_size=args.block_size, stride=args.stride, batch_size=args.batch_size)
   print(json.dumps({"model": args.model, "text": args.text, **result}, allow_nan=False))
@@ -51,7 +51,7 @@ def cmd_generate(args) -> int:
 
   from tnjax.models import generate
 
-  model, tok = _load(args.model, args.tokenizer)
+  model, tok = _load(args.model, args.tokenizer, args.param_dtype)
   prompt = tok.encode(args.prompt).ids
   if not prompt:
     raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens; a non-empty prompt is expected")
@@ -95,7 +95,7 @@ def cmd_compress(args) -> int:
   from tnjax.compress.report import parse_targets, run
 
   targets = parse_targets(args.rank, args.ratio, args.rtol)
-  model, tok = _load(args.model, args.tokenizer)
+  model, tok = _load(args.model, args.tokenizer, args.param_dtype)
   layers = args.layers.split(",") if args.layers else None
   report = run(model, args.method, args.out, targets=targets,
                valid_ids=_text_ids(tok, "compress", "--valid", args.valid, args.max_tokens),
@@ -159,6 +159,14 @@ def _float_at_least(low: float, strict: bool):
   return parse
 
 
+def _param_dtype_option(parser) -> None:
+  from tnjax.interop.native import PARAM_DTYPES
+
+  parser.add_argument("--param-dtype", choices=PARAM_DTYPES, default=None,
+                      help="dtype the loaded parameters are kept in (default float32); bfloat16 holds a bf16 "
+                      "checkpoint at its own size, and computes in bfloat16")
+
+
 def _parser() -> argparse.ArgumentParser:
   from tnjax import __version__
 
@@ -191,6 +199,7 @@ def _parser() -> argparse.ArgumentParser:
   ev.add_argument("--batch-size", type=positive, default=None,
                   help="windows per device call (default: as many as keep the logits within 32M floats, at most 64)")
   ev.add_argument("--max-tokens", type=at_least_2, default=None, help="score only the first N tokens")
+  _param_dtype_option(ev)
   ev.set_defaults(run=cmd_eval)
 
   gen = sub.add_parser("generate", help="continue a prompt")
@@ -201,6 +210,7 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--temperature", type=_float_at_least(0.0, strict=False), default=0.0, help="0 = greedy")
   gen.add_argument("--top-k", type=positive, default=None)
   gen.add_argument("--seed", type=non_negative, default=0)
+  _param_dtype_option(gen)
   gen.set_defaults(run=cmd_generate)
 
   from tnjax.compress.registry import REGISTRY  # the one list of methods
@@ -237,8 +247,10 @@ def _parser() -> argparse.ArgumentParser:
   co.add_argument("--int8", action="store_true", help="weight-only int8 on top (after healing)")
   co.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
   co.add_argument("--out", required=True, help="output directory (model/, report.json, report.md); refused when it "
-                  "already holds a model or a report, unless --overwrite")
+                  "already holds a model or a report, unless --overwrite, and while another run writes into it; a "
+                  "failed run removes what it wrote there")
   co.add_argument("--overwrite", action="store_true", help="replace the models and reports already in --out")
+  _param_dtype_option(co)
   co.set_defaults(run=cmd_compress)
   return parser
 
@@ -257,6 +269,10 @@ _MEMORY_OPTIONS = {"eval": "--block-size or --batch-size", "compress": "--block-
                    "batch) or --set block_size"}
 
 
+# What Ctrl-C leaves where it is not the default (a compression removes its partial outputs: a retry then runs).
+_INTERRUPTED = {"compress": "what this run had written to --out was removed"}
+
+
 def _out_of_memory(e: BaseException) -> str | None:
   """The first line of a host or device out-of-memory error (XLA's RESOURCE_EXHAUSTED), else None."""
   if isinstance(e, MemoryError):
@@ -273,7 +289,8 @@ def main(argv=None) -> int:
   try:
     return args.run(args)
   except KeyboardInterrupt:
-    print(f"tnjax {args.command}: interrupted; checkpoints and files already written are intact", file=sys.stderr)
+    left = _INTERRUPTED.get(args.command, "checkpoints and files already written are intact")
+    print(f"tnjax {args.command}: interrupted; {left}", file=sys.stderr)
     return 130
   except (ValueError, OSError) as e:  # expected: bad values, files missing, unreadable, corrupt or mismatched
     print(f"tnjax {args.command}: {_one_line(e)}", file=sys.stderr)

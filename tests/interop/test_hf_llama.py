@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -144,3 +145,76 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path):
     load_hf(tmp_path)
   with pytest.raises(ValueError, match=r"save_hf: output_bias=True with attention_bias=False"):
     save_hf(Llama(preset("llama-tiny", output_bias=True), rngs=nnx.Rngs(0)), tmp_path / "out")
+
+
+def test_bf16_checkpoint_loads_in_its_own_dtype(tmp_path):
+  """param_dtype="bfloat16" keeps a bf16 checkpoint's values bit for bit (no float32 copy) and its logits."""
+  import torch
+  from safetensors.numpy import load_file
+
+  hf = make_hf_llama(tmp_path / "f32")
+  hf.to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"), max_shard_size="20KB")
+  stored = {}
+  for shard in (tmp_path / "bf16").glob("*.safetensors"):
+    stored.update(load_file(str(shard)))
+  model = load_hf(tmp_path / "bf16", param_dtype="bfloat16")
+  kernel = model.layer("h.1.mlp.down_proj").kernel[...]
+  assert kernel.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(kernel), stored["model.layers.1.mlp.down_proj.weight"].T)
+  full = load_hf(tmp_path / "bf16")  # default: float32 parameters, the same values
+  assert full.layer("h.1.mlp.down_proj").kernel[...].dtype == jnp.float32
+  ids = jnp.asarray(_ids())
+  with jax.numpy_dtype_promotion("standard"):  # a bf16 computation mixes in float32 (as any bf16 model does)
+    logits = np.asarray(model(ids), np.float32)
+  assert model.config.dtype == "bfloat16"  # the computation dtype follows
+  np.testing.assert_allclose(logits, np.asarray(full(ids)), atol=0.05)
+  with pytest.raises(ValueError, match=r"load_hf: param_dtype='int8' but one of \('float32', 'bfloat16', "
+                                       r"'float16'\) is expected"):
+    load_hf(tmp_path / "bf16", param_dtype="int8")
+
+
+_RSS_SCRIPT = """
+import json, resource, sys
+import jax, numpy as np
+from tnjax.interop import load_hf
+
+def rss():  # resident bytes now
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * resource.getpagesize()
+
+jax.numpy.zeros(1).block_until_ready()  # the CPU backend's own memory is not the loader's
+before = rss()
+model = load_hf(sys.argv[1], param_dtype="bfloat16")
+jax.block_until_ready(jax.tree_util.tree_leaves(model))
+with open("/proc/self/status") as f:  # this process's peak (ru_maxrss would count the parent's at fork)
+  peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+print(json.dumps({"before": before, "peak": peak}))
+"""
+
+
+@pytest.mark.slow  # a 100 MB checkpoint and a subprocess
+def test_lazy_loading_of_a_sharded_bf16_checkpoint_stays_near_its_size(tmp_path):
+  """Tensors are read one at a time into an uninitialized model: loading a ~100 MB bf16 checkpoint in bf16 grows
+  the process by less than 1.5x the checkpoint (reading it whole, or a float32 random init first, would be 2-3x)."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  make_hf_llama(tmp_path / "f32", hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
+                num_attention_heads=8, num_key_value_heads=4, vocab_size=8000)
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  AutoModelForCausalLM.from_pretrained(str(tmp_path / "f32"), dtype=torch.bfloat16).save_pretrained(
+      str(tmp_path / "bf16"), max_shard_size="30MB")
+  size = sum(p.stat().st_size for p in (tmp_path / "bf16").glob("*.safetensors"))
+  assert len(list((tmp_path / "bf16").glob("*.safetensors"))) > 1 and 80e6 < size < 120e6
+  root = pathlib.Path(__file__).resolve().parents[2]
+  out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "bf16")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"}, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  import json
+
+  rss = json.loads(out.stdout.strip().splitlines()[-1])
+  assert rss["peak"] - rss["before"] < 1.5 * size, (rss, size)

@@ -274,3 +274,33 @@ def test_plot_uses_a_figure_not_the_global_backend(tmp_path):
   plot_sweep([{"method": "svd", "kept": 0.5, "perplexity": 10.0}], tmp_path / "sweep.png")
   assert matplotlib.get_backend() == backend and plt.get_fignums() == figures
   assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_resume_with_fewer_steps_is_refused_and_changes_nothing(tmp_path, capsys):
+  """Before: a run finished at steps=2, resumed with steps=1, exited 0 and rewrote train_config.json and report.json
+  with less (steps 1, half the tokens seen, no tokens/s, a best validation step past the end)."""
+  from tnjax.cli import main
+
+  text = tmp_path / "text.txt"
+  text.write_text((SAMPLE_DIR / "valid.txt").read_text()[:5000])
+  out = tmp_path / "run"
+  sets = ['model_overrides={"n_layer": 1, "d_model": 32, "n_head": 2}', "layers={}", "vocab_size=300",
+          "block_size=16", "batch_size=2", "eval_batches=1", "eval_every=2", "checkpoint_every=2",
+          f"train_files=[\"{text}\"]", f"valid_files=[\"{text}\"]", f"out_dir={out}"]
+  train(resolve(None, sets + ["steps=2"]), progress=False)
+
+  def files():
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+  before = files()
+  argv = ["train", "--no-progress", "--resume"] + [a for s in sets for a in ("--set", s)]
+  for steps, why in ((1, "has already finished 2 steps (checkpoint 2); steps=1 is fewer"),
+                     (2, "has already finished 2 steps (checkpoint 2); steps=2 is no more")):
+    assert main(argv + ["--set", f"steps={steps}"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"tnjax train: train: --resume but the run in {out} {why}; choose steps > 2 or a new out_dir\n"
+    assert files() == before  # train_config.json and report.json byte for byte, and everything else
+  (out / "report.json").unlink()  # an unfinished run (killed after its checkpoint 2) cannot go back either
+  assert main(argv + ["--set", "steps=1"]) == 2
+  assert "has already trained 2 steps (checkpoint 2); steps=1 is fewer" in capsys.readouterr().err
+  assert json.loads((out / "train_config.json").read_text())["steps"] == 2

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
+import shutil
 import time
 
 import jax
 import numpy as np
 
-from tnjax._io import atomic_write, atomic_write_text
+from tnjax._io import atomic_write, atomic_write_text, dir_lock
 from tnjax.compress import _model
 from tnjax.compress.methods import quantize_int8
 from tnjax.compress.registry import compress, method
+from tnjax.compress.targets import TARGETS, Target
 from tnjax.compress.tuning import heal
 from tnjax.models.decoder import Decoder
 
@@ -136,13 +139,26 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
   text. Calibration reads ``calib_windows`` evenly spaced windows of ``calib_ids`` (rounded up to whole
   device calls of ``CALIB_TOKENS_PER_CALL`` tokens; they overlap when the text is shorter).
 
+  A sweep fails whole or not at all. Every target is checked before any work (its key and value for the
+  method, a ratio of 1, a target given twice), and so are the windows, the calibration text and ``layers``.
+  A failure after that (a target the method refuses only when it gets to it, an error, Ctrl-C) removes what
+  this run wrote to ``out_dir``: the models, reports and plot it created, and ``out_dir`` itself when the run
+  created it. So ``out_dir`` is left as it was and the same call can be retried. What was there before is
+  never removed; with ``overwrite``, what the run had already replaced stays replaced.
+
+  One run at a time: ``out_dir/.tnjax.lock`` (`tnjax._io.dir_lock`) is held from the check of what
+  ``out_dir`` holds to the last write, and a second run into the same ``out_dir`` is refused meanwhile.
+
   Raises:
     ValueError: a ``block_size`` above the model's context or a text shorter than its window; when
       ``out_dir`` already holds a model or a report (a training
       run, an earlier compression, the input model itself) and ``overwrite``
-      is False; for a target missing its value; when a target does not make
-      the compressed part smaller (a rank at or above full rank, modegpt on
-      TT-matrix layers); and the methods' own errors.
+      is False; when another run is writing into ``out_dir``; for a target missing its value, out of
+      range, given twice, or a ratio of 1 (it keeps the whole part; allowed with ``if_larger="allow"``);
+      when a target does not make the compressed part smaller (a rank at or above full
+      rank, modegpt on TT-matrix layers); for a ratio the method cannot meet (below the fraction it keeps
+      with every layer at its smallest; the message names that fraction), measured when the result keeps
+      more than ``1 + RATIO_SLACK`` times the ratio; and the methods' own errors.
   """
   from tnjax.core import _checks
   from tnjax.data import eval_batches
@@ -151,81 +167,162 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
 
   fn = "compress"
   out = pathlib.Path(out_dir)
-  for target in targets:
-    if len(target) != 1 or None in target.values():
-      raise ValueError(f"{fn}: target {target!r} but one of rank, ratio, rtol with a value is expected "
-                       "(--rank, --ratio or --rtol)")
-  if not overwrite:
-    outputs = ["model", "report.json", "report.md", "config.json", "model.safetensors", "perplexity.png"]
-    outputs += [f"{k}-{v}" for target in targets for k, v in target.items()]
-    found = [name for name in outputs if (out / name).exists()]
-    if found:
-      raise ValueError(f"{fn}: out_dir {out} already holds {found}; choose a new directory or pass --overwrite "
-                       "(overwrite=True) to replace them")
-  out.mkdir(parents=True, exist_ok=True)
+  m = method(method_name)
+  _check_targets(fn, m, targets, if_larger)
   context = model.config.block_size
   if block_size is not None:
     window_size(fn, context, block_size, block_size)  # refuses a window longer than the model's context
   calib_windows = _checks.check_positive_int(fn, "calib_windows", calib_windows)
-  evaluate = (lambda m: None) if valid_ids is None else (
-      lambda m: perplexity(m, valid_ids, block_size=block_size)["perplexity"])
-  m = method(method_name)
-  calib = None
   if calib_ids is not None and (m.calibration != "none" or allocation == "importance" or heal_steps):
     # train_batch and eval_batches read one target past each window and need a spare start: 2 tokens more
     calib_block = window_size(fn, context, len(calib_ids), block_size, reads_past=2, text="calib_ids (--calib)")
-  if m.calibration == "required" or allocation == "importance":
-    if calib_ids is None:
-      why = f"method {m.name!r}" if m.calibration == "required" else f"allocation {allocation!r}"
-      raise ValueError(f"compress: {why} needs calibration text (--calib FILE)")
-    rows = max(1, min(8, CALIB_TOKENS_PER_CALL // calib_block))  # 8 windows of up to 1024 tokens per call
-    batches = eval_batches(np.asarray(calib_ids), -(-calib_windows // rows), rows, calib_block)
-    calib = [x for x, _ in batches]
-    if not sequential and m.name != "modegpt":  # one pass, reused by every target
-      from tnjax.compress.calibration import input_grams
-
-      calib = input_grams(model, calib)
+  calibrate = m.calibration == "required" or allocation == "importance"
+  if calibrate and calib_ids is None:
+    why = f"method {m.name!r}" if m.calibration == "required" else f"allocation {allocation!r}"
+    raise ValueError(f"compress: {why} needs calibration text (--calib FILE)")
   if heal_steps and calib_ids is None:
     raise ValueError("compress: healing needs training text (--calib FILE)")
   names = compressed_part(model, m.name, layers)
-  report = {"method": m.name, "allocation": allocation, "sequential": sequential, "int8": int8,
-            "heal_steps": heal_steps, "perplexity_before": evaluate(model),
-            "runs": []}
-  for target in targets:
-    start = time.perf_counter()
-    small = compress(model, m.name, calib=calib, layers=layers, allocation=allocation, sequential=sequential,
-                     if_larger=if_larger, **options, **target)
-    jax.block_until_ready(jax.tree_util.tree_leaves(small))
-    compress_s = time.perf_counter() - start
-    (key, value), = target.items()
-    label = f"{key}={value}"
-    info = summary(model, small, names)
-    if info["part_params_after"] >= info["part_params_before"] and if_larger != "allow":
-      raise ValueError(f"{fn}: {m.name} at {label} keeps {info['part_params_after']:,} of the compressed part's "
-                       f"{info['part_params_before']:,} parameters but fewer are expected (a rank at or above full "
-                       "rank, or layers already smaller than the method's output); choose a smaller target")
-    start = time.perf_counter()
-    if heal_steps:
-      small = heal(small, calib_ids, heal_steps, lr=heal_lr, block_size=calib_block)
-    if int8:
-      small = quantize_int8(small)
-    heal_s = time.perf_counter() - start
-    run_info = {"target": label, "compress_s": compress_s, "heal_s": heal_s, "perplexity": evaluate(small),
-                "summary": summary(model, small, names) if int8 else info}
-    if save:
-      where = out / "model" if len(targets) == 1 else out / f"{key}-{value}" / "model"
-      save_model(small, where)
-      if tokenizer is not None:
-        atomic_write(where / "tokenizer.json", tokenizer.save)
-      run_info["model_dir"] = str(where)
-    report["runs"].append(run_info)
-  atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-  atomic_write_text(out / "report.md", _markdown(report))
-  if len(targets) > 1 and valid_ids is not None:
-    rows = [{"method": m.name, "kept": r["summary"]["part_kept"], "perplexity": r["perplexity"]}
-            for r in report["runs"]]
-    plot_sweep(rows, out / "perplexity.png", baseline=report["perplexity_before"], title=f"tnjax compress: {m.name}")
+  evaluate = (lambda m: None) if valid_ids is None else (
+      lambda m: perplexity(m, valid_ids, block_size=block_size)["perplexity"])
+  with _claim(fn, out, targets, overwrite):
+    calib = None
+    if calibrate:
+      rows = max(1, min(8, CALIB_TOKENS_PER_CALL // calib_block))  # 8 windows of up to 1024 tokens per call
+      batches = eval_batches(np.asarray(calib_ids), -(-calib_windows // rows), rows, calib_block)
+      calib = [x for x, _ in batches]
+      if not sequential and m.name != "modegpt":  # one pass, reused by every target
+        from tnjax.compress.calibration import input_grams
+
+        calib = input_grams(model, calib)
+    report = {"method": m.name, "allocation": allocation, "sequential": sequential, "int8": int8,
+              "heal_steps": heal_steps, "perplexity_before": evaluate(model),
+              "runs": []}
+
+    def compressed(**target):
+      return compress(model, m.name, calib=calib, layers=layers, allocation=allocation, sequential=sequential,
+                      if_larger=if_larger, **options, **target)
+
+    least = None  # the smallest fraction of the part's weights the method keeps, measured when a ratio is missed
+    for target in targets:
+      start = time.perf_counter()
+      small = compressed(**target)
+      jax.block_until_ready(jax.tree_util.tree_leaves(small))
+      compress_s = time.perf_counter() - start
+      (key, value), = target.items()
+      label = f"{key}={value}"
+      info = summary(model, small, names)
+      if info["part_params_after"] >= info["part_params_before"] and if_larger != "allow":
+        raise ValueError(f"{fn}: {m.name} at {label} keeps {info['part_params_after']:,} of the compressed part's "
+                         f"{info['part_params_before']:,} parameters but fewer are expected (a rank at or above full "
+                         "rank, or layers already smaller than the method's output); choose a smaller target")
+      if key == "ratio" and _weights_kept(model, small, names) > (1 + RATIO_SLACK) * value:
+        if least is None:  # every layer at its smallest (rank 1, or the method's least): one more compression
+          least = _weights_kept(model, compressed(ratio=1e-12), names)
+        if value < least:
+          shown = _round_up(least)
+          raise ValueError(f"{fn}: {m.name} cannot meet ratio={value}: it keeps at least {shown} of the compressed "
+                           f"part's weights (every layer at its smallest); choose ratio >= {shown}")
+      start = time.perf_counter()
+      if heal_steps:
+        small = heal(small, calib_ids, heal_steps, lr=heal_lr, block_size=calib_block)
+      if int8:
+        small = quantize_int8(small)
+      heal_s = time.perf_counter() - start
+      run_info = {"target": label, "compress_s": compress_s, "heal_s": heal_s, "perplexity": evaluate(small),
+                  "summary": summary(model, small, names) if int8 else info}
+      if save:
+        where = out / "model" if len(targets) == 1 else out / f"{key}-{value}" / "model"
+        save_model(small, where)
+        if tokenizer is not None:
+          atomic_write(where / "tokenizer.json", tokenizer.save)
+        run_info["model_dir"] = str(where)
+      report["runs"].append(run_info)
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", _markdown(report))
+    if len(targets) > 1 and valid_ids is not None:
+      rows = [{"method": m.name, "kept": r["summary"]["part_kept"], "perplexity": r["perplexity"]}
+              for r in report["runs"]]
+      plot_sweep(rows, out / "perplexity.png", baseline=report["perplexity_before"],
+                 title=f"tnjax compress: {m.name}")
   return report
+
+
+RATIO_SLACK = 0.05  # a ratio missed by more than this (relative) is checked against the smallest one the method meets
+
+
+def _weights_kept(before: Decoder, after: Decoder, names: list[str]) -> float:
+  """The fraction of the layers' weights (biases excluded, as a ratio counts them) that ``after`` keeps."""
+  def weights(model):
+    return sum(_model.weights(_model.get_layer(model, name)) for name in names)
+
+  return weights(after) / weights(before)
+
+
+def _round_up(x: float, digits: int = 3) -> float:
+  """``x`` rounded up to ``digits`` significant digits, so that the number printed is not below it.
+
+  Examples:
+    >>> _round_up(0.041666)
+    0.0417
+  """
+  scale = 10 ** (digits - 1 - math.floor(math.log10(x)))
+  return math.ceil(x * scale) / scale
+
+
+def _check_targets(fn: str, m, targets: list[dict], if_larger: str) -> None:
+  """Refuses, before any work, a target of the sweep that cannot run: not one of rank, ratio, rtol with a value, a
+  value `Target.of` refuses for the method ``m`` (a registry `Method`), a ratio of 1 (the whole part kept: nothing
+  smaller, unless ``if_larger="allow"``), or a target given twice (both would write one directory)."""
+  for target in targets:
+    if len(target) != 1 or None in target.values() or not set(target) <= set(TARGETS):
+      raise ValueError(f"{fn}: target {target!r} but one of rank, ratio, rtol with a value is expected "
+                       "(--rank, --ratio or --rtol)")
+    checked = Target.of(fn, **target, accepted=m.targets)
+    if checked.key == "ratio" and checked.value == 1 and if_larger != "allow":
+      raise ValueError(f"{fn}: ratio=1.0 keeps the whole compressed part, so {m.name} would make nothing "
+                       "smaller; a ratio < 1 is expected (or if_larger='allow', --if-larger allow, to convert at "
+                       "full size)")
+  labels = [f"{k}={v}" for target in targets for k, v in target.items()]
+  twice = sorted({label for label in labels if labels.count(label) > 1})
+  if twice:
+    raise ValueError(f"{fn}: targets {twice} are given twice but each target of a sweep is expected once (each "
+                     "writes its own directory)")
+
+
+@contextlib.contextmanager
+def _claim(fn: str, out: pathlib.Path, targets: list[dict], overwrite: bool):
+  """Holds ``out``'s lock for the block and refuses ``out`` when it holds a model or a report (unless
+  ``overwrite``); when the block fails, removes what it wrote: the outputs that were not there before, and the
+  directories created for ``out``."""
+  written = ["model", "report.json", "report.md", "perplexity.png"]
+  written += [f"{k}-{v}" for target in targets for k, v in target.items()]
+  created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
+  out.mkdir(parents=True, exist_ok=True)
+  try:
+    with dir_lock(fn, out):
+      if not overwrite:
+        found = [name for name in written + ["config.json", "model.safetensors"] if (out / name).exists()]
+        if found:
+          raise ValueError(f"{fn}: out_dir {out} already holds {found}; choose a new directory or pass --overwrite "
+                           "(overwrite=True) to replace them")
+      new = [out / name for name in written if not (out / name).exists()]
+      try:
+        yield
+      except BaseException:
+        for path in new:
+          if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+          else:
+            path.unlink(missing_ok=True)
+        raise
+  except BaseException:
+    for d in created:
+      try:
+        d.rmdir()  # only when empty: never what another process put there meanwhile
+      except OSError:
+        break
+    raise
 
 
 def parse_targets(rank: str | None, ratio: str | None, rtol: str | None) -> list[dict]:

@@ -9,6 +9,9 @@ __all__ = ["load_hf", "save_hf", "load_hf_gpt2", "save_hf_gpt2", "config_from_hf
            "load_model", "is_native", "load_any", "model_tensors", "model_from_tensors"]
 
 
-def load_any(path, **kwargs):
-  """A model from a tnjax directory (`save_model`) or a Hugging Face GPT-2, Llama or Qwen2 directory."""
-  return load_model(path) if is_native(path) else load_hf(path, **kwargs)
+def load_any(path, *, param_dtype: str | None = None, **kwargs):
+  """A model from a tnjax directory (`save_model`) or a Hugging Face GPT-2, Llama or Qwen2 directory;
+  ``param_dtype`` as in `load_hf`."""
+  if is_native(path):
+    return load_model(path, param_dtype=param_dtype)
+  return load_hf(path, param_dtype=param_dtype, **kwargs)

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tnjax._io import atomic_write, atomic_write_text, read_json, read_safetensors
+from tnjax._io import atomic_write, atomic_write_text, check_finite, read_json
+from tnjax.interop.native import check_param_dtype, with_concrete_state
 from tnjax.models.decoder import Decoder
 from tnjax.models.family import FAMILIES, build, family
 
@@ -53,16 +54,56 @@ def mapping_for(fn: str, model_type, allowed: tuple[str, ...] | None = None) -> 
   return mappings[model_type]
 
 
-def read_tensors(fn: str, path: pathlib.Path) -> dict[str, np.ndarray]:
-  """Every tensor of a Hugging Face directory: one safetensors file, shards, or ``pytorch_model.bin``."""
+class LazyTensor:
+  """One tensor of a safetensors file, read only when converted (``np.asarray``); its shape and dtype come from
+  the file's header. A checkpoint's tensors are read one at a time, so loading holds one tensor beside the
+  model, not the whole checkpoint (the file's pages are memory-mapped, and the kernel drops them under
+  pressure)."""
+
+  def __init__(self, fn: str, path: pathlib.Path, name: str, shape, dtype: str):
+    self.fn, self.path, self.name, self.shape, self.dtype = fn, path, name, tuple(shape), dtype
+
+  def __array__(self, dtype=None, copy=None):
+    from safetensors import safe_open
+
+    try:
+      with safe_open(str(self.path), framework="numpy") as f:
+        value = f.get_tensor(self.name)
+    except Exception as e:  # SafetensorError for a file truncated or garbled past its header
+      raise ValueError(f"{self.fn}: tensor {self.name} of {self.path} cannot be read ({str(e)[:200]}); the file "
+                       "is truncated or corrupt") from e
+    check_finite(self.fn, self.name, self.path, value)
+    return value if dtype is None else value.astype(dtype)
+
+
+def lazy_safetensors(fn: str, path: pathlib.Path) -> dict[str, LazyTensor]:
+  """The tensors of one safetensors file, unread (see `LazyTensor`); the header is checked now."""
+  from safetensors import safe_open
+
+  if not path.is_file():
+    raise ValueError(f"{fn}: {path} does not exist or is not a file")
+  try:
+    with safe_open(str(path), framework="numpy") as f:
+      return {k: LazyTensor(fn, path, k, f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+  except Exception as e:  # safetensors raises SafetensorError, not a ValueError, for a garbled header
+    raise ValueError(f"{fn}: {path} is not a readable safetensors file ({str(e)[:200]}); it is truncated or "
+                     "corrupt") from e
+
+
+def read_tensors(fn: str, path: pathlib.Path) -> dict:
+  """Every tensor of a Hugging Face directory: one safetensors file or shards (as unread `LazyTensor` objects), or
+  ``pytorch_model.bin`` (read whole, as NumPy arrays)."""
   single, index, binary = path / "model.safetensors", path / "model.safetensors.index.json", \
       path / "pytorch_model.bin"
   if single.exists():
-    return read_safetensors(fn, single)
+    return lazy_safetensors(fn, single)
   if index.exists():
+    weight_map = read_json(fn, index).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{fn}: {index} has no weight_map object; expected a safetensors index")
     tensors = {}
-    for shard in sorted(set(read_json(fn, index)["weight_map"].values())):
-      tensors.update(read_safetensors(fn, path / shard))
+    for shard in sorted(set(weight_map.values())):
+      tensors.update(lazy_safetensors(fn, path / shard))
     return tensors
   if binary.exists():
     try:
@@ -75,9 +116,9 @@ def read_tensors(fn: str, path: pathlib.Path) -> dict[str, np.ndarray]:
   raise ValueError(f"{fn}: {path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def _assign(fn: str, name: str, variable: nnx.Variable, value: np.ndarray, layout: str, rows: int) -> None:
-  """Checks a checkpoint tensor's shape (as stored) against the variable it fills, then fills it."""
-  value = np.asarray(value)
+def _assign(fn: str, name: str, variable: nnx.Variable, value, layout: str, rows: int, dtype) -> None:
+  """Checks a checkpoint tensor's shape (as stored, before reading it) against the variable it fills, then reads
+  it and fills the variable in ``dtype``."""
   expected = tuple(variable.shape)
   if layout == "T":
     expected = expected[::-1]
@@ -85,28 +126,34 @@ def _assign(fn: str, name: str, variable: nnx.Variable, value: np.ndarray, layou
     expected = (rows,) + expected[1:]
   if tuple(value.shape) != expected:
     raise ValueError(f"{fn}: tensor {name} has shape {tuple(value.shape)} but {expected} is expected")
+  value = np.asarray(value)
   if layout == "T":
     value = value.T
   elif layout == "rows" and variable.shape[0] > rows:  # tnjax pads the table; the rows past the vocabulary stay 0
     value = np.pad(value, ((0, variable.shape[0] - rows), (0, 0)))
-  variable[...] = jnp.asarray(value, variable.dtype)
+  variable.set_value(jnp.asarray(value, dtype))
 
 
-def load_hf(path, *, dtype: str | None = None, fn: str = "load_hf", model_types: tuple[str, ...] | None = None
-            ) -> Decoder:
+def load_hf(path, *, dtype: str | None = None, param_dtype: str | None = None, fn: str = "load_hf",
+            model_types: tuple[str, ...] | None = None) -> Decoder:
   """Loads a local Hugging Face directory (GPT-2, Llama, Qwen2) into a dense tnjax model of its family.
 
   Args:
     path: directory with ``config.json`` and ``model.safetensors`` (or a
       sharded safetensors index, or ``pytorch_model.bin`` read weights-only).
-    dtype: computation dtype of the model (parameters stay float32).
+    dtype: computation dtype of the model.
+    param_dtype: dtype the parameters are stored in (default float32); "bfloat16" keeps a bf16
+      checkpoint's size in memory (half of float32's), for evaluation and compression at 1-8B sizes. It is
+      also the computation dtype unless ``dtype`` is given.
     fn: the name errors start with.
     model_types: the ``model_type`` values accepted (default: every family's).
 
   Raises:
     ValueError: missing files, an unsupported ``model_type`` or config option
       (named), missing, unexpected or wrongly shaped tensors (named), all
-      before any weight is used.
+      before any weight is read; an unknown ``param_dtype``; a tensor with NaN or infinite values.
+
+  Tensors are read one at a time into a model that was never initialized (no random init, no second copy).
 
   Examples:
     >>> import tempfile
@@ -119,6 +166,7 @@ def load_hf(path, *, dtype: str | None = None, fn: str = "load_hf", model_types:
     ('Llama', True)
   """
   path = pathlib.Path(path)
+  check_param_dtype(fn, param_dtype)
   if not (path / "config.json").exists():
     raise ValueError(f"{fn}: {path / 'config.json'} does not exist; expected a Hugging Face model directory")
   hf = read_json(fn, path / "config.json")
@@ -126,12 +174,12 @@ def load_hf(path, *, dtype: str | None = None, fn: str = "load_hf", model_types:
     raise ValueError(f"{fn}: {path / 'config.json'} holds {type(hf).__name__} but a JSON object is expected")
   mapping = mapping_for(fn, hf.get("model_type"), model_types)
   try:
-    cfg = mapping.config_from_hf(hf, fn).replace(dtype=dtype)
+    cfg = mapping.config_from_hf(hf, fn).replace(dtype=dtype or param_dtype)
   except (KeyError, TypeError, AttributeError) as e:
     raise ValueError(f"{fn}: {path / 'config.json'} is not a {hf.get('model_type')} config "
                      f"({type(e).__name__}: {e})") from e
   tensors = mapping.checkpoint_tensors(read_tensors(fn, path), cfg)
-  model = build(cfg, rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))  # no parameter allocated or initialized yet
   targets = mapping.targets(model)
   missing = sorted(set(targets) - set(tensors))
   unexpected = sorted(set(tensors) - set(targets))
@@ -139,8 +187,8 @@ def load_hf(path, *, dtype: str | None = None, fn: str = "load_hf", model_types:
     raise ValueError(f"{fn}: checkpoint tensors missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                      f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
   for name, (variable, layout) in targets.items():
-    _assign(fn, name, variable, tensors[name], layout, cfg.vocab_size)
-  return model
+    _assign(fn, name, variable, tensors[name], layout, cfg.vocab_size, param_dtype or variable.dtype)
+  return with_concrete_state(model)
 
 
 def save_hf(model: Decoder, path) -> pathlib.Path:

@@ -66,15 +66,17 @@ def is_native(path) -> bool:
   return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
-def load_model(path) -> Decoder:
-  """Loads a directory written by `save_model`.
+def load_model(path, *, param_dtype: str | None = None) -> Decoder:
+  """Loads a directory written by `save_model`; ``param_dtype`` as in `tnjax.interop.load_hf` (floating
+  parameters are cast to it; int8 weights stay int8).
 
   Raises:
     ValueError: missing files, a directory of another format, or parameters
-      missing, unexpected or (other than TT cores) of the wrong shape, by name.
+      missing, unexpected or (other than TT cores) of the wrong shape, by name; an unknown ``param_dtype``.
   """
   fn = "load_model"
   path = pathlib.Path(path)
+  check_param_dtype(fn, param_dtype)
   for name in ("config.json", "model.safetensors"):
     if not (path / name).exists():
       raise ValueError(f"{fn}: {path / name} does not exist; expected a directory written by save_model")
@@ -91,7 +93,7 @@ def load_model(path) -> Decoder:
     raise ValueError(f"{fn}: {path / 'config.json'} has no valid {kind} config ({type(e).__name__}: {e})") from e
   tensors = read_safetensors(fn, path / "model.safetensors")
   try:
-    return model_from_tensors(cfg, tensors, fn=fn)
+    return model_from_tensors(cfg.replace(dtype=cfg.dtype or param_dtype), tensors, fn=fn, param_dtype=param_dtype)
   except ValueError as e:
     raise ValueError(f"{e} (in {path / 'model.safetensors'})") from e
 
@@ -101,7 +103,8 @@ def model_tensors(module: nnx.Module) -> dict[str, jax.Array]:
   return {_key(p): v[...] for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
-def model_from_tensors(cfg, tensors: dict, *, fn: str = "model_from_tensors") -> Decoder:
+def model_from_tensors(cfg, tensors: dict, *, fn: str = "model_from_tensors", param_dtype: str | None = None
+                       ) -> Decoder:
   """A model of config ``cfg`` (any family) holding ``tensors`` (names as `model_tensors` gives them).
 
   Every tensor's shape is checked against the model the config builds, TT cores included when the layer's
@@ -123,10 +126,24 @@ def model_from_tensors(cfg, tensors: dict, *, fn: str = "model_from_tensors") ->
     exact = not isinstance(variable, TTParam) or cfg.spec_of(_layer_name(p)).ranks is not None
     if exact and tuple(value.shape) != tuple(variable.shape):
       raise ValueError(f"{fn}: parameter {_key(p)} has shape {value.shape} but {tuple(variable.shape)} is expected")
-    variable.set_value(jnp.asarray(value))
-  # Non-parameter state (dropout RNG keys and counters) is abstract after eval_shape; make it concrete.
-  rest = jax.tree_util.tree_map(_concrete, rest)
-  return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+    floating = jnp.issubdtype(value.dtype, jnp.floating)
+    variable.set_value(jnp.asarray(value, param_dtype if param_dtype and floating else None))
+  return with_concrete_state(nnx.merge(graphdef, nnx.from_flat_state(flat), rest))
+
+
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_param_dtype(fn: str, param_dtype) -> None:
+  if param_dtype is not None and param_dtype not in PARAM_DTYPES:
+    raise ValueError(f"{fn}: param_dtype={param_dtype!r} but one of {PARAM_DTYPES} is expected")
+
+
+def with_concrete_state(model: nnx.Module) -> nnx.Module:
+  """``model`` built by ``nnx.eval_shape`` and given its parameters, with the non-parameter state no file holds
+  (dropout RNG keys and counters, still abstract) made concrete."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return nnx.merge(graphdef, params, jax.tree_util.tree_map(_concrete, rest))
 
 
 def _layer_name(path) -> str:

@@ -64,14 +64,17 @@ def make_linear(spec: LayerSpec, in_features: int, out_features: int, *, std: fl
 
 
 def dense_kernel(layer: nnx.Module) -> jax.Array:
-  """The (in, out) dense kernel of any projection (reconstructed for tensorized ones).
+  """The (in, out) dense kernel of any projection (reconstructed for tensorized ones), in float32 at least:
+  a model whose parameters are kept in bfloat16 is fitted and exported in float32 (decompositions have no
+  bfloat16 kernels, and their rounding would compound).
 
   Examples:
     >>> from tnjax.nn import TTMLinear
     >>> dense_kernel(TTMLinear(12, 20, rank=2, rngs=nnx.Rngs(0))).shape
     (12, 20)
   """
-  return layer.kernel[...] if isinstance(layer, nnx.Linear) else layer.kernel
+  w = layer.kernel[...] if isinstance(layer, nnx.Linear) else layer.kernel
+  return w.astype(jnp.promote_types(w.dtype, jnp.float32))
 
 
 def linear_flops(layer: nnx.Module, rows: int) -> int:

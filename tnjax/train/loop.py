@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tnjax._io import atomic_write, atomic_write_text, copy_tree_linked
+from tnjax._io import LOCK_NAME, atomic_write, atomic_write_text, copy_tree_linked, dir_lock
 from tnjax.data import eval_batches, load_tokenizer, token_cache, train_batch, train_tokenizer
 from tnjax.data.cache import file_sha256
 from tnjax.models import Decoder, build
@@ -288,10 +288,73 @@ def _tokenizer(cfg: TrainConfig, out: pathlib.Path, resume: bool):
       raise ValueError(f"train: --resume but {saved} was made from other training files or another vocab_size "
                        f"({source}); its checkpoints belong to that tokenizer")
     _say(f"train: {saved} was made from other training files or another vocab_size; training a new one")
-  tok = train_tokenizer(cfg.train_files, cfg.vocab_size)
+  with _naming("train_files"):
+    tok = train_tokenizer(cfg.train_files, cfg.vocab_size)
   atomic_write(saved, tok.save)
   atomic_write_text(source, json.dumps(made_from, indent=1))
   return tok
+
+
+FILE_FIELDS = ("train_files", "valid_files", "test_files")
+
+
+@contextlib.contextmanager
+def _naming(field: str):
+  """Puts the TrainConfig field whose files the block reads in front of the ValueError it raises."""
+  try:
+    yield
+  except ValueError as e:
+    raise ValueError(f"train: {field}: {e}") from e
+
+
+def _check_files(cfg: TrainConfig) -> None:
+  """Refuses, before anything is written, a file of ``FILE_FIELDS`` that does not exist, is not a file or is empty."""
+  for field in FILE_FIELDS:
+    for f in getattr(cfg, field):
+      path = pathlib.Path(f)
+      if not path.is_file():
+        raise ValueError(f"train: {field} has {f!r}, which does not exist or is not a file")
+      if path.stat().st_size == 0:
+        raise ValueError(f"train: {field} has {f!r}, which is empty; a UTF-8 text file is expected")
+
+
+def _tokens(cfg: TrainConfig, tok, out: pathlib.Path, field: str) -> np.ndarray:
+  """The token ids of one of ``FILE_FIELDS`` (read, decoded and tokenized, or taken from the cache), so that every
+  file a run reads is refused before its first step rather than after training.
+
+  Raises:
+    ValueError: naming the field and the file that is not UTF-8 text, or the field and its files when they hold
+      fewer than ``block_size + 2`` tokens (a window, its shifted targets and a second start).
+  """
+  files = getattr(cfg, field)
+  with _naming(field):
+    tokens = token_cache(files, tok, out / "cache", field.removesuffix("_files"))
+  need = cfg.block_size + 2
+  if len(tokens) < need:
+    raise ValueError(f"train: {field} {files} hold {len(tokens)} tokens but block_size={cfg.block_size} needs at "
+                     f"least {need} (a window, its shifted targets and a second start); give more text or a smaller "
+                     "block_size")
+  return tokens
+
+
+def _checkpoint_steps(out: pathlib.Path) -> list[int]:
+  """The steps of the checkpoints in a run directory, ascending (orbax's finished ones: in-progress saves have
+  temporary names)."""
+  return sorted(int(p.name) for p in (out / "checkpoints").glob("*") if p.name.isdigit())
+
+
+def _check_steps_ahead(cfg: TrainConfig, out: pathlib.Path) -> None:
+  """Refuses to resume a run to fewer steps than it has trained, or to as many when it has finished (its report
+  gives them): either would rewrite its config and report with less (steps, tokens seen, tokens/s)."""
+  trained = max(_checkpoint_steps(out), default=0)
+  try:
+    finished = json.loads((out / "report.json").read_text()).get("steps") == trained
+  except (OSError, ValueError, AttributeError):  # no report (an unfinished run), or not one of ours
+    finished = False
+  if cfg.steps < trained or (cfg.steps == trained and finished):
+    raise ValueError(f"train: --resume but the run in {out} has already {'finished' if finished else 'trained'} "
+                     f"{trained} steps (checkpoint {trained}); steps={cfg.steps} is "
+                     f"{'fewer' if cfg.steps < trained else 'no more'}; choose steps > {trained} or a new out_dir")
 
 
 def _plot(metrics: list[dict], path: pathlib.Path) -> None:
@@ -351,28 +414,30 @@ def branch(src, step: int, steps: int, out_dir) -> TrainConfig:
                      "phase does not depend on steps)")
   ckpt = src / "checkpoints" / str(step)
   if not ckpt.is_dir():
-    have = sorted(int(p.name) for p in (src / "checkpoints").glob("*") if p.name.isdigit())
-    raise ValueError(f"{fn}: {src} has no checkpoint at step {step} (it has {have}); keep_every keeps branch points")
+    raise ValueError(f"{fn}: {src} has no checkpoint at step {step} (it has {_checkpoint_steps(src)}); keep_every "
+                     "keeps branch points")
   limit = min(decay_start(before), decay_start(cfg))
   if step > limit:
     raise ValueError(f"{fn}: step={step} but the stable phase ends at step {limit} (decay of {src}: "
                      f"{decay_start(before)}, of the branch with steps={steps}: {decay_start(cfg)})")
-  if out.exists() and any(out.iterdir()):
-    raise ValueError(f"{fn}: {out} is not empty; a new directory is expected")
-  (out / "checkpoints").mkdir(parents=True)
-  shutil.copytree(ckpt, out / "checkpoints" / str(step))
-  for name in ("tokenizer.json", "tokenizer.source.json"):
-    if (src / name).exists():
-      shutil.copy2(src / name, out / name)
-  if (src / "cache").is_dir():
-    copy_tree_linked(src / "cache", out / "cache")
-  metrics = [json.loads(line) for line in (src / "metrics.jsonl").read_text().splitlines() if line.strip()] \
-      if (src / "metrics.jsonl").exists() else []
-  vals = [m for m in metrics if "val_loss" in m]
-  if (src / "best_model").is_dir() and vals and min(vals, key=lambda m: m["val_loss"])["step"] <= step:
-    shutil.copytree(src / "best_model", out / "best_model")
-  atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics if m["step"] <= step))
-  atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+  out.mkdir(parents=True, exist_ok=True)
+  with dir_lock(fn, out):
+    if any(p.name != LOCK_NAME for p in out.iterdir()):
+      raise ValueError(f"{fn}: {out} is not empty; a new directory is expected")
+    (out / "checkpoints").mkdir()
+    shutil.copytree(ckpt, out / "checkpoints" / str(step))
+    for name in ("tokenizer.json", "tokenizer.source.json"):
+      if (src / name).exists():
+        shutil.copy2(src / name, out / name)
+    if (src / "cache").is_dir():
+      copy_tree_linked(src / "cache", out / "cache")
+    metrics = [json.loads(line) for line in (src / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+        if (src / "metrics.jsonl").exists() else []
+    vals = [m for m in metrics if "val_loss" in m]
+    if (src / "best_model").is_dir() and vals and min(vals, key=lambda m: m["val_loss"])["step"] <= step:
+      shutil.copytree(src / "best_model", out / "best_model")
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics if m["step"] <= step))
+    atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
   return cfg
 
 
@@ -393,22 +458,37 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
   Every file is written under a temporary name and renamed.
 
   A moved run directory resumes (``out_dir`` is not compared); resuming with
-  another ``steps`` says on stderr that the learning-rate schedule changes.
+  more ``steps`` says on stderr that the learning-rate schedule changes;
+  resuming with fewer steps than the run has trained (or as many, once it has
+  finished) is refused and changes nothing.
+
+  Before the first step, every file the run reads (``train_files``,
+  ``valid_files``, ``test_files``) is read, decoded, tokenized and checked to
+  hold a window (``block_size + 2`` tokens); a bad one is refused naming its
+  field and file, before the config is saved. One run at a time writes into
+  ``out_dir``: it holds ``out_dir/.tnjax.lock`` (`tnjax._io.dir_lock`; in a
+  multi-host run, its first process) while it runs, and a second is refused.
 
   Raises:
     ValueError: when the directory already has checkpoints and ``resume`` is
-      False, when resuming with a different configuration, when a checkpoint
-      cannot be restored, or when the loss becomes NaN or infinite.
+      False, when resuming with a different configuration or fewer steps, when
+      another run holds the directory, for a missing, empty, non-UTF-8 or too
+      short file, when a checkpoint cannot be restored, or when the loss
+      becomes NaN or infinite.
   """
-  from tnjax.interop import load_model, save_model
-
   cfg.validate()
-  for name in ("train_files", "valid_files", "test_files"):
-    for f in getattr(cfg, name):
-      if not pathlib.Path(f).is_file():
-        raise ValueError(f"train: {name} has {f!r}, which does not exist or is not a file")
+  _check_files(cfg)
   out = pathlib.Path(cfg.out_dir)
   out.mkdir(parents=True, exist_ok=True)
+  # The processes of a multi-host run write one run directory together: the first holds its lock for all.
+  with dir_lock("train", out) if jax.process_index() == 0 else contextlib.nullcontext():
+    return _train(cfg, out, resume, progress)
+
+
+def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, progress: bool) -> dict:
+  """`train` in ``out``, whose lock the caller holds."""
+  from tnjax.interop import load_model, save_model
+
   saved_cfg = out / "train_config.json"
   has_ckpt = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
   saved_steps = None
@@ -426,15 +506,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     if before != now:
       changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
       raise ValueError(f"train: --resume with a configuration that differs from the saved one in {changed}")
+    _check_steps_ahead(cfg, out)
   elif has_ckpt:
     raise ValueError(f"train: {out / 'checkpoints'} already has checkpoints; pass --resume to continue, or choose "
                      "another out_dir")
-  atomic_write_text(saved_cfg, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
 
+  # Every file the run reads, test files included, is tokenized and checked before the first step (and before the
+  # config is saved): a bad one found after training would leave the run without its model and report.
   tok = _tokenizer(cfg, out, resume)
-  train_tokens = token_cache(cfg.train_files, tok, out / "cache", "train")
-  valid = eval_batches(token_cache(cfg.valid_files, tok, out / "cache", "valid"), cfg.eval_batches,
-                       cfg.batch_size // cfg.grad_accum, cfg.block_size)
+  tokens = {field: _tokens(cfg, tok, out, field) for field in FILE_FIELDS if getattr(cfg, field)}
+  atomic_write_text(saved_cfg, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+  valid = eval_batches(tokens["valid_files"], cfg.eval_batches, cfg.batch_size // cfg.grad_accum, cfg.block_size)
   trainer = Trainer(cfg, tok.get_vocab_size())
   metrics_path = out / "metrics.jsonl"
   manager = _checkpoint_manager(out, cfg)
@@ -452,7 +534,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
     board = _tensorboard(out / "tensorboard")
     best = min((json.loads(line).get("val_loss", math.inf) for line in kept), default=math.inf)
-    rates = _loop(cfg, trainer, manager, train_tokens, valid, start, progress, metrics_path, board,
+    rates = _loop(cfg, trainer, manager, tokens["train_files"], valid, start, progress, metrics_path, board,
                   out / "best_model", best)
   finally:
     with _interrupt_after():
@@ -478,8 +560,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
   if vals:
     report["best_val_step"] = min((m for m in metrics if "val_loss" in m), key=lambda m: m["val_loss"])["step"]
   if cfg.test_files:
-    test = eval_batches(token_cache(cfg.test_files, tok, out / "cache", "test"), cfg.eval_batches,
-                        cfg.batch_size // cfg.grad_accum, cfg.block_size)
+    test = eval_batches(tokens["test_files"], cfg.eval_batches, cfg.batch_size // cfg.grad_accum, cfg.block_size)
     report["test_perplexity"] = math.exp(_finite("test loss", trainer.evaluate(test), cfg.steps, cfg))
     if (out / "best_model").exists():
       best = trainer.flat.flat(nnx.state(load_model(out / "best_model"), nnx.Param))
