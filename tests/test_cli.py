@@ -252,6 +252,14 @@ def test_long_context_model_evaluates_and_compresses_without_block_size(long_con
   assert main(["compress", "--model", str(d), "--method", "svdllm", "--ratio", "0.5", "--calib", str(text),
                "--calib-windows", "4", "--heal-steps", "1", "--out", str(out)]) == 0
   assert "svdllm ratio=0.5" in capsys.readouterr().out and (out / "model" / "config.json").exists()
+  from tnjax.data import load_tokenizer
+
+  tokens = len(load_tokenizer(d / "tokenizer.json").encode(TEXT).ids)
+  out64 = tmp_path / "default-windows"  # 64 windows asked for, but no more than the text holds
+  assert main(["compress", "--model", str(d), "--method", "svd", "--ratio", "0.5", "--calib", str(text),
+               "--allocation", "importance", "--out", str(out64)]) == 0
+  window = min(2048, tokens - 2)
+  assert json.loads((out64 / "report.json").read_text())["calib_tokens"] == window * -(-(tokens - 1) // window)
 
 
 @pytest.mark.parametrize("argv,match", [

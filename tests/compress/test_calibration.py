@@ -1,6 +1,8 @@
 """Per-projection input Grams from one calibration pass, for GPT-2 and Llama-style models, and their use:
 the whitened SVD of a real layer has lower output error on the calibration activations than plain SVD."""
 
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +10,8 @@ import pytest
 from flax import nnx
 
 import tnjax
-from tnjax.compress import svd_compress, svdllm_compress
-from tnjax.compress.calibration import input_grams
+from tnjax.compress import mpo_compress, svd_compress, svdllm_compress
+from tnjax.compress.calibration import calibration_pass, input_grams
 from tnjax.models import GPT, Llama, preset
 
 
@@ -129,3 +131,76 @@ def test_compensated_sums_do_not_grow_rounding_with_the_number_of_batches():
     naive += v
   assert np.abs(np.asarray(total[0], np.float64) - exact).max() <= 2 * np.spacing(np.float32(exact.max()))
   assert np.abs(naive.astype(np.float64) - exact).max() > 50 * np.spacing(np.float32(exact.max()))
+
+
+SMALL = dict(d_model=64, n_head=4, vocab_size=128)  # the shapes of the trained fixture: compilations shared
+
+
+def _gpt_or_llama(name):
+  return (Llama if name == "llama-tiny" else GPT)(preset(name, **SMALL), rngs=nnx.Rngs(0))
+
+
+STREAMED = [
+    ("svdllm", lambda m, calib: svdllm_compress(m, calib, ratio=0.5)),
+    ("mpo-data", lambda m, calib: mpo_compress(m, calib=calib, ratio=0.5, fit="data")),
+]
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
+@pytest.mark.parametrize("method,make", STREAMED, ids=[s[0] for s in STREAMED])
+def test_fits_streamed_block_by_block_equal_the_fits_from_a_precomputed_calibration(name, method, make):
+  model = _gpt_or_llama(name)
+  ids = np.random.default_rng(0).integers(0, 128, (4, 64)).astype(np.int32)  # as many tokens as the widest input
+  streamed, whole = make(model, ids), make(model, input_grams(model, ids))
+  assert streamed.config == whole.config
+  a, b = (jax.tree_util.tree_leaves(nnx.state(m, nnx.Param)) for m in (streamed, whole))
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_a_streamed_fit_holds_one_blocks_grams_at_a_time(monkeypatch):
+  """Every Gram the pass makes is watched by a weakref (an observer hook wrapping the method's, or standing in for
+  it when the method runs the plain pass); while block i + 1 is measured, no Gram of an earlier block is alive."""
+  from tnjax.compress import calibration, methods
+
+  cfg = preset("tiny", n_layer=3, **SMALL)
+  model = GPT(cfg, rngs=nnx.Rngs(0))
+  ids = np.random.default_rng(0).integers(0, 128, (4, 64)).astype(np.int32)
+  watched, alive, passes = [], [], []
+  real_pass, real_stats = calibration.calibration_pass, calibration._block_stats
+
+  def watching_pass(fn, model, batches, refit=None, **kw):
+    def observe(i, grams):
+      watched.append([weakref.ref(g) for g in grams.values()])
+      return {} if refit is None else refit(i, grams)
+
+    passes.append(real_pass(fn, model, batches, observe, **kw))
+    return passes[-1]
+
+  def counting_stats(block, x, totals):
+    alive.append(sum(any(r() is not None for r in refs) for refs in watched))  # earlier blocks with a live Gram
+    return real_stats(block, x, totals)
+
+  monkeypatch.setattr(methods, "calibration_pass", watching_pass)
+  monkeypatch.setattr(calibration, "_block_stats", counting_stats)
+  small = svdllm_compress(model, ids, ratio=0.5)
+  assert len(passes) == 1 and len(watched) == cfg.n_layer and len(alive) == cfg.n_layer  # one batch: one call a block
+  assert alive == [0] * cfg.n_layer
+  assert passes[0].grams == {} and len(passes[0].importance) == cfg.n_layer
+  assert small.config.spec("mlp.c_fc", 2).kind == "lowrank"
+
+
+def test_data_aware_fits_refuse_layers_outside_the_blocks_and_a_calibration_without_their_grams():
+  model = GPT(preset("tiny", tie_embeddings=False, **SMALL), rngs=nnx.Rngs(0))
+  ids = np.random.default_rng(0).integers(0, 128, (4, 64)).astype(np.int32)
+  for calib in (ids, input_grams(model, ids)):  # calibration measures inputs in the blocks: no Gram for the head
+    with pytest.raises(ValueError, match=r"svdllm_compress: layers \['lm_head'\] are not in a block but this fit "
+                                         r"reads each layer's input Gram"):
+      svdllm_compress(model, calib, rank=4, layers=["lm_head"])
+  counts_only = calibration_pass("test", model, ids, keep_grams=False)
+  assert counts_only.grams == {} and counts_only.tokens == 256 and len(counts_only.importance) == 2
+  with pytest.raises(ValueError, match=r"svdllm_compress: calib is a Calibration without the Grams of "
+                                       r"\['h.0.attn.c_attn', 'h.0.attn.c_proj', 'h.0.mlp.c_fc'\]\.\.\. \(a pass with "
+                                       r"keep_grams=False"):
+    svdllm_compress(model, counts_only, rank=4)

@@ -21,7 +21,10 @@ that read the same input (Llama's q/k/v, gate/up) share one computation and
 one stored array. The hidden
 states of all batches are kept between blocks (tokens x d_model float32:
 400 MB for 128k tokens of GPT-2 124M); GPT-2 124M's float64 Grams take
-about 1.1 GB (its 3072-wide MLP inputs dominate).
+about 1.1 GB (its 3072-wide MLP inputs dominate), a Llama-3.1-8B shape's
+about 2 GB a block and 65 GB in all. ``keep_grams=False`` streams them: each
+block's Grams go to ``refit`` and are dropped before the next block is
+measured, so the host holds one block's Grams, not the model's.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ class Calibration:
   """What a calibration pass collects (`input_grams`).
 
   Attributes:
-    grams: ``{"h.{i}.{projection}": (n_in, n_in) float64}``, ``X^T X`` of each projection's inputs.
+    grams: ``{"h.{i}.{projection}": (n_in, n_in) float64}``, ``X^T X`` of each projection's inputs; empty
+      from a pass with ``keep_grams=False`` (the Grams were streamed to its ``refit``, or not needed).
     tokens: tokens summed.
     importance: per block, ``1 - mean cos(block input, block output)`` (MoDeGPT's block importance).
     token_counts: (vocab_size,) int64, occurrences of each id (an embedding's diagonal metric).
@@ -150,13 +154,20 @@ def with_layers(block: nnx.Module, layers: dict[str, nnx.Module]) -> nnx.Module:
 Refit = Callable[[int, dict[str, np.ndarray]], dict[str, nnx.Module]]
 
 
-def calibration_pass(fn: str, model: Decoder, batches, refit: Refit | None = None) -> Calibration:
+def calibration_pass(fn: str, model: Decoder, batches, refit: Refit | None = None, *,
+                     keep_grams: bool = True) -> Calibration:
   """One pass over the calibration batches, block by block.
 
-  ``refit(i, grams)`` (``grams`` keyed by projection name) returns block i's
-  replacement projections; the states go on through block i with them, so
-  block i + 1 is measured on the compressed model's states. Without
-  ``refit``, the model's own blocks carry them.
+  ``refit(i, grams)`` (``grams`` keyed by projection name; projections reading
+  one input share one array, so it must not be modified in place) returns
+  block i's replacement projections; the states go on through block i with
+  them, so block i + 1 is measured on the compressed model's states. Without
+  ``refit``, or when it returns ``{}``, the model's own blocks carry them.
+
+  ``keep_grams=False``: the returned ``grams`` is empty and block i's Grams are
+  released when ``refit(i, ...)`` returns, before block i + 1 is measured, so
+  the host holds one block's Grams at a time (for a fit that needs only its
+  own layer's Gram, or a caller that reads only importance and token counts).
   """
   batches = as_batches(fn, batches)
   for b in batches:
@@ -181,8 +192,10 @@ def calibration_pass(fn: str, model: Decoder, batches, refit: Refit | None = Non
     distinct = {name: np.asarray(jax.device_get(s), np.float64) for name, (s, _) in totals.items()}
     del totals
     block_grams = {name: distinct[first[name]] for name in first}
-    grams.update({layer_key(i, name): v for name, v in block_grams.items()})
+    if keep_grams:
+      grams.update({layer_key(i, name): v for name, v in block_grams.items()})
     replaced = refit(i, block_grams) if refit is not None else {}
+    del distinct, block_grams  # else they live on through block i + 1's measurement, two blocks' Grams at once
     if replaced:
       new = with_layers(block, replaced)
       outs = [_forward(new, x) for x in states]

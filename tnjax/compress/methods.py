@@ -19,6 +19,14 @@ each layer's output error on calibration text, ``||X (W - W')||_F``, from the
 input Grams of [`input_grams`][tnjax.compress.calibration.input_grams];
 ``sequential=True`` measures block i on the outputs of the already-compressed
 blocks before it.
+
+Memory: given ids and a budget each layer sets alone (``allocation="uniform"``,
+or a rank or rtol target), block i's layers are fitted inside the calibration
+pass as soon as its Grams are summed, and the Grams are dropped before block
+i + 1 is measured: the host holds one block's float64 Grams (about 2 GB at a
+Llama-3.1-8B shape), not the model's (65 GB). ``allocation="importance"`` and
+``"loss"`` read every block's statistics before any fit, and a `Calibration`
+already holds them all, so those keep every Gram until the fits are done.
 """
 
 from __future__ import annotations
@@ -63,11 +71,12 @@ def _bonds(ranks) -> tuple[int, ...] | None:
   return tuple(int(r) for r in ranks[1:-1]) or None
 
 
-def calibration(fn: str, model: Decoder, calib) -> Calibration:
-  """``calib`` as a `Calibration`: computed from (batch, time) ids, or one already computed."""
+def calibration(fn: str, model: Decoder, calib, *, keep_grams: bool = True) -> Calibration:
+  """``calib`` as a `Calibration`: computed from (batch, time) ids, or one already computed. ``keep_grams=False``
+  for a caller that reads only importance or token counts: a pass from ids then keeps no Gram."""
   if isinstance(calib, Calibration):
     return calib
-  return calibration_pass(fn, model, calib)
+  return calibration_pass(fn, model, calib, keep_grams=keep_grams)
 
 
 def _with_bias(layer, bias, n: int):
@@ -106,11 +115,30 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
   if sequential and isinstance(calib, Calibration):
     raise ValueError(f"{fn}: sequential=True but calib is a Calibration; sequential calibration runs the text "
                      "through the compressed blocks, so pass the ids")
+  by_block: dict[int | None, list[str]] = {}
+  for name in job.names:
+    by_block.setdefault(parse_layer_key(name)[0], []).append(name)
+  if job.data and None in by_block:
+    raise ValueError(f"{fn}: layers {by_block[None]} are not in a block but this fit reads each layer's input Gram, "
+                     "which calibration measures in the blocks only; compress them with a data-free fit")
+  given = calib.grams if job.data and isinstance(calib, Calibration) else None
+  missing = [] if given is None else [name for name in job.names if name not in given]
+  if missing:  # a pass with keep_grams=False keeps importance and token counts only
+    raise ValueError(f"{fn}: calib is a Calibration without the Grams of {missing[:3]}"
+                     f"{'...' if len(missing) > 3 else ''} (a pass with keep_grams=False, or another model) but this "
+                     "fit reads each layer's input Gram; pass the ids or input_grams(model, ids)")
   layers = {name: _model.get_layer(model, name) for name in job.names}
   kernels = {name: dense_kernel(layer) for name, layer in layers.items()}
   if job.data:
     check_tokens(fn, calib, {name: w.shape[0] for name, w in kernels.items()})
-  cal = calibration(fn, model, calib) if needs_cal and (not sequential or allocation != "uniform") else None
+  # Fitted inside the calibration pass, block by block, when each fit needs only its own layer's Gram and budget
+  # (ids and a uniform allocation; sequential always, each block on its own pass): one block's Grams at a time.
+  blockwise = job.data and not isinstance(calib, Calibration) and (sequential or allocation == "uniform")
+  # A whole-model pass first, for a global allocation (every block's importance, the spectra "loss" reads) or for
+  # fits from it; it keeps every Gram only when something reads them all.
+  whole = needs_cal and not (blockwise and allocation == "uniform")
+  keep = job.data and (allocation == "loss" or not blockwise)
+  cal = calibration(fn, model, calib, keep_grams=keep) if whole else None
   stored = {name: _model.weights(layer) for name, layer in layers.items()}
   gram = lambda name: None if not job.data else jnp.asarray(cal.grams[name], kernels[name].dtype)  # noqa: E731
   budgets = layer_budgets(
@@ -133,13 +161,7 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
                        "choose a smaller target, or pass if_larger='keep' to leave such layers as they are")
     return None
 
-  if sequential:
-    by_block: dict[int, list[str]] = {}
-    for name in job.names:
-      by_block.setdefault(parse_layer_key(name)[0], []).append(name)
-    if None in by_block:
-      raise ValueError(f"{fn}: sequential=True but {by_block[None]} are not in a block; compress them separately")
-
+  if blockwise:
     def refit(i, grams):
       out = {}
       for name in by_block.get(i, []):
@@ -147,9 +169,9 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
         new = fit_one(name, jnp.asarray(grams[proj], kernels[name].dtype))
         if new is not None:
           out[proj] = new
-      return out
+      return out if sequential else {}  # {}: the states go on through the model's own blocks, as in one pass
 
-    calibration_pass(fn, model, calib, refit)
+    calibration_pass(fn, model, calib, refit, keep_grams=False)
   else:
     for name in job.names:
       fit_one(name, gram(name))
@@ -262,8 +284,9 @@ def svdllm_compress(model: Decoder, calib, *, ratio: float | None = None, rank: 
 
   Args:
     model: the model to compress (any family; projections dense or tensorized).
-    calib: calibration ids, (batch, time) arrays, or a `Calibration` (reused across targets); at least as many
-      tokens as the widest input compressed.
+    calib: calibration ids, (batch, time) arrays, or a `Calibration` (reused across targets, but it holds every
+      block's Grams; ids with a uniform allocation hold one block's at a time, see the module docstring); at
+      least as many tokens as the widest input compressed.
     ratio, rank, layers, allocation, if_larger: as in `svd_compress` ("loss" reads the whitened spectra).
     rtol: per-layer relative *output* error bound ``||X (W - W')|| <= rtol ||X W||`` on the calibration inputs.
     sequential: measure block i on the outputs of the compressed blocks 0..i-1 (needs ids, not a Calibration).
@@ -507,7 +530,7 @@ def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float
     if calib is None:
       wte = LowRankEmbedding.from_dense(table, rank=None if cap is None else min(cap, v, d), rtol=rtol)
     else:
-      counts = calibration(fn, model, calib).token_counts.astype(np.float64) + count_smoothing
+      counts = calibration(fn, model, calib, keep_grams=False).token_counts.astype(np.float64) + count_smoothing
       sv, vt = _layer_svd(fn, table, jnp.asarray(counts, table.dtype))
       u, vv = _balanced(table, vt, min(_rtol_rank(sv, rtol) if cap is None else cap, v, d))
       wte = LowRankEmbedding(v, d, u=u, v=vv)

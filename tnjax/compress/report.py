@@ -132,12 +132,13 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
   and a sweep also writes ``perplexity.png``. Every file is written under a
   temporary name and renamed. ``allocation``, ``sequential``, ``if_larger``
   and ``options`` (``layout``, ``form``) go to `compress`; calibration
-  statistics are computed once and reused across targets (except sequential).
+  statistics are computed once and reused across the targets of a sweep (except sequential); a single target
+  passes the ids to the method, whose data-aware fits stream block by block.
 
   Windows: ``block_size`` (at most the model's context) sets the evaluation, calibration and healing
   windows; by default each is the smallest of the model's context, `tnjax.eval.DEFAULT_WINDOW` and its
-  text. Calibration reads ``calib_windows`` evenly spaced windows of ``calib_ids`` (rounded up to whole
-  device calls of ``CALIB_TOKENS_PER_CALL`` tokens; they overlap when the text is shorter).
+  text. Calibration reads at most ``calib_windows`` evenly spaced windows of ``calib_ids``: no more than the
+  text holds without overlap (rounded up to whole device calls of ``CALIB_TOKENS_PER_CALL`` tokens).
 
   A sweep fails whole or not at all. Every target is checked before any work (its key and value for the
   method, a ratio of 1, a target given twice), and so are the windows, the calibration text and ``layers``.
@@ -188,15 +189,21 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
   with _claim(fn, out, targets, overwrite):
     calib = None
     if calibrate:
-      rows = max(1, min(8, CALIB_TOKENS_PER_CALL // calib_block))  # 8 windows of up to 1024 tokens per call
-      batches = eval_batches(np.asarray(calib_ids), -(-calib_windows // rows), rows, calib_block)
+      # no more windows than the text holds without overlap: repeating tokens costs time and adds nothing
+      windows = min(calib_windows, -(-(len(calib_ids) - 1) // calib_block))
+      rows = min(windows, max(1, CALIB_TOKENS_PER_CALL // calib_block), 8)  # 8 windows of up to 1024 tokens
+      batches = eval_batches(np.asarray(calib_ids), -(-windows // rows), rows, calib_block)
       calib = [x for x, _ in batches]
-      if not sequential and m.name != "modegpt":  # one pass, reused by every target
-        from tnjax.compress.calibration import input_grams
+      if not sequential and m.name != "modegpt" and len(targets) > 1:  # one pass, reused by every target
+        from tnjax.compress.calibration import calibration_pass, input_grams
 
-        calib = input_grams(model, calib)
+        calib = (input_grams(model, calib) if m.calibration == "required"  # data fits: every block's Grams
+                 else calibration_pass(fn, model, calib, keep_grams=False))  # importance only
+      # one target: the ids go to the method, whose data-aware fits then stream block by block (one block's
+      # Grams in memory, not the model's: 65 GB of float64 at a Llama-3.1-8B shape)
     report = {"method": m.name, "allocation": allocation, "sequential": sequential, "int8": int8,
-              "heal_steps": heal_steps, "perplexity_before": evaluate(model),
+              "heal_steps": heal_steps, "calib_tokens": None if calib is None else sum(int(x.size) for x, _ in batches),
+              "perplexity_before": evaluate(model),
               "runs": []}
 
     def compressed(**target):
