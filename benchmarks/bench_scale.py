@@ -194,6 +194,8 @@ def main() -> None:
   p.add_argument("--calib-windows", type=int, default=64)
   p.add_argument("--eval-tokens", type=int, default=32768)
   p.add_argument("--ratio", default="0.8")
+  p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default=None,
+                 help="passed to eval and compress (default: theirs, float32)")
   p.add_argument("--skip", default="", help="comma-separated stages not to run (e.g. load,eval)")
   p.add_argument("--vocab", type=int, default=8192, help="tokenizer size (at most the shape's vocabulary)")
   p.add_argument("--work", help="directory for checkpoints (default a temporary one); reused when it holds them")
@@ -221,10 +223,13 @@ def main() -> None:
       stages.append(("make", ["make", shape, str(model), str(calib), str(args.vocab)]))
     stages += [("load", ["load", str(model)]),
                ("eval", ["eval", "--model", str(model), "--text", args.valid, "--max-tokens", str(args.eval_tokens)])]
+    dtype = [] if args.param_dtype is None else ["--param-dtype", args.param_dtype]
+    stages[-1][1].extend(dtype)
     for method in args.methods.split(","):
       stages.append((f"compress-{method}", [
           "compress", "--model", str(model), "--method", method, "--ratio", args.ratio, "--calib", str(calib),
-          "--calib-windows", str(args.calib_windows), "--out", str(work / f"{shape}-{method}"), "--overwrite"]))
+          "--calib-windows", str(args.calib_windows), "--out", str(work / f"{shape}-{method}"), "--overwrite",
+          *dtype]))
     if "svdllm" in args.methods.split(","):
       small, hf = work / f"{shape}-svdllm" / "model", work / f"{shape}-svdllm-hf"
       stages += [("export", ["export", str(small), str(hf)]), ("hf-reload", ["hf-reload", str(hf)])]
@@ -233,6 +238,7 @@ def main() -> None:
         continue
       row = run_stage(name, stage_args, log)
       _common.emit({"bench": "scale", "shape": shape, **row, "ratio": args.ratio, "calib_windows": args.calib_windows,
+                    "param_dtype": args.param_dtype,
                     "eval_tokens": args.eval_tokens, **env}, args.out)
       if row["rc"] != 0:
         print(f"bench_scale: stage {name} of {shape} failed (exit {row['rc']}); see {log}", file=sys.stderr)

@@ -108,6 +108,58 @@ def read_safetensors(fn: str, path) -> dict:
   return tensors
 
 
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                      "int32": "I32", "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32",
+                      "uint16": "U16", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(path, tensors: dict, metadata: dict[str, str] | None = None, dtype=None) -> None:
+  """Writes ``tensors`` (name -> JAX or NumPy array) as a safetensors file, one tensor at a time, each in
+  ``dtype`` (default its own).
+
+  ``safetensors.numpy.save_file`` serializes every tensor into memory before writing, a second full copy
+  of a model (16 GB for an 8B model in bf16); this writes the format's header (its length as 8 little-endian
+  bytes, then JSON with each tensor's dtype, shape and byte range, padded to 8 bytes) and then each tensor's
+  bytes in turn, converting only the one it writes. The file reads back with the safetensors library, and
+  has the process's default permissions (``save_file`` makes its files readable by the owner only).
+
+  Examples:
+    >>> import tempfile, numpy as np
+    >>> from safetensors.numpy import load_file
+    >>> path = tempfile.mkdtemp() + "/t.safetensors"
+    >>> write_safetensors(path, {"b": np.ones(3, np.float32), "a": np.arange(4, dtype=np.int8).reshape(2, 2)})
+    >>> {k: v.tolist() for k, v in sorted(load_file(path).items())}
+    {'a': [[0, 1], [2, 3]], 'b': [1.0, 1.0, 1.0]}
+  """
+  import json
+  import math
+
+  import numpy as np
+
+  names = sorted(tensors)
+  header, offset, dtypes = {}, 0, {}
+  for name in names:
+    value = tensors[name]
+    dtypes[name] = np.dtype(dtype or value.dtype)
+    if dtypes[name].name not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"write_safetensors: tensor {name} has dtype {dtypes[name].name}, which safetensors "
+                       f"cannot store; one of {sorted(_SAFETENSORS_DTYPES)} is expected")
+    size = math.prod(value.shape) * dtypes[name].itemsize
+    header[name] = {"dtype": _SAFETENSORS_DTYPES[dtypes[name].name], "shape": list(value.shape),
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  if metadata:
+    header["__metadata__"] = metadata
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)
+  with open(path, "wb") as f:
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for name in names:
+      array = np.ascontiguousarray(np.asarray(tensors[name], dtypes[name]))
+      f.write(array.reshape(-1).view(np.uint8).data)
+
+
 def check_finite(fn: str, name: str, path, value) -> None:
   """Refuses a floating tensor (bfloat16 included) read from ``path`` that holds NaN or Inf (overwritten bytes)."""
   import jax.numpy as jnp

@@ -164,7 +164,7 @@ def _param_dtype_option(parser) -> None:
 
   parser.add_argument("--param-dtype", choices=PARAM_DTYPES, default=None,
                       help="dtype the loaded parameters are kept in (default float32); bfloat16 holds a bf16 "
-                      "checkpoint at its own size, and computes in bfloat16")
+                      "checkpoint at its own size (the computation stays float32)")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -191,8 +191,8 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
     if calibrate:
       # no more windows than the text holds without overlap: repeating tokens costs time and adds nothing
       windows = min(calib_windows, -(-(len(calib_ids) - 1) // calib_block))
-      rows = min(windows, max(1, CALIB_TOKENS_PER_CALL // calib_block), 8)  # 8 windows of up to 1024 tokens
-      batches = eval_batches(np.asarray(calib_ids), -(-windows // rows), rows, calib_block)
+      calls = -(-windows // max(1, min(8, CALIB_TOKENS_PER_CALL // calib_block)))  # 8 windows of <= 1024 tokens
+      batches = eval_batches(np.asarray(calib_ids), calls, -(-windows // calls), calib_block)  # rows round up
       calib = [x for x, _ in batches]
       if not sequential and m.name != "modegpt" and len(targets) > 1:  # one pass, reused by every target
         from tnjax.compress.calibration import calibration_pass, input_grams

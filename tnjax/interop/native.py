@@ -12,11 +12,10 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import tnjax
-from tnjax._io import atomic_write, atomic_write_text, read_json, read_safetensors
+from tnjax._io import atomic_write, atomic_write_text, read_json, read_safetensors, write_safetensors
 from tnjax.models.decoder import Decoder
 from tnjax.models.family import FAMILIES, build, config_from_dict
 from tnjax.nn import TTParam
@@ -41,13 +40,11 @@ def save_model(model: Decoder, path) -> pathlib.Path:
     >>> is_native(path), load_model(path).num_params == model.num_params
     (True, True)
   """
-  from safetensors.numpy import save_file
-
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  tensors = {k: np.ascontiguousarray(np.asarray(v)) for k, v in model_tensors(model).items()}
+  tensors = model_tensors(model)  # device arrays: each goes to the host only as it is written
   # Each file is renamed into place, so overwriting a model never leaves a half-written one.
-  atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp))
+  atomic_write(path / "model.safetensors", lambda tmp: write_safetensors(tmp, tensors))
   meta = {"format": FORMAT, "tnjax_version": tnjax.__version__, "family": model.config.FAMILY,
           "config": model.config.to_dict()}
   atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
@@ -93,7 +90,8 @@ def load_model(path, *, param_dtype: str | None = None) -> Decoder:
     raise ValueError(f"{fn}: {path / 'config.json'} has no valid {kind} config ({type(e).__name__}: {e})") from e
   tensors = read_safetensors(fn, path / "model.safetensors")
   try:
-    return model_from_tensors(cfg.replace(dtype=cfg.dtype or param_dtype), tensors, fn=fn, param_dtype=param_dtype)
+    cfg = cfg.replace(dtype=cfg.dtype or ("float32" if param_dtype else None))  # as load_hf
+    return model_from_tensors(cfg, tensors, fn=fn, param_dtype=param_dtype)
   except ValueError as e:
     raise ValueError(f"{e} (in {path / 'model.safetensors'})") from e
 
