@@ -403,3 +403,20 @@ def test_cli_argument_values_exit_2(argv, match, capsys):
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert "Traceback" not in err and re.search(match, err), err
+
+
+def test_a_lock_whose_contents_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+  """A full disk (or Ctrl-C) between creating the lock and writing it: an empty lock would never be stale."""
+  import os
+
+  def full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(os, "fdopen", full)
+  with pytest.raises(OSError, match="No space left"):
+    with dir_lock("compress", tmp_path):
+      pass
+  monkeypatch.undo()
+  assert not (tmp_path / LOCK_NAME).exists()
+  with dir_lock("compress", tmp_path):  # the directory is usable
+    assert (tmp_path / LOCK_NAME).exists()

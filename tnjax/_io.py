@@ -243,8 +243,12 @@ def dir_lock(fn: str, directory):
           else "holder unknown: the lock file is empty or unreadable"
       raise ValueError(f"{fn}: {directory} is in use by another run ({who}; lock file {lock}); wait for it to end or "
                        f"choose another directory; if that process is gone, delete {lock}") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(mine)
+    try:
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(mine)
+    except BaseException:  # a full disk or Ctrl-C between create and write: an empty lock would never go stale
+      lock.unlink(missing_ok=True)
+      raise
     break
   else:
     raise ValueError(f"{fn}: {directory} is in use: its lock {lock} was taken by another run as this one broke a "

@@ -319,3 +319,30 @@ def test_mpo_fused_layout_uses_the_kernel_layout_and_keeps_it_through_save(tmp_p
     mpo_compress(model, rank=32, layout="fused")
   with pytest.raises(ValueError, match=r"mpo_compress: layer h.0.attn.c_attn is 128 x 384: fused_dims: in_features"):
     mpo_compress(GPT(preset("tiny"), rngs=nnx.Rngs(0)), rank=4, layout="fused")
+
+
+def test_a_bf16_model_is_fitted_in_float32_and_keeps_its_dtype_and_heal_refuses_it():
+  """Fits read float32 kernels (dense_kernel), and the new factors are stored like the layer they replace: a
+  bf16 model's compressed layers do not double in bytes. Healing a bf16 model would lose Adam's updates."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from tnjax.compress import heal, svd_compress
+  from tnjax.interop import model_tensors
+  from tnjax.models import Llama, preset
+
+  model = Llama(preset("llama-tiny"), rngs=nnx.Rngs(0))
+  f32 = svd_compress(model, ratio=0.5)
+  graphdef, state = nnx.split(model)
+  bf16 = nnx.merge(graphdef, jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16)
+                                                    if jnp.issubdtype(x.dtype, jnp.floating) else x, state))
+  small = svd_compress(bf16, ratio=0.5)
+  got, ref = model_tensors(small), model_tensors(f32)
+  assert got["h.0.mlp.up_proj.u"].dtype == jnp.bfloat16 and got["h.0.attn.q_proj.v"].dtype == jnp.bfloat16
+  # the same fit as the float32 model's, up to the inputs' bf16 rounding
+  w = lambda t, k: np.asarray(t[f"{k}.u"], np.float32) @ np.asarray(t[f"{k}.v"], np.float32)  # noqa: E731
+  k = "h.1.mlp.down_proj"
+  assert np.linalg.norm(w(got, k) - w(ref, k)) < 0.05 * np.linalg.norm(w(ref, k))
+  with pytest.raises(ValueError, match=r"heal: the model's parameters are \['bfloat16'\] but float32 is expected"):
+    heal(bf16, np.arange(400) % 512, 1)

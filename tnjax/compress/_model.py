@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -68,9 +69,13 @@ def rebuild(model: Decoder, cfg: DecoderConfig, replaced: dict) -> Decoder:
   tensors = model_tensors(model)
   for name, module in replaced.items():
     prefix = _prefix(name) + "."
+    floating = [v.dtype for k, v in tensors.items() if k.startswith(prefix) and jnp.issubdtype(v.dtype, jnp.floating)]
     tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
     params = module if isinstance(module, dict) else model_tensors(module)
-    tensors.update({prefix + k: v for k, v in params.items()})
+    # fits run in float32 (dense_kernel); a layer stored in bfloat16 stays bfloat16, or it would double in bytes
+    like = floating[0] if floating else None
+    tensors.update({prefix + k: v.astype(like) if like is not None and v.dtype != like
+                    and jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in params.items()})
   return model_from_tensors(cfg, tensors, fn="compress")
 
 

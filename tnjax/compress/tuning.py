@@ -34,7 +34,7 @@ def layer_sensitivity(model: Decoder, tokens, compress, *, layers=None, block_si
     compress: ``compress(model, layers=[name]) -> model``, e.g.
       ``functools.partial(mpo_compress, rank=16)``.
     layers: names to profile (default every attention and MLP projection).
-    block_size: evaluation window (default the model's).
+    block_size: evaluation window (default: as `tnjax.eval.perplexity`'s).
 
   Returns:
     ``{"base": perplexity, "layers": {name: {"perplexity", "increase",
@@ -162,6 +162,12 @@ def heal(model: Decoder, tokens, steps: int, *, lr: float = 1e-4, batch_size: in
   quantized = sorted(k for k, v in model.config.layers.items() if v.quant is not None)
   if quantized:
     raise ValueError(f"{fn}: layers {quantized[:4]} are int8; heal before quantize_int8, not after")
+  low = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+                if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32})
+  if low:
+    raise ValueError(f"{fn}: the model's parameters are {low} but float32 is expected: Adam's updates at a healing "
+                     "learning rate are below bfloat16's resolution and would round away (load without "
+                     "--param-dtype to heal)")
   block = window_size(fn, model.config.block_size, ids.size, block_size, reads_past=2, text="tokens")
   cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, block_size=block,
                     warmup=max(1, steps // 10) if warmup is None else warmup, weight_decay=0.0, seed=seed,

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from tnjax._io import atomic_write, atomic_write_text, check_finite, read_json, write_safetensors
-from tnjax.interop.native import check_param_dtype, with_concrete_state
+from tnjax.interop.native import check_param_dtype, compute_dtype, with_concrete_state
 from tnjax.models.decoder import Decoder
 from tnjax.models.family import FAMILIES, build, family
 
@@ -174,9 +174,7 @@ def load_hf(path, *, dtype: str | None = None, param_dtype: str | None = None, f
     raise ValueError(f"{fn}: {path / 'config.json'} holds {type(hf).__name__} but a JSON object is expected")
   mapping = mapping_for(fn, hf.get("model_type"), model_types)
   try:
-    # bf16-stored parameters compute in float32 unless asked: a CPU has no fast bf16 matmul (a bf16
-    # calibration of a 0.5B model took over twice as long), and the numbers stay the float32 model's
-    cfg = mapping.config_from_hf(hf, fn).replace(dtype=dtype or ("float32" if param_dtype else None))
+    cfg = mapping.config_from_hf(hf, fn).replace(dtype=compute_dtype(dtype, param_dtype))
   except (KeyError, TypeError, AttributeError) as e:
     raise ValueError(f"{fn}: {path / 'config.json'} is not a {hf.get('model_type')} config "
                      f"({type(e).__name__}: {e})") from e

@@ -74,7 +74,7 @@ def dense_kernel(layer: nnx.Module) -> jax.Array:
     (12, 20)
   """
   w = layer.kernel[...] if isinstance(layer, nnx.Linear) else layer.kernel
-  return w.astype(jnp.promote_types(w.dtype, jnp.float32))
+  return w.astype(jnp.float32) if jnp.issubdtype(w.dtype, jnp.floating) and jnp.finfo(w.dtype).bits < 32 else w
 
 
 def linear_flops(layer: nnx.Module, rows: int) -> int:
