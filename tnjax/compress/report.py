@@ -17,7 +17,7 @@ from tnjax.compress import _model
 from tnjax.compress.methods import quantize_int8
 from tnjax.compress.registry import compress, method
 from tnjax.compress.targets import TARGETS, Target
-from tnjax.compress.tuning import heal
+from tnjax.compress.tuning import check_healable, heal
 from tnjax.models.decoder import Decoder
 
 
@@ -183,6 +183,8 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
     raise ValueError(f"compress: {why} needs calibration text (--calib FILE)")
   if heal_steps and calib_ids is None:
     raise ValueError("compress: healing needs training text (--calib FILE)")
+  if heal_steps:
+    check_healable(fn, model)  # before any work: a bf16-stored model cannot heal
   names = compressed_part(model, m.name, layers)
   evaluate = (lambda m: None) if valid_ids is None else (
       lambda m: perplexity(m, valid_ids, block_size=block_size)["perplexity"])

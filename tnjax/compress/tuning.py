@@ -120,6 +120,16 @@ def choose_layers(sensitivity: dict, params_to_remove: int) -> list[str]:
   return chosen
 
 
+def check_healable(fn: str, model: Decoder) -> None:
+  """Refuses parameters stored below float32: Adam's updates at a healing learning rate are below bfloat16's
+  resolution and would round away (the loop keeps no float32 master copy)."""
+  low = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+                if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32})
+  if low:
+    raise ValueError(f"{fn}: the model's parameters are {low} but float32 is expected to heal: Adam's updates "
+                     "would round away (load without --param-dtype to heal)")
+
+
 def heal(model: Decoder, tokens, steps: int, *, lr: float = 1e-4, batch_size: int = 8, block_size: int | None = None,
          warmup: int | None = None, seed: int = 0, progress: bool = False) -> Decoder:
   """Fine-tunes a compressed model briefly with the training loop (AdamW, warmup + cosine), as CompactifAI heals.
@@ -162,12 +172,7 @@ def heal(model: Decoder, tokens, steps: int, *, lr: float = 1e-4, batch_size: in
   quantized = sorted(k for k, v in model.config.layers.items() if v.quant is not None)
   if quantized:
     raise ValueError(f"{fn}: layers {quantized[:4]} are int8; heal before quantize_int8, not after")
-  low = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
-                if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32})
-  if low:
-    raise ValueError(f"{fn}: the model's parameters are {low} but float32 is expected: Adam's updates at a healing "
-                     "learning rate are below bfloat16's resolution and would round away (load without "
-                     "--param-dtype to heal)")
+  check_healable(fn, model)
   block = window_size(fn, model.config.block_size, ids.size, block_size, reads_past=2, text="tokens")
   cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, block_size=block,
                     warmup=max(1, steps // 10) if warmup is None else warmup, weight_decay=0.0, seed=seed,
