@@ -242,6 +242,7 @@ def long_context_dir(tmp_path):
   return d, text
 
 
+@pytest.mark.slow  # two compressions (~20 s); tests/test_eval.py checks the default window by default
 def test_long_context_model_evaluates_and_compresses_without_block_size(long_context_dir, tmp_path, capsys):
   d, text = long_context_dir
   assert main(["eval", "--model", str(d), "--text", str(text), "--max-tokens", "300"]) == 0

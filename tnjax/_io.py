@@ -87,25 +87,51 @@ def read_json(fn: str, path):
     raise ValueError(f"{fn}: {path} is not valid JSON ({e})") from e
 
 
-def read_safetensors(fn: str, path) -> dict:
-  """The tensors of a safetensors file as NumPy arrays, all finite.
+class LazyTensor:
+  """One tensor of a safetensors file, read only when converted (``np.asarray``); its shape and NumPy dtype come
+  from the file's header. A checkpoint's tensors are read one at a time, so loading holds one tensor beside
+  the model, not the whole checkpoint."""
+
+  def __init__(self, fn: str, path: pathlib.Path, name: str, shape, dtype):
+    self.fn, self.path, self.name, self.shape, self.dtype = fn, path, name, tuple(shape), dtype
+    self.ndim = len(self.shape)
+
+  def __array__(self, dtype=None, copy=None):
+    from safetensors import safe_open
+
+    try:
+      with safe_open(str(self.path), framework="numpy") as f:
+        value = f.get_tensor(self.name)
+    except Exception as e:  # SafetensorError for a file truncated or garbled past its header
+      raise ValueError(f"{self.fn}: tensor {self.name} of {self.path} cannot be read ({str(e)[:200]}); the file "
+                       "is truncated or corrupt") from e
+    check_finite(self.fn, self.name, self.path, value)
+    return value if dtype is None else value.astype(dtype)
+
+
+def read_safetensors(fn: str, path, *, lazy: bool = False) -> dict:
+  """The tensors of a safetensors file as NumPy arrays, all finite; with ``lazy``, as unread `LazyTensor`
+  objects (the header is read and checked now, each tensor when it is used).
 
   Raises:
     ValueError: naming ``fn`` and the file when it is missing, truncated or
       garbled, or when a floating tensor holds NaN or Inf (overwritten bytes).
   """
-  from safetensors.numpy import load_file
+  import numpy as np
+  from safetensors import safe_open
 
-  if not pathlib.Path(path).is_file():
+  path = pathlib.Path(path)
+  if not path.is_file():
     raise ValueError(f"{fn}: {path} does not exist or is not a file")
+  names = {code: name for name, code in _SAFETENSORS_DTYPES.items()}
   try:
-    tensors = load_file(str(path))
+    with safe_open(str(path), framework="numpy") as f:
+      tensors = {k: LazyTensor(fn, path, k, f.get_slice(k).get_shape(), np.dtype(names[f.get_slice(k).get_dtype()]))
+                 for k in f.keys()}
   except Exception as e:  # safetensors raises SafetensorError, not a ValueError, for truncated or garbled files
     raise ValueError(f"{fn}: {path} is not a readable safetensors file ({str(e)[:200]}); it is truncated or "
                      "corrupt") from e
-  for name, value in tensors.items():
-    check_finite(fn, name, path, value)
-  return tensors
+  return tensors if lazy else {k: np.asarray(v) for k, v in tensors.items()}
 
 
 _SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",

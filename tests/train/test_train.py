@@ -276,6 +276,7 @@ def test_plot_uses_a_figure_not_the_global_backend(tmp_path):
   assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "sweep.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # a real 2-step run and three resumes (~6 s)
 def test_resume_with_fewer_steps_is_refused_and_changes_nothing(tmp_path, capsys):
   """Before: a run finished at steps=2, resumed with steps=1, exited 0 and rewrote train_config.json and report.json
   with less (steps 1, half the tokens seen, no tokens/s, a best validation step past the end)."""

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tnjax._io import atomic_write, atomic_write_text, check_finite, read_json, write_safetensors
+from tnjax._io import atomic_write, atomic_write_text, read_json, read_safetensors, write_safetensors
 from tnjax.interop.native import check_param_dtype, compute_dtype, with_concrete_state
 from tnjax.models.decoder import Decoder
 from tnjax.models.family import FAMILIES, build, family
@@ -54,56 +54,20 @@ def mapping_for(fn: str, model_type, allowed: tuple[str, ...] | None = None) -> 
   return mappings[model_type]
 
 
-class LazyTensor:
-  """One tensor of a safetensors file, read only when converted (``np.asarray``); its shape and dtype come from
-  the file's header. A checkpoint's tensors are read one at a time, so loading holds one tensor beside the
-  model, not the whole checkpoint (the file's pages are memory-mapped, and the kernel drops them under
-  pressure)."""
-
-  def __init__(self, fn: str, path: pathlib.Path, name: str, shape, dtype: str):
-    self.fn, self.path, self.name, self.shape, self.dtype = fn, path, name, tuple(shape), dtype
-
-  def __array__(self, dtype=None, copy=None):
-    from safetensors import safe_open
-
-    try:
-      with safe_open(str(self.path), framework="numpy") as f:
-        value = f.get_tensor(self.name)
-    except Exception as e:  # SafetensorError for a file truncated or garbled past its header
-      raise ValueError(f"{self.fn}: tensor {self.name} of {self.path} cannot be read ({str(e)[:200]}); the file "
-                       "is truncated or corrupt") from e
-    check_finite(self.fn, self.name, self.path, value)
-    return value if dtype is None else value.astype(dtype)
-
-
-def lazy_safetensors(fn: str, path: pathlib.Path) -> dict[str, LazyTensor]:
-  """The tensors of one safetensors file, unread (see `LazyTensor`); the header is checked now."""
-  from safetensors import safe_open
-
-  if not path.is_file():
-    raise ValueError(f"{fn}: {path} does not exist or is not a file")
-  try:
-    with safe_open(str(path), framework="numpy") as f:
-      return {k: LazyTensor(fn, path, k, f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
-  except Exception as e:  # safetensors raises SafetensorError, not a ValueError, for a garbled header
-    raise ValueError(f"{fn}: {path} is not a readable safetensors file ({str(e)[:200]}); it is truncated or "
-                     "corrupt") from e
-
-
 def read_tensors(fn: str, path: pathlib.Path) -> dict:
-  """Every tensor of a Hugging Face directory: one safetensors file or shards (as unread `LazyTensor` objects), or
-  ``pytorch_model.bin`` (read whole, as NumPy arrays)."""
+  """Every tensor of a Hugging Face directory: one safetensors file or shards (as unread
+  `tnjax._io.LazyTensor` objects), or ``pytorch_model.bin`` (read whole, as NumPy arrays)."""
   single, index, binary = path / "model.safetensors", path / "model.safetensors.index.json", \
       path / "pytorch_model.bin"
   if single.exists():
-    return lazy_safetensors(fn, single)
+    return read_safetensors(fn, single, lazy=True)
   if index.exists():
     weight_map = read_json(fn, index).get("weight_map")
     if not isinstance(weight_map, dict):
       raise ValueError(f"{fn}: {index} has no weight_map object; expected a safetensors index")
     tensors = {}
     for shard in sorted(set(weight_map.values())):
-      tensors.update(lazy_safetensors(fn, path / shard))
+      tensors.update(read_safetensors(fn, path / shard, lazy=True))
     return tensors
   if binary.exists():
     try:
