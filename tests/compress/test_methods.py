@@ -344,5 +344,6 @@ def test_a_bf16_model_is_fitted_in_float32_and_keeps_its_dtype_and_heal_refuses_
   w = lambda t, k: np.asarray(t[f"{k}.u"], np.float32) @ np.asarray(t[f"{k}.v"], np.float32)  # noqa: E731
   k = "h.1.mlp.down_proj"
   assert np.linalg.norm(w(got, k) - w(ref, k)) < 0.05 * np.linalg.norm(w(ref, k))
-  with pytest.raises(ValueError, match=r"heal: the model's parameters are \['bfloat16'\] but float32 is expected to heal"):
+  with pytest.raises(ValueError, match=r"heal: the model's parameters are \['bfloat16'\] but float32 is "
+                                       r"expected to heal"):
     heal(bf16, np.arange(400) % 512, 1)
