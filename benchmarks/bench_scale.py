@@ -33,6 +33,13 @@ import time
 
 import _common
 
+
+def _llama3_rope(factor: float) -> dict:
+  """Llama-3.x's published rope_scaling (the 1B/3B and 8B configs differ only in the factor)."""
+  return dict(rope_type="llama3", factor=factor, high_freq_factor=4.0, low_freq_factor=1.0,
+              original_max_position_embeddings=8192)
+
+
 # config.json fields as published (hidden sizes, heads, context, rope, tying); weights random.
 SHAPES = {
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -47,14 +54,12 @@ SHAPES = {
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                          max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
                          tie_word_embeddings=True,
-                         rope_scaling=dict(rope_type="llama3", factor=32.0, high_freq_factor=4.0,
-                                           low_freq_factor=1.0, original_max_position_embeddings=8192)),
+                         rope_scaling=_llama3_rope(32.0)),
     "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                          max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
                          tie_word_embeddings=False,
-                         rope_scaling=dict(rope_type="llama3", factor=8.0, high_freq_factor=4.0,
-                                           low_freq_factor=1.0, original_max_position_embeddings=8192)),
+                         rope_scaling=_llama3_rope(8.0)),
     "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                        max_position_embeddings=131072, rope_theta=1000000.0, rms_norm_eps=1e-6,

@@ -58,3 +58,11 @@ def test_model_files_have_the_permissions_of_every_other_file(tmp_path):
     modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in where.iterdir()}
     assert modes["model.safetensors"] == modes["config.json"], modes
   assert load_model(tmp_path / "native").num_params == model.num_params
+
+
+def test_big_endian_arrays_are_written_little_endian(tmp_path):
+  """The format is little-endian: a '>f4' array's bytes are swapped, not stored as they are under an F32 tag."""
+  from safetensors.numpy import load_file
+
+  write_safetensors(tmp_path / "e.safetensors", {"x": np.arange(3, dtype=">f4")})
+  np.testing.assert_array_equal(load_file(str(tmp_path / "e.safetensors"))["x"], [0.0, 1.0, 2.0])

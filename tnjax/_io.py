@@ -109,9 +109,9 @@ class LazyTensor:
     return value if dtype is None else value.astype(dtype)
 
 
-def read_safetensors(fn: str, path, *, lazy: bool = False) -> dict:
-  """The tensors of a safetensors file as NumPy arrays, all finite; with ``lazy``, as unread `LazyTensor`
-  objects (the header is read and checked now, each tensor when it is used).
+def read_safetensors(fn: str, path) -> dict[str, LazyTensor]:
+  """The tensors of a safetensors file as unread `LazyTensor` objects: the header is read and checked now,
+  each tensor when it is used (and then refused if a floating one holds NaN or Inf).
 
   Raises:
     ValueError: naming ``fn`` and the file when it is missing, truncated or
@@ -126,12 +126,11 @@ def read_safetensors(fn: str, path, *, lazy: bool = False) -> dict:
   names = {code: name for name, code in _SAFETENSORS_DTYPES.items()}
   try:
     with safe_open(str(path), framework="numpy") as f:
-      tensors = {k: LazyTensor(fn, path, k, f.get_slice(k).get_shape(), np.dtype(names[f.get_slice(k).get_dtype()]))
-                 for k in f.keys()}
+      return {k: LazyTensor(fn, path, k, f.get_slice(k).get_shape(), np.dtype(names[f.get_slice(k).get_dtype()]))
+              for k in f.keys()}
   except Exception as e:  # safetensors raises SafetensorError, not a ValueError, for truncated or garbled files
     raise ValueError(f"{fn}: {path} is not a readable safetensors file ({str(e)[:200]}); it is truncated or "
                      "corrupt") from e
-  return tensors if lazy else {k: np.asarray(v) for k, v in tensors.items()}
 
 
 _SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
@@ -166,7 +165,7 @@ def write_safetensors(path, tensors: dict, metadata: dict[str, str] | None = Non
   header, offset, dtypes = {}, 0, {}
   for name in names:
     value = tensors[name]
-    dtypes[name] = np.dtype(dtype or value.dtype)
+    dtypes[name] = np.dtype(dtype or value.dtype).newbyteorder("<")  # the format is little-endian
     if dtypes[name].name not in _SAFETENSORS_DTYPES:
       raise ValueError(f"write_safetensors: tensor {name} has dtype {dtypes[name].name}, which safetensors "
                        f"cannot store; one of {sorted(_SAFETENSORS_DTYPES)} is expected")

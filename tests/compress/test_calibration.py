@@ -205,3 +205,13 @@ def test_data_aware_fits_refuse_layers_outside_the_blocks_and_a_calibration_with
                                        r"\['h.0.attn.c_attn', 'h.0.attn.c_proj', 'h.0.mlp.c_fc'\]\.\.\. \(a pass with "
                                        r"keep_grams=False"):
     svdllm_compress(model, counts_only, rank=4)
+
+
+def test_a_pass_is_sequential_only_when_blocks_were_replaced():
+  """A streamed one-pass fit's refit returns {}: its states are the model's own, so the pass is not sequential."""
+  from tnjax.compress.calibration import calibration_pass
+
+  model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
+  ids = np.zeros((1, 8), np.int32)
+  assert not calibration_pass("t", model, ids, lambda i, grams: {}).sequential
+  assert calibration_pass("t", model, ids, lambda i, grams: {"attn.c_proj": model.h[i].attn.c_proj}).sequential

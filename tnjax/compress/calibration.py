@@ -91,19 +91,22 @@ def _cos_sum(x, y):
   return jnp.sum(jnp.sum(x * y, -1) / (jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(y, axis=-1) + 1e-12))
 
 
-def shared_inputs(block, x) -> dict[str, str]:
-  """``{projection: the first projection reading the same array}`` of one block (Llama's q/k/v and gate/up,
-  GPT-2's c_attn read one input each), found by tracing ``block.trace`` abstractly (no computation)."""
+def shared_inputs(block, x) -> tuple[dict[str, str], dict[str, int]]:
+  """Of one block, found by tracing ``block.trace`` abstractly (no computation): ``{projection: the first
+  projection reading the same array}`` (Llama's q/k/v and gate/up read one input each) and ``{that first
+  projection: its input width}``."""
   first: dict[str, str] = {}
+  width: dict[str, int] = {}
 
   def names(block, x):
     seen: dict[int, str] = {}
     for name, inp in block.trace(x)[1]["inputs"].items():
       first[name] = seen.setdefault(id(inp), name)
+      width.setdefault(first[name], inp.shape[-1])
     return 0
 
   nnx.eval_shape(names, block, x)
-  return first
+  return first, width
 
 
 def _compensated_add(total, value):
@@ -176,13 +179,11 @@ def calibration_pass(fn: str, model: Decoder, batches, refit: Refit | None = Non
   for b in batches:
     counts += np.bincount(np.asarray(b).ravel(), minlength=model.config.vocab_size)
   states = [_embed(model, b) for b in batches]
-  grams, importance = {}, []
+  grams, importance, sequential = {}, [], False
   for i, block in enumerate(model.h):
-    first = shared_inputs(block, states[0])
-    inputs = nnx.eval_shape(lambda b, x: b.trace(x)[1]["inputs"], block, states[0])
+    first, width = shared_inputs(block, states[0])
     zero = lambda n: jnp.zeros((n, n), jnp.float32)  # noqa: E731
-    totals = {name: (zero(inputs[name].shape[-1]), zero(inputs[name].shape[-1])) for name in dict.fromkeys(
-        first.values())}  # (sum, compensation) of each distinct input's Gram
+    totals = {name: (zero(n), zero(n)) for name, n in width.items()}  # (sum, compensation) per distinct input
     cos, outs = 0.0, []
     for x in states:
       y, totals, c = _block_stats(block, x, totals)
@@ -198,10 +199,11 @@ def calibration_pass(fn: str, model: Decoder, batches, refit: Refit | None = Non
     del distinct, block_grams  # else they live on through block i + 1's measurement, two blocks' Grams at once
     if replaced:
       new = with_layers(block, replaced)
-      outs = [_forward(new, x) for x in states]
+      outs, sequential = [_forward(new, x) for x in states], True
     states = outs
   tokens = sum(int(b.size) for b in batches)
-  return Calibration(grams, tokens, importance, counts, sequential=refit is not None)
+  # sequential only when states went on through replaced blocks (a streamed one-pass fit's refit returns {})
+  return Calibration(grams, tokens, importance, counts, sequential=sequential)
 
 
 def input_grams(model: Decoder, batches) -> Calibration:

@@ -60,14 +60,14 @@ def read_tensors(fn: str, path: pathlib.Path) -> dict:
   single, index, binary = path / "model.safetensors", path / "model.safetensors.index.json", \
       path / "pytorch_model.bin"
   if single.exists():
-    return read_safetensors(fn, single, lazy=True)
+    return read_safetensors(fn, single)
   if index.exists():
     weight_map = read_json(fn, index).get("weight_map")
     if not isinstance(weight_map, dict):
       raise ValueError(f"{fn}: {index} has no weight_map object; expected a safetensors index")
     tensors = {}
     for shard in sorted(set(weight_map.values())):
-      tensors.update(read_safetensors(fn, path / shard, lazy=True))
+      tensors.update(read_safetensors(fn, path / shard))
     return tensors
   if binary.exists():
     try:

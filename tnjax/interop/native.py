@@ -88,7 +88,7 @@ def load_model(path, *, param_dtype: str | None = None) -> Decoder:
     cfg = config_from_dict(meta["config"], name)
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{fn}: {path / 'config.json'} has no valid {kind} config ({type(e).__name__}: {e})") from e
-  tensors = read_safetensors(fn, path / "model.safetensors", lazy=True)  # each read as it is placed
+  tensors = read_safetensors(fn, path / "model.safetensors")  # each read as it is placed
   try:
     return model_from_tensors(cfg.replace(dtype=compute_dtype(cfg.dtype, param_dtype)), tensors, fn=fn,
                               param_dtype=param_dtype)
