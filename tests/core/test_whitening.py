@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 import tnjax
-from tnjax.core.whitening import kronecker_grams, whiten, whitened_spectrum, whitened_svd, whitened_ttm_svd, whitening
+from tnjax.core.whitening import (
+    kronecker_grams,
+    whiten,
+    whitened_basis,
+    whitened_spectrum,
+    whitened_svd,
+    whitened_ttm_svd,
+    whitening,
+)
 
 
 def _data(n_in=12, n_out=10, tokens=400, seed=0):
@@ -42,6 +50,31 @@ def test_whitened_svd_is_the_best_rank_r_fit_of_the_outputs(rank, jit):
         (rank, 10)))  # a nearby rank-r matrix
     assert np.linalg.norm(x @ (w - other)) >= bound - 1e-9
   np.testing.assert_allclose(np.asarray(b @ b.T), np.eye(rank), atol=1e-10)
+
+
+@pytest.mark.parametrize("n_in, n_out, jit", [(12, 10, False), (10, 25, False), (10, 25, True), (8, 8, True)])
+def test_gram_basis_equals_the_svd_at_every_rank_tall_wide_and_weight_metric(n_in, n_out, jit):
+  """The eigh-based basis (of the smaller Gram, a QR for a wide matrix) gives SVD's values and, at every rank,
+  its optimum: the data-metric one (against QR + SVD of X) and, with gram=None, plain Eckart-Young."""
+  x, w = _data(n_in, n_out)
+  fn = jax.jit(whitened_basis) if jit else whitened_basis
+  for gram, metric in ((jnp.asarray(x.T @ x), x), (None, np.eye(n_in))):
+    s, vt = (np.asarray(v) for v in fn(jnp.asarray(w), gram))
+    k = min(n_in, n_out)
+    assert s.shape == (k,) and vt.shape == (k, n_out)
+    np.testing.assert_allclose(vt @ vt.T, np.eye(k), atol=1e-10)
+    _, r = np.linalg.qr(metric)
+    np.testing.assert_allclose(s, np.linalg.svd(r @ w, compute_uv=False), rtol=1e-8)
+    for rank in (1, k // 2, k):
+      got = (w @ vt[:rank].T) @ vt[:rank]
+      best, bound = _reference_best(metric, w, rank) if gram is not None else (None, np.sqrt(np.sum(s[rank:] ** 2)))
+      assert np.linalg.norm(metric @ (w - got)) == pytest.approx(bound, rel=1e-6, abs=1e-8)
+      if best is not None:
+        np.testing.assert_allclose(got, best, rtol=1e-6, atol=1e-8)
+  np.testing.assert_allclose(np.asarray(whitened_spectrum(jnp.asarray(w))), np.linalg.svd(w, compute_uv=False),
+                             rtol=1e-10)
+  with pytest.raises(ValueError, match=r"whitened_basis: w has non-finite values \(NaN or Inf\)"):
+    whitened_basis(jnp.asarray(w).at[0, 0].set(jnp.nan))
 
 
 @pytest.mark.parametrize("jit", [False, True])

@@ -35,7 +35,6 @@ import dataclasses
 import functools
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -53,7 +52,7 @@ from tnjax.core import _checks, fused
 from tnjax.core.decompositions import ttm_svd
 from tnjax.core.ops import to_dense
 from tnjax.core.shapes import factorize
-from tnjax.core.whitening import whiten, whitened_spectrum, whitened_ttm_svd
+from tnjax.core.whitening import whitened_basis, whitened_spectrum, whitened_ttm_svd
 from tnjax.models.config import LayerSpec
 from tnjax.models.decoder import Decoder, dense_kernel
 from tnjax.models.names import parse_layer_key
@@ -178,13 +177,6 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
   return _model.rebuild(model, _model.with_specs(model.config, specs), replaced)
 
 
-def _layer_svd(fn: str, w, gram) -> tuple[jax.Array, jax.Array]:
-  """Singular values and ``V^T`` of ``w``, or of the whitened ``S^T w`` when ``gram`` is given. The rank-r
-  optimum in either metric is ``(w V_r) V_r^T``: one SVD serves every rank and the truncation loss."""
-  _, sv, vt = jnp.linalg.svd(w if gram is None else whiten(w, gram, fn=fn), full_matrices=False)
-  return sv, vt
-
-
 def _rtol_rank(sv, rtol: float) -> int:
   """The smallest rank whose discarded energy ``sum(sv[r:]**2)`` is within ``rtol**2`` of the total."""
   s2 = np.asarray(sv, np.float64) ** 2
@@ -213,7 +205,7 @@ def _lowrank_job(fn: str, target: Target, names, data: bool) -> _Job:
 
   def factor(name, w, g):
     if name not in cache:
-      cache[name] = _layer_svd(fn, w, g if data else None)
+      cache[name] = whitened_basis(w, g if data else None, fn=fn)
     return cache[name]
 
   def unit(w):
@@ -403,7 +395,7 @@ def mpo_compress(model: Decoder, *, rank: int | None = None, ratio: float | None
     return None if params_at(c) >= _model.weights(layer) else c
 
   def spectrum(name, w, g):
-    return whitened_spectrum(w, g) if fit == "data" else jnp.linalg.svd(w, compute_uv=False)
+    return whitened_spectrum(w, g if fit == "data" else None)
 
   def fit_layer(name, layer, w, c, g):
     in_dims, out_dims = dims(name)
@@ -531,7 +523,7 @@ def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float
       wte = LowRankEmbedding.from_dense(table, rank=None if cap is None else min(cap, v, d), rtol=rtol)
     else:
       counts = calibration(fn, model, calib, keep_grams=False).token_counts.astype(np.float64) + count_smoothing
-      sv, vt = _layer_svd(fn, table, jnp.asarray(counts, table.dtype))
+      sv, vt = whitened_basis(table, jnp.asarray(counts, table.dtype), fn=fn)
       u, vv = _balanced(table, vt, min(_rtol_rank(sv, rtol) if cap is None else cap, v, d))
       wte = LowRankEmbedding(v, d, u=u, v=vv)
     spec = LayerSpec(kind="lowrank", rank=wte.rank)

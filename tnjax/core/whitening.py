@@ -126,9 +126,10 @@ def whiten(w, gram, *, floor: float = FLOOR, fn: str = "whiten") -> jax.Array:
   return s_t[:, None] * w if s_t.ndim == 1 else s_t @ w
 
 
-def whitened_spectrum(w, gram, *, floor: float = FLOOR) -> jax.Array:
+def whitened_spectrum(w, gram=None, *, floor: float = FLOOR) -> jax.Array:
   """Singular values of the whitened ``S^T W``, descending: keeping rank r loses ``sum(s[r:]**2)`` of squared
-  output error (``||X (W - W_r)||_F^2``), the truncation loss an allocation compares across layers.
+  output error (``||X (W - W_r)||_F^2``), the truncation loss an allocation compares across layers. With
+  ``gram=None``, those of ``W`` (the weight metric).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -136,7 +137,59 @@ def whitened_spectrum(w, gram, *, floor: float = FLOOR) -> jax.Array:
     >>> [round(float(v), 4) for v in s]
     [3.0, 2.0, 1.0]
   """
-  return jnp.linalg.svd(whiten(w, gram, floor=floor, fn="whitened_spectrum"), compute_uv=False)
+  fn = "whitened_spectrum"
+  return _gram_svd(_check_matrix(fn, w) if gram is None else whiten(w, gram, floor=floor, fn=fn),
+                   compute_uv=False)[0]
+
+
+def _gram_svd(a, *, compute_uv: bool = True) -> tuple[jax.Array, jax.Array | None]:
+  """Singular values (descending, ``k = min(a.shape)`` of them) and, with ``compute_uv``, orthonormal right
+  singular vectors (rows, ``(k, a.shape[1])``) of ``a``, from an eigendecomposition of the smaller of ``a^T a``
+  and ``a a^T``: on a GPU an ``eigh`` of ``k^2`` runs about 10x faster than an SVD of ``a``.
+
+  Squaring costs accuracy only where it does not matter here: singular values below ``sqrt(eps) * s[0]`` are
+  inexact, but a rank-r projection ``a V_r V_r^T`` built from these vectors loses, beyond the optimum, only the
+  second order of their error. For a wide ``a`` the vectors are ``a^T U`` orthonormalized by a QR in the order of
+  the singular values, so the first r of them span the top-r right singular subspace at every r."""
+  m, n = a.shape
+  small = a.T @ a if n <= m else a @ a.T
+  if not compute_uv:
+    return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(small)[::-1], 0)), None
+  lam, vec = jnp.linalg.eigh(small)
+  s, vec = jnp.sqrt(jnp.maximum(lam[::-1], 0)), vec[:, ::-1]
+  if n <= m:
+    return s, vec.T
+  q, r = jnp.linalg.qr(a.T @ vec)  # columns a^T u_i = s_i v_i, in descending order
+  return s, (q * jnp.where(jnp.diagonal(r) < 0, -1, 1).astype(q.dtype)[None, :]).T
+
+
+def whitened_basis(w, gram=None, *, floor: float = FLOOR, fn: str = "whitened_basis") -> tuple[jax.Array, jax.Array]:
+  """Singular values ``s`` (descending) and orthonormal right singular vectors ``vt`` (rows) of the whitened
+  ``S^T w`` (of ``w`` itself when ``gram`` is None): for every rank r, ``(w @ vt[:r].T) @ vt[:r]`` is the best
+  rank-r fit of ``w`` in the data metric and loses ``sum(s[r:]**2)`` of squared output error, so one call serves
+  every rank a budget allocation may ask for.
+
+  Args:
+    w: (in, out), for a layer ``y = x @ w``.
+    gram: None (the weight metric), (in, in) ``X^T X``, or (in,) a diagonal (token counts).
+    floor: the jitter rule of `whitening`.
+    fn: the caller named in errors.
+
+  Returns:
+    ``s`` (k,) and ``vt`` (k, out), ``k = min(in, out)``.
+
+  Complexity:
+    One ``eigh`` of ``gram`` and one of a ``min(in, out)``-square matrix (plus a QR when out > in), not an SVD of
+    (in, out): about 10x faster on a GPU (the accuracy argument is in ``_gram_svd``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> s, vt = whitened_basis(jnp.diag(jnp.array([1.0, 3.0])), jnp.eye(2))
+    >>> [round(float(v), 4) for v in s], [round(abs(float(v)), 4) for v in vt[0]]
+    ([3.0, 1.0], [0.0, 1.0])
+  """
+  w = _check_matrix(fn, w)
+  return _gram_svd(w if gram is None else whiten(w, gram, floor=floor, fn=fn))
 
 
 def _check_matrix(fn: str, w) -> jax.Array:
@@ -164,7 +217,7 @@ def whitened_svd(w, gram, rank: int, *, floor: float = FLOOR) -> tuple[jax.Array
     ValueError: on shapes, a rank out of range, or a gram `whitening` refuses.
 
   Complexity:
-    One eigendecomposition of ``gram`` (in^3) and one SVD of an (in, out) matrix.
+    Two eigendecompositions, of ``gram`` (in^3) and of a ``min(in, out)``-square matrix (`whitened_basis`).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -182,8 +235,7 @@ def whitened_svd(w, gram, rank: int, *, floor: float = FLOOR) -> tuple[jax.Array
   full = min(w.shape)
   if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
     raise ValueError(f"{fn}: rank={rank!r} but an int in [1, {full}] is expected (w.shape={w.shape})")
-  _, _, vt = jnp.linalg.svd(whiten(w, gram, floor=floor, fn=fn), full_matrices=False)
-  b = vt[:rank]
+  b = whitened_basis(w, gram, floor=floor, fn=fn)[1][:rank]
   # a = S^-T U_r Sigma_r = S^-T (S^T w) V_r = w V_r: the whitened optimum has an unwhitened closed form.
   return w @ b.T, b
 
