@@ -133,6 +133,22 @@ def test_compensated_sums_do_not_grow_rounding_with_the_number_of_batches():
   assert np.abs(naive.astype(np.float64) - exact).max() > 50 * np.spacing(np.float32(exact.max()))
 
 
+def test_the_gpu_gram_algorithm_is_float32_accurate(monkeypatch):
+  """The GPU's six-pass bf16 product (run here on the CPU, which implements it too) against float64: to float32's
+  rounding, where a single bf16 pass is 1000x worse. Activation-like data: one outlier feature."""
+  from tnjax.compress import calibration
+
+  z = np.random.default_rng(0).standard_normal((4096, 32)).astype(np.float32) * np.r_[30.0, np.ones(31)]
+  exact = z.astype(np.float64).T @ z.astype(np.float64)
+  err = lambda p: np.abs(np.asarray(jnp.matmul(z.T, z, precision=p), np.float64) - exact).max() / exact.max()  # noqa: E731
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  six = err(calibration.gram_precision())
+  assert six < 1e-6  # float32's own rounding over 4096 terms is of this order
+  assert err(jax.lax.DotAlgorithmPreset.BF16_BF16_F32) > 1000 * six
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert calibration.gram_precision() == jax.lax.Precision.HIGHEST
+
+
 SMALL = dict(d_model=64, n_head=4, vocab_size=128)  # the shapes of the trained fixture: compilations shared
 
 
