@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -127,9 +128,12 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
                      f"{'...' if len(missing) > 3 else ''} (a pass with keep_grams=False, or another model) but this "
                      "fit reads each layer's input Gram; pass the ids or input_grams(model, ids)")
   layers = {name: _model.get_layer(model, name) for name in job.names}
-  kernels = {name: dense_kernel(layer) for name, layer in layers.items()}
+  # Each dense kernel is formed when a fit or spectrum reads it, never all at once: for bf16 parameters (or
+  # tensorized layers) every kernel is a new float32 array, twice the model's size on the device at 8B.
+  shapes = {name: jax.eval_shape(lambda layer=layer: dense_kernel(layer)) for name, layer in layers.items()}
+  kernel = lambda name: dense_kernel(layers[name])  # noqa: E731
   if job.data:
-    check_tokens(fn, calib, {name: w.shape[0] for name, w in kernels.items()})
+    check_tokens(fn, calib, {name: w.shape[0] for name, w in shapes.items()})
   # Fitted inside the calibration pass, block by block, when each fit needs only its own layer's Gram and budget
   # (ids and a uniform allocation; sequential always, each block on its own pass): one block's Grams at a time.
   blockwise = job.data and not isinstance(calib, Calibration) and (sequential or allocation == "uniform")
@@ -139,15 +143,15 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
   keep = job.data and (allocation == "loss" or not blockwise)
   cal = calibration(fn, model, calib, keep_grams=keep) if whole else None
   stored = {name: _model.weights(layer) for name, layer in layers.items()}
-  gram = lambda name: None if not job.data else jnp.asarray(cal.grams[name], kernels[name].dtype)  # noqa: E731
+  gram = lambda name: None if not job.data else jnp.asarray(cal.grams[name], shapes[name].dtype)  # noqa: E731
   budgets = layer_budgets(
       fn, target, allocation, stored, importance=None if cal is None else cal.importance,
-      unit={name: job.unit(w) for name, w in kernels.items()},
-      spectra=lambda name: np.asarray(job.spectrum(name, kernels[name], gram(name)), np.float64))
+      unit={name: job.unit(w) for name, w in shapes.items()},
+      spectra=lambda name: np.asarray(job.spectrum(name, kernel(name), gram(name)), np.float64))
   replaced, specs = {}, {}
 
   def fit_one(name, g):
-    layer, w = layers[name], kernels[name]
+    layer, w = layers[name], kernel(name)
     cap = job.cap(name, layer, w, budgets[name]) if target.key == "ratio" else (
         target.value if target.key == "rank" else None)
     out = None if (target.key == "ratio" and cap is None) else job.fit(name, layer, w, cap, g)
@@ -165,7 +169,7 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
       out = {}
       for name in by_block.get(i, []):
         proj = parse_layer_key(name)[1]
-        new = fit_one(name, jnp.asarray(grams[proj], kernels[name].dtype))
+        new = fit_one(name, jnp.asarray(grams[proj], shapes[name].dtype))
         if new is not None:
           out[proj] = new
       return out if sequential else {}  # {}: the states go on through the model's own blocks, as in one pass
