@@ -117,6 +117,7 @@ def _fields_help() -> str:
   """Every TrainConfig field with its type and default, and how to ask for a dense or a TT-matrix model."""
   import dataclasses
 
+  from tnjax.nn import kinds
   from tnjax.train import TrainConfig
 
   cfg = TrainConfig()
@@ -129,8 +130,8 @@ def _fields_help() -> str:
       "  tnjax train --set model=llama-tiny             # a tiny Llama-style model (RoPE, SwiGLU, GQA), TTM rank 16",
       "  tnjax train --set 'layers.mlp.c_fc={\"kind\": \"ttm\", \"rank\": 64}' --set steps=1000",
       "  tnjax train --set 'train_files=[\"my.txt\"]' --set 'valid_files=[\"my_valid.txt\"]' --set out_dir=runs/mine",
-      "  layer kinds: dense, ttm (rank), btt (rank), lowrank (rank), mps (embedding); layer keys: '*' (every "
-      "projection), a projection, 'h.<i>.<projection>'; 'model_overrides.n_layer=4' sets a config field"])
+      f"  layer kinds: {', '.join(k.summary for k in map(kinds.get, kinds.kind_names()))}; layer keys: '*' "
+      "(every projection), a projection, 'h.<i>.<projection>'; 'model_overrides.n_layer=4' sets a config field"])
 
 
 def _int_at_least(low: int):

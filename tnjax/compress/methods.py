@@ -57,7 +57,7 @@ from tnjax.core.whitening import whitened_basis, whitened_spectrum, whitened_ttm
 from tnjax.models.config import LayerSpec
 from tnjax.models.decoder import Decoder, dense_kernel
 from tnjax.models.names import parse_layer_key
-from tnjax.nn import BTTLinear, Int8Linear, LowRankEmbedding, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
+from tnjax.nn import Int8Linear, LowRankEmbedding, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear, kinds
 
 FITS = ("weights", "data")
 
@@ -580,18 +580,11 @@ def quantize_int8(model: Decoder, *, layers=None) -> Decoder:
     if spec.quant is not None:
       raise ValueError(f"{fn}: layer {name!r} is already quantized (quant={spec.quant!r})")
     use_bias = layer.bias is not None
-    if isinstance(layer, TTMLinear):
-      new = TTMLinear(layer.in_features, layer.out_features, ttm=layer.ttm, use_bias=use_bias, path=layer.path,
-                      quant="int8")
-    elif isinstance(layer, BTTLinear):
-      new = BTTLinear(layer.in_features, layer.out_features, btt=layer.btt, use_bias=use_bias, quant="int8")
-    elif isinstance(layer, LowRankLinear):
-      new = LowRankLinear(layer.in_features, layer.out_features, u=layer.u[...], v=layer.v[...], use_bias=use_bias,
-                          quant="int8")
-    else:
+    new = kinds.kind_of(layer).quantize(layer)  # the kind's own int8 form (TT cores, factors), if it has one
+    if new is None:
       w = dense_kernel(layer)
-      new = Int8Linear(*w.shape, kernel=w, bias=_bias(layer), use_bias=use_bias)
-    if use_bias and not isinstance(new, Int8Linear):
+      new, spec = Int8Linear(*w.shape, kernel=w, bias=_bias(layer), use_bias=use_bias), LayerSpec("dense")
+    elif use_bias:
       new.bias[...] = layer.bias[...]
     replaced[name] = new
     specs[name] = dataclasses.replace(spec, quant="int8")

@@ -13,15 +13,24 @@ import math
 from typing import Any
 
 from tnjax.core import _checks
-from tnjax.core.btt import btt_dims, check_btt_dims
 from tnjax.models.names import EVERY_PROJECTION, GLOBAL_ONLY, block_key, layer_key, parse_block_key, parse_layer_key
+from tnjax.nn import kinds as _kinds
 from tnjax.nn.quant import QUANTS
 
 # GPT-2's projections a spec can target. Per-layer keys prefix these with
 # "h.{i}." (e.g. "h.3.mlp.c_fc"); "embedding" and "lm_head" are global only.
 PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-KINDS = ("dense", "ttm", "btt", "lowrank", "mps")
-EMBEDDING_KINDS = ("dense", "ttm", "lowrank", "mps")  # what `tnjax.models.decoder.make_embedding` builds
+
+
+def __getattr__(name: str):
+  """``KINDS`` and ``EMBEDDING_KINDS``: the registered layer kinds (`tnjax.nn.kinds`), read when asked, so a
+  kind registered later is in them."""
+  if name == "KINDS":
+    return _kinds.kind_names()
+  if name == "EMBEDDING_KINDS":
+    return _kinds.kind_names(embedding=True)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 BLOCK_DIMS = ("d_ff", "qk_dim", "v_dim")
 
 
@@ -65,16 +74,16 @@ class LayerSpec:
   ranks: tuple[int, ...] | None = None
 
   def validate(self, where: str, owner: str = "GPTConfig") -> LayerSpec:
-    if self.kind not in KINDS:
-      raise ValueError(f"{owner}: {where}.kind={self.kind!r} but one of {KINDS} is expected")
-    if self.kind != "dense" and (not isinstance(self.rank, int) or self.rank < 1):
+    kind = _kinds.get(self.kind, owner, where)
+    if kind.needs_rank and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
       raise ValueError(f"{owner}: {where}.rank={self.rank!r} but a positive integer is expected for "
                        f"kind={self.kind!r}")
     if self.quant not in QUANTS:
       raise ValueError(f"{owner}: {where}.quant={self.quant!r} but one of {QUANTS} is expected")
     if self.ranks is not None:
-      if self.kind not in ("ttm", "mps"):
-        raise ValueError(f"{owner}: {where}.ranks={self.ranks!r} but per-bond ranks are for kind 'ttm' or 'mps', "
+      if not kind.per_bond_ranks:
+        bonded = " or ".join(repr(k) for k in _kinds.kind_names() if _kinds.get(k).per_bond_ranks)
+        raise ValueError(f"{owner}: {where}.ranks={self.ranks!r} but per-bond ranks are for kind {bonded}, "
                          f"not {self.kind!r}")
       _checks.check_dims(f"{owner}: {where}", "ranks", self.ranks)
       dims = self.in_dims or self.out_dims
@@ -198,11 +207,12 @@ class DecoderConfig:
       for name, size in value.items():
         self._check_block_dim(key, name, size)
     for key, spec in self.layers.items():
-      if spec.kind == "mps" and key != "embedding":
-        raise ValueError(f"{owner}: layers[{key!r}].kind='mps' but 'mps' is for the embedding only")
-      if spec.kind not in EMBEDDING_KINDS and key == "embedding":
+      kind = _kinds.get(spec.kind)
+      if not kind.projection and key != "embedding":
+        raise ValueError(f"{owner}: layers[{key!r}].kind={spec.kind!r} but {spec.kind!r} is for the embedding only")
+      if not kind.embedding and key == "embedding":
         raise ValueError(f"{owner}: layers['embedding'].kind={spec.kind!r} but {spec.kind!r} is for projections "
-                         f"and an untied lm_head; use one of {EMBEDDING_KINDS} for the embedding")
+                         f"and an untied lm_head; use one of {_kinds.kind_names(embedding=True)} for the embedding")
       if spec.quant is not None and key == "embedding":
         raise ValueError(f"{owner}: layers['embedding'].quant={spec.quant!r} but only projections are quantized")
     for key, spec in self.layers.items():
@@ -230,27 +240,16 @@ class DecoderConfig:
     raise NotImplementedError
 
   def _check_fit(self, key: str, spec: LayerSpec) -> None:
-    """A TT or BTT spec's dims must cover the projection and (BTT) its rank fit the blocks, in every block."""
+    """The spec's kind must store the projection (TT dims covering it, a BTT rank fitting its blocks), in every
+    block it covers."""
     block, name = parse_layer_key(key)
-    if spec.kind not in ("ttm", "btt") or name == "embedding":
+    if name == "embedding":
       return
     where = f"{type(self).__name__}: layers[{key!r}]"
+    kind = _kinds.get(spec.kind)
     names = self.PROJECTIONS if name == EVERY_PROJECTION else (name,)
     for layer, name in ((i, n) for i in ([block] if block is not None else range(self.n_layer)) for n in names):
-      n_in, n_out = self.projection_shape(name, layer)
-      if spec.kind == "btt":
-        default_in, default_out = btt_dims(n_in, n_out)
-        dims = (spec.in_dims or default_in, spec.out_dims or default_out)
-        check_btt_dims(where, *dims, spec.rank)
-      else:
-        dims = (spec.in_dims, spec.out_dims)
-        if None not in dims and len(dims[0]) != len(dims[1]):
-          raise ValueError(f"{where}: in_dims={dims[0]}, out_dims={dims[1]} but one entry per core in both is "
-                           "expected")
-      for size, field, got in ((n_in, "in_dims", dims[0]), (n_out, "out_dims", dims[1])):
-        if got is not None and math.prod(got) < size:
-          raise ValueError(f"{where}: prod({field})={math.prod(got)} but the projection has {size} "
-                           f"{'inputs' if field == 'in_dims' else 'outputs'}; expected prod({field}) >= {size}")
+      kind.check_shape(spec, where, *self.projection_shape(name, layer))
 
   def spec(self, name: str, layer: int | None = None) -> LayerSpec:
     """The spec of projection ``name`` in block ``layer`` (most specific key wins; "*" covers projections only)."""

@@ -16,12 +16,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tnjax.core import _checks
-from tnjax.core.linear import path_flops
 from tnjax.core.shapes import pad_last
-from tnjax.core.tensor_train import TTMatrix
-from tnjax.models.config import EMBEDDING_KINDS, DecoderConfig, LayerSpec
+from tnjax.models.config import DecoderConfig, LayerSpec
 from tnjax.models.names import layer_key, parse_layer_key
-from tnjax.nn import BTTLinear, Int8Linear, LowRankEmbedding, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
+from tnjax.nn import kinds
 
 KVCache = list  # one (k, v) pair per block, each (batch, block_size, kv_heads, head_dim)
 
@@ -47,20 +45,8 @@ def make_linear(spec: LayerSpec, in_features: int, out_features: int, *, std: fl
     >>> type(layer).__name__, layer.num_params
     ('LowRankLinear', 224)
   """
-  if spec.kind == "ttm":
-    return TTMLinear(in_features, out_features, rank=spec.rank_arg, in_dims=spec.in_dims, out_dims=spec.out_dims,
-                     num_cores=spec.num_cores, use_bias=use_bias, path=spec.path, dtype=dtype, kernel_std=std,
-                     rngs=rngs, quant=spec.quant, balance=balance)
-  if spec.kind == "btt":
-    return BTTLinear(in_features, out_features, rank=spec.rank, in_dims=spec.in_dims, out_dims=spec.out_dims,
-                     use_bias=use_bias, dtype=dtype, kernel_std=std, rngs=rngs, quant=spec.quant)
-  if spec.kind == "lowrank":
-    return LowRankLinear(in_features, out_features, rank=min(spec.rank, in_features, out_features),
-                         use_bias=use_bias, dtype=dtype, kernel_std=std, rngs=rngs, quant=spec.quant)
-  if spec.quant == "int8":
-    return Int8Linear(in_features, out_features, use_bias=use_bias, dtype=dtype)
-  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
-                    kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros, rngs=rngs)
+  return kinds.get(spec.kind).linear(spec, in_features, out_features, std=std, use_bias=use_bias, dtype=dtype,
+                                     rngs=rngs, balance=balance)
 
 
 def dense_kernel(layer: nnx.Module) -> jax.Array:
@@ -84,13 +70,7 @@ def linear_flops(layer: nnx.Module, rows: int) -> int:
     >>> linear_flops(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), 10)
     10240
   """
-  if hasattr(layer, "flops"):  # TT-matrix (by its path), BTT, low-rank
-    return layer.flops(rows)
-  if isinstance(layer, nnx.Linear):
-    m, n = layer.kernel.shape
-  else:  # Int8Linear
-    m, n = layer.in_features, layer.out_features
-  return 2 * rows * m * n
+  return kinds.kind_of(layer).flops(layer, rows)
 
 
 def _bias(layer: nnx.Module) -> jax.Array | None:
@@ -135,22 +115,8 @@ def make_embedding(cfg: DecoderConfig, rngs: nnx.Rngs) -> nnx.Module:
     >>> type(emb).__name__, emb.num_params  # 8 * (512 + 128)
     ('LowRankEmbedding', 5120)
   """
-  emb, dtype = cfg.spec("embedding"), dtype_of(cfg)
-  if emb.kind == "lowrank":  # a rank above min(vocab, d_model) is capped, as make_linear does
-    return LowRankEmbedding(cfg.vocab_size, cfg.d_model, rank=min(emb.rank, cfg.vocab_size, cfg.d_model),
-                            std=cfg.init_std, dtype=dtype, rngs=rngs)
-  if emb.kind == "mps":
-    return MPSEmbedding(cfg.vocab_size, cfg.d_model, rank=emb.rank_arg, feature_dims=emb.out_dims,
-                        num_cores=emb.num_cores, std=cfg.init_std, dtype=dtype, rngs=rngs)
-  if emb.kind == "ttm":
-    return TTEmbedding(cfg.vocab_size, cfg.d_model, rank=emb.rank_arg, vocab_dims=emb.in_dims,
-                       feature_dims=emb.out_dims, num_cores=emb.num_cores, std=cfg.init_std, path=emb.path,
-                       dtype=dtype, rngs=rngs)
-  if emb.kind == "dense":
-    return nnx.Embed(cfg.padded_vocab, cfg.d_model, dtype=dtype,
-                     embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
-  raise ValueError(f"{type(cfg).__name__.removesuffix('Config')}: layers['embedding'].kind={emb.kind!r} but one of "
-                   f"{EMBEDDING_KINDS} is expected")
+  emb = cfg.spec("embedding")
+  return kinds.get(emb.kind, type(cfg).__name__.removesuffix("Config"), "layers['embedding']").embed(emb, cfg, rngs)
 
 
 def make_head(cfg: DecoderConfig, rngs: nnx.Rngs) -> nnx.Module | None:
@@ -288,14 +254,8 @@ class Decoder(nnx.Module):
       total += 2 * rows * cfg.block_size * cfg.n_head * (qk + v)
     if self.lm_head is not None:
       total += linear_flops(self.lm_head, rows)
-    elif isinstance(self.wte, TTEmbedding):
-      head = TTMatrix(tuple(jax.ShapeDtypeStruct(tuple(c.shape[k] for k in (0, 2, 1, 3)), c.dtype)
-                            for c in self.wte.cores))  # the transposed table's cores, shapes only
-      total += path_flops(head, rows, self.wte.path, self.wte.cost)
-    elif isinstance(self.wte, LowRankEmbedding):  # (x @ v.T) @ u.T
-      total += self.wte.attend_flops(rows)
-    else:  # a dense table, or an MPS one rebuilt for the head
-      total += 2 * rows * cfg.d_model * self.wte.num_embeddings
+    else:
+      total += kinds.kind_of(self.wte).head_flops(self.wte, rows)
     return total / rows
 
   @property

@@ -2,6 +2,7 @@
 low-rank linear."""
 
 from tnjax.core.linear import H100, CostModel, Plan, choose_path, choose_plan, path_costs, product_costs
+from tnjax.nn.kinds import LayerKind, hidden_fan_ins, kind_names, register
 from tnjax.nn.layers import (
     BTTLinear,
     LowRankEmbedding,
@@ -10,10 +11,9 @@ from tnjax.nn.layers import (
     TTEmbedding,
     TTMLinear,
     TTParam,
-    hidden_fan_ins,
 )
 from tnjax.nn.quant import Int8Linear, dequantize, quantize
 
 __all__ = ["TTMLinear", "BTTLinear", "TTEmbedding", "MPSEmbedding", "LowRankEmbedding", "LowRankLinear", "Int8Linear",
            "TTParam", "quantize", "dequantize", "CostModel", "H100", "Plan", "choose_path", "choose_plan", "path_costs",
-           "product_costs", "hidden_fan_ins"]
+           "product_costs", "hidden_fan_ins", "LayerKind", "register", "kind_names"]

@@ -810,36 +810,3 @@ class LowRankEmbedding(nnx.Module):
     u, v = self._factors()
     y = jnp.matmul(x.astype(v.dtype), v.T, precision=self.precision)
     return jnp.matmul(y, u.T, precision=self.precision)
-
-
-def hidden_fan_ins(module: nnx.Module) -> dict[str, int]:
-  """The fan-in of every hidden matrix in ``module``, by dotted parameter name (as ``nnx.to_flat_state``).
-
-  Hidden matrices are projection kernels, TT-matrix and BTT cores and
-  low-rank factors; each core is a batched matrix whose fan-in is the number
-  of inputs one of its outputs sums over: ``r[k] * n_in[k]`` for TT-matrix
-  core k, ``m1`` and ``r * m2`` for the BTT cores, ``in`` for ``u`` and ``r``
-  for ``v``. Embeddings, norms, biases, int8 layers and an untied ``lm_head``
-  (scaled by the model's output multiplier instead) are absent: muP keeps
-  their learning rates. Used by `tnjax.train.mup_multipliers`.
-
-  Examples:
-    >>> from flax import nnx
-    >>> hidden_fan_ins(BTTLinear(768, 3072, rank=4, rngs=nnx.Rngs(0)))
-    {'cores.0': 32, 'cores.1': 96}
-  """
-  out = {}
-  for path, node in nnx.iter_graph(module):
-    if path[:1] == ("lm_head",):
-      continue
-    prefix = "".join(f"{p}." for p in path)
-    if isinstance(node, nnx.Linear):
-      out[prefix + "kernel"] = node.kernel.shape[0]
-    elif isinstance(node, TTMLinear) and node.quant is None:
-      out.update({f"{prefix}cores.{k}": c.shape[0] * c.shape[1] for k, c in enumerate(node.cores)})
-    elif isinstance(node, BTTLinear) and node.quant is None:
-      left, right = node.cores
-      out.update({prefix + "cores.0": left.shape[1], prefix + "cores.1": right.shape[1] * right.shape[2]})
-    elif isinstance(node, LowRankLinear) and node.quant is None:
-      out.update({prefix + "u": node.u.shape[0], prefix + "v": node.v.shape[0]})
-  return out

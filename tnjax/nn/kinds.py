@@ -1,0 +1,328 @@
+"""Layer kinds: one object per way of storing a projection or an embedding, registered once.
+
+A kind (``LayerSpec.kind`` in a model config) is a `LayerKind`: it checks its
+spec against a projection's shape, builds the NNX layer, and gives its
+hidden matrices' fan-ins for muP. Config validation
+([`DecoderConfig`][tnjax.models.config.DecoderConfig]), the model builders
+([`make_linear`][tnjax.models.decoder.make_linear],
+[`make_embedding`][tnjax.models.decoder.make_embedding]),
+[`hidden_fan_ins`][tnjax.nn.hidden_fan_ins] and the CLI's help read this
+registry, so a new kind is one subclass and one `register` call, in or out
+of the package:
+
+    class Kron(LayerKind):
+      name, layers = "kron", (KronLinear,)
+      def linear(self, spec, n_in, n_out, *, std, use_bias, dtype, rngs, balance):
+        return KronLinear(n_in, n_out, rank=spec.rank, ...)
+    register(Kron())
+
+The built-in kinds are "dense", "ttm" (TT-matrix / MPO), "btt" (Block-TT),
+"lowrank" and "mps" (TensorGPT's embedding). A layer a kind builds needs a
+``kernel`` property (its dense (in, out) matrix, for export and
+compression), ``num_params`` and, where its cost is not a dense matmul's, a
+``flops(rows)`` method. Saving and loading need nothing more: a model is
+rebuilt from its config and the saved arrays are checked against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tnjax.core.btt import btt_dims, check_btt_dims
+from tnjax.core.linear import path_flops
+from tnjax.core.tensor_train import TTMatrix
+from tnjax.nn.layers import BTTLinear, LowRankEmbedding, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
+from tnjax.nn.quant import Int8Linear
+
+
+class LayerKind:
+  """One layer kind (module docstring): subclass it, set the class attributes, override what applies.
+
+  Attributes:
+    name: the ``LayerSpec.kind`` string.
+    projection: whether it builds projections (and an untied LM head).
+    embedding: whether it builds the token embedding.
+    needs_rank: whether ``LayerSpec.rank`` must be a positive integer.
+    per_bond_ranks: whether ``LayerSpec.ranks`` (exact per-bond ranks) applies.
+    layers: the NNX projection classes it builds (`kind_of` and `hidden_fan_ins` find a layer's kind by them).
+    embeddings: the NNX embedding classes it builds.
+    summary: one line for the CLI's help.
+  """
+
+  name = ""
+  projection = True
+  embedding = False
+  needs_rank = True
+  per_bond_ranks = False
+  layers: tuple[type, ...] = ()
+  embeddings: tuple[type, ...] = ()
+  summary = ""
+
+  def check_shape(self, spec, where: str, n_in: int, n_out: int) -> None:
+    """Raises ValueError (prefixed by ``where``) when ``spec`` cannot store an (n_in, n_out) projection."""
+
+  def linear(self, spec, n_in: int, n_out: int, *, std: float, use_bias: bool, dtype, rngs: nnx.Rngs,
+             balance: str = "equal") -> nnx.Module:
+    """The projection, with dense-equivalent init std ``std``."""
+    raise ValueError(f"layer kind {self.name!r} builds no projections")
+
+  def embed(self, spec, cfg, rngs: nnx.Rngs) -> nnx.Module:
+    """The token embedding of config ``cfg`` (its ``vocab_size``, ``padded_vocab``, ``d_model``, ``init_std``)."""
+    raise ValueError(f"layer kind {self.name!r} builds no embedding")
+
+  def fan_ins(self, layer: nnx.Module) -> dict[str, int]:
+    """The fan-in of each hidden matrix of projection ``layer``, by parameter name relative to it (muP); {} for
+    none."""
+    return {}
+
+  def quantize(self, layer: nnx.Module):
+    """Projection ``layer`` with weight-only int8 storage in this kind (its bias not copied), or None when the
+    kind has no int8 form of its own: then `tnjax.compress.quantize_int8` stores its dense kernel as an
+    `Int8Linear` (kind "dense")."""
+    return None
+
+  def flops(self, layer: nnx.Module, rows: int) -> int:
+    """Forward FLOPs (2 per multiply-add, bias excluded) of projection ``layer`` on ``rows`` rows: the layer's
+    own ``flops(rows)`` where it has one, else a dense matmul's."""
+    if hasattr(layer, "flops"):
+      return layer.flops(rows)
+    return 2 * rows * layer.in_features * layer.out_features
+
+  def head_flops(self, table: nnx.Module, rows: int) -> int:
+    """Forward FLOPs of the tied LM head ``x @ E.T`` of embedding ``table`` on ``rows`` rows (default: a dense
+    table's, which an MPS table is rebuilt to)."""
+    return 2 * rows * table.features * table.num_embeddings
+
+
+_REGISTRY: dict[str, LayerKind] = {}
+
+
+def register(kind: LayerKind, *, replace: bool = False) -> LayerKind:
+  """Adds ``kind`` to the registry under ``kind.name``; returns it.
+
+  Raises:
+    ValueError: for a name that is empty or not a string, a kind that builds neither projections nor
+      embeddings, or a name already registered (unless ``replace``).
+
+  Examples:
+    >>> class Dense2(Dense):
+    ...   name = "dense2"
+    >>> register(Dense2()).name in kind_names()
+    True
+    >>> unregister("dense2")
+  """
+  if not isinstance(kind, LayerKind):
+    raise ValueError(f"register: kind={kind!r} but a LayerKind instance is expected")
+  if not isinstance(kind.name, str) or not kind.name.isidentifier():
+    raise ValueError(f"register: kind.name={kind.name!r} but a non-empty identifier string is expected")
+  if not (kind.projection or kind.embedding):
+    raise ValueError(f"register: kind {kind.name!r} has projection=False and embedding=False; it must build one")
+  if kind.name in _REGISTRY and not replace:
+    raise ValueError(f"register: layer kind {kind.name!r} is already registered; pass replace=True to replace it")
+  _REGISTRY[kind.name] = kind
+  return kind
+
+
+def unregister(name: str) -> None:
+  """Removes a kind registered outside the package (a built-in kind cannot be removed)."""
+  if name in BUILTIN:
+    raise ValueError(f"unregister: {name!r} is a built-in layer kind")
+  _REGISTRY.pop(name, None)
+
+
+def kind_names(*, projection: bool | None = None, embedding: bool | None = None) -> tuple[str, ...]:
+  """Registered kind names, in registration order, optionally only those that build projections/embeddings.
+
+  Examples:
+    >>> kind_names(embedding=True)
+    ('dense', 'ttm', 'lowrank', 'mps')
+  """
+  return tuple(k.name for k in _REGISTRY.values() if (projection is None or k.projection == projection)
+               and (embedding is None or k.embedding == embedding))
+
+
+def get(name: str, owner: str = "LayerSpec", where: str = "kind") -> LayerKind:
+  """The registered kind ``name``; a ValueError naming ``owner`` and ``where`` for an unknown one."""
+  if name not in _REGISTRY:
+    raise ValueError(f"{owner}: {where}.kind={name!r} but one of {kind_names()} is expected")
+  return _REGISTRY[name]
+
+
+def kind_of(layer: nnx.Module) -> LayerKind | None:
+  """The registered kind that builds ``layer``'s class, a projection or an embedding (None for another module)."""
+  for kind in _REGISTRY.values():
+    if isinstance(layer, kind.layers + kind.embeddings):
+      return kind
+  return None
+
+
+def hidden_fan_ins(module: nnx.Module) -> dict[str, int]:
+  """The fan-in of every hidden matrix in ``module``, by dotted parameter name (as ``nnx.to_flat_state``).
+
+  Hidden matrices are projection kernels, TT-matrix and BTT cores and
+  low-rank factors; each core is a batched matrix whose fan-in is the number
+  of inputs one of its outputs sums over: ``r[k] * n_in[k]`` for TT-matrix
+  core k, ``m1`` and ``r * m2`` for the BTT cores, ``in`` for ``u`` and ``r``
+  for ``v``. Embeddings, norms, biases, int8 layers and an untied ``lm_head``
+  (scaled by the model's output multiplier instead) are absent: muP keeps
+  their learning rates. Each layer's kind (`kind_of`) gives them. Used by
+  `tnjax.train.mup_multipliers`.
+
+  Examples:
+    >>> from flax import nnx
+    >>> hidden_fan_ins(BTTLinear(768, 3072, rank=4, rngs=nnx.Rngs(0)))
+    {'cores.0': 32, 'cores.1': 96}
+  """
+  out = {}
+  for path, node in nnx.iter_graph(module):
+    if path[:1] == ("lm_head",):
+      continue
+    kind = kind_of(node)
+    if kind is not None and isinstance(node, kind.layers):
+      prefix = "".join(f"{p}." for p in path)
+      out.update({prefix + name: fan for name, fan in kind.fan_ins(node).items()})
+  return out
+
+
+def _quantized(layer) -> bool:
+  return getattr(layer, "quant", None) is not None
+
+
+class Dense(LayerKind):
+  """A plain (in, out) kernel (``nnx.Linear``; `Int8Linear` with ``quant="int8"``) or ``nnx.Embed`` table."""
+
+  name, embedding, needs_rank, summary = "dense", True, False, "dense"
+  layers, embeddings = (nnx.Linear, Int8Linear), (nnx.Embed,)
+
+  def linear(self, spec, n_in, n_out, *, std, use_bias, dtype, rngs, balance="equal"):
+    if spec.quant == "int8":
+      return Int8Linear(n_in, n_out, use_bias=use_bias, dtype=dtype)
+    return nnx.Linear(n_in, n_out, use_bias=use_bias, dtype=dtype, kernel_init=nnx.initializers.normal(std),
+                      bias_init=nnx.initializers.zeros, rngs=rngs)
+
+  def embed(self, spec, cfg, rngs):
+    return nnx.Embed(cfg.padded_vocab, cfg.d_model, dtype=_dtype(cfg),
+                     embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+
+  def fan_ins(self, layer):
+    return {"kernel": layer.kernel.shape[0]} if isinstance(layer, nnx.Linear) else {}
+
+  def flops(self, layer, rows):
+    return 2 * rows * layer.in_features * layer.out_features
+
+
+class TTM(LayerKind):
+  """TT-matrix (MPO) cores: `TTMLinear`, and `TTEmbedding` for the embedding."""
+
+  name, embedding, per_bond_ranks, summary = "ttm", True, True, "ttm (rank)"
+  layers, embeddings = (TTMLinear,), (TTEmbedding,)
+
+  def check_shape(self, spec, where, n_in, n_out):
+    dims = (spec.in_dims, spec.out_dims)
+    if None not in dims and len(dims[0]) != len(dims[1]):
+      raise ValueError(f"{where}: in_dims={dims[0]}, out_dims={dims[1]} but one entry per core in both is expected")
+    _check_cover(where, n_in, n_out, *dims)
+
+  def linear(self, spec, n_in, n_out, *, std, use_bias, dtype, rngs, balance="equal"):
+    return TTMLinear(n_in, n_out, rank=spec.rank_arg, in_dims=spec.in_dims, out_dims=spec.out_dims,
+                     num_cores=spec.num_cores, use_bias=use_bias, path=spec.path, dtype=dtype, kernel_std=std,
+                     rngs=rngs, quant=spec.quant, balance=balance)
+
+  def embed(self, spec, cfg, rngs):
+    return TTEmbedding(cfg.vocab_size, cfg.d_model, rank=spec.rank_arg, vocab_dims=spec.in_dims,
+                       feature_dims=spec.out_dims, num_cores=spec.num_cores, std=cfg.init_std, path=spec.path,
+                       dtype=_dtype(cfg), rngs=rngs)
+
+  def fan_ins(self, layer):
+    return {} if _quantized(layer) else {f"cores.{k}": c.shape[0] * c.shape[1] for k, c in enumerate(layer.cores)}
+
+  def quantize(self, layer):
+    return TTMLinear(layer.in_features, layer.out_features, ttm=layer.ttm, use_bias=layer.bias is not None,
+                     path=layer.path, quant="int8")
+
+  def head_flops(self, table, rows):
+    head = TTMatrix(tuple(jax.ShapeDtypeStruct(tuple(c.shape[k] for k in (0, 2, 1, 3)), c.dtype)
+                          for c in table.cores))  # the transposed table's cores, shapes only
+    return path_flops(head, rows, table.path, table.cost)
+
+
+class BTT(LayerKind):
+  """Block Tensor-Train (Monarch at rank 1): `BTTLinear`, projections and an untied head only."""
+
+  name, summary = "btt", "btt (rank)"
+  layers = (BTTLinear,)
+
+  def check_shape(self, spec, where, n_in, n_out):
+    default_in, default_out = btt_dims(n_in, n_out)
+    dims = (spec.in_dims or default_in, spec.out_dims or default_out)
+    check_btt_dims(where, *dims, spec.rank)
+    _check_cover(where, n_in, n_out, *dims)
+
+  def linear(self, spec, n_in, n_out, *, std, use_bias, dtype, rngs, balance="equal"):
+    return BTTLinear(n_in, n_out, rank=spec.rank, in_dims=spec.in_dims, out_dims=spec.out_dims, use_bias=use_bias,
+                     dtype=dtype, kernel_std=std, rngs=rngs, quant=spec.quant)
+
+  def quantize(self, layer):
+    return BTTLinear(layer.in_features, layer.out_features, btt=layer.btt, use_bias=layer.bias is not None,
+                     quant="int8")
+
+  def fan_ins(self, layer):
+    if _quantized(layer):
+      return {}
+    left, right = layer.cores
+    return {"cores.0": left.shape[1], "cores.1": right.shape[1] * right.shape[2]}
+
+
+class LowRank(LayerKind):
+  """``W = u @ v``: `LowRankLinear`, and `LowRankEmbedding` for the embedding (a rank above the smaller side is
+  capped)."""
+
+  name, embedding, summary = "lowrank", True, "lowrank (rank)"
+  layers, embeddings = (LowRankLinear,), (LowRankEmbedding,)
+
+  def linear(self, spec, n_in, n_out, *, std, use_bias, dtype, rngs, balance="equal"):
+    return LowRankLinear(n_in, n_out, rank=min(spec.rank, n_in, n_out), use_bias=use_bias, dtype=dtype,
+                         kernel_std=std, rngs=rngs, quant=spec.quant)
+
+  def embed(self, spec, cfg, rngs):
+    return LowRankEmbedding(cfg.vocab_size, cfg.d_model, rank=min(spec.rank, cfg.vocab_size, cfg.d_model),
+                            std=cfg.init_std, dtype=_dtype(cfg), rngs=rngs)
+
+  def fan_ins(self, layer):
+    return {} if _quantized(layer) else {"u": layer.u.shape[0], "v": layer.v.shape[0]}
+
+  def quantize(self, layer):
+    return LowRankLinear(layer.in_features, layer.out_features, u=layer.u[...], v=layer.v[...],
+                         use_bias=layer.bias is not None, quant="int8")
+
+  def head_flops(self, table, rows):
+    return table.attend_flops(rows)  # (x @ v.T) @ u.T
+
+
+class MPS(LayerKind):
+  """TensorGPT: every token row its own TT (MPS), `MPSEmbedding`; the embedding only."""
+
+  name, projection, embedding, per_bond_ranks, summary = "mps", False, True, True, "mps (embedding)"
+  embeddings = (MPSEmbedding,)
+
+  def embed(self, spec, cfg, rngs):
+    return MPSEmbedding(cfg.vocab_size, cfg.d_model, rank=spec.rank_arg, feature_dims=spec.out_dims,
+                        num_cores=spec.num_cores, std=cfg.init_std, dtype=_dtype(cfg), rngs=rngs)
+
+
+def _dtype(cfg):
+  return None if cfg.dtype is None else jnp.dtype(cfg.dtype)
+
+
+def _check_cover(where: str, n_in: int, n_out: int, in_dims, out_dims) -> None:
+  for size, field, got in ((n_in, "in_dims", in_dims), (n_out, "out_dims", out_dims)):
+    if got is not None and math.prod(got) < size:
+      raise ValueError(f"{where}: prod({field})={math.prod(got)} but the projection has {size} "
+                       f"{'inputs' if field == 'in_dims' else 'outputs'}; expected prod({field}) >= {size}")
+
+
+BUILTIN = tuple(register(k).name for k in (Dense(), TTM(), BTT(), LowRank(), MPS()))
