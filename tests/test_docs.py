@@ -20,7 +20,7 @@ SLOW_MODULES = ["tnjax.nn.layers", "tnjax.models.gpt", "tnjax.models.generate", 
                 "tnjax.interop.hf",
                 "tnjax.interop.hf_gpt2", "tnjax.eval", "tnjax.train.loop", "tnjax.train.mup",
                 "tnjax.core.linear", "tnjax.models.llama", "tnjax.core.decompositions", "tnjax.core.ops",
-                "tnjax.core.btt", "tnjax.core.whitening", "tnjax.compress.registry"]
+                "tnjax.core.btt", "tnjax.core.whitening", "tnjax.compress.registry", "tnjax.nn.kinds"]
 
 
 @pytest.fixture
