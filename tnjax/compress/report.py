@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from tnjax._io import atomic_write, atomic_write_text, dir_lock
+from tnjax._io import INDEX_FILE, SINGLE_FILE, atomic_write, atomic_write_text, dir_lock
 from tnjax.compress import _model
 from tnjax.compress.methods import quantize_int8
 from tnjax.compress.registry import compress, method
@@ -311,7 +311,7 @@ def _claim(fn: str, out: pathlib.Path, targets: list[dict], overwrite: bool):
   try:
     with dir_lock(fn, out):
       if not overwrite:
-        found = [name for name in written + ["config.json", "model.safetensors"] if (out / name).exists()]
+        found = [name for name in written + ["config.json", SINGLE_FILE, INDEX_FILE] if (out / name).exists()]
         if found:
           raise ValueError(f"{fn}: out_dir {out} already holds {found}; choose a new directory or pass --overwrite "
                            "(overwrite=True) to replace them")

@@ -15,7 +15,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 import tnjax
-from tnjax._io import atomic_write, atomic_write_text, read_json, read_safetensors, write_safetensors
+from tnjax._io import (
+    INDEX_FILE,
+    MAX_SHARD_SIZE,
+    SINGLE_FILE,
+    atomic_write_text,
+    checkpoint_entry,
+    read_checkpoint,
+    read_json,
+    write_checkpoint,
+)
 from tnjax.models.decoder import Decoder
 from tnjax.models.family import FAMILIES, build, config_from_dict
 from tnjax.nn import TTParam
@@ -27,9 +36,21 @@ def _key(path) -> str:
   return ".".join(str(p) for p in path)
 
 
-def save_model(model: Decoder, path) -> pathlib.Path:
-  """Writes ``config.json`` (format marker, tnjax version, model family, config) and ``model.safetensors`` (all
-  parameters).
+def save_model(model: Decoder, path, *, max_shard_size: int | str = MAX_SHARD_SIZE) -> pathlib.Path:
+  """Writes ``config.json`` (format marker, tnjax version, model family, config) and the parameters: one
+  ``model.safetensors``, or above ``max_shard_size`` shards with an index as `tnjax.interop.save_hf` writes
+  them.
+
+  Each parameter goes to the host only as it is written. Files of an earlier save into ``path`` are replaced,
+  never mixed with this one's (see `tnjax._io.write_checkpoint`).
+
+  Args:
+    model: any tnjax model.
+    path: the directory (created if needed).
+    max_shard_size: the largest shard, in bytes or as "5GB", "500MB", "2GiB" (default "5GB").
+
+  Raises:
+    ValueError: for a bad ``max_shard_size``.
 
   Examples:
     >>> import tempfile
@@ -42,9 +63,7 @@ def save_model(model: Decoder, path) -> pathlib.Path:
   """
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  tensors = model_tensors(model)  # device arrays: each goes to the host only as it is written
-  # Each file is renamed into place, so overwriting a model never leaves a half-written one.
-  atomic_write(path / "model.safetensors", lambda tmp: write_safetensors(tmp, tensors))
+  write_checkpoint(path, model_tensors(model), max_shard_size=max_shard_size, fn="save_model")
   meta = {"format": FORMAT, "tnjax_version": tnjax.__version__, "family": model.config.FAMILY,
           "config": model.config.to_dict()}
   atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
@@ -74,9 +93,12 @@ def load_model(path, *, param_dtype: str | None = None) -> Decoder:
   fn = "load_model"
   path = pathlib.Path(path)
   check_param_dtype(fn, param_dtype)
-  for name in ("config.json", "model.safetensors"):
-    if not (path / name).exists():
-      raise ValueError(f"{fn}: {path / name} does not exist; expected a directory written by save_model")
+  if not (path / "config.json").exists():
+    raise ValueError(f"{fn}: {path / 'config.json'} does not exist; expected a directory written by save_model")
+  entry = checkpoint_entry(path)
+  if entry is None:
+    raise ValueError(f"{fn}: {path / SINGLE_FILE} does not exist (nor {INDEX_FILE}); expected a directory written "
+                     "by save_model")
   meta = read_json(fn, path / "config.json")
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     got = meta.get("format") if isinstance(meta, dict) else meta
@@ -88,12 +110,12 @@ def load_model(path, *, param_dtype: str | None = None) -> Decoder:
     cfg = config_from_dict(meta["config"], name)
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{fn}: {path / 'config.json'} has no valid {kind} config ({type(e).__name__}: {e})") from e
-  tensors = read_safetensors(fn, path / "model.safetensors")  # each read as it is placed
+  tensors = read_checkpoint(fn, path)  # headers only: each tensor is read as it is placed
   try:
     return model_from_tensors(cfg.replace(dtype=compute_dtype(cfg.dtype, param_dtype)), tensors, fn=fn,
                               param_dtype=param_dtype)
   except ValueError as e:
-    raise ValueError(f"{e} (in {path / 'model.safetensors'})") from e
+    raise ValueError(f"{e} (in {entry})") from e
 
 
 def model_tensors(module: nnx.Module) -> dict[str, jax.Array]:
