@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from tnjax._io import MAX_SHARD_SIZE, atomic_write_text, read_checkpoint, read_json, write_checkpoint
-from tnjax.interop.native import check_param_dtype, compute_dtype, with_concrete_state
+from tnjax.interop.native import check_fits, check_param_dtype, compute_dtype, with_concrete_state
 from tnjax.models.decoder import Decoder
 from tnjax.models.family import FAMILIES, build, family
 
@@ -107,7 +107,8 @@ def load_hf(path, *, dtype: str | None = None, param_dtype: str | None = None, f
 
   Raises:
     ValueError: missing files, an unsupported ``model_type`` or config option
-      (named), missing, unexpected or wrongly shaped tensors (named), all
+      (named), missing, unexpected or wrongly shaped tensors (named), parameters that would not fit in
+      memory (`tnjax.interop.native.check_fits`: the size from config.json, the option that helps), all
       before any weight is read; an unknown ``param_dtype``; a tensor with NaN or infinite values.
 
   Tensors are read one at a time into a model that was never initialized (no random init, no second copy).
@@ -135,9 +136,11 @@ def load_hf(path, *, dtype: str | None = None, param_dtype: str | None = None, f
   except (KeyError, TypeError, AttributeError) as e:
     raise ValueError(f"{fn}: {path / 'config.json'} is not a {hf.get('model_type')} config "
                      f"({type(e).__name__}: {e})") from e
-  tensors = mapping.checkpoint_tensors(read_tensors(fn, path), cfg)
   model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))  # no parameter allocated or initialized yet
   targets = mapping.targets(model)
+  # from the config alone, before any file is opened (pytorch_model.bin is read whole)
+  check_fits(fn, [(variable.shape, param_dtype or variable.dtype) for variable, _ in targets.values()])
+  tensors = mapping.checkpoint_tensors(read_tensors(fn, path), cfg)
   missing = sorted(set(targets) - set(tensors))
   unexpected = sorted(set(tensors) - set(targets))
   if missing or unexpected:
