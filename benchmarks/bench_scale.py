@@ -7,12 +7,13 @@ included), the process's peak host RSS (its ``VmHWM``) and its peak device memor
 ``peak_bytes_in_use``, read by the process at exit) as one JSON line:
 
 * ``make``: the checkpoint (transformers, on the GPU when there is one);
-* ``load``: `tnjax.interop.load_any`;
+* ``load``: `tnjax.interop.load_any` (with ``--param-dtype``);
 * ``eval``: ``tnjax eval --max-tokens N`` with no ``--block-size`` (the default window);
 * ``compress-<method>``: ``tnjax compress --method M --ratio R --calib FILE --calib-windows W``, no
   ``--block-size``;
-* ``export`` and ``hf-reload``: `tnjax.interop.save_hf` of the svdllm model, then ``transformers``'
-  ``from_pretrained`` of it and one forward pass.
+* ``export`` and ``hf-reload``: `tnjax.interop.save_hf` of the svdllm model (loaded with ``--param-dtype``,
+  written in shards of ``--max-shard-size``; its row has ``shards``, the number of files), then
+  ``transformers``' ``from_pretrained`` of it and one forward pass.
 
 Random weights say nothing about quality: this measures time and memory only.
 
@@ -117,7 +118,7 @@ def hf_reload(path: pathlib.Path) -> None:
 def stage_main(argv: list[str]) -> int:
   """Child process: runs one stage, then writes its peak device memory to the record file."""
   record, kind, *rest = argv
-  rc = 0
+  rc, extra = 0, {}
   try:
     if kind == "make":
       make_checkpoint(rest[0], pathlib.Path(rest[1]), pathlib.Path(rest[2]), int(rest[3]))
@@ -126,11 +127,12 @@ def stage_main(argv: list[str]) -> int:
     elif kind == "load":
       from tnjax.interop import load_any
 
-      load_any(rest[0])
+      load_any(rest[0], param_dtype=rest[1] or None)
     elif kind == "export":
       from tnjax.interop import load_any, save_hf
 
-      save_hf(load_any(rest[0]), rest[1])
+      out = save_hf(load_any(rest[0], param_dtype=rest[2] or None), rest[1], max_shard_size=rest[3])
+      extra["shards"] = len(list(out.glob("model-*-of-*.safetensors"))) or 1
     else:  # a CLI command
       from tnjax.cli import main
 
@@ -149,7 +151,8 @@ def stage_main(argv: list[str]) -> int:
     # VmHWM is this process's own peak; wait4's ru_maxrss starts from the parent's RSS at fork
     with open("/proc/self/status") as f:
       hwm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
-    pathlib.Path(record).write_text(json.dumps({"device_peak_bytes": peak, "peak_rss_bytes": hwm, "rc": rc}))
+    pathlib.Path(record).write_text(json.dumps({"device_peak_bytes": peak, "peak_rss_bytes": hwm, "rc": rc,
+                                                "extra": extra}))
   return rc
 
 
@@ -169,7 +172,7 @@ def run_stage(name: str, args: list[str], log: pathlib.Path) -> dict:
   return {"stage": name, "rc": proc.returncode, "wall_s": round(wall, 2),
           "peak_rss_gb": round((child.get("peak_rss_bytes") or usage.ru_maxrss * 1024) / 2**30, 3),
           "device_peak_gb": None if child.get("device_peak_bytes") is None else
-          round(child["device_peak_bytes"] / 2**30, 3)}
+          round(child["device_peak_bytes"] / 2**30, 3), **child.get("extra", {})}
 
 
 def environment() -> dict:
@@ -200,7 +203,8 @@ def main() -> None:
   p.add_argument("--eval-tokens", type=int, default=32768)
   p.add_argument("--ratio", default="0.8")
   p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default=None,
-                 help="passed to eval and compress (default: theirs, float32)")
+                 help="passed to load, eval, compress and export (default: theirs, float32)")
+  p.add_argument("--max-shard-size", default="5GB", help="export's largest shard (save_hf's max_shard_size)")
   p.add_argument("--skip", default="", help="comma-separated stages not to run (e.g. load,eval)")
   p.add_argument("--vocab", type=int, default=8192, help="tokenizer size (at most the shape's vocabulary)")
   p.add_argument("--work", help="directory for checkpoints (default a temporary one); reused when it holds them")
@@ -213,6 +217,7 @@ def main() -> None:
     args.shapes, args.methods = "smoke-llama,smoke-qwen2", "svd,svdllm"
     args.train, args.valid = args.train or str(SAMPLE_DIR / "train.txt"), args.valid or str(SAMPLE_DIR / "valid.txt")
     args.vocab, args.eval_tokens, args.calib_mb, args.calib_windows = 400, 2048, 0.1, 4
+    args.max_shard_size = "100KB"  # the toy export in shards too, reloaded by transformers
   if not args.train or not args.valid:
     p.error("--train and --valid are needed (or --smoke)")
   work = pathlib.Path(args.work or tempfile.mkdtemp(prefix="bench_scale-"))
@@ -226,7 +231,7 @@ def main() -> None:
     stages = []
     if not (model / "config.json").exists():
       stages.append(("make", ["make", shape, str(model), str(calib), str(args.vocab)]))
-    stages += [("load", ["load", str(model)]),
+    stages += [("load", ["load", str(model), args.param_dtype or ""]),
                ("eval", ["eval", "--model", str(model), "--text", args.valid, "--max-tokens", str(args.eval_tokens)])]
     dtype = [] if args.param_dtype is None else ["--param-dtype", args.param_dtype]
     stages[-1][1].extend(dtype)
@@ -237,13 +242,14 @@ def main() -> None:
           *dtype]))
     if "svdllm" in args.methods.split(","):
       small, hf = work / f"{shape}-svdllm" / "model", work / f"{shape}-svdllm-hf"
-      stages += [("export", ["export", str(small), str(hf)]), ("hf-reload", ["hf-reload", str(hf)])]
+      stages += [("export", ["export", str(small), str(hf), args.param_dtype or "", args.max_shard_size]),
+                 ("hf-reload", ["hf-reload", str(hf)])]
     for name, stage_args in stages:
       if name in args.skip.split(","):
         continue
       row = run_stage(name, stage_args, log)
       _common.emit({"bench": "scale", "shape": shape, **row, "ratio": args.ratio, "calib_windows": args.calib_windows,
-                    "param_dtype": args.param_dtype,
+                    "param_dtype": args.param_dtype, "max_shard_size": args.max_shard_size,
                     "eval_tokens": args.eval_tokens, **env}, args.out)
       if row["rc"] != 0:
         print(f"bench_scale: stage {name} of {shape} failed (exit {row['rc']}); see {log}", file=sys.stderr)

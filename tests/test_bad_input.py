@@ -420,3 +420,85 @@ def test_a_lock_whose_contents_cannot_be_written_is_not_left_behind(tmp_path, mo
   assert not (tmp_path / LOCK_NAME).exists()
   with dir_lock("compress", tmp_path):  # the directory is usable
     assert (tmp_path / LOCK_NAME).exists()
+
+
+# --- a model too large for the memory: refused from its config before any tensor is read ----------------------------
+
+def _huge_hf_dir(path: pathlib.Path) -> pathlib.Path:
+  """A Llama directory whose config.json claims 4 blocks of width 65536 (1.1 TB in float32) beside one tiny tensor."""
+  from safetensors.numpy import save_file
+
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(json.dumps(dict(
+      model_type="llama", vocab_size=32000, hidden_size=65536, intermediate_size=4 * 65536, num_hidden_layers=4,
+      num_attention_heads=512, num_key_value_heads=512, max_position_embeddings=2048)))
+  save_file({"model.norm.weight": np.ones(4, np.float32)}, str(path / "model.safetensors"))
+  return path
+
+
+def _no_tensor_read(monkeypatch):
+  from tnjax._io import LazyTensor
+
+  monkeypatch.setattr(LazyTensor, "__array__", lambda *a, **k: pytest.fail("a tensor was read before refusing"))
+
+
+def test_a_checkpoint_too_large_for_memory_is_refused_before_any_tensor_is_read(tmp_path, monkeypatch):
+  from tnjax.interop import load_hf
+
+  _no_tensor_read(monkeypatch)
+  d = _huge_hf_dir(tmp_path / "hf")
+  with pytest.raises(ValueError, match=r"load_hf: the parameters need 1\.1 TB but the host has [0-9.]+ [KMGT]?B "
+                                       r"available \(MemAvailable in /proc/meminfo; at most 90% of it may hold "
+                                       r"parameters\); use a machine with more memory or a smaller model \(still "
+                                       r"55\d\.\d GB in bfloat16\)"):
+    load_hf(d)
+  # native: the config of a saved model edited to claim 4 blocks of width 65536 (824 GB in float32)
+  save_model(GPT(preset("tiny", **SMALL_MODEL), rngs=nnx.Rngs(0)), tmp_path / "native")
+  meta = json.loads((tmp_path / "native" / "config.json").read_text())
+  meta["config"].update(n_layer=4, d_model=65536, n_head=512)
+  (tmp_path / "native" / "config.json").write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=r"load_model: the parameters need 82\d\.\d GB but the host has"):
+    load_model(tmp_path / "native")
+
+
+def test_the_memory_check_names_bfloat16_when_it_helps_and_passes_what_fits(tmp_path, monkeypatch):
+  """Against a given amount of memory (host or device): a model that fits within the margin loads; float32
+  parameters that would fit in bfloat16 name that option."""
+  from tests.hf_fixtures import make_hf_llama
+  from tnjax.interop import load_hf, native
+
+  need = 4 * make_hf_llama(tmp_path).num_parameters()  # float32
+  monkeypatch.setattr(native, "available_memory", lambda: [("host", int(need / 0.9) + 1, "a test")])
+  assert load_hf(tmp_path).num_params * 4 == need  # just fits: 90% of what is available
+  for where in ("host", "device NVIDIA H200"):
+    monkeypatch.setattr(native, "available_memory", lambda w=where: [(w, int(need / 0.9) - 1000, "a test")])
+    with pytest.raises(ValueError, match=rf"load_hf: the parameters need [0-9.]+ KB but the {where} has [0-9.]+ KB "
+                                         r"available \(a test; at most 90% of it may hold parameters\); pass "
+                                         r'param_dtype="bfloat16" \(--param-dtype bfloat16\): it stores the float32 '
+                                         r"parameters in half the bytes"):
+      load_hf(tmp_path)
+  assert load_hf(tmp_path, param_dtype="bfloat16").num_params * 4 == need  # which then fits
+
+
+_TOO_LARGE = (r"tnjax eval: load_hf: the parameters need 1\.1 TB but the host has .* available .*; use a machine "
+              r"with more memory or a smaller model \(still 55\d\.\d GB in bfloat16\)\n")
+
+
+def test_cli_refuses_a_checkpoint_too_large_for_memory_with_one_line(tmp_path, monkeypatch, capsys):
+  _no_tensor_read(monkeypatch)
+  d = _huge_hf_dir(tmp_path / "hf")
+  (tmp_path / "t.txt").write_text(TEXT)
+  assert main(["eval", "--model", str(d), "--text", str(tmp_path / "t.txt")]) == 2
+  assert re.fullmatch(_TOO_LARGE, capsys.readouterr().err)
+
+
+@pytest.mark.slow  # a subprocess (the case above runs in process by default)
+def test_cli_refuses_a_checkpoint_too_large_for_memory_in_a_subprocess(tmp_path):
+  d = _huge_hf_dir(tmp_path / "hf")
+  (tmp_path / "t.txt").write_text(TEXT)
+  root = pathlib.Path(__file__).resolve().parents[1]
+  done = subprocess.run([sys.executable, "-m", "tnjax", "eval", "--model", str(d), "--text", str(tmp_path / "t.txt")],
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert re.fullmatch(_TOO_LARGE, done.stderr), done.stderr

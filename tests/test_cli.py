@@ -417,7 +417,9 @@ def test_compress_sweep_failing_mid_way_leaves_out_as_it_was_and_the_retry_runs(
                              r"smaller; a ratio < 1 is expected"),
     (["--ratio", "0.5,1.5"], r"compress: ratio=1.5 but 0 < ratio <= 1"),
     (["--ratio", "0.5,0.5"], r"compress: targets \['ratio=0.5'\] are given twice"),
-], ids=["ratio-1", "out-of-range", "twice"])
+    (["--ratio", "0.5,1e-9"], r"compress: svd cannot meet ratio=1e-09: it keeps at least [0-9.]+ of the compressed "
+                              r"part's weights \(every layer at its smallest\)"),
+], ids=["ratio-1", "out-of-range", "twice", "below-the-least"])
 def test_compress_sweep_refuses_a_target_before_any_work(model_dir, tmp_path, monkeypatch, capsys, targets, match):
   import re
 
@@ -433,7 +435,8 @@ def test_compress_sweep_refuses_a_target_before_any_work(model_dir, tmp_path, mo
 
 
 def test_compress_refuses_a_ratio_it_cannot_meet_naming_the_smallest(model_dir, tmp_path, capsys):
-  """Before: --ratio 1e-9 exited 0 keeping several % of the part (every layer clamped to rank 1)."""
+  """Before: --ratio 1e-9 exited 0 keeping several % of the part (every layer clamped to rank 1). The least is
+  computed from the shapes (test_methods checks it equals a compression at the smallest ratio)."""
   import re
 
   d, _ = model_dir
@@ -444,7 +447,7 @@ def test_compress_refuses_a_ratio_it_cannot_meet_naming_the_smallest(model_dir, 
   found = re.fullmatch(r"tnjax compress: compress: svd cannot meet ratio=1e-09: it keeps at least ([0-9.e-]+) of the "
                        r"compressed part's weights \(every layer at its smallest\); choose ratio >= \1\n", err)
   assert found, err
-  assert not out.exists()  # the first target's model went with the failure
+  assert not out.exists()  # refused before the first target was compressed
   least = float(found.group(1))
   assert 0.01 < least < 0.2
   assert main(argv + [found.group(1)]) == 0  # the smallest ratio named is met (biases aside, as a ratio counts)

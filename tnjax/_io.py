@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pathlib
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -24,13 +26,18 @@ def atomic_write(path, write: Callable[[str], object]) -> pathlib.Path:
     'hi'
   """
   path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp = temporary_name(path)
   try:
     write(str(tmp))
     os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)
   return path
+
+
+def temporary_name(path: pathlib.Path) -> pathlib.Path:
+  """The hidden name ``path`` is written under before it is renamed into place (no loader reads it)."""
+  return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def copy_tree_linked(src, dst) -> None:
@@ -139,38 +146,36 @@ _SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bf
 
 
 def write_safetensors(path, tensors: dict, metadata: dict[str, str] | None = None, dtype=None) -> None:
-  """Writes ``tensors`` (name -> JAX or NumPy array) as a safetensors file, one tensor at a time, each in
-  ``dtype`` (default its own).
+  """Writes ``tensors`` as a safetensors file, one tensor at a time, each in ``dtype`` (default its own).
+
+  A value is a JAX or NumPy array, a `LazyTensor`, or a zero-argument callable that computes the tensor (JAX
+  code: its shape and dtype come from ``jax.eval_shape``, so the header is written before anything is
+  computed). Each value is computed and moved to the host only when its bytes are written, and dropped before
+  the next: the host holds one tensor, not the model.
 
   ``safetensors.numpy.save_file`` serializes every tensor into memory before writing, a second full copy
   of a model (16 GB for an 8B model in bf16); this writes the format's header (its length as 8 little-endian
   bytes, then JSON with each tensor's dtype, shape and byte range, padded to 8 bytes) and then each tensor's
-  bytes in turn, converting only the one it writes. The file reads back with the safetensors library, and
-  has the process's default permissions (``save_file`` makes its files readable by the owner only).
+  bytes in turn. The file reads back with the safetensors library, and has the process's default permissions
+  (``save_file`` makes its files readable by the owner only).
 
   Examples:
     >>> import tempfile, numpy as np
     >>> from safetensors.numpy import load_file
     >>> path = tempfile.mkdtemp() + "/t.safetensors"
-    >>> write_safetensors(path, {"b": np.ones(3, np.float32), "a": np.arange(4, dtype=np.int8).reshape(2, 2)})
+    >>> write_safetensors(path, {"b": np.ones(3, np.float32), "a": lambda: np.arange(4, dtype=np.int8).reshape(2, 2)})
     >>> {k: v.tolist() for k, v in sorted(load_file(path).items())}
     {'a': [[0, 1], [2, 3]], 'b': [1.0, 1.0, 1.0]}
   """
-  import json
-  import math
-
   import numpy as np
 
   names = sorted(tensors)
-  header, offset, dtypes = {}, 0, {}
+  specs = {name: _spec(name, tensors[name], dtype) for name in names}
+  header, offset = {}, 0
   for name in names:
-    value = tensors[name]
-    dtypes[name] = np.dtype(dtype or value.dtype).newbyteorder("<")  # the format is little-endian
-    if dtypes[name].name not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"write_safetensors: tensor {name} has dtype {dtypes[name].name}, which safetensors "
-                       f"cannot store; one of {sorted(_SAFETENSORS_DTYPES)} is expected")
-    size = math.prod(value.shape) * dtypes[name].itemsize
-    header[name] = {"dtype": _SAFETENSORS_DTYPES[dtypes[name].name], "shape": list(value.shape),
+    shape, dt = specs[name]
+    size = math.prod(shape) * dt.itemsize
+    header[name] = {"dtype": _SAFETENSORS_DTYPES[dt.name], "shape": list(shape),
                     "data_offsets": [offset, offset + size]}
     offset += size
   if metadata:
@@ -181,8 +186,136 @@ def write_safetensors(path, tensors: dict, metadata: dict[str, str] | None = Non
     f.write(len(raw).to_bytes(8, "little"))
     f.write(raw)
     for name in names:
-      array = np.ascontiguousarray(np.asarray(tensors[name], dtypes[name]))
+      value = tensors[name]
+      array = np.ascontiguousarray(np.asarray(value() if callable(value) else value, specs[name][1]))
       f.write(array.reshape(-1).view(np.uint8).data)
+      del array  # before the next one is computed
+
+
+def _spec(name: str, value, dtype) -> tuple[tuple[int, ...], object]:
+  """The shape and little-endian NumPy dtype ``value`` is written with (a callable's from ``jax.eval_shape``)."""
+  import numpy as np
+
+  if callable(value):
+    import jax
+
+    value = jax.eval_shape(value)
+  dt = np.dtype(dtype or value.dtype).newbyteorder("<")  # the format is little-endian
+  if dt.name not in _SAFETENSORS_DTYPES:
+    raise ValueError(f"write_safetensors: tensor {name} has dtype {dt.name}, which safetensors cannot store; one "
+                     f"of {sorted(_SAFETENSORS_DTYPES)} is expected")
+  return tuple(value.shape), dt
+
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_SHARD_SIZE = "5GB"  # transformers' default
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def shard_bytes(fn: str, max_shard_size) -> int:
+  """``max_shard_size`` in bytes: a positive int, or a size as ``transformers`` writes it ("5GB" is 5 * 10**9
+  bytes, "500MB", "2GiB" is 2 * 2**30).
+
+  Raises:
+    ValueError: naming ``fn`` for anything else.
+
+  Examples:
+    >>> shard_bytes("save_hf", "5GB"), shard_bytes("save_hf", "1.5KiB"), shard_bytes("save_hf", 100)
+    (5000000000, 1536, 100)
+  """
+  if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool) and max_shard_size > 0:
+    return max_shard_size
+  found = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-z]+)\s*", max_shard_size.lower()) \
+      if isinstance(max_shard_size, str) else None
+  if found and found.group(2) in _UNITS and float(found.group(1)) * _UNITS[found.group(2)] >= 1:
+    return int(float(found.group(1)) * _UNITS[found.group(2)])
+  raise ValueError(f"{fn}: max_shard_size={max_shard_size!r} but a positive number of bytes or a size such as "
+                   "'5GB', '500MB' or '2GiB' is expected")
+
+
+def write_checkpoint(directory, tensors: dict, *, max_shard_size=MAX_SHARD_SIZE, metadata: dict | None = None,
+                     dtype=None, fn: str = "write_checkpoint") -> list[str]:
+  """Writes ``tensors`` (values as `write_safetensors` takes them, in the order shards are filled) into
+  ``directory`` as ``transformers`` does: one ``model.safetensors`` when they fit one shard of
+  ``max_shard_size`` (see `shard_bytes`), else shards ``model-00001-of-0000N.safetensors`` of at most that
+  size (a tensor larger than a shard gets its own) and ``model.safetensors.index.json`` (``metadata.total_size``,
+  the bytes of every tensor, and a ``weight_map`` from each tensor to its shard). Returns the files written.
+
+  No loader ever reads a mix of two saves. One file is renamed over the old one; shards are written under
+  hidden names first (a failure then leaves the old model as it was), the old ``model.safetensors`` and
+  index are removed, the shards renamed into place, and the index written last. Files of an earlier save into
+  ``directory`` that this one does not use (its index or single file, its shards) are removed after that.
+  """
+  directory = pathlib.Path(directory)
+  limit = shard_bytes(fn, max_shard_size)
+  sizes = {}
+  for name, value in tensors.items():
+    shape, dt = _spec(name, value, dtype)
+    sizes[name] = math.prod(shape) * dt.itemsize
+  groups: list[list[str]] = [[]]
+  for name in tensors:
+    if groups[-1] and sum(sizes[k] for k in groups[-1]) + sizes[name] > limit:
+      groups.append([])
+    groups[-1].append(name)
+  if len(groups) == 1:
+    atomic_write(directory / SINGLE_FILE, lambda tmp: write_safetensors(tmp, tensors, metadata, dtype))
+    _remove_stale(directory, [SINGLE_FILE])
+    return [SINGLE_FILE]
+  files = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+  temps = [temporary_name(directory / name) for name in files]
+  try:
+    for tmp, group in zip(temps, groups):
+      write_safetensors(tmp, {k: tensors[k] for k in group}, metadata, dtype)
+    for old in (SINGLE_FILE, INDEX_FILE):  # from here until the index is written no loader accepts the directory
+      (directory / old).unlink(missing_ok=True)
+    for tmp, name in zip(temps, files):
+      os.replace(tmp, directory / name)
+  finally:
+    for tmp in temps:
+      tmp.unlink(missing_ok=True)
+  index = {"metadata": {"total_size": sum(sizes.values())},
+           "weight_map": {k: name for name, group in zip(files, groups) for k in group}}
+  atomic_write_text(directory / INDEX_FILE, json.dumps(index, indent=2))
+  _remove_stale(directory, files + [INDEX_FILE])
+  return files + [INDEX_FILE]
+
+
+def _remove_stale(directory: pathlib.Path, keep: list[str]) -> None:
+  """Removes the model files of an earlier save (single file, index, shards) that are not in ``keep``."""
+  for path in directory.iterdir():
+    if path.name not in keep and (path.name in (SINGLE_FILE, INDEX_FILE) or _SHARD.fullmatch(path.name)):
+      path.unlink(missing_ok=True)
+
+
+def checkpoint_entry(directory) -> pathlib.Path | None:
+  """The file a loader starts from: ``model.safetensors`` if present (as ``transformers`` prefers it), else the
+  shard index, else None."""
+  directory = pathlib.Path(directory)
+  return next((directory / name for name in (SINGLE_FILE, INDEX_FILE) if (directory / name).is_file()), None)
+
+
+def read_checkpoint(fn: str, directory) -> dict[str, LazyTensor] | None:
+  """Every tensor of ``directory``'s ``model.safetensors`` or of the shards its index names, as unread
+  `LazyTensor` objects (see `read_safetensors`); None when it has neither.
+
+  Raises:
+    ValueError: naming ``fn`` and the file, for an index without a ``weight_map`` or a shard that is missing
+      or unreadable.
+  """
+  entry = checkpoint_entry(directory)
+  if entry is None or entry.name == SINGLE_FILE:
+    return None if entry is None else read_safetensors(fn, entry)
+  index = read_json(fn, entry)
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise ValueError(f"{fn}: {entry} has no weight_map object; expected a safetensors index")
+  tensors = {}
+  for shard in sorted(set(weight_map.values())):
+    tensors.update(read_safetensors(fn, entry.parent / shard))
+  return tensors
 
 
 def check_finite(fn: str, name: str, path, value) -> None:

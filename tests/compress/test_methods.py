@@ -347,3 +347,30 @@ def test_a_bf16_model_is_fitted_in_float32_and_keeps_its_dtype_and_heal_refuses_
   with pytest.raises(ValueError, match=r"heal: the model's parameters are \['bfloat16'\] but float32 is "
                                        r"expected to heal"):
     heal(bf16, np.arange(400) % 512, 1)
+
+
+def _slow(*args):
+  return pytest.param(*args, marks=pytest.mark.slow)  # default suite time: the fastest case of three runs by default
+
+
+@pytest.mark.parametrize("name, options", [
+    ("svd", {}), _slow("svd", {"allocation": "importance"}), _slow("svdllm", {}), _slow("mpo", {}),
+    _slow("mpo-data", {}), _slow("modegpt", {"allocation": "importance"}), ("modegpt", {"allocation": "uniform"}),
+    ("tensorgpt", {"form": "mps"}), _slow("tensorgpt", {"form": "lowrank"}), _slow("tensorgpt", {"form": "ttm"}),
+])
+def test_least_weights_from_shapes_equal_a_compression_at_the_smallest_ratio(trained, ids, name, options):
+  """A method's ``least`` (shapes only, no fit) is what it keeps at ratio 1e-12, where every layer is at its
+  smallest (layers with no smaller form kept as they are): the floor a ratio is refused below."""
+  from tnjax.compress.registry import method
+  from tnjax.compress.report import _part_weights, compressed_part
+
+  m = method(name)
+  model = trained
+  if name == "svd":  # one layer already at rank 1: nothing smaller, so it stays as it is
+    model = svd_compress(trained, rank=1, layers=["h.0.mlp.c_fc"])
+  names = compressed_part(model, name)
+  calib = ids if m.calibration == "required" or options.get("allocation") == "importance" else None
+  small = compress(model, name, ratio=1e-12, calib=calib, if_larger="keep", **options)
+  allocation = options.pop("allocation", "uniform")
+  assert m.least(model, names, allocation=allocation, **options) == _part_weights(small, names)
+  assert _part_weights(small, names) < _part_weights(model, names)

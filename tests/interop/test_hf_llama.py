@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from tests.hf_fixtures import hf_logits, make_hf_llama
+from tnjax._io import read_checkpoint
 from tnjax.interop import load_any, load_hf, load_model, save_hf, save_model
 from tnjax.models import Llama, generate, preset
 
@@ -69,6 +70,35 @@ def test_sharded_checkpoint_loads(tmp_path):
   assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
   ids = _ids()
   np.testing.assert_allclose(load_any(tmp_path / "sharded")(jnp.asarray(ids)), hf_logits(hf, ids), atol=1e-4)
+
+
+def test_compressed_model_saves_sharded_and_transformers_reloads_it(tmp_path):
+  """save_hf above max_shard_size: transformers' layout (shards and index), read back by transformers and load_hf
+  with the compressed model's logits; a later save into the same directory leaves none of the old shards."""
+  from transformers import AutoModelForCausalLM
+
+  from tnjax.compress import svd_compress
+
+  make_hf_llama(tmp_path / "in")
+  small = svd_compress(load_hf(tmp_path / "in"), ratio=0.5)
+  save_hf(small, tmp_path / "out", max_shard_size="30KB")
+  files = sorted(p.name for p in (tmp_path / "out").iterdir())
+  shards = [f for f in files if f.startswith("model-")]
+  assert len(shards) >= 3 and files == ["config.json", *shards, "model.safetensors.index.json"], files
+  index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+  assert set(index["weight_map"].values()) == set(shards)
+  stored = read_checkpoint("test", tmp_path / "out")
+  assert index["metadata"]["total_size"] == sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in stored.values())
+  assert set(index["weight_map"]) == set(stored)
+  assert len(stored) == 1 + 2 * (2 + 7) + 2  # embedding, 2 blocks (2 norms, 7 projections), final norm, head
+  again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+  ids = _ids()
+  np.testing.assert_allclose(hf_logits(again, ids), small(jnp.asarray(ids)), atol=1e-4)
+  np.testing.assert_allclose(load_hf(tmp_path / "out")(jnp.asarray(ids)), small(jnp.asarray(ids)), atol=1e-4)
+  save_hf(small, tmp_path / "out", max_shard_size="60KB")
+  assert len(list((tmp_path / "out").glob("model-*"))) < len(shards)
+  assert all(f.name.endswith(f"-of-{len(list((tmp_path / 'out').glob('model-*'))):05d}.safetensors")
+             for f in (tmp_path / "out").glob("model-*"))
 
 
 @pytest.mark.slow  # default suite time
@@ -215,3 +245,48 @@ def test_lazy_loading_of_a_sharded_bf16_checkpoint_stays_near_its_size(tmp_path)
 
   rss = json.loads(out.stdout.strip().splitlines()[-1])
   assert rss["peak"] - rss["before"] < 1.5 * size, (rss, size)
+
+
+_SAVE_RSS_SCRIPT = """
+import json, math, tempfile
+import jax
+from flax import nnx
+from tnjax.interop import save_hf, save_model
+from tnjax.models import Llama, preset
+
+def status(key):
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+model = Llama(preset("llama-tiny", vocab_size=8000, d_model=512, d_ff=1536, n_layer=12, n_head=8, n_kv_head=4,
+                     block_size=64), rngs=nnx.Rngs(0))
+leaves = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+jax.block_until_ready(leaves)
+out = {"size": sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)}
+for name, save in (("hf", save_hf), ("native", save_model)):
+  with open("/proc/self/clear_refs", "w") as f:  # VmHWM back to the RSS now: what follows is the save's own peak
+    f.write("5")
+  before = status("VmRSS")
+  path = save(model, tempfile.mkdtemp(), max_shard_size="50MB")
+  out[name] = status("VmHWM") - before
+  out[name + "_shards"] = len(list(path.glob("model-*-of-*.safetensors")))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # a 170 MB model in a subprocess
+def test_saving_streams_one_tensor_at_a_time(tmp_path):
+  """save_hf and save_model of a 170 MB float32 model grow the process by well under its size (each dense tensor
+  is computed, written and dropped before the next; save_hf held every one, +157 MB, before)."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  root = pathlib.Path(__file__).resolve().parents[2]
+  out = subprocess.run([sys.executable, "-c", _SAVE_RSS_SCRIPT], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  rss = json.loads(out.stdout.strip().splitlines()[-1])
+  assert rss["hf_shards"] == rss["native_shards"] == 4, rss  # 170 MB in shards of at most 50 MB
+  assert rss["hf"] < 0.25 * rss["size"] and rss["native"] < 0.25 * rss["size"], rss

@@ -47,6 +47,7 @@ from tnjax.compress.targets import (
     check_choice,
     largest_rank,
     layer_budgets,
+    least_fraction,
     rank_within,
 )
 from tnjax.core import _checks, fused
@@ -201,6 +202,37 @@ def _balanced(w, vt, rank: int) -> tuple[np.ndarray, np.ndarray]:
   return (a / root[None, :]).astype(dtype), (b * root[:, None]).astype(dtype)
 
 
+def _lowrank_cap(shape, stored: int, budget: float) -> int | None:
+  """The rank an (m, n) layer storing ``stored`` weights gets from ``budget``; None when no rank is smaller."""
+  m, n = shape
+  r = rank_within(budget, m + n)
+  return None if r >= min(m, n) or r * (m + n) >= stored else r
+
+
+def _smallest(model: Decoder, names, allocation: str, params_at_least) -> int:
+  """The weights of layers ``names`` at their smallest under ``allocation``: ``params_at_least(name, shape,
+  stored, budget)`` at the least budget a layer gets (`least_fraction`), None where no form within it is smaller
+  than the layer, which then stays as it is."""
+  total = 0
+  for name in names:
+    stored = _model.weights(_model.get_layer(model, name))
+    block, projection = parse_layer_key(name)
+    least = params_at_least(name, model.config.projection_shape(projection, block), stored,
+                            least_fraction(allocation, name) * stored)
+    total += stored if least is None else least
+  return total
+
+
+def lowrank_least(model: Decoder, names, allocation: str = "uniform") -> int:
+  """The weights `svd_compress` and `svdllm_compress` keep at their smallest (rank 1 in every layer that is
+  then smaller, or the rank of the least budget of ``allocation``), from the shapes alone."""
+  def least(name, shape, stored, budget):
+    r = _lowrank_cap(shape, stored, budget)
+    return None if r is None else r * sum(shape)
+
+  return _smallest(model, names, allocation, least)
+
+
 def _lowrank_job(fn: str, target: Target, names, data: bool) -> _Job:
   """Low-rank fits from one SVD per layer (of ``W``, or of the whitened ``S^T W``), cached: an allocation's
   spectrum and the fit at any rank read the same factorization. The rank-r optimum in either metric is
@@ -216,9 +248,7 @@ def _lowrank_job(fn: str, target: Target, names, data: bool) -> _Job:
     return sum(w.shape)
 
   def cap(name, layer, w, budget):
-    m, n = w.shape
-    r = rank_within(budget, m + n)
-    return None if r >= min(m, n) or r * (m + n) >= _model.weights(layer) else r
+    return _lowrank_cap(w.shape, _model.weights(layer), budget)
 
   def spectrum(name, w, g):
     return factor(name, w, g)[0]
@@ -381,22 +411,10 @@ def mpo_compress(model: Decoder, *, rank: int | None = None, ratio: float | None
 
   @functools.cache
   def dims(name):
-    m, n = dense_kernel(_model.get_layer(model, name)).shape
-    if layout == "fused":
-      try:
-        return fused.fused_dims(m, n)
-      except ValueError as err:
-        raise ValueError(f"{fn}: layer {name} is {m} x {n}: {err}") from None
-    return factorize(m, num_cores), factorize(n, num_cores)
+    return _mpo_dims(fn, name, dense_kernel(_model.get_layer(model, name)).shape, layout, num_cores)
 
   def cap(name, layer, w, budget):
-    in_dims, out_dims = dims(name)
-    full = max(_checks.full_ranks([i * o for i, o in zip(in_dims, out_dims)]) or (1,))
-    if layout == "fused":
-      full = min(full, fused.MAX_RANK)
-    params_at = functools.partial(_ttm_params, in_dims, out_dims)
-    c = largest_rank(params_at, budget, full)
-    return None if params_at(c) >= _model.weights(layer) else c
+    return _mpo_cap(*dims(name), layout, _model.weights(layer), budget)
 
   def spectrum(name, w, g):
     return whitened_spectrum(w, g if fit == "data" else None)
@@ -423,6 +441,39 @@ def mpo_compress(model: Decoder, *, rank: int | None = None, ratio: float | None
   return _run(job, model, calib=calib, allocation=allocation, sequential=sequential, if_larger=if_larger)
 
 
+def _mpo_dims(fn: str, name: str, shape, layout: str, num_cores: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """The (in_dims, out_dims) of layer ``name`` of ``shape`` as an MPO of ``layout``."""
+  m, n = shape
+  if layout == "fused":
+    try:
+      return fused.fused_dims(m, n)
+    except ValueError as err:
+      raise ValueError(f"{fn}: layer {name} is {m} x {n}: {err}") from None
+  return factorize(m, num_cores), factorize(n, num_cores)
+
+
+def _mpo_cap(in_dims, out_dims, layout: str, stored: int, budget: float) -> int | None:
+  """The largest bond dimension within ``budget``; None when even that is not smaller than ``stored``."""
+  full = max(_checks.full_ranks([i * o for i, o in zip(in_dims, out_dims)]) or (1,))
+  if layout == "fused":
+    full = min(full, fused.MAX_RANK)
+  params_at = functools.partial(_ttm_params, in_dims, out_dims)
+  c = largest_rank(params_at, budget, full)
+  return None if params_at(c) >= stored else c
+
+
+def mpo_least(model: Decoder, names, allocation: str = "uniform", *, layout: str = "balanced",
+              num_cores: int = 3) -> int:
+  """The weights `mpo_compress` keeps at its smallest (bond dimension 1 in every layer that is then smaller, or
+  the one of the least budget of ``allocation``), from the shapes alone."""
+  def least(name, shape, stored, budget):
+    in_dims, out_dims = _mpo_dims("mpo_compress", name, shape, layout, num_cores)
+    c = _mpo_cap(in_dims, out_dims, layout, stored, budget)
+    return None if c is None else _ttm_params(in_dims, out_dims, c)
+
+  return _smallest(model, names, allocation, least)
+
+
 def _output_error(tt, w, gram) -> float:
   """``tr((W - W_tt)^T G (W - W_tt))``: the squared output error of a TT-matrix fit on the calibration inputs."""
   d = w - to_dense(tt)[: w.shape[0], : w.shape[1]].astype(w.dtype)
@@ -432,6 +483,26 @@ def _output_error(tt, w, gram) -> float:
 def _mps_params(dims, rank: int) -> int:
   r = (1,) + tuple(min(rank, f) for f in _checks.full_ranks(dims)) + (1,)
   return sum(r[k] * dims[k] * r[k + 1] for k in range(len(dims)))
+
+
+def _embedding_params(form: str, v: int, d: int, vocab_dims, feature_dims):
+  """(parameters at rank r, full rank) of a (v, d) embedding table in ``form``."""
+  if form == "mps":
+    return lambda r: v * _mps_params(feature_dims, r), max(_checks.full_ranks(feature_dims) or (1,))
+  if form == "lowrank":
+    return lambda r: r * (v + d), min(v, d)
+  full = max(_checks.full_ranks([a * b for a, b in zip(vocab_dims, feature_dims)]) or (1,))
+  return lambda r: _ttm_params(vocab_dims, feature_dims, r), full
+
+
+def embedding_least(model: Decoder, *, form: str = "mps", feature_dims=None, num_cores: int = 3) -> int:
+  """The parameters `tensorgpt_embedding` keeps at its smallest (rank 1, or the embedding as it is when that is
+  not smaller), from the shapes alone."""
+  stored = _model.count_params(model.wte)
+  v, d = model.config.vocab_size, model.config.d_model
+  feature_dims = factorize(d, num_cores) if feature_dims is None else tuple(feature_dims)
+  params_at, _ = _embedding_params(form, v, d, factorize(v, len(feature_dims)), feature_dims)
+  return min(params_at(1), stored)
 
 
 def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float | None = None,
@@ -508,15 +579,7 @@ def tensorgpt_embedding(model: Decoder, *, rank: int | None = None, ratio: float
   cap = target.value if target.key == "rank" else None
   rtol = target.value if target.key == "rtol" else None
   if target.key == "ratio":
-    if form == "mps":
-      params_at = lambda r: v * _mps_params(feature_dims, r)  # noqa: E731
-      full = max(_checks.full_ranks(feature_dims) or (1,))
-    elif form == "lowrank":
-      params_at = lambda r: r * (v + d)  # noqa: E731
-      full = min(v, d)
-    else:
-      params_at = lambda r: _ttm_params(vocab_dims, feature_dims, r)  # noqa: E731
-      full = max(_checks.full_ranks([a * b for a, b in zip(vocab_dims, feature_dims)]) or (1,))
+    params_at, full = _embedding_params(form, v, d, vocab_dims, feature_dims)
     cap = largest_rank(params_at, target.value * stored, full)
   if form == "mps":
     wte = MPSEmbedding.from_dense(table, rank=cap, rtol=rtol, feature_dims=feature_dims)

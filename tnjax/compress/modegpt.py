@@ -27,6 +27,7 @@ tokens): important blocks keep more.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ from flax import nnx
 
 from tnjax.compress import _model
 from tnjax.compress.calibration import as_batches
-from tnjax.compress.targets import Target, allocate, check_choice
+from tnjax.compress.targets import Target, allocate, check_choice, least_fraction
 from tnjax.core import _checks
 from tnjax.models.config import LayerSpec
 from tnjax.models.decoder import Decoder
@@ -298,6 +299,33 @@ def _kept(n: int, rho: float, multiple_of: int) -> int:
   return min(n, max(multiple_of, multiple_of * round(rho * n / multiple_of)))
 
 
+def _kept_widths(cfg, i: int, rho: float, multiple_of: int) -> tuple[int, int, int]:
+  """(d_ff, qk_dim, v_dim) block ``i`` keeps at ``rho``. Rotary models keep whole pairs (column j and j + qk/2
+  share one frequency): their query/key widths count pairs."""
+  ff, qk, vd = cfg.block_dims(i)
+  k_qk = 2 * _kept(qk // 2, rho, multiple_of) if hasattr(cfg, "rope_pairs") else _kept(qk, rho, multiple_of)
+  return _kept(ff, rho, multiple_of), k_qk, _kept(vd, rho, multiple_of)
+
+
+def least_weights(model: Decoder, *, allocation: str = "importance", multiple_of: int = 1) -> int:
+  """The projection weights `modegpt_compress` keeps at its smallest, from the shapes alone: every block at the
+  least fraction the allocation gives one (`least_fraction`: a block keeps 5% of its widths under "importance",
+  ``multiple_of`` columns under "uniform"), or as it is where that would not narrow it.
+
+  Examples:
+    >>> from flax import nnx
+    >>> from tnjax.models import GPT, preset
+    >>> least_weights(GPT(preset("tiny"), rngs=nnx.Rngs(0)), allocation="uniform")  # 1 neuron, 1 column per head
+    4608
+  """
+  cfg = model.config
+  total = 0
+  for i in range(cfg.n_layer):
+    widths = _kept_widths(cfg, i, least_fraction(allocation, layer_key(i, cfg.PROJECTIONS[0])), multiple_of)
+    total += sum(math.prod(s) for s in cfg.block_shapes(i, widths if widths != cfg.block_dims(i) else None).values())
+  return total
+
+
 def _narrow_block(cfg, i: int, parts: dict, st: dict, rho: float, ridge: float, refit_ridge: float,
                   multiple_of: int):
   """One block's matrices narrowed to about ``rho`` of its widths, and its new ``dims`` (None, None when nothing
@@ -306,9 +334,7 @@ def _narrow_block(cfg, i: int, parts: dict, st: dict, rho: float, ridge: float, 
   group = h // kv
   ff, qk, vd = cfg.block_dims(i)
   rotary = hasattr(cfg, "rope_pairs")
-  # Rotary models keep whole pairs (column j and j + qk/2 share one frequency): widths count pairs.
-  k_ff, k_qk, k_v = _kept(ff, rho, multiple_of), 2 * _kept(qk // 2, rho, multiple_of) if rotary else \
-      _kept(qk, rho, multiple_of), _kept(vd, rho, multiple_of)
+  k_ff, k_qk, k_v = _kept_widths(cfg, i, rho, multiple_of)
   if (k_ff, k_qk, k_v) == (ff, qk, vd):
     return None, None
   out = {}

@@ -9,7 +9,16 @@ import dataclasses
 from collections.abc import Callable
 
 from tnjax.compress import _model
-from tnjax.compress.methods import mpo_compress, svd_compress, svdllm_compress, tensorgpt_embedding
+from tnjax.compress.methods import (
+    embedding_least,
+    lowrank_least,
+    mpo_compress,
+    mpo_least,
+    svd_compress,
+    svdllm_compress,
+    tensorgpt_embedding,
+)
+from tnjax.compress.modegpt import least_weights as modegpt_least_weights
 from tnjax.compress.modegpt import modegpt_compress
 from tnjax.compress.targets import ALLOCATIONS, TARGETS, Target, check_choice
 from tnjax.models.decoder import Decoder
@@ -29,6 +38,8 @@ class Method:
     allocations: the allocations of a ratio it takes.
     sequential: whether it can calibrate block by block on the compressed blocks.
     options: other keyword options ``compress`` passes through.
+    least: ``least(model, names, *, allocation, **options)``: the weights of the layers ``names`` at the
+      method's smallest (rank 1 everywhere, or its least widths), from the shapes alone (nothing is fitted).
   """
 
   name: str
@@ -40,6 +51,7 @@ class Method:
   allocations: tuple[str, ...] = ALLOCATIONS
   sequential: bool = False
   options: tuple[str, ...] = ()
+  least: Callable = None
 
 
 REGISTRY: dict[str, Method] = {}
@@ -81,23 +93,41 @@ def _modegpt(model, target, *, calib, layers, allocation, sequential, if_larger,
   return modegpt_compress(model, calib, ratio=target.value, allocation=allocation, **options)
 
 
+def _lowrank_least(model, names, *, allocation, **options):
+  return lowrank_least(model, names, allocation)
+
+
+def _mpo_least(model, names, *, allocation, layout="balanced", **options):
+  return mpo_least(model, names, allocation, layout=layout)
+
+
+def _modegpt_least(model, names, *, allocation, **options):
+  return modegpt_least_weights(model, allocation=allocation)
+
+
+def _tensorgpt_least(model, names, *, allocation, form="mps", **options):
+  return embedding_least(model, form=form)
+
+
 def _tensorgpt(model, target, *, calib, layers, allocation, sequential, if_larger, form="mps", head="tied"):
   return tensorgpt_embedding(model, **{target.key: target.value}, form=form, head=head, calib=calib,
                              if_larger=if_larger)
 
 
-register(Method("svd", _svd, "truncated SVD of each weight matrix (the baseline)", calibration="optional"))
+register(Method("svd", _svd, "truncated SVD of each weight matrix (the baseline)", calibration="optional",
+                least=_lowrank_least))
 register(Method("svdllm", _svdllm, "SVD-LLM: SVD in each layer's input metric (output error)",
-                calibration="required", sequential=True))
+                calibration="required", sequential=True, least=_lowrank_least))
 register(Method("mpo", _mpo("weights"), "CompactifAI: TT-SVD of each weight matrix into an MPO",
-                calibration="optional", options=("layout",)))
+                calibration="optional", options=("layout",), least=_mpo_least))
 register(Method("mpo-data", _mpo("data"), "MPO fitted to each layer's outputs (Kronecker-factored input metric)",
-                calibration="required", sequential=True))
+                calibration="required", sequential=True, least=_mpo_least))
 register(Method("modegpt", _modegpt, "MoDeGPT: Nystrom (MLP), CR (Q/K), whitened SVD (V/O) per block",
                 targets=("ratio",), calibration="required", allocations=("importance", "uniform"),
-                options=("refit_ridge",)))
+                options=("refit_ridge",), least=_modegpt_least))
 register(Method("tensorgpt", _tensorgpt, "TensorGPT: the embedding as an MPS per row (or one TT-matrix, or U V)",
-                part="embedding", calibration="optional", allocations=("uniform",), options=("form", "head")))
+                part="embedding", calibration="optional", allocations=("uniform",), options=("form", "head"),
+                least=_tensorgpt_least))
 METHODS = tuple(REGISTRY)
 
 

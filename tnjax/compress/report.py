@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from tnjax._io import atomic_write, atomic_write_text, dir_lock
+from tnjax._io import INDEX_FILE, SINGLE_FILE, atomic_write, atomic_write_text, dir_lock
 from tnjax.compress import _model
 from tnjax.compress.methods import quantize_int8
 from tnjax.compress.registry import compress, method
@@ -141,7 +141,8 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
   text holds without overlap (rounded up to whole device calls of ``CALIB_TOKENS_PER_CALL`` tokens).
 
   A sweep fails whole or not at all. Every target is checked before any work (its key and value for the
-  method, a ratio of 1, a target given twice), and so are the windows, the calibration text and ``layers``.
+  method, a ratio of 1, a target given twice, a ratio more than ``RATIO_SLACK`` below the least fraction the
+  method keeps, computed from the layers' shapes), and so are the windows, the calibration text and ``layers``.
   A failure after that (a target the method refuses only when it gets to it, an error, Ctrl-C) removes what
   this run wrote to ``out_dir``: the models, reports and plot it created, and ``out_dir`` itself when the run
   created it. So ``out_dir`` is left as it was and the same call can be retried. What was there before is
@@ -158,8 +159,9 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
       range, given twice, or a ratio of 1 (it keeps the whole part; allowed with ``if_larger="allow"``);
       when a target does not make the compressed part smaller (a rank at or above full
       rank, modegpt on TT-matrix layers); for a ratio the method cannot meet (below the fraction it keeps
-      with every layer at its smallest; the message names that fraction), measured when the result keeps
-      more than ``1 + RATIO_SLACK`` times the ratio; and the methods' own errors.
+      with every layer at its smallest, computed from the shapes; the message names that fraction), before any
+      work when the least is more than ``1 + RATIO_SLACK`` times the ratio, else when the result keeps more
+      than that; and the methods' own errors.
   """
   from tnjax.core import _checks
   from tnjax.data import eval_batches
@@ -186,6 +188,13 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
   if heal_steps:
     check_healable(fn, model)  # before any work: a bf16-stored model cannot heal
   names = compressed_part(model, m.name, layers)
+  # the least fraction the method keeps (every layer at its smallest), from the shapes: a ratio it is sure to miss
+  # by more than RATIO_SLACK is refused before any work
+  ratios = [target["ratio"] for target in targets if "ratio" in target]
+  least = m.least(model, names, allocation=allocation, **options) / _part_weights(model, names) if ratios else None
+  for value in ratios:
+    if (1 + RATIO_SLACK) * value < least:
+      _check_least(fn, m.name, value, least)
   evaluate = (lambda m: None) if valid_ids is None else (
       lambda m: perplexity(m, valid_ids, block_size=block_size)["perplexity"])
   with _claim(fn, out, targets, overwrite):
@@ -212,7 +221,6 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
       return compress(model, m.name, calib=calib, layers=layers, allocation=allocation, sequential=sequential,
                       if_larger=if_larger, **options, **target)
 
-    least = None  # the smallest fraction of the part's weights the method keeps, measured when a ratio is missed
     for target in targets:
       start = time.perf_counter()
       small = compressed(**target)
@@ -226,12 +234,7 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
                          f"{info['part_params_before']:,} parameters but fewer are expected (a rank at or above full "
                          "rank, or layers already smaller than the method's output); choose a smaller target")
       if key == "ratio" and _weights_kept(model, small, names) > (1 + RATIO_SLACK) * value:
-        if least is None:  # every layer at its smallest (rank 1, or the method's least): one more compression
-          least = _weights_kept(model, compressed(ratio=1e-12), names)
-        if value < least:
-          shown = _round_up(least)
-          raise ValueError(f"{fn}: {m.name} cannot meet ratio={value}: it keeps at least {shown} of the compressed "
-                           f"part's weights (every layer at its smallest); choose ratio >= {shown}")
+        _check_least(fn, m.name, value, least)
       start = time.perf_counter()
       if heal_steps:
         small = heal(small, calib_ids, heal_steps, lr=heal_lr, block_size=calib_block)
@@ -260,12 +263,22 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
 RATIO_SLACK = 0.05  # a ratio missed by more than this (relative) is checked against the smallest one the method meets
 
 
-def _weights_kept(before: Decoder, after: Decoder, names: list[str]) -> float:
-  """The fraction of the layers' weights (biases excluded, as a ratio counts them) that ``after`` keeps."""
-  def weights(model):
-    return sum(_model.weights(_model.get_layer(model, name)) for name in names)
+def _check_least(fn: str, method_name: str, ratio: float, least: float) -> None:
+  """Refuses a ratio below ``least``, the fraction of the part's weights the method keeps at its smallest."""
+  if ratio < least:
+    shown = _round_up(least)
+    raise ValueError(f"{fn}: {method_name} cannot meet ratio={ratio}: it keeps at least {shown} of the compressed "
+                     f"part's weights (every layer at its smallest); choose ratio >= {shown}")
 
-  return weights(after) / weights(before)
+
+def _part_weights(model: Decoder, names: list[str]) -> int:
+  """The weights of the layers ``names`` (biases excluded, as a ratio counts them)."""
+  return sum(_model.weights(_model.get_layer(model, name)) for name in names)
+
+
+def _weights_kept(before: Decoder, after: Decoder, names: list[str]) -> float:
+  """The fraction of the layers' weights that ``after`` keeps."""
+  return _part_weights(after, names) / _part_weights(before, names)
 
 
 def _round_up(x: float, digits: int = 3) -> float:
@@ -311,7 +324,7 @@ def _claim(fn: str, out: pathlib.Path, targets: list[dict], overwrite: bool):
   try:
     with dir_lock(fn, out):
       if not overwrite:
-        found = [name for name in written + ["config.json", "model.safetensors"] if (out / name).exists()]
+        found = [name for name in written + ["config.json", SINGLE_FILE, INDEX_FILE] if (out / name).exists()]
         if found:
           raise ValueError(f"{fn}: out_dir {out} already holds {found}; choose a new directory or pass --overwrite "
                            "(overwrite=True) to replace them")

@@ -97,7 +97,10 @@ def check_choice(fn: str, name: str, value, choices) -> str:
   return value
 
 
-def allocate(importance, ratio: float, *, temperature: float = 1.0, max_cut: float = 0.95) -> list[float]:
+MAX_CUT = 0.95  # the largest fraction of a block `allocate` removes
+
+
+def allocate(importance, ratio: float, *, temperature: float = 1.0, max_cut: float = MAX_CUT) -> list[float]:
   """MoDeGPT's per-block kept fractions averaging ``ratio``: cut_l proportional to softmax(-importance_l / eps).
 
   ``eps = temperature * mean(importance)``; no block loses more than ``max_cut``
@@ -208,6 +211,18 @@ def layer_budgets(fn: str, target: Target, allocation: str, stored: dict[str, in
             for name, n in stored.items()}
   ranks = loss_ranks({name: spectra(name) for name in stored}, unit, stored, target.value * sum(stored.values()))
   return {name: ranks[name] * unit[name] for name in stored}
+
+
+def least_fraction(allocation: str, name: str) -> float:
+  """The smallest fraction of its stored weights layer ``name`` is budgeted under ``allocation``, whatever the
+  ratio: ``1 - MAX_CUT`` for a block's layer under "importance" (`allocate` cuts no block by more), else 0 (a
+  layer then gets the method's smallest form, rank 1).
+
+  Examples:
+    >>> round(least_fraction("importance", "h.0.mlp.c_fc"), 2), least_fraction("uniform", "h.0.mlp.c_fc")
+    (0.05, 0.0)
+  """
+  return 1 - MAX_CUT if allocation == "importance" and parse_layer_key(name)[0] is not None else 0.0
 
 
 def largest_rank(params_at, budget: float, hi: int) -> int:

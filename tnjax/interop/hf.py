@@ -14,8 +14,9 @@ checkpoints look like lives in one mapping module per family (named by its
   stripped, buffers and a tied head dropped);
 * ``targets(model)``: ``{name: (variable, layout)}`` for a dense model, layout "" (as stored), "T" (stored
   transposed, (out, in)) or "rows" (an embedding table that tnjax pads with rows);
-* ``hf_tensors(model)``: ``{checkpoint name: array}`` of any model (tensorized layers written dense,
-  narrowed blocks zero-padded to full width).
+* ``hf_tensors(model)``: ``{checkpoint name: function}`` of any model, each a zero-argument JAX function
+  computing one tensor (tensorized layers written dense, narrowed blocks zero-padded to full width), in the
+  order shards are filled: `save_hf` computes, writes and drops them one at a time.
 
 Loading reads tensors with ``safetensors.numpy`` (no PyTorch needed).
 ``pytorch_model.bin`` is read only through ``torch.load(weights_only=True)``,
@@ -33,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tnjax._io import atomic_write, atomic_write_text, read_json, read_safetensors, write_safetensors
-from tnjax.interop.native import check_param_dtype, compute_dtype, with_concrete_state
+from tnjax._io import MAX_SHARD_SIZE, atomic_write_text, read_checkpoint, read_json, write_checkpoint
+from tnjax.interop.native import check_fits, check_param_dtype, compute_dtype, with_concrete_state
 from tnjax.models.decoder import Decoder
 from tnjax.models.family import FAMILIES, build, family
 
@@ -57,18 +58,10 @@ def mapping_for(fn: str, model_type, allowed: tuple[str, ...] | None = None) -> 
 def read_tensors(fn: str, path: pathlib.Path) -> dict:
   """Every tensor of a Hugging Face directory: one safetensors file or shards (as unread
   `tnjax._io.LazyTensor` objects), or ``pytorch_model.bin`` (read whole, as NumPy arrays)."""
-  single, index, binary = path / "model.safetensors", path / "model.safetensors.index.json", \
-      path / "pytorch_model.bin"
-  if single.exists():
-    return read_safetensors(fn, single)
-  if index.exists():
-    weight_map = read_json(fn, index).get("weight_map")
-    if not isinstance(weight_map, dict):
-      raise ValueError(f"{fn}: {index} has no weight_map object; expected a safetensors index")
-    tensors = {}
-    for shard in sorted(set(weight_map.values())):
-      tensors.update(read_safetensors(fn, path / shard))
+  tensors = read_checkpoint(fn, path)
+  if tensors is not None:
     return tensors
+  binary = path / "pytorch_model.bin"
   if binary.exists():
     try:
       import torch
@@ -114,7 +107,8 @@ def load_hf(path, *, dtype: str | None = None, param_dtype: str | None = None, f
 
   Raises:
     ValueError: missing files, an unsupported ``model_type`` or config option
-      (named), missing, unexpected or wrongly shaped tensors (named), all
+      (named), missing, unexpected or wrongly shaped tensors (named), parameters that would not fit in
+      memory (`tnjax.interop.native.check_fits`: the size from config.json, the option that helps), all
       before any weight is read; an unknown ``param_dtype``; a tensor with NaN or infinite values.
 
   Tensors are read one at a time into a model that was never initialized (no random init, no second copy).
@@ -142,9 +136,11 @@ def load_hf(path, *, dtype: str | None = None, param_dtype: str | None = None, f
   except (KeyError, TypeError, AttributeError) as e:
     raise ValueError(f"{fn}: {path / 'config.json'} is not a {hf.get('model_type')} config "
                      f"({type(e).__name__}: {e})") from e
-  tensors = mapping.checkpoint_tensors(read_tensors(fn, path), cfg)
   model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))  # no parameter allocated or initialized yet
   targets = mapping.targets(model)
+  # from the config alone, before any file is opened (pytorch_model.bin is read whole)
+  check_fits(fn, [(variable.shape, param_dtype or variable.dtype) for variable, _ in targets.values()])
+  tensors = mapping.checkpoint_tensors(read_tensors(fn, path), cfg)
   missing = sorted(set(targets) - set(tensors))
   unexpected = sorted(set(tensors) - set(targets))
   if missing or unexpected:
@@ -155,25 +151,36 @@ def load_hf(path, *, dtype: str | None = None, param_dtype: str | None = None, f
   return with_concrete_state(model)
 
 
-def save_hf(model: Decoder, path) -> pathlib.Path:
+def save_hf(model: Decoder, path, *, max_shard_size: int | str = MAX_SHARD_SIZE) -> pathlib.Path:
   """Writes ``model`` as a Hugging Face directory that ``transformers`` loads (``GPT2LMHeadModel``,
-  ``LlamaForCausalLM`` or ``Qwen2ForCausalLM``).
+  ``LlamaForCausalLM`` or ``Qwen2ForCausalLM``), its parameters in float32.
 
   Tensorized projections and embeddings are written as their dense
   reconstruction (Hugging Face has no TT layers), int8 weights dequantized,
   and blocks narrowed by MoDeGPT zero-padded to full width (same function);
   use [`save_model`][tnjax.interop.save_model] to keep the compact form.
 
+  Each dense tensor is computed, moved to the host, written and dropped before the next, so saving takes
+  about one tensor of memory beside the model (a compressed 8B model is never held dense). A model larger
+  than ``max_shard_size`` is written as shards with an index, as ``transformers`` writes it (see
+  `tnjax._io.write_checkpoint`); a smaller one as one ``model.safetensors``. Files of an earlier save into
+  ``path`` are replaced, never mixed with this one's.
+
+  Args:
+    model: any model of a family with a Hugging Face mapping.
+    path: the directory (created if needed).
+    max_shard_size: the largest shard, in bytes or as "5GB", "500MB", "2GiB" (default "5GB", as
+      ``transformers``).
+
   Raises:
-    ValueError: for a configuration the Hugging Face class cannot express (named).
+    ValueError: for a configuration the Hugging Face class cannot express (named), or a bad ``max_shard_size``.
   """
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   mapping = mapping_of(model)
   config = mapping.hf_config(model.config)
-  tensors = mapping.hf_tensors(model)  # converted to float32 one at a time as the file is written
-  atomic_write(path / "model.safetensors",
-               lambda tmp: write_safetensors(tmp, tensors, metadata={"format": "pt"}, dtype=np.float32))
+  write_checkpoint(path, mapping.hf_tensors(model), max_shard_size=max_shard_size, metadata={"format": "pt"},
+                   dtype=np.float32, fn="save_hf")
   atomic_write_text(path / "config.json", json.dumps(config, indent=2))
   return path
 

@@ -6,7 +6,11 @@ The interface every mapping module provides is described in `tnjax.interop.hf`;
 
 from __future__ import annotations
 
-import numpy as np
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from tnjax.models.config import GPTConfig
@@ -104,55 +108,67 @@ def hf_config(cfg: GPTConfig) -> dict:
   }
 
 
-def _pad_axis(x, axis: int, groups: int, width: int):
-  """Zero-pads each of ``groups`` equal chunks of ``axis`` to ``width`` entries."""
-  x = np.asarray(x)
+def _pad_axis(x, axis: int, groups: int, width: int) -> jax.Array:
+  """Zero-pads each of ``groups`` equal chunks of ``axis`` to ``width`` entries (``x`` itself when they are)."""
+  if x.shape[axis] == groups * width:
+    return x
   shape = x.shape[:axis] + (groups, x.shape[axis] // groups) + x.shape[axis + 1:]
   pad = [(0, 0)] * len(shape)
   pad[axis + 1] = (0, width - shape[axis + 1])
-  out = np.pad(x.reshape(shape), pad)
-  return out.reshape(x.shape[:axis] + (groups * width,) + x.shape[axis + 1:])
+  return jnp.pad(x.reshape(shape), pad).reshape(x.shape[:axis] + (groups * width,) + x.shape[axis + 1:])
 
 
-def _full_width(cfg: GPTConfig, index: int, block) -> dict:
-  """(kernel, bias) of a block's projections at GPT-2's widths.
+def _full_width(cfg: GPTConfig, index: int, name: str, x, axis: int) -> jax.Array:
+  """A kernel (``axis`` 0: its input side, 1: its output side) or bias (``axis`` 0, output side) of projection
+  ``name`` in block ``index``, at GPT-2's widths.
 
   Blocks narrowed by MoDeGPT (``cfg.dims``) are zero-padded back: zero query
   and key columns leave q.k unchanged, zero value columns and MLP neurons
   (gelu(0) = 0) meet zero rows of the output projections, so the padded
   model computes the same function.
   """
-  qk = cfg.block_dims(index)[1]
   h, hd = cfg.n_head, cfg.head_dim
-  attn_w, attn_b = np.asarray(dense_kernel(block.attn.c_attn)), np.asarray(block.attn.c_attn.bias[...])
-  splits = [h * qk, 2 * h * qk]
-  attn_w = np.concatenate([_pad_axis(w, 1, h, hd) for w in np.split(attn_w, splits, axis=1)], axis=1)
-  attn_b = np.concatenate([_pad_axis(b, 0, h, hd) for b in np.split(attn_b, splits)])
-  return {
-      "attn.c_attn": (attn_w, attn_b),
-      "attn.c_proj": (_pad_axis(dense_kernel(block.attn.c_proj), 0, h, hd), block.attn.c_proj.bias[...]),
-      "mlp.c_fc": (_pad_axis(dense_kernel(block.mlp.c_fc), 1, 1, cfg.ff_dim),
-                   _pad_axis(block.mlp.c_fc.bias[...], 0, 1, cfg.ff_dim)),
-      "mlp.c_proj": (_pad_axis(dense_kernel(block.mlp.c_proj), 0, 1, cfg.ff_dim), block.mlp.c_proj.bias[...]),
-  }
+  out_side = axis == x.ndim - 1
+  if name == "attn.c_attn" and out_side:
+    _, qk, v = cfg.block_dims(index)
+    if qk == v == hd:
+      return x
+    parts = jnp.split(x, [h * qk, 2 * h * qk], axis=axis)
+    return jnp.concatenate([_pad_axis(part, axis, h, hd) for part in parts], axis=axis)
+  if name == "mlp.c_fc" and out_side:
+    return _pad_axis(x, axis, 1, cfg.ff_dim)
+  if name == "attn.c_proj" and not out_side:
+    return _pad_axis(x, axis, h, hd)
+  if name == "mlp.c_proj" and not out_side:
+    return _pad_axis(x, axis, 1, cfg.ff_dim)
+  return x  # an output projection's output side (its bias), already full width
 
 
-def hf_tensors(model: GPT) -> dict:
-  """Checkpoint tensors of any GPT: dense reconstructions, narrowed blocks padded back to full width."""
+def _full_kernel(cfg: GPTConfig, index: int, layer, name: str) -> jax.Array:
+  w = dense_kernel(layer)
+  return _full_width(cfg, index, name, _full_width(cfg, index, name, w, 1), 0)
+
+
+def hf_tensors(model: GPT) -> dict[str, Callable[[], jax.Array]]:
+  """Checkpoint tensors of any GPT, each as a zero-argument function that computes it (dense reconstructions,
+  narrowed blocks padded back to full width): a writer computes one at a time."""
   cfg = model.config
-  tensors = {"transformer.wte.weight": model.embedding_table,
-             "transformer.wpe.weight": model.wpe.embedding[...],
-             # muP's output multiplier scales only the head's input: fold it into the final norm
-             "transformer.ln_f.weight": model.ln_f.scale[...] * cfg.output_multiplier,
-             "transformer.ln_f.bias": model.ln_f.bias[...] * cfg.output_multiplier}
+  value = lambda variable: variable.get_value  # noqa: E731
+  # muP's output multiplier scales only the head's input: fold it into the final norm
+  tensors = {"transformer.wte.weight": lambda: model.embedding_table,
+             "transformer.wpe.weight": value(model.wpe.embedding),
+             "transformer.ln_f.weight": lambda: model.ln_f.scale[...] * cfg.output_multiplier,
+             "transformer.ln_f.bias": lambda: model.ln_f.bias[...] * cfg.output_multiplier}
   for i, block in enumerate(model.h):
     p = f"transformer.h.{i}."
     for name, ln in (("ln_1", block.ln_1), ("ln_2", block.ln_2)):
-      tensors[p + name + ".weight"], tensors[p + name + ".bias"] = ln.scale[...], ln.bias[...]
-    for name, (kernel, bias) in _full_width(cfg, i, block).items():
-      tensors[p + name + ".weight"], tensors[p + name + ".bias"] = kernel, bias
+      tensors[p + name + ".weight"], tensors[p + name + ".bias"] = value(ln.scale), value(ln.bias)
+    for name in cfg.PROJECTIONS:
+      layer = model.layer(f"h.{i}.{name}")
+      tensors[p + name + ".weight"] = functools.partial(_full_kernel, cfg, i, layer, name)
+      tensors[p + name + ".bias"] = lambda i=i, layer=layer, name=name: _full_width(cfg, i, name, layer.bias[...], 0)
   if model.lm_head is not None:
-    tensors["lm_head.weight"] = dense_kernel(model.lm_head).T
+    tensors["lm_head.weight"] = lambda: dense_kernel(model.lm_head).T
   return tensors
 
 

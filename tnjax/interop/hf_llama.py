@@ -9,6 +9,11 @@ transposed on the way in and out. Rotary settings come from
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -143,18 +148,20 @@ def targets(model: Llama) -> dict[str, tuple[nnx.Variable, str]]:
   return out
 
 
-def _scatter(x, axis: int, groups: int, width: int, keep) -> np.ndarray:
-  """Places each of ``groups`` equal chunks of ``axis`` at columns ``keep`` of a zero chunk of ``width``."""
-  x = np.asarray(x)
-  x = np.moveaxis(x, axis, -1)
+def _scatter(x, axis: int, groups: int, width: int, keep) -> jax.Array:
+  """Places each of ``groups`` equal chunks of ``axis`` at columns ``keep`` of a zero chunk of ``width`` (``x``
+  itself when every column is kept)."""
+  if len(keep) == width:  # kept columns are sorted and distinct: all of them, in place
+    return x
+  x = jnp.moveaxis(x, axis, -1)
   chunks = x.reshape(x.shape[:-1] + (groups, -1))
-  out = np.zeros(chunks.shape[:-1] + (width,), x.dtype)
-  out[..., np.asarray(keep)] = chunks
-  return np.moveaxis(out.reshape(x.shape[:-1] + (groups * width,)), -1, axis)
+  out = jnp.zeros(chunks.shape[:-1] + (width,), x.dtype).at[..., np.asarray(keep)].set(chunks)
+  return jnp.moveaxis(out.reshape(x.shape[:-1] + (groups * width,)), -1, axis)
 
 
-def _full_width(cfg: LlamaConfig, index: int, block) -> dict:
-  """(kernel, bias or None) of a block's projections at full widths.
+def _widening(cfg: LlamaConfig, index: int, name: str) -> tuple[int, int, int, np.ndarray]:
+  """How projection ``name`` of block ``index`` goes back to full width: (kernel axis, groups, width, columns
+  kept in each group).
 
   Blocks narrowed by MoDeGPT are zero-padded back: the kept rotary pairs go
   back to their frequencies' columns (zero pairs add nothing to q.k), zero
@@ -163,40 +170,38 @@ def _full_width(cfg: LlamaConfig, index: int, block) -> dict:
   """
   f, _, v = cfg.block_dims(index)
   hd, half = cfg.head_dim, cfg.head_dim // 2
-  pairs = np.asarray(cfg.rope_pairs(index))
-  qk_cols = np.concatenate([pairs, pairs + half])
-  heads = {"attn.q_proj": cfg.n_head, "attn.k_proj": cfg.kv_heads}
-  out = {}
-  for name in cfg.PROJECTIONS:
-    layer = block.attn if name.startswith("attn.") else block.mlp
-    layer = getattr(layer, name.split(".")[1])
-    w, b = np.asarray(dense_kernel(layer)), None if layer.bias is None else np.asarray(layer.bias[...])
-    if name in heads:
-      w, b = _scatter(w, 1, heads[name], hd, qk_cols), None if b is None else _scatter(b, 0, heads[name], hd, qk_cols)
-    elif name == "attn.v_proj":
-      keep = np.arange(v)
-      w, b = _scatter(w, 1, cfg.kv_heads, hd, keep), None if b is None else _scatter(b, 0, cfg.kv_heads, hd, keep)
-    elif name == "attn.o_proj":
-      w = _scatter(w, 0, cfg.n_head, hd, np.arange(v))
-    elif name in ("mlp.gate_proj", "mlp.up_proj"):
-      w = _scatter(w, 1, 1, cfg.ff_dim, np.arange(f))
-    elif name == "mlp.down_proj":
-      w = _scatter(w, 0, 1, cfg.ff_dim, np.arange(f))
-    out[name] = (w, b)
-  return out
+  if name in ("attn.q_proj", "attn.k_proj"):
+    pairs = np.asarray(cfg.rope_pairs(index))
+    return 1, cfg.n_head if name == "attn.q_proj" else cfg.kv_heads, hd, np.concatenate([pairs, pairs + half])
+  if name in ("attn.v_proj", "attn.o_proj"):
+    return (1, cfg.kv_heads, hd, np.arange(v)) if name == "attn.v_proj" else (0, cfg.n_head, hd, np.arange(v))
+  return (0 if name == "mlp.down_proj" else 1), 1, cfg.ff_dim, np.arange(f)
 
 
-def hf_tensors(model: Llama) -> dict:
-  """Checkpoint tensors of any Llama-style model: dense reconstructions, narrowed blocks padded to full width."""
+def _full_kernel(cfg: LlamaConfig, index: int, layer, name: str) -> jax.Array:
+  """A projection's kernel as Hugging Face stores it: dense, at full width, (out, in)."""
+  return _scatter(dense_kernel(layer), *_widening(cfg, index, name)).T
+
+
+def _full_bias(cfg: LlamaConfig, index: int, layer, name: str) -> jax.Array:
+  axis, groups, width, keep = _widening(cfg, index, name)
+  return _scatter(layer.bias[...], 0, groups, width, keep) if axis == 1 else layer.bias[...]
+
+
+def hf_tensors(model: Llama) -> dict[str, Callable[[], jax.Array]]:
+  """Checkpoint tensors of any Llama-style model, each as a zero-argument function that computes it (dense
+  reconstructions, narrowed blocks padded to full width): a writer computes one at a time."""
   cfg = model.config
-  tensors = {"model.embed_tokens.weight": model.embedding_table, "model.norm.weight": model.ln_f.scale[...]}
+  value = lambda variable: variable.get_value  # noqa: E731
+  tensors = {"model.embed_tokens.weight": lambda: model.embedding_table, "model.norm.weight": value(model.ln_f.scale)}
   for i, block in enumerate(model.h):
     p = f"model.layers.{i}."
-    tensors.update({p + hf + ".weight": getattr(block, ours).scale[...] for ours, hf in _NORMS.items()})
-    for ours, (w, b) in _full_width(cfg, i, block).items():
-      tensors[p + _PROJECTIONS[ours] + ".weight"] = w.T
-      if b is not None:
-        tensors[p + _PROJECTIONS[ours] + ".bias"] = b
+    tensors.update({p + hf + ".weight": value(getattr(block, ours).scale) for ours, hf in _NORMS.items()})
+    for ours, hf in _PROJECTIONS.items():
+      layer = model.layer(f"h.{i}.{ours}")
+      tensors[p + hf + ".weight"] = functools.partial(_full_kernel, cfg, i, layer, ours)
+      if layer.bias is not None:
+        tensors[p + hf + ".bias"] = functools.partial(_full_bias, cfg, i, layer, ours)
   if model.lm_head is not None:
-    tensors["lm_head.weight"] = dense_kernel(model.lm_head).T
+    tensors["lm_head.weight"] = lambda: dense_kernel(model.lm_head).T
   return tensors

@@ -8,14 +8,25 @@ per layer) load back exactly.
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import tnjax
-from tnjax._io import atomic_write, atomic_write_text, read_json, read_safetensors, write_safetensors
+from tnjax._io import (
+    INDEX_FILE,
+    MAX_SHARD_SIZE,
+    SINGLE_FILE,
+    atomic_write_text,
+    checkpoint_entry,
+    read_checkpoint,
+    read_json,
+    write_checkpoint,
+)
 from tnjax.models.decoder import Decoder
 from tnjax.models.family import FAMILIES, build, config_from_dict
 from tnjax.nn import TTParam
@@ -27,9 +38,21 @@ def _key(path) -> str:
   return ".".join(str(p) for p in path)
 
 
-def save_model(model: Decoder, path) -> pathlib.Path:
-  """Writes ``config.json`` (format marker, tnjax version, model family, config) and ``model.safetensors`` (all
-  parameters).
+def save_model(model: Decoder, path, *, max_shard_size: int | str = MAX_SHARD_SIZE) -> pathlib.Path:
+  """Writes ``config.json`` (format marker, tnjax version, model family, config) and the parameters: one
+  ``model.safetensors``, or above ``max_shard_size`` shards with an index as `tnjax.interop.save_hf` writes
+  them.
+
+  Each parameter goes to the host only as it is written. Files of an earlier save into ``path`` are replaced,
+  never mixed with this one's (see `tnjax._io.write_checkpoint`).
+
+  Args:
+    model: any tnjax model.
+    path: the directory (created if needed).
+    max_shard_size: the largest shard, in bytes or as "5GB", "500MB", "2GiB" (default "5GB").
+
+  Raises:
+    ValueError: for a bad ``max_shard_size``.
 
   Examples:
     >>> import tempfile
@@ -42,9 +65,7 @@ def save_model(model: Decoder, path) -> pathlib.Path:
   """
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  tensors = model_tensors(model)  # device arrays: each goes to the host only as it is written
-  # Each file is renamed into place, so overwriting a model never leaves a half-written one.
-  atomic_write(path / "model.safetensors", lambda tmp: write_safetensors(tmp, tensors))
+  write_checkpoint(path, model_tensors(model), max_shard_size=max_shard_size, fn="save_model")
   meta = {"format": FORMAT, "tnjax_version": tnjax.__version__, "family": model.config.FAMILY,
           "config": model.config.to_dict()}
   atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
@@ -64,19 +85,23 @@ def is_native(path) -> bool:
 
 
 def load_model(path, *, param_dtype: str | None = None) -> Decoder:
-  """Loads a directory written by `save_model`; ``param_dtype`` as in `tnjax.interop.load_hf` (floating
-  parameters are cast to it; int8 weights stay int8).
+  """Loads a directory written by `save_model` (one file or shards, each tensor read as it is placed);
+  ``param_dtype`` as in `tnjax.interop.load_hf` (floating parameters are cast to it; int8 weights stay int8).
 
   Raises:
     ValueError: missing files, a directory of another format, or parameters
-      missing, unexpected or (other than TT cores) of the wrong shape, by name; an unknown ``param_dtype``.
+      missing, unexpected or (other than TT cores) of the wrong shape, by name; an unknown ``param_dtype``;
+      parameters that would not fit in memory (`check_fits`), before any tensor is read.
   """
   fn = "load_model"
   path = pathlib.Path(path)
   check_param_dtype(fn, param_dtype)
-  for name in ("config.json", "model.safetensors"):
-    if not (path / name).exists():
-      raise ValueError(f"{fn}: {path / name} does not exist; expected a directory written by save_model")
+  if not (path / "config.json").exists():
+    raise ValueError(f"{fn}: {path / 'config.json'} does not exist; expected a directory written by save_model")
+  entry = checkpoint_entry(path)
+  if entry is None:
+    raise ValueError(f"{fn}: {path / SINGLE_FILE} does not exist (nor {INDEX_FILE}); expected a directory written "
+                     "by save_model")
   meta = read_json(fn, path / "config.json")
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     got = meta.get("format") if isinstance(meta, dict) else meta
@@ -88,12 +113,12 @@ def load_model(path, *, param_dtype: str | None = None) -> Decoder:
     cfg = config_from_dict(meta["config"], name)
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{fn}: {path / 'config.json'} has no valid {kind} config ({type(e).__name__}: {e})") from e
-  tensors = read_safetensors(fn, path / "model.safetensors")  # each read as it is placed
+  tensors = read_checkpoint(fn, path)  # headers only: each tensor is read as it is placed
   try:
     return model_from_tensors(cfg.replace(dtype=compute_dtype(cfg.dtype, param_dtype)), tensors, fn=fn,
-                              param_dtype=param_dtype)
+                              param_dtype=param_dtype, check_memory=True)
   except ValueError as e:
-    raise ValueError(f"{e} (in {path / 'model.safetensors'})") from e
+    raise ValueError(f"{e} (in {entry})") from e
 
 
 def model_tensors(module: nnx.Module) -> dict[str, jax.Array]:
@@ -101,32 +126,49 @@ def model_tensors(module: nnx.Module) -> dict[str, jax.Array]:
   return {_key(p): v[...] for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
-def model_from_tensors(cfg, tensors: dict, *, fn: str = "model_from_tensors", param_dtype: str | None = None
-                       ) -> Decoder:
+def model_from_tensors(cfg, tensors: dict, *, fn: str = "model_from_tensors", param_dtype: str | None = None,
+                       check_memory: bool = False) -> Decoder:
   """A model of config ``cfg`` (any family) holding ``tensors`` (names as `model_tensors` gives them).
 
   Every tensor's shape is checked against the model the config builds, TT cores included when the layer's
   spec records its per-bond ``ranks`` (what compression writes). Files written before specs recorded ranks
   keep loading: the cores of such layers take their shapes from the file.
 
+  With ``check_memory`` (loading a file), the model is first refused by `check_fits` when its parameters
+  would not fit (shapes and dtypes from the config and the tensors' headers; nothing is read).
+
   Raises:
-    ValueError: parameters missing, unexpected or of the wrong shape, by name.
+    ValueError: parameters missing, unexpected or of the wrong shape, by name; with ``check_memory``, a model
+      too large for the memory available.
   """
   model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   flat = nnx.to_flat_state(params)
+
+  def exact(p, variable):  # whether the config sets the shape (TT cores of specs without ranks take the file's)
+    return not isinstance(variable, TTParam) or cfg.spec_of(_layer_name(p)).ranks is not None
+
+  if check_memory:
+    check_fits(fn, [(variable.shape, variable.dtype) if _key(p) not in tensors else
+                    (variable.shape if exact(p, variable) else tensors[_key(p)].shape,
+                     _placed_dtype(tensors[_key(p)].dtype, param_dtype) or tensors[_key(p)].dtype)
+                   for p, variable in flat])
   names = {_key(p) for p, _ in flat}
   missing, unexpected = sorted(names - set(tensors)), sorted(set(tensors) - names)
   if missing or unexpected:
     raise ValueError(f"{fn}: parameters missing {missing[:8]}, unexpected {unexpected[:8]}")
   for p, variable in flat:
     value = tensors[_key(p)]
-    exact = not isinstance(variable, TTParam) or cfg.spec_of(_layer_name(p)).ranks is not None
-    if exact and tuple(value.shape) != tuple(variable.shape):
+    if exact(p, variable) and tuple(value.shape) != tuple(variable.shape):
       raise ValueError(f"{fn}: parameter {_key(p)} has shape {value.shape} but {tuple(variable.shape)} is expected")
-    floating = jnp.issubdtype(value.dtype, jnp.floating)
-    variable.set_value(jnp.asarray(value, param_dtype if param_dtype and floating else None))
+    variable.set_value(jnp.asarray(value, _placed_dtype(value.dtype, param_dtype)))
   return with_concrete_state(nnx.merge(graphdef, nnx.from_flat_state(flat), rest))
+
+
+def _placed_dtype(stored, param_dtype):
+  """The dtype a stored tensor is converted to: ``param_dtype`` for a floating one when given, else None (its
+  own)."""
+  return param_dtype if param_dtype and jnp.issubdtype(stored, jnp.floating) else None
 
 
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
@@ -135,6 +177,66 @@ PARAM_DTYPES = ("float32", "bfloat16", "float16")
 def check_param_dtype(fn: str, param_dtype) -> None:
   if param_dtype is not None and param_dtype not in PARAM_DTYPES:
     raise ValueError(f"{fn}: param_dtype={param_dtype!r} but one of {PARAM_DTYPES} is expected")
+
+
+MEMORY_MARGIN = 0.1  # of the memory available, kept for the runtime, the tensor being read and the first activations
+
+
+def available_memory() -> list[tuple[str, int, str]]:
+  """Where a loaded model's parameters go, as (what, bytes available, where that number comes from): the host's
+  ``MemAvailable`` (``/proc/meminfo``; skipped on other OSes) when JAX's default device is the CPU, and the
+  device's ``bytes_limit`` less its ``bytes_in_use`` when it reports them (``memory_stats()``: GPUs). A GPU
+  host is not counted: the parameters are read one tensor at a time into device memory."""
+  device = jax.devices()[0]
+  out = []
+  meminfo = pathlib.Path("/proc/meminfo")
+  if device.platform == "cpu" and meminfo.is_file():
+    for line in meminfo.read_text().splitlines():
+      if line.startswith("MemAvailable:"):
+        out.append(("host", int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"))
+  stats = device.memory_stats() or {}
+  if "bytes_limit" in stats:
+    out.append((f"device {device.device_kind}", stats["bytes_limit"] - stats.get("bytes_in_use", 0),
+                "its memory_stats bytes_limit less bytes_in_use"))
+  return out
+
+
+def _size(n: float) -> str:
+  """Bytes as people read them (decimal units).
+
+  Examples:
+    >>> _size(3.2e9), _size(27.5e12), _size(512)
+    ('3.2 GB', '27.5 TB', '512 B')
+  """
+  unit = next((u for u, k in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)) if n >= k), "B")
+  return f"{n:.0f} B" if unit == "B" else f"{n / dict(TB=1e12, GB=1e9, MB=1e6, KB=1e3)[unit]:.1f} {unit}"
+
+
+def check_fits(fn: str, params) -> None:
+  """Refuses, before any tensor is read, a model whose parameters (``params``: (shape, dtype) pairs as they will
+  be placed) take more than ``1 - MEMORY_MARGIN`` of the memory `available_memory` reports; the message names
+  the size, what is available and, for float32 parameters that would fit in bfloat16, that option.
+
+  Raises:
+    ValueError: naming ``fn``, the bytes needed, the memory and the bytes available.
+  """
+  need, float32 = 0, 0
+  for shape, dtype in params:
+    n = math.prod(shape) * np.dtype(dtype).itemsize
+    need += n
+    float32 += n if np.dtype(dtype) == np.float32 else 0
+  for where, available, source in available_memory():
+    usable = (1 - MEMORY_MARGIN) * available
+    if need <= usable:
+      continue
+    if float32 and need - float32 / 2 <= usable:
+      hint = (f'pass param_dtype="bfloat16" (--param-dtype bfloat16): it stores the float32 parameters in half '
+              f"the bytes ({_size(need - float32 / 2)} in all)")
+    else:
+      bf16 = f" (still {_size(need - float32 / 2)} in bfloat16)" if float32 else ""
+      hint = f"use a machine with more memory or a smaller model{bf16}"
+    raise ValueError(f"{fn}: the parameters need {_size(need)} but the {where} has {_size(available)} available "
+                     f"({source}; at most {1 - MEMORY_MARGIN:.0%} of it may hold parameters); {hint}")
 
 
 def compute_dtype(dtype, param_dtype):

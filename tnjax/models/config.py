@@ -234,9 +234,19 @@ class DecoderConfig:
     """
     if name == "lm_head":
       return self.d_model, self.vocab_size
-    return self._block_shapes(layer)[name]
+    return self.block_shapes(layer)[name]
 
-  def _block_shapes(self, layer: int) -> dict[str, tuple[int, int]]:
+  def block_shapes(self, layer: int, widths: tuple[int, int, int] | None = None) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every projection of block ``layer``, at its widths or at ``widths``
+    (d_ff, qk_dim, v_dim as `block_dims` gives them).
+
+    Examples:
+      >>> GPTConfig().block_shapes(0, (1024, 32, 64))["attn.c_attn"]
+      (768, 1536)
+    """
+    return self._block_shapes(*(widths or self.block_dims(layer)))
+
+  def _block_shapes(self, f: int, qk: int, v: int) -> dict[str, tuple[int, int]]:
     raise NotImplementedError
 
   def _check_fit(self, key: str, spec: LayerSpec) -> None:
@@ -383,9 +393,8 @@ class GPTConfig(DecoderConfig):
     d_ff = None if self.d_ff is None else self.d_ff * d_model // self.d_model
     return self.replace(d_model=d_model, n_head=d_model // self.head_dim, d_ff=d_ff)
 
-  def _block_shapes(self, layer: int) -> dict[str, tuple[int, int]]:
+  def _block_shapes(self, f: int, qk: int, v: int) -> dict[str, tuple[int, int]]:
     d = self.d_model
-    f, qk, v = self.block_dims(layer)
     return {"attn.c_attn": (d, self.n_head * (2 * qk + v)), "attn.c_proj": (self.n_head * v, d),
             "mlp.c_fc": (d, f), "mlp.c_proj": (f, d)}
 

@@ -146,9 +146,8 @@ class LlamaConfig(DecoderConfig):
       raise ValueError(f"LlamaConfig: dims[{key!r}]['rope_pairs']={value!r} but sorted distinct indices in "
                        f"[0, {half}) are expected")
 
-  def _block_shapes(self, layer: int) -> dict[str, tuple[int, int]]:
+  def _block_shapes(self, f: int, qk: int, v: int) -> dict[str, tuple[int, int]]:
     d, h, kv = self.d_model, self.n_head, self.kv_heads
-    f, qk, v = self.block_dims(layer)
     return {"attn.q_proj": (d, h * qk), "attn.k_proj": (d, kv * qk), "attn.v_proj": (d, kv * v),
             "attn.o_proj": (h * v, d), "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d)}
 
