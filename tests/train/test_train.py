@@ -64,6 +64,8 @@ def test_overrides_and_toml(tmp_path):
     (["steps=0"], r"TrainConfig: steps=0 but a positive integer"),
     (["batch_size=10", "grad_accum=3"], r"TrainConfig: batch_size=10 but it must be divisible by grad_accum=3"),
     (["dtype=float16"], r"TrainConfig: dtype='float16' but 'float32' or 'bfloat16'"),
+    (["prefetch=-1"], r"TrainConfig: prefetch=-1 but prefetch >= 0 is expected \(0: no prefetching\)"),
+    (["prefetch=1.5"], r"TrainConfig: prefetch=1.5 \(float\) but int is expected"),
 ])
 def test_config_errors(overrides, match):
   with pytest.raises(ValueError, match=match):
@@ -95,8 +97,9 @@ def test_few_steps_lower_the_loss_and_write_outputs(tmp_path):
 
 @pytest.mark.slow  # default suite time; .ci/run runs it
 def test_resume_refusals_a_moved_run_and_a_corrupt_checkpoint(tmp_path, monkeypatch, capsys):
-  """One short run, then: refusals; a moved run that resumes with more steps (said on stderr), logs each step once,
-  starts its progress bar after the compiling step and warns of no deprecation; and a corrupt checkpoint."""
+  """One short run, then: refusals; a moved run (its config saved without prefetch, resumed with another) that
+  resumes with more steps (said on stderr), logs each step once, starts its progress bar after the compiling step
+  and warns of no deprecation; and a corrupt checkpoint."""
   import shutil
   import warnings
 
@@ -115,13 +118,16 @@ def test_resume_refusals_a_moved_run_and_a_corrupt_checkpoint(tmp_path, monkeypa
     f.write(json.dumps({"step": 5, "loss": 9.0}) + "\n" + json.dumps({"step": 6, "loss": 9.0}) + "\n")
   moved = tmp_path / "elsewhere" / "moved"
   shutil.move(str(out), str(moved))
+  saved = json.loads((moved / "train_config.json").read_text())
+  del saved["prefetch"]  # as saved before the field existed; the resume below also changes it, which is allowed
+  (moved / "train_config.json").write_text(json.dumps(saved))
   bars = []
   real = tqdm.tqdm
   monkeypatch.setattr(tqdm, "tqdm", lambda *a, **k: bars.append(k) or real(*a, **k))
   capsys.readouterr()
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    train(_cfg(moved, "steps=6", "checkpoint_every=2", "eval_every=4"), resume=True, progress=False)
+    train(_cfg(moved, "steps=6", "checkpoint_every=2", "eval_every=4", "prefetch=0"), resume=True, progress=False)
   err = capsys.readouterr().err
   assert "resuming at step 4 with steps=6 (the saved run had steps=4)" in err and "schedule" in err
   steps = [m["step"] for m in map(json.loads, (moved / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
