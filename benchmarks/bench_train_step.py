@@ -1,19 +1,35 @@
 """Training throughput: tokens/s of one jitted AdamW step, a plain-JAX GPT-2 reference vs tnjax's dense,
-TT-matrix, Block-TT (BTT) and low-rank GPT-2s.
+TT-matrix, Block-TT (BTT) and low-rank GPT-2s, and ``tnjax train`` itself against a pipelined plain-JAX step.
 
 tnjax variants use tnjax.train.Trainer (the same step ``tnjax train`` runs);
 the reference is GPT-2 written directly in JAX below (float32 parameters,
 bfloat16 compute, tied embedding, the same optax AdamW, clipping and
 schedule), at the true vocabulary (50257) and padded to 50304. Random
-tokens, so no corpus is needed. Ratios are within one run: "vs dense" against
-tnjax's dense model, "vs plain" against the plain-JAX step at the same
-(padded) vocabulary.
+tokens, so no corpus is needed. These variants draw each batch on the host
+and wait for every step (the median step is reported).
+
+Two more measure the whole loop:
+
+* "plain-resident": the plain-JAX step (padded vocabulary) with every batch
+  already on the device, steps dispatched back to back and one wait at the
+  end: the fastest a step can go, the input pipeline's ceiling;
+* "train-dense": ``tnjax.train.train`` itself, end to end (token cache,
+  prefetch thread, logging, the tokens/s it reports: the median over its log
+  intervals after the first), on a word-level tokenizer of the vocabulary's
+  size and random text, tnjax dense at the padded vocabulary.
+
+Ratios are within one run: "vs dense" against tnjax's dense model (per-step
+waits), "vs plain" against the plain-JAX step at the same (padded)
+vocabulary, and for "train-dense" against "plain-resident".
 
 Run: python benchmarks/bench_train_step.py [--smoke] [--attention cudnn] [--variants a,b] [--out results.jsonl]
 """
 
 import argparse
 import math
+import pathlib
+import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +37,7 @@ import numpy as np
 import optax
 
 from tnjax.core.fused import fused_dims
-from tnjax.train import TrainConfig, Trainer
+from tnjax.train import TrainConfig, Trainer, train
 
 from _common import emit, environment, time_steps
 
@@ -49,7 +65,7 @@ def variants(d: int) -> dict:
   """name -> (vocab_multiple, layers) of the tnjax variants, built on demand (fused layouts need
   d_model % 256 == 0); the "plain-*" entries are the reference steps."""
   return {
-      "plain-50257": None, "plain-padded": None,
+      "plain-50257": None, "plain-padded": None, "plain-resident": None, "train-dense": None,
       "dense-50257": lambda: (1, {}), "dense": lambda: (128, {}),
       "btt-all-r1": lambda: (128, _kind("btt", 1, ALL)), "btt-all-r2": lambda: (128, _kind("btt", 2, ALL)),
       "btt-all-r4": lambda: (128, _kind("btt", 4, ALL)), "btt-all-r8": lambda: (128, _kind("btt", 8, ALL)),
@@ -124,12 +140,54 @@ class PlainStep:
 
     self._step = jax.jit(step, donate_argnums=(0, 1))
 
-  def step(self, step: int, tokens):
+  def step(self, step: int, tokens, batch=None):
+    """One step on ``batch`` (x, y on the device), or on the batch of ``step`` drawn from ``tokens`` now."""
     from tnjax.data import train_batch
 
-    x, y = train_batch(tokens, step, self.cfg.batch_size, self.cfg.block_size, self.cfg.seed)
-    self.params, self.opt_state, loss = self._step(self.params, self.opt_state, jnp.asarray(x), jnp.asarray(y))
+    if batch is None:
+      batch = map(jnp.asarray, train_batch(tokens, step, self.cfg.batch_size, self.cfg.block_size, self.cfg.seed))
+    self.params, self.opt_state, loss = self._step(self.params, self.opt_state, *batch)
     return loss
+
+  def resident_seconds(self, tokens, steps: int, warmup: int = 2) -> float:
+    """Seconds per step with every batch already on the device and ``steps`` steps dispatched back to back, one
+    wait at the end (after ``warmup`` steps that compile)."""
+    for s in range(warmup):
+      jax.block_until_ready(self.step(s, tokens))
+    from tnjax.data import train_batch
+
+    batches = [jax.device_put(train_batch(tokens, s, self.cfg.batch_size, self.cfg.block_size, self.cfg.seed))
+               for s in range(warmup, warmup + steps)]
+    jax.block_until_ready(batches)
+    start = time.perf_counter()
+    for s, batch in enumerate(batches, warmup):
+      loss = self.step(s, tokens, batch)
+    jax.block_until_ready((loss, self.params))
+    return (time.perf_counter() - start) / steps
+
+
+def train_seconds(cfg: TrainConfig, vocab: int, steps: int, attention) -> tuple[float, int]:
+  """Seconds per step of ``tnjax.train.train`` (the tokens/s its report gives) and the model's parameters: a
+  dense run of ``4 * steps`` steps logged every ``steps`` (the first interval compiles; the median of the other
+  three counts), on random text over a word-level tokenizer of ``vocab`` words."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = pathlib.Path(tmp)
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, **{f"w{i}": i for i in range(1, vocab)}}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    words = max(1_000_000 if cfg.block_size > 256 else 50_000, 4 * cfg.block_size)
+    for name, n in (("train", words), ("valid", 4 * cfg.block_size)):
+      (tmp / f"{name}.txt").write_text(" ".join(f"w{i}" for i in rng.integers(1, vocab, n)) + "\n")
+    run = TrainConfig(**{**cfg.to_dict(), "steps": 4 * steps, "log_every": steps, "eval_every": 4 * steps,
+                         "checkpoint_every": 4 * steps, "eval_batches": 1, "keep": 1, "layers": {},
+                         "tokenizer": str(tmp / "tokenizer.json"), "train_files": [str(tmp / "train.txt")],
+                         "valid_files": [str(tmp / "valid.txt")], "out_dir": str(tmp / "run"),
+                         "model_overrides": {"attention_impl": attention, "vocab_multiple": 128}})
+    report = train(run, progress=False)
+  return cfg.batch_size * cfg.block_size / report["tokens_per_s"], report["parameters"]
 
 
 def main():
@@ -143,7 +201,7 @@ def main():
   env = environment()
   if args.smoke:
     model, batch, block, dtype, vocab, d, n_layer, n_head = "tiny", 4, 64, "float32", 500, 128, 2, 4
-    names = ["plain-50257", "plain-padded", "dense", "btt-all-r2", "ttm-all-r16"]
+    names = ["plain-50257", "plain-padded", "plain-resident", "train-dense", "dense", "btt-all-r2", "ttm-all-r16"]
   else:
     model, batch, block, dtype, vocab, d, n_layer, n_head = "gpt2", 16, 1024, "bfloat16", 50257, 768, 12, 12
     names = list(variants(d))
@@ -159,22 +217,29 @@ def main():
   rates, rows = {}, []
   for name in names:
     cfg = TrainConfig(model=model, batch_size=batch, block_size=block, dtype=dtype, steps=1000, warmup=10)
-    if name.startswith("plain"):
-      padded = -(-vocab // 128) * 128 if name == "plain-padded" else vocab
+    if name == "train-dense":
+      sec, params = train_seconds(cfg, vocab, args.steps, args.attention)
+    elif name.startswith("plain"):
+      padded = vocab if name == "plain-50257" else -(-vocab // 128) * 128
       runner = PlainStep(cfg, vocab, padded, d, n_layer, n_head, args.attention)
+      sec = runner.resident_seconds(tokens, 3 * args.steps) if name == "plain-resident" else \
+          time_steps(runner, tokens, args.steps)
+      params = runner.num_params
+      del runner
     else:
       multiple, layers = table[name]()
       cfg.layers = layers
       cfg.model_overrides = {"attention_impl": args.attention, "vocab_multiple": multiple}
       runner = Trainer(cfg, vocab)
-    sec = time_steps(runner, tokens, args.steps)
+      sec, params = time_steps(runner, tokens, args.steps), runner.num_params
+      del runner
     rates[name] = batch * block / sec
-    rows.append((name, runner.num_params, sec))
-    del runner
+    rows.append((name, params, sec))
   dense = rates.get("dense")
   for name, params, sec in rows:
     rate = rates[name]
-    plain = rates.get("plain-50257" if name.endswith("50257") else "plain-padded")
+    plain = rates.get({"plain-50257": "plain-50257", "dense-50257": "plain-50257", "train-dense": "plain-resident",
+                       "plain-resident": "plain-resident"}.get(name, "plain-padded"))
     vs_dense = rate / dense if dense else None
     vs_plain = rate / plain if plain else None
     fmt = lambda v: f"{v:>8.2f}x" if v else f"{'-':>9}"  # noqa: E731

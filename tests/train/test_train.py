@@ -3,6 +3,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -30,13 +31,19 @@ def _cfg(out, *extra):
   return resolve(None, SMALL + [f"out_dir={out}", *extra])
 
 
-def _losses(out):
+def _losses(out, key="loss"):
   by_step = {}
   for line in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines():
     m = json.loads(line)
-    if "loss" in m:
-      by_step[m["step"]] = m["loss"]
+    if key in m:
+      by_step[m["step"]] = m[key]
   return by_step
+
+
+def _prefetchers():
+  from tnjax.data.prefetch import THREAD_NAME
+
+  return [t for t in threading.enumerate() if t.name == THREAD_NAME]
 
 
 def test_overrides_and_toml(tmp_path):
@@ -57,6 +64,8 @@ def test_overrides_and_toml(tmp_path):
     (["steps=0"], r"TrainConfig: steps=0 but a positive integer"),
     (["batch_size=10", "grad_accum=3"], r"TrainConfig: batch_size=10 but it must be divisible by grad_accum=3"),
     (["dtype=float16"], r"TrainConfig: dtype='float16' but 'float32' or 'bfloat16'"),
+    (["prefetch=-1"], r"TrainConfig: prefetch=-1 but prefetch >= 0 is expected \(0: no prefetching\)"),
+    (["prefetch=1.5"], r"TrainConfig: prefetch=1.5 \(float\) but int is expected"),
 ])
 def test_config_errors(overrides, match):
   with pytest.raises(ValueError, match=match):
@@ -83,12 +92,14 @@ def test_few_steps_lower_the_loss_and_write_outputs(tmp_path):
   assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [20, 40]
   events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
   assert events and events[0].stat().st_size > 0
+  assert not _prefetchers()  # the batch thread ended with the run
 
 
 @pytest.mark.slow  # default suite time; .ci/run runs it
 def test_resume_refusals_a_moved_run_and_a_corrupt_checkpoint(tmp_path, monkeypatch, capsys):
-  """One short run, then: refusals; a moved run that resumes with more steps (said on stderr), logs each step once,
-  starts its progress bar after the compiling step and warns of no deprecation; and a corrupt checkpoint."""
+  """One short run, then: refusals; a moved run (its config saved without prefetch, resumed with another) that
+  resumes with more steps (said on stderr), logs each step once, starts its progress bar after the compiling step
+  and warns of no deprecation; and a corrupt checkpoint."""
   import shutil
   import warnings
 
@@ -107,13 +118,16 @@ def test_resume_refusals_a_moved_run_and_a_corrupt_checkpoint(tmp_path, monkeypa
     f.write(json.dumps({"step": 5, "loss": 9.0}) + "\n" + json.dumps({"step": 6, "loss": 9.0}) + "\n")
   moved = tmp_path / "elsewhere" / "moved"
   shutil.move(str(out), str(moved))
+  saved = json.loads((moved / "train_config.json").read_text())
+  del saved["prefetch"]  # as saved before the field existed; the resume below also changes it, which is allowed
+  (moved / "train_config.json").write_text(json.dumps(saved))
   bars = []
   real = tqdm.tqdm
   monkeypatch.setattr(tqdm, "tqdm", lambda *a, **k: bars.append(k) or real(*a, **k))
   capsys.readouterr()
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    train(_cfg(moved, "steps=6", "checkpoint_every=2", "eval_every=4"), resume=True, progress=False)
+    train(_cfg(moved, "steps=6", "checkpoint_every=2", "eval_every=4", "prefetch=0"), resume=True, progress=False)
   err = capsys.readouterr().err
   assert "resuming at step 4 with steps=6 (the saved run had steps=4)" in err and "schedule" in err
   steps = [m["step"] for m in map(json.loads, (moved / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
@@ -138,9 +152,12 @@ def _cli(out, *extra):
 
 @pytest.mark.slow  # three training processes
 def test_kill_and_resume_reproduces_uninterrupted_losses(tmp_path):
+  """SIGKILL mid-run (batches prefetched ahead, losses not yet read), then --resume: every loss and gradient norm
+  bit for bit those of an uninterrupted run that draws each batch in the loop (prefetch=0)."""
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
   full, cut = tmp_path / "full", tmp_path / "cut"
-  uninterrupted = subprocess.Popen(_cli(full), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  uninterrupted = subprocess.Popen(_cli(full, "prefetch=0"), env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
   victim = subprocess.Popen(_cli(cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while not (cut / "checkpoints" / "10").exists() and victim.poll() is None and time.time() < deadline:
@@ -151,9 +168,10 @@ def test_kill_and_resume_reproduces_uninterrupted_losses(tmp_path):
   assert not (cut / "report.json").exists(), "the run finished before it could be killed"
   resumed = subprocess.run(_cli(cut) + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  a, b = _losses(full), _losses(cut)
-  assert sorted(a) == sorted(b) == list(range(1, 31))
-  np.testing.assert_allclose([b[s] for s in range(1, 31)], [a[s] for s in range(1, 31)], rtol=1e-6)
+  for key in ("loss", "grad_norm"):
+    a, b = _losses(full, key), _losses(cut, key)
+    assert sorted(a) == sorted(b) == list(range(1, 31))
+    assert [b[s] for s in range(1, 31)] == [a[s] for s in range(1, 31)], key  # exactly
 
 
 def test_token_cache_reused_and_invalidated(tmp_path):
@@ -244,19 +262,10 @@ def test_tokenizer_is_rebuilt_when_its_sources_change(tmp_path, capsys):
 
 
 def test_diverging_loss_is_an_error_and_closes_the_checkpoint_manager(tmp_path, monkeypatch):
-  from tnjax.train import Trainer, loop
+  from tnjax.train import Trainer
 
-  closed = []
-  real = loop._checkpoint_manager
-
-  def manager(out, cfg):
-    m = real(out, cfg)
-    close = m.close
-    m.close = lambda: closed.append(True) or close()
-    return m
-
-  monkeypatch.setattr(loop, "_checkpoint_manager", manager)
-  monkeypatch.setattr(Trainer, "step", lambda self, step, tokens: (np.float32(np.nan), np.float32(0)))
+  closed = _closing_manager(monkeypatch)
+  monkeypatch.setattr(Trainer, "step", lambda self, step, tokens, batch=None: (np.float32(np.nan), np.float32(0)))
   with pytest.raises(ValueError, match=r"train: loss=nan at step 1: training diverged; lower lr"):
     train(_cfg(tmp_path / "run", "steps=3"), progress=False)
   assert closed == [True]
@@ -305,3 +314,109 @@ def test_resume_with_fewer_steps_is_refused_and_changes_nothing(tmp_path, capsys
   assert main(argv + ["--set", "steps=1"]) == 2
   assert "has already trained 2 steps (checkpoint 2); steps=1 is fewer" in capsys.readouterr().err
   assert json.loads((out / "train_config.json").read_text())["steps"] == 2
+
+
+def _fake_steps(monkeypatch, losses=None, interrupt_at=None):
+  """Trainer.step without a model step (nothing compiles): the loop, its batches and its reads run for real."""
+  from tnjax.train import Trainer
+
+  seen = []
+
+  def step(self, step, tokens, batch=None):
+    assert batch is not None and batch[0].shape == (1, 8, 32)  # made ahead, on the devices
+    seen.append(step)
+    if step == interrupt_at:
+      raise KeyboardInterrupt
+    return np.float32(1.0 if losses is None else losses(step)), np.float32(0.5)
+
+  monkeypatch.setattr(Trainer, "step", step)
+  return seen
+
+
+def _closing_manager(monkeypatch):
+  from tnjax.train import loop
+
+  closed, real = [], loop._checkpoint_manager
+
+  def manager(out, cfg):
+    m = real(out, cfg)
+    close = m.close
+    m.close = lambda: closed.append(True) or close()
+    return m
+
+  monkeypatch.setattr(loop, "_checkpoint_manager", manager)
+  return closed
+
+
+def test_an_error_making_a_batch_or_ctrl_c_ends_the_run_and_its_thread(tmp_path, monkeypatch):
+  from tnjax.train import loop
+
+  closed = _closing_manager(monkeypatch)
+  seen = _fake_steps(monkeypatch)
+  real = loop.train_batch
+
+  def train_batch(tokens, step, *args):
+    if step == 5:
+      raise ValueError("token_cache: train.bin is truncated at step 5")
+    return real(tokens, step, *args)
+
+  monkeypatch.setattr(loop, "train_batch", train_batch)
+  with pytest.raises(ValueError, match=r"^token_cache: train.bin is truncated at step 5$"):
+    train(_cfg(tmp_path / "run", "steps=8", "prefetch=3"), progress=False)
+  assert seen == [0, 1, 2, 3, 4] and closed == [True] and not _prefetchers()
+  seen = _fake_steps(monkeypatch, interrupt_at=3)
+  monkeypatch.setattr(loop, "train_batch", real)
+  with pytest.raises(KeyboardInterrupt):
+    train(_cfg(tmp_path / "run", "steps=8", "prefetch=3"), progress=False)  # no checkpoint yet: starts anew
+  assert seen == [0, 1, 2, 3] and closed == [True, True] and not _prefetchers()
+
+
+def test_divergence_is_caught_one_log_interval_late_and_before_a_checkpoint(tmp_path, monkeypatch):
+  """Losses are read at the next log step: a NaN logged at step 6 (log_every=2) would be read at step 8, but the
+  checkpoint of step 7 reads every pending loss first, so the run stops there and saves no checkpoint 7."""
+  _fake_steps(monkeypatch, losses=lambda step: np.nan if step >= 4 else 1.0)
+  out = tmp_path / "run"
+  with pytest.raises(ValueError, match=r"train: loss=nan at step 6: training diverged"):
+    train(_cfg(out, "steps=20", "log_every=2", "checkpoint_every=7", "eval_every=100"), progress=False)
+  assert not (out / "checkpoints" / "7").exists() and _losses(out) == {2: 1.0, 4: 1.0}
+  with pytest.raises(ValueError, match=r"train: loss=nan at step 6: training diverged"):  # read at step 8
+    train(_cfg(out, "steps=20", "log_every=2", "checkpoint_every=100", "eval_every=100"), progress=False)
+  assert not _prefetchers()
+
+
+@pytest.mark.slow  # two training runs (~10 s)
+def test_train_losses_are_bit_identical_with_and_without_prefetching(tmp_path):
+  """Batches made ahead on the thread, losses read a log step late: the same metrics, bit for bit, as drawing each
+  batch in the loop (dropout on, so each step's key counts too)."""
+  base = ["steps=12", "log_every=2", "eval_every=5", "checkpoint_every=6", "model_overrides.dropout=0.1"]
+  train(_cfg(tmp_path / "plain", *base, "prefetch=0"), progress=False)
+  train(_cfg(tmp_path / "ahead", *base, "prefetch=3"), progress=False)
+  for key in ("loss", "grad_norm", "val_loss"):
+    plain, ahead = _losses(tmp_path / "plain", key), _losses(tmp_path / "ahead", key)
+    assert plain == ahead and plain, key  # the same steps, exactly the same values
+  assert sorted(_losses(tmp_path / "plain")) == [2, 4, 6, 8, 10, 12] and not _prefetchers()
+
+
+FAILING_BATCH = """
+import sys
+from tnjax.cli import main
+from tnjax.train import loop
+real = loop.train_batch
+def train_batch(tokens, step, *args):
+  if step == 3:
+    raise ValueError("token_cache: train.bin is truncated at step 3")
+  return real(tokens, step, *args)
+loop.train_batch = train_batch
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # a training process
+def test_an_error_making_a_batch_exits_the_cli_in_one_line(tmp_path):
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  start = time.time()
+  r = subprocess.run([sys.executable, "-c", FAILING_BATCH] + _cli(tmp_path / "run")[3:], env=env,
+                     capture_output=True, text=True, timeout=240)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1] == "tnjax train: token_cache: train.bin is truncated at step 3"
+  assert "Traceback" not in r.stderr and time.time() - start < 240

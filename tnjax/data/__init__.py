@@ -1,8 +1,9 @@
-"""Data: tokenizers, token caches, batch samplers, and a small public-domain sample corpus."""
+"""Data: tokenizers, token caches, batch samplers, a prefetcher, and a small public-domain sample corpus."""
 
 import pathlib
 
 from tnjax.data.cache import eval_batches, token_cache, tokenizer_hash, train_batch
+from tnjax.data.prefetch import Prefetcher
 from tnjax.data.tokenizer import EOT, load_tokenizer, train_tokenizer
 
 SAMPLE_DIR = pathlib.Path(__file__).parent / "sample"
@@ -10,4 +11,4 @@ SAMPLE_DIR = pathlib.Path(__file__).parent / "sample"
 project corpus's train and valid splits."""
 
 __all__ = ["load_tokenizer", "train_tokenizer", "EOT", "token_cache", "tokenizer_hash", "train_batch",
-           "eval_batches", "SAMPLE_DIR"]
+           "eval_batches", "Prefetcher", "SAMPLE_DIR"]

@@ -77,12 +77,26 @@ def _bias(layer: nnx.Module) -> jax.Array | None:
   return None if layer.bias is None else layer.bias[...]
 
 
+def attention_here(impl: str | None) -> str | None:
+  """The ``jax.nn.dot_product_attention`` implementation a config's ``attention_impl`` runs on this host: cuDNN's
+  fused attention exists only on GPUs, so off a GPU (a TPU, a CPU) "cudnn" runs XLA's. Chosen when the model is
+  traced, from JAX's default backend (export for a TPU from a TPU or CPU host: a GPU host traces cuDNN's).
+
+  Examples:
+    >>> attention_here("xla"), attention_here(None)  # what is not "cudnn" runs as given
+    ('xla', None)
+  """
+  return "xla" if impl == "cudnn" and jax.default_backend() != "gpu" else impl
+
+
 def _attention(q, k, v, *, scale: float, impl, is_causal: bool = False, mask=None) -> jax.Array:
-  """``jax.nn.dot_product_attention`` for query/key and value head widths that may differ (MoDeGPT).
+  """``jax.nn.dot_product_attention`` for query/key and value head widths that may differ (MoDeGPT), by
+  `attention_here`'s implementation of ``impl``.
 
   Zero columns change neither q.k nor (sliced off) the output, so the narrower
   side is padded to the wider one, which the fused kernels require.
   """
+  impl = attention_here(impl)
   width = max(q.shape[-1], v.shape[-1])
   if impl == "cudnn":
     width = -(-width // 8) * 8  # cuDNN's fused attention takes head widths in multiples of 8

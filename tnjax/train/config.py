@@ -44,6 +44,13 @@ class TrainConfig:
       ``keep``), e.g. the branch points of a WSD run.
     dtype: computation dtype ("float32" or "bfloat16"; parameters and optimizer stay float32).
     fsdp: shard parameters and optimizer state over devices, not only the batch.
+    log_every: steps between logged losses. Losses stay on the devices and a logged one is read (and checked:
+      a NaN or infinite loss stops the run) at the next log step, one interval later, so the loop never waits
+      for the step it has just dispatched: divergence is caught at most ``log_every`` steps after the step that
+      logged it, and always before the next evaluation or checkpoint.
+    prefetch: batches made ahead of the step on a background thread and already on the devices
+      (`tnjax.data.Prefetcher`); 0 makes each batch in the loop. The batches, and so the losses, are the same
+      for every depth, and it may change on ``--resume``.
     parametrization: "standard", or "mup": the model gets ``mup_base_width``
       (init stds and output multiplier, see ``GPTConfig.mup_base_width``)
       and every hidden matrix and TT/BTT core its own learning-rate
@@ -87,6 +94,7 @@ class TrainConfig:
   keep_every: int = 0
   seed: int = 0
   fsdp: bool = False
+  prefetch: int = 2
   parametrization: str = "standard"
   mup_base_width: int = 128
   out_dir: str = "runs/tiny-ttm"
@@ -117,6 +125,8 @@ class TrainConfig:
       raise ValueError(f"{fn}: decay_fraction={self.decay_fraction!r} but 0 < decay_fraction <= 1 is expected")
     if self.keep_every < 0:
       raise ValueError(f"{fn}: keep_every={self.keep_every!r} but keep_every >= 0 is expected (0: off)")
+    if self.prefetch < 0:
+      raise ValueError(f"{fn}: prefetch={self.prefetch!r} but prefetch >= 0 is expected (0: no prefetching)")
     if self.parametrization not in PARAMETRIZATIONS:
       raise ValueError(f"{fn}: parametrization={self.parametrization!r} but one of {PARAMETRIZATIONS} is expected")
     _checks.check_positive_int(fn, "mup_base_width", self.mup_base_width)

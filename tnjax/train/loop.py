@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tnjax._io import LOCK_NAME, atomic_write, atomic_write_text, copy_tree_linked, dir_lock
-from tnjax.data import eval_batches, load_tokenizer, token_cache, train_batch, train_tokenizer
+from tnjax.data import Prefetcher, eval_batches, load_tokenizer, token_cache, train_batch, train_tokenizer
 from tnjax.data.cache import file_sha256
 from tnjax.models import Decoder, build
 from tnjax.train.config import TrainConfig
@@ -220,10 +220,22 @@ class Trainer:
     return (jax.device_put(x.reshape(shape), self.batch_sharding),
             jax.device_put(y.reshape(shape), self.batch_sharding))
 
-  def step(self, step: int, tokens):
-    x, y = train_batch(tokens, step, self.cfg.batch_size, self.cfg.block_size, self.cfg.seed)
-    x, y = self.put_batch(x, y)
-    key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
+  def batch(self, step: int, tokens):
+    """What step ``step`` trains on: its batch of ``tokens`` (`tnjax.data.train_batch`, seeded by (seed, step)) on
+    the devices with the training sharding, and its dropout key; ``(x, y, key)``. Safe to call from another thread
+    (`batches` does)."""
+    x, y = self.put_batch(*train_batch(tokens, step, self.cfg.batch_size, self.cfg.block_size, self.cfg.seed))
+    return x, y, jax.random.fold_in(jax.random.key(self.cfg.seed), step)
+
+  def batches(self, tokens, start: int, stop: int) -> Prefetcher:
+    """The `batch` of every step in ``range(start, stop)``, in order, made ``cfg.prefetch`` steps ahead on a
+    background thread (`tnjax.data.Prefetcher`; a context manager that stops the thread on leaving)."""
+    return Prefetcher(lambda step: self.batch(step, tokens), start, stop, depth=self.cfg.prefetch)
+
+  def step(self, step: int, tokens, batch=None):
+    """One optimizer step on ``batch`` (`batch`'s ``(x, y, key)`` for this step; default: made now from
+    ``tokens``). Returns the loss and gradient norm, device arrays (reading them waits for the step)."""
+    x, y, key = self.batch(step, tokens) if batch is None else batch
     self.params, self.opt_state, loss, gnorm = self._step(self.params, self.opt_state, x, y, key)
     return loss, gnorm
 
@@ -296,6 +308,9 @@ def _tokenizer(cfg: TrainConfig, out: pathlib.Path, resume: bool):
 
 
 FILE_FIELDS = ("train_files", "valid_files", "test_files")
+# What --resume does not compare with the saved config: out_dir (a moved run directory resumes), steps (may grow,
+# stated on stderr) and prefetch (when batches are made, not which; absent from runs saved before it existed).
+RESUME_MAY_CHANGE = ("steps", "out_dir", "prefetch")
 
 
 @contextlib.contextmanager
@@ -469,12 +484,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
   ``out_dir``: it holds ``out_dir/.tnjax.lock`` (`tnjax._io.dir_lock`; in a
   multi-host run, its first process) while it runs, and a second is refused.
 
+  The loop never waits for the devices between log steps: each step's batch
+  is drawn and put on the devices ``prefetch`` steps ahead on a background
+  thread (the same batches, in the same order, as drawing them in the loop:
+  the losses are bit-identical for every ``prefetch``), and losses stay on
+  the devices until the next log step reads them. So a diverged loss stops
+  the run at most ``log_every`` steps after the step that logged it, and
+  before any later evaluation or checkpoint. An error in making a batch is
+  raised by the loop as it was raised; the thread ends with the run, on
+  every way out (errors and Ctrl-C included).
+
   Raises:
     ValueError: when the directory already has checkpoints and ``resume`` is
       False, when resuming with a different configuration or fewer steps, when
       another run holds the directory, for a missing, empty, non-UTF-8 or too
       short file, when a checkpoint cannot be restored, or when the loss
-      becomes NaN or infinite.
+      becomes NaN or infinite (see above: up to ``log_every`` steps late).
   """
   cfg.validate()
   _check_files(cfg)
@@ -500,9 +525,8 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, progress: bool) ->
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ValueError(f"train: --resume but {saved_cfg} is not valid JSON ({e})") from e
     saved_steps = before.get("steps")
-    # out_dir may differ (a moved run directory resumes); steps may grow (stated below).
-    before = {k: v for k, v in before.items() if k not in ("steps", "out_dir")}
-    now = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in ("steps", "out_dir")}
+    before = {k: v for k, v in before.items() if k not in RESUME_MAY_CHANGE}
+    now = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in RESUME_MAY_CHANGE}
     if before != now:
       changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
       raise ValueError(f"train: --resume with a configuration that differs from the saved one in {changed}")
@@ -602,10 +626,47 @@ def _finite(what: str, value: float, step: int, cfg: TrainConfig) -> float:
   return value
 
 
+class _Losses:
+  """The logged steps' losses and gradient norms, kept on the devices until `read`: reading a step's values waits
+  for that step, so the loop reads a log step's only at the next one, while the steps between run."""
+
+  def __init__(self, cfg: TrainConfig, start: int):
+    self.cfg, self.start, self.pending, self.rates = cfg, start, [], []
+    self.last_step, self.last_time = start, time.perf_counter()
+
+  def add(self, step: int, loss, grad_norm) -> None:
+    self.pending.append((step, loss, grad_norm))
+
+  def read(self, upto: int) -> list[dict]:
+    """The metrics of the pending steps up to ``upto`` (loss, gradient norm, tokens/s since the previous read,
+    which is when its step had finished); keeps each interval's tokens/s after the first (compilation) in
+    ``rates``.
+
+    Raises:
+      ValueError: for a loss that is not finite (training diverged).
+    """
+    out = []
+    while self.pending and self.pending[0][0] <= upto:
+      step, loss, grad_norm = self.pending.pop(0)
+      loss = _finite("loss", float(loss), step, self.cfg)
+      now = time.perf_counter()
+      rate = (step - self.last_step) * self.cfg.batch_size * self.cfg.block_size / (now - self.last_time)
+      if self.last_step > self.start:  # the first interval includes compilation
+        self.rates.append(rate)
+      self.last_step, self.last_time = step, now
+      out.append({"step": step, "loss": loss, "grad_norm": float(grad_norm), "tokens_per_s": rate})
+    return out
+
+
 def _loop(cfg: TrainConfig, trainer: Trainer, manager, train_tokens, valid, start: int, progress: bool,
           metrics_path: pathlib.Path, board, best_dir: pathlib.Path, best: float) -> list[float]:
   """Steps ``start .. cfg.steps``: logs, evaluates (saving the model to ``best_dir`` whenever the validation
-  loss beats ``best``) and checkpoints; returns the measured tokens/s."""
+  loss beats ``best``) and checkpoints; returns the measured tokens/s.
+
+  Nothing waits for the devices between log steps: batches come made and placed ahead (`Trainer.batches`), and a
+  log step's loss is read at the next log step (`_Losses`). Evaluations and checkpoints read every pending loss
+  first, so none follows a diverged one, and ``metrics.jsonl`` holds every logged step up to a checkpoint (what a
+  resumed run keeps)."""
   import orbax.checkpoint as ocp
   from tqdm import tqdm
 
@@ -619,37 +680,41 @@ def _loop(cfg: TrainConfig, trainer: Trainer, manager, train_tokens, valid, star
         if k != "step":
           board.add_scalar(k, v, record["step"])
 
-  tokens_per_step = cfg.batch_size * cfg.block_size
-  last_time, last_step, rates, bar = time.perf_counter(), start, [], None
-  for step in range(start, cfg.steps):
-    loss, gnorm = trainer.step(step, train_tokens)
-    done = step + 1
-    if bar is None:
-      # The bar starts after the first step, which compiles: its rate and ETA are those of compiled steps.
-      jax.block_until_ready(loss)
-      bar = tqdm(total=cfg.steps, initial=done, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
-    else:
-      bar.update(1)
-    if done % cfg.log_every == 0 or done == cfg.steps:
-      loss = _finite("loss", float(loss), done, cfg)
-      now = time.perf_counter()
-      rate = (done - last_step) * tokens_per_step / (now - last_time)
-      last_time, last_step = now, done
-      if done - cfg.log_every > start:  # the first interval includes compilation
-        rates.append(rate)
-      log({"step": done, "loss": loss, "grad_norm": float(gnorm), "tokens_per_s": rate})
-      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
-    if done % cfg.eval_every == 0 or done == cfg.steps:
-      val = _finite("validation loss", trainer.evaluate(valid), done, cfg)
-      log({"step": done, "val_loss": val, "val_ppl": math.exp(val)})
-      bar.write(f"step {done}: validation loss {val:.4f}, perplexity {math.exp(val):.2f}")
-      if val < best:  # the checkpoint chosen on validation, kept whatever the last K checkpoints are
-        best = val
+  def read(upto):
+    for record in losses.read(upto):
+      log(record)
+      bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+
+  losses, bar = _Losses(cfg, start), None
+  with trainer.batches(train_tokens, start, cfg.steps) as batches:  # the thread stops on every way out
+    for step in range(start, cfg.steps):
+      loss, gnorm = trainer.step(step, train_tokens, next(batches))
+      done = step + 1
+      if bar is None:
+        # The bar starts after the first step, which compiles: its rate and ETA are those of compiled steps.
+        jax.block_until_ready(loss)
+        bar = tqdm(total=cfg.steps, initial=done, disable=not progress, desc="train", unit="step",
+                   dynamic_ncols=True)
+      else:
+        bar.update(1)
+      last = done == cfg.steps
+      if done % cfg.log_every == 0 or last:
+        losses.add(done, loss, gnorm)
+        read(done if last else done - 1)  # not this step's: reading it would wait for the step just dispatched
+      evaluate, save = done % cfg.eval_every == 0 or last, done % cfg.checkpoint_every == 0 or last
+      if evaluate or save:
+        read(done)
+      if evaluate:
+        val = _finite("validation loss", trainer.evaluate(valid), done, cfg)
+        log({"step": done, "val_loss": val, "val_ppl": math.exp(val)})
+        bar.write(f"step {done}: validation loss {val:.4f}, perplexity {math.exp(val):.2f}")
+        if val < best:  # the checkpoint chosen on validation, kept whatever the last K checkpoints are
+          best = val
+          with _interrupt_after():
+            save_model(trainer.model(), best_dir)
+      if save:
         with _interrupt_after():
-          save_model(trainer.model(), best_dir)
-    if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-      with _interrupt_after():
-        manager.save(done, args=ocp.args.StandardSave({"params": trainer.params, "opt_state": trainer.opt_state}))
+          manager.save(done, args=ocp.args.StandardSave({"params": trainer.params, "opt_state": trainer.opt_state}))
   if bar is not None:
     bar.close()
-  return rates
+  return losses.rates
