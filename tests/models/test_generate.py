@@ -149,7 +149,7 @@ def _sub_jaxprs(eqn):
 
 
 def _weight_casts(model, rows, new):
-  """Conversions of floating parameter-shaped arrays inside the decode loop (its while body)."""
+  """Conversions of floating parameter-shaped arrays inside the decode loop (no stop token: a scan)."""
   shapes = {x.shape for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)) if x.ndim >= 2}
   graphdef, state = nnx.split(model)
   traced = _decode.trace(graphdef, state, jnp.asarray(rows, jnp.int32), jnp.zeros(len(rows), jnp.int32),
@@ -162,9 +162,9 @@ def _weight_casts(model, rows, new):
           and jnp.issubdtype(e.invars[0].aval.dtype, jnp.floating)):  # int8 weights convert inside their matmul
         yield e
       for sub in _sub_jaxprs(e):
-        yield from walk(sub, in_loop or e.primitive.name == "while")
+        yield from walk(sub, in_loop or e.primitive.name in ("while", "scan"))
 
-  loops = [e for e in traced.jaxpr.jaxpr.eqns if e.primitive.name == "while"]
+  loops = [e for e in traced.jaxpr.jaxpr.eqns if e.primitive.name in ("while", "scan")]
   assert len(loops) == 1
   return list(walk(traced.jaxpr.jaxpr, False))
 

@@ -1,5 +1,6 @@
-"""Batched, KV-cached generation as one compiled program: a prefill of the prompts, then a ``lax.while_loop``
-over new tokens that stops when every row has finished, sampling on the device.
+"""Batched, KV-cached generation as one compiled program: a prefill of the prompts, then a loop over new tokens
+on the device (a ``lax.while_loop`` that ends when every row has met a stop token, or, without stop tokens, a
+loop of known trip count), sampling on the device.
 
 The KV cache holds the request (longest prompt + new tokens), not the model's context. Prompts of different
 lengths are left-padded: row r's tokens start at slot ``start[r]``, its positions count from there (learned
@@ -74,6 +75,12 @@ def _decode(graphdef, state, prompt, start, key, stops, max_new_tokens, temperat
     return i + 1, token, done | stopped(token), cache, out
 
   carry = (jnp.int32(1), first, stopped(first), cache, out)
+  if max_new_tokens == 1:  # the prefill alone (what a time-to-first-token measurement runs)
+    return out
+  if stops.shape[0] == 0:
+    # No row can finish early: a loop of known trip count, which a GPU runs without reading a predicate back
+    # to the host every step (a data-dependent while_loop does).
+    return jax.lax.fori_loop(1, max_new_tokens, lambda _, c: next_token(c), carry)[-1]
   return jax.lax.while_loop(running, next_token, carry)[-1]
 
 
@@ -97,10 +104,10 @@ def _rows(fn: str, prompt_ids) -> tuple[list[np.ndarray], bool]:
   return list(ids.reshape(-1, ids.shape[-1])), ids.ndim == 1
 
 
-def _check_ids(fn: str, name: str, ids, vocab: int) -> None:
-  bad = [int(i) for i in ids if not 0 <= int(i) < vocab]
-  if bad:
-    raise ValueError(f"{fn}: {name} contain {bad[0]} but 0 <= id < vocab_size={vocab} is expected")
+def _check_ids(fn: str, name: str, ids: np.ndarray, vocab: int) -> None:
+  bad = ids[(ids < 0) | (ids >= vocab)]
+  if bad.size:
+    raise ValueError(f"{fn}: {name} contain {int(bad[0])} but 0 <= id < vocab_size={vocab} is expected")
 
 
 def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
