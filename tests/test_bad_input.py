@@ -40,7 +40,11 @@ def files(tmp_path_factory):
   binary = d / "binary.bin"
   binary.write_bytes(bytes(range(256)) * 8)
   (d / "adir").mkdir()
-  return {"dir": d, "text": text, "model": model, "binary": binary, "adir": d / "adir"}
+  (d / "prompts.txt").write_text("In the beginning\nAnd God said\n")
+  (d / "gap.txt").write_text("In the beginning\n\nAnd God said\n")
+  (d / "empty.txt").write_text("")
+  return {"dir": d, "text": text, "model": model, "binary": binary, "adir": d / "adir", "prompts": d / "prompts.txt",
+          "gap": d / "gap.txt", "empty": d / "empty.txt"}
 
 
 def _digest(path: pathlib.Path) -> dict:
@@ -351,6 +355,13 @@ def _cli_cases(f):
       (["eval", "--model", m, "--text", t, "--block-size", "1000"], r"perplexity: block_size=1000 but 2 <="),
       (["generate", "--model", m, "--prompt", ""], r"--prompt '' encodes to no tokens"),
       (["generate", "--model", m, "--prompt", "the", "--max-new-tokens", "100"], r"but block_size=64"),
+      (["generate", "--model", m, "--prompts", nowhere], r"generate: --prompts file .*nowhere does not exist"),
+      (["generate", "--model", m, "--prompts", str(f["gap"])],
+       r"generate: --prompts file .*gap.txt line 2 \(''\) encodes to no tokens"),
+      (["generate", "--model", m, "--prompts", str(f["empty"])], r"--prompts file .*empty.txt has no lines"),
+      (["generate", "--model", m, "--prompts", str(f["prompts"]), "--max-new-tokens", "100"],
+       r"generate: prompt length \d+ \+ max_new_tokens 100 = \d+ but block_size=64"),
+      (["generate", "--model", m, "--prompt", "the", "--stop-id", "300"], r"generate: stop_tokens contain 300"),
       (["compress", "--model", m, "--method", "svd", "--out", str(f["dir"] / "o1")], r"compress: no target given"),
       (["compress", "--model", m, "--method", "svd", "--ratio", "0.5", "--out", m], r"already holds \['config.json'"),
       (["compress", "--model", m, "--method", "svd", "--rank", "4096", "--out", str(f["dir"] / "o2")],
@@ -391,6 +402,13 @@ def test_cli_expected_failures_exit_2_with_one_line(files, capsys):
     (["generate", "--model", "m", "--prompt", "p", "--temperature", "-1"], r"--temperature: -1.0 but a number >= 0"),
     (["generate", "--model", "m", "--prompt", "p", "--top-k", "0"], r"--top-k: 0 but an integer >= 1"),
     (["generate", "--model", "m", "--prompt", "p", "--max-new-tokens", "0"], r"--max-new-tokens: 0 but an integer"),
+    (["generate", "--model", "m", "--prompt", "p", "--top-p", "0"], r"--top-p: 0.0 but a number in \(0, 1\]"),
+    (["generate", "--model", "m", "--prompt", "p", "--top-p", "1.5"], r"--top-p: 1.5 but a number in \(0, 1\]"),
+    (["generate", "--model", "m", "--prompt", "p", "--top-p", "nan"], r"--top-p: nan but a number in \(0, 1\]"),
+    (["generate", "--model", "m", "--prompt", "p", "--temperature", "nan"], r"--temperature: nan but a number >= 0"),
+    (["generate", "--model", "m", "--prompts", "f", "--batch-size", "0"], r"--batch-size: 0 but an integer >= 1"),
+    (["generate", "--model", "m", "--prompt", "p", "--prompts", "f"], r"--prompts: not allowed with argument"),
+    (["generate", "--model", "m"], r"one of the arguments --prompt --prompts is required"),
     (["compress", "--model", "m", "--method", "svd", "--out", "o", "--heal-lr", "0"],
      r"--heal-lr: 0.0 but a number > 0"),
     (["compress", "--model", "m", "--method", "svd", "--out", "o", "--heal-lr", "nan"], r"--heal-lr: nan but"),

@@ -31,6 +31,20 @@ def test_eval_and_generate(model_dir, capsys):
   assert capsys.readouterr().out.startswith("In the beginning")
 
 
+def test_generate_a_file_of_prompts_in_batches(model_dir, tmp_path, capsys):
+  d, _ = model_dir
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("In the beginning\nAnd God said\nthe earth\n")
+  outputs = []
+  for batch in ("2", "3"):  # two compiled calls (2 + 1 prompts), or one
+    assert main(["generate", "--model", str(d), "--prompts", str(prompts), "--max-new-tokens", "6", "--batch-size",
+                 batch]) == 0
+    outputs.append(capsys.readouterr().out.splitlines())
+  assert len(outputs[0]) == 3 and outputs[0] == outputs[1]  # one continuation per prompt, in order, any batching
+  assert main(["generate", "--model", str(d), "--prompt", "And God said", "--max-new-tokens", "6"]) == 0
+  assert capsys.readouterr().out.rstrip("\n") == "And God said" + outputs[0][1].replace("\\n", "\n")
+
+
 @pytest.mark.slow  # three CLI commands; Qwen2 parity is in tests/interop
 def test_eval_generate_and_compress_a_hugging_face_qwen2_directory(tmp_path, capsys):
   """The commands take Llama-style checkpoints unchanged (here Qwen2: GQA and q/k/v biases)."""

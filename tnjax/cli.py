@@ -46,18 +46,51 @@ def cmd_eval(args) -> int:
   return 0
 
 
+def _until_stop(ids, stops) -> list[int]:
+  """New ids up to their first stop token, excluded (what follows it is padding)."""
+  ids = [int(t) for t in ids]
+  return ids[: next((i for i, t in enumerate(ids) if t in stops), len(ids))]
+
+
+def _one_line_text(text: str) -> str:
+  r"""A continuation on one output line: backslashes, newlines and carriage returns written as ``\\``, ``\n``,
+  ``\r``."""
+  return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def cmd_generate(args) -> int:
   import jax
 
+  from tnjax._io import read_text
   from tnjax.models import generate
 
+  if args.prompts is not None:  # read and check the file before loading the model
+    lines = read_text("generate", "--prompts", args.prompts).splitlines()
+    if not lines:
+      raise ValueError(f"generate: --prompts file {args.prompts} has no lines; one prompt per line is expected")
   model, tok = _load(args.model, args.tokenizer, args.param_dtype)
-  prompt = tok.encode(args.prompt).ids
-  if not prompt:
-    raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens; a non-empty prompt is expected")
-  out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                 rng=jax.random.key(args.seed))
-  print(tok.decode([int(t) for t in out]))
+  stops = set(args.stop_id)
+  options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_tokens=sorted(stops),
+                 dtype=args.param_dtype)
+  key = jax.random.key(args.seed)
+  if args.prompts is None:
+    prompt = tok.encode(args.prompt).ids
+    if not prompt:
+      raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens; a non-empty prompt is expected")
+    out = generate(model, prompt, args.max_new_tokens, rng=key, **options)
+    print(tok.decode(prompt + _until_stop(out[len(prompt):], stops)))
+    return 0
+  prompts = [tok.encode(line).ids for line in lines]
+  empty = next((i for i, p in enumerate(prompts) if not p), None)
+  if empty is not None:
+    raise ValueError(f"generate: --prompts file {args.prompts} line {empty + 1} ({lines[empty]!r}) encodes to no "
+                     "tokens; a non-empty prompt on every line is expected")
+  for chunk, first in enumerate(range(0, len(prompts), args.batch_size)):
+    batch = prompts[first:first + args.batch_size]
+    out = generate(model, batch, args.max_new_tokens, rng=jax.random.fold_in(key, chunk), **options)
+    longest = max(len(p) for p in batch)
+    for row in out:
+      print(_one_line_text(tok.decode(_until_stop(row[longest:], stops))), flush=True)
   return 0
 
 
@@ -160,12 +193,22 @@ def _float_at_least(low: float, strict: bool):
   return parse
 
 
-def _param_dtype_option(parser) -> None:
+def _probability(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} but a number in (0, 1] is expected") from None
+  if not 0 < value <= 1:
+    raise argparse.ArgumentTypeError(f"{value} but a number in (0, 1] is expected")
+  return value
+
+
+def _param_dtype_option(parser, computation: str = " (the computation stays float32)") -> None:
   from tnjax.interop.native import PARAM_DTYPES
 
   parser.add_argument("--param-dtype", choices=PARAM_DTYPES, default=None,
                       help="dtype the loaded parameters are kept in (default float32); bfloat16 holds a bf16 "
-                      "checkpoint at its own size (the computation stays float32)")
+                      f"checkpoint at its own size{computation}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -203,15 +246,23 @@ def _parser() -> argparse.ArgumentParser:
   _param_dtype_option(ev)
   ev.set_defaults(run=cmd_eval)
 
-  gen = sub.add_parser("generate", help="continue a prompt")
+  gen = sub.add_parser("generate", help="continue a prompt, or every line of a file (batched)")
   gen.add_argument("--model", required=True, help="tnjax or Hugging Face (GPT-2, Llama, Qwen2) directory")
-  gen.add_argument("--prompt", required=True)
+  given = gen.add_mutually_exclusive_group(required=True)
+  given.add_argument("--prompt", help="one prompt: prints it with its continuation")
+  given.add_argument("--prompts", metavar="FILE", help="UTF-8 file of one prompt per line: prints one continuation "
+                     "per line, in order (newlines in it written as \\n, backslashes as \\\\)")
   gen.add_argument("--tokenizer", help="tokenizer file or directory (default: the model directory)")
   gen.add_argument("--max-new-tokens", type=positive, default=50)
   gen.add_argument("--temperature", type=_float_at_least(0.0, strict=False), default=0.0, help="0 = greedy")
-  gen.add_argument("--top-k", type=positive, default=None)
+  gen.add_argument("--top-k", type=positive, default=None, help="sample among the k most likely tokens")
+  gen.add_argument("--top-p", type=_probability, default=None,
+                   help="sample from the smallest set of tokens whose probability reaches p, in (0, 1]")
+  gen.add_argument("--stop-id", type=non_negative, action="append", default=[], metavar="ID",
+                   help="a token id that ends a continuation (repeat for several)")
   gen.add_argument("--seed", type=non_negative, default=0)
-  _param_dtype_option(gen)
+  gen.add_argument("--batch-size", type=positive, default=16, help="--prompts lines per compiled call (default 16)")
+  _param_dtype_option(gen, "; generation computes in it too (bfloat16 halves the bytes each step reads)")
   gen.set_defaults(run=cmd_generate)
 
   from tnjax.compress.registry import REGISTRY  # the one list of methods

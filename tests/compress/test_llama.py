@@ -77,8 +77,8 @@ def test_modegpt_keeps_rotary_pairs_and_kv_groups(llama, ids, tmp_path):
   assert (ff, qk, v) == (64, 8, 8) and len(cfg.rope_pairs(0)) == 4  # head_dim 16: 4 of its 8 rotary pairs
   assert small.h[0].attn.k_proj.kernel.shape == (64, 2 * 8) and small.h[0].attn.q_proj.kernel.shape == (64, 4 * 8)
   assert small.num_params < llama.num_params
-  logits, cache = small.step(jnp.asarray(ids[:1]), small.init_cache(1), 0)
-  assert cache[0][0].shape[-2:] == (2, 8)
+  logits, cache = small.step(jnp.asarray(ids[:1]), small.init_cache(1))
+  assert cache[0].keys.shape[-2:] == (2, 8)
   np.testing.assert_allclose(logits, small(ids[:1]), atol=1e-5)
   again = load_model(save_model(small, tmp_path / "m"))
   assert again.config == cfg

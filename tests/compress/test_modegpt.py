@@ -81,9 +81,9 @@ def test_calibration_and_block_dims(trained, ids):
   assert small.h[0].mlp.c_fc.kernel.shape == (d, f // 2)
   assert small.h[0].attn.c_attn.kernel.shape == (d, 4 * (8 + 8 + 8))
   cache = small.init_cache(1)
-  assert cache[0][0].shape[-1] == 8 and cache[0][1].shape[-1] == 8
+  assert cache[0].keys.shape[-1] == 8 and cache[0].values.shape[-1] == 8
   # KV-cached decoding agrees with the full forward pass on the narrowed model.
-  logits, _ = small.step(jnp.asarray(ids[:1]), small.init_cache(1), 0)
+  logits, _ = small.step(jnp.asarray(ids[:1]), small.init_cache(1))
   np.testing.assert_allclose(logits, small(ids[:1]), atol=1e-5)
 
 

@@ -65,11 +65,11 @@ def test_kv_cached_steps_equal_full_forward():
   ids = _ids((2, 12))
   full = model(ids)
   cache = model.init_cache(2)
-  logits, cache = model.step(ids[:, :5], cache, 0)
+  logits, cache = model.step(ids[:, :5], cache)
   pieces = [logits]
-  step = nnx.jit(lambda m, i, c, p: m.step(i, c, p))  # one function: one compilation for every position
+  step = nnx.jit(lambda m, i, c: m.step(i, c))  # one function: one compilation for every position
   for t in range(5, 12):
-    logits, cache = step(model, ids[:, t:t + 1], cache, t)
+    logits, cache = step(model, ids[:, t:t + 1], cache)
     pieces.append(logits)
   np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
 
@@ -116,7 +116,7 @@ def test_bad_inputs():
   model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"GPT: ids contain 512 but 0 <= id < vocab_size=512"):
     model(jnp.array([[1, 512]]))
-  with pytest.raises(ValueError, match=r"GPT: 129 positions \(pos=0, time=129\) but block_size=128"):
+  with pytest.raises(ValueError, match=r"GPT: 129 positions \(ids.shape=\(1, 129\)\) but block_size=128"):
     model(jnp.zeros((1, 129), jnp.int32))
   with pytest.raises(ValueError, match=r"GPT: ids.shape=\(4,\), dtype=int32 but integer ids of shape"):
     model(jnp.zeros(4, jnp.int32))
@@ -159,7 +159,7 @@ def test_vocab_padding_is_invisible_outside_the_loss():
   np.testing.assert_allclose(g_pad.wte.embedding[...][:300], g_exact.wte.embedding[...], atol=1e-7)
   assert not bool(jnp.any(g_pad.wte.embedding[...][300:]))
   cache = padded.init_cache(1)
-  assert padded.step(ids[:1, :3], cache, 0)[0].shape == (1, 3, 300)
+  assert padded.step(ids[:1, :3], cache)[0].shape == (1, 3, 300)
   # a config written before the field existed means no padding; tensorized embeddings are never padded
   assert GPTConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "vocab_multiple"}).padded_vocab == 300
   assert cfg.replace(layers={"embedding": {"kind": "ttm", "rank": 4}}).padded_vocab == 300

@@ -52,12 +52,12 @@ def test_kv_cached_decoding_matches_the_full_forward(layers):
   model = Llama(preset("llama-tiny", layers=layers), rngs=nnx.Rngs(0))
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 9)))
   full = model(ids)
-  logits, cache = model.step(ids[:, :5], model.init_cache(2), 0)
-  assert cache[0][0].shape == (2, 128, 2, 32)  # kv heads, not query heads
+  logits, cache = model.step(ids[:, :5], model.init_cache(2))
+  assert cache[0].keys.shape == (2, 128, 2, 32)  # kv heads, not query heads
   step_logits = [logits]
-  step = jax.jit(lambda m, x, c, p: m.step(x, c, p))  # positions traced: one compilation
+  step = jax.jit(lambda m, x, c: m.step(x, c))  # the cache index traced: one compilation
   for i in range(5, 9):
-    logits, cache = step(model, ids[:, i:i + 1], cache, jnp.asarray(i))
+    logits, cache = step(model, ids[:, i:i + 1], cache)
     step_logits.append(logits)
   np.testing.assert_allclose(jnp.concatenate(step_logits, 1), full, atol=1e-5)
 

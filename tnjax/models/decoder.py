@@ -2,13 +2,14 @@
 `Decoder` base class (the model side of the seam in `tnjax.models.family`).
 
 A family subclasses `Decoder` with its own blocks; a block is called as
-``block(x, cache, pos, deterministic=...)`` and returns ``(x, cache)``. Module
+``block(x, cache, deterministic=...)`` (``cache`` its `KVCache` or None) and returns ``(x, cache)``. Module
 paths follow `tnjax.models.names`: ``model.wte``, ``model.h[i].<projection>``,
 ``model.ln_f``, ``model.lm_head``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -20,8 +21,6 @@ from tnjax.core.shapes import pad_last
 from tnjax.models.config import DecoderConfig, LayerSpec
 from tnjax.models.names import layer_key, parse_layer_key
 from tnjax.nn import kinds
-
-KVCache = list  # one (k, v) pair per block, each (batch, block_size, kv_heads, head_dim)
 
 
 def dtype_of(cfg: DecoderConfig):
@@ -89,8 +88,8 @@ def attention_here(impl: str | None) -> str | None:
   return "xla" if impl == "cudnn" and jax.default_backend() != "gpu" else impl
 
 
-def _attention(q, k, v, *, scale: float, impl, is_causal: bool = False, mask=None) -> jax.Array:
-  """``jax.nn.dot_product_attention`` for query/key and value head widths that may differ (MoDeGPT), by
+def _causal_attention(q, k, v, *, scale: float, impl) -> jax.Array:
+  """Causal ``jax.nn.dot_product_attention`` for query/key and value head widths that may differ (MoDeGPT), by
   `attention_here`'s implementation of ``impl``.
 
   Zero columns change neither q.k nor (sliced off) the output, so the narrower
@@ -101,23 +100,77 @@ def _attention(q, k, v, *, scale: float, impl, is_causal: bool = False, mask=Non
   if impl == "cudnn":
     width = -(-width // 8) * 8  # cuDNN's fused attention takes head widths in multiples of 8
   y = jax.nn.dot_product_attention(pad_last(q, width), pad_last(k, width), pad_last(v, width),
-                                   mask=mask, is_causal=is_causal, scale=scale, implementation=impl)
+                                   is_causal=True, scale=scale, implementation=impl)
   return y[..., : v.shape[-1]]
 
 
-def cached_attention(q, k, v, cache, pos, *, scale: float, impl) -> tuple[jax.Array, tuple | None]:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """One block's keys and values in ``length`` slots, and which slots hold what.
+
+  Row r's tokens sit in slots ``start[r]..`` (the slots before are left padding, never attended to); the
+  next tokens are written at slot ``index``, the same for every row, so a token's position in its own
+  sequence is ``slot - start[r]``. A model's cache is a tuple of these, one per block (`Decoder.init_cache`).
+
+  Attributes:
+    keys: (batch, length, kv_heads, qk_dim).
+    values: (batch, length, kv_heads, v_dim).
+    start: (batch,) int32, each row's first real slot.
+    index: () int32, the slot the next token goes to.
+  """
+
+  keys: jax.Array
+  values: jax.Array
+  start: jax.Array
+  index: jax.Array
+
+  @property
+  def length(self) -> int:
+    return self.keys.shape[1]
+
+  def positions(self, time: int) -> jax.Array:
+    """(batch, time) int32 positions of ``time`` tokens written at ``index``.. (padding slots get 0)."""
+    slots = self.index + jnp.arange(time, dtype=jnp.int32)
+    return jnp.maximum(slots[None, :] - self.start[:, None], 0)
+
+  def attend(self, q, k, v, *, scale: float) -> tuple[jax.Array, KVCache]:
+    """Writes k, v (batch, time, kv_heads, ...) at ``index``.. and lets each query (batch, time, heads, qk)
+    attend to the slots of its row from ``start`` up to its own; returns (batch, time, heads, v_dim) and the
+    cache advanced by ``time``.
+
+    The keys are read once per group of query heads (no repeat to ``heads``), and query and value widths may
+    differ (MoDeGPT): one decoded token is a matrix-vector product per key/value head over the cache.
+    """
+    b, t, h, width = q.shape
+    kv = self.keys.shape[2]
+    at = (jnp.int32(0), self.index, jnp.int32(0), jnp.int32(0))
+    keys = jax.lax.dynamic_update_slice(self.keys, k.astype(self.keys.dtype), at)
+    values = jax.lax.dynamic_update_slice(self.values, v.astype(self.values.dtype), at)
+    slot = jnp.arange(self.length, dtype=jnp.int32)
+    query_slot = self.index + jnp.arange(t, dtype=jnp.int32)
+    visible = (slot[None, None, :] >= self.start[:, None, None]) & (slot[None, None, :] <= query_slot[None, :, None])
+    scores = jnp.einsum("btkgd,bskd->bkgts", q.reshape(b, t, kv, h // kv, width), keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * jnp.float32(scale)
+    # A finite floor, not -inf: a padding slot's query sees no key and gets a uniform average instead of NaN.
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    y = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))
+    return y.reshape(b, t, h, -1), dataclasses.replace(self, keys=keys, values=values, index=self.index + t)
+
+
+def positions(cache: KVCache | None, time: int) -> jax.Array:
+  """Positions of ``time`` tokens: (batch, time) from a cache, else (1, time) counting from 0."""
+  return jnp.arange(time, dtype=jnp.int32)[None] if cache is None else cache.positions(time)
+
+
+def cached_attention(q, k, v, cache: KVCache | None, *, scale: float, impl) -> tuple[jax.Array, KVCache | None]:
   """Causal attention of q (batch, time, heads, qk) over k, v (batch, time, kv_heads, ...), kv_heads dividing
-  heads; with a cache (keys, values of (batch, block_size, kv_heads, ...)), k and v are written at positions
-  pos.. and the queries attend to every cached position up to their own."""
+  heads: without a cache by ``jax.nn.dot_product_attention`` (``impl``: its implementation), with one by
+  `KVCache.attend`."""
   if cache is None:
-    return _attention(q, k, v, scale=scale, impl=impl, is_causal=True), None
-  ck, cv = cache
-  ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, pos, 0, 0))
-  cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, pos, 0, 0))
-  # query i sits at position pos + i and sees keys 0..pos + i
-  mask = jnp.arange(ck.shape[1])[None, :] <= pos + jnp.arange(q.shape[1])[:, None]
-  y = _attention(q, ck.astype(q.dtype), cv.astype(q.dtype), scale=scale, impl=impl, mask=mask[None, None])
-  return y, (ck, cv)
+    return _causal_attention(q, k, v, scale=scale, impl=impl), None
+  return cache.attend(q, k, v, scale=scale)
 
 
 def make_embedding(cfg: DecoderConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -145,8 +198,8 @@ class PreNormBlock(nnx.Module):
   """``x + attn(ln_1(x))``, then ``+ mlp(ln_2(x))``: the block of every family (subclasses set ``ln_1``,
   ``attn``, ``ln_2``, ``mlp``; attention returns ``(y, cache)``)."""
 
-  def __call__(self, x, cache=None, pos=0, *, deterministic: bool = True):
-    y, cache = self.attn(self.ln_1(x), cache, pos, deterministic=deterministic)
+  def __call__(self, x, cache=None, *, deterministic: bool = True):
+    y, cache = self.attn(self.ln_1(x), cache, deterministic=deterministic)
     x = x + y
     return x + self.mlp(self.ln_2(x), deterministic=deterministic), cache
 
@@ -166,36 +219,36 @@ class Decoder(nnx.Module):
   def _name(self) -> str:
     return type(self).__name__
 
-  def _check_ids(self, ids, pos: int = 0) -> jax.Array:
+  def _check_ids(self, ids) -> jax.Array:
     ids = jnp.asarray(ids)
     if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
       raise ValueError(f"{self._name}: ids.shape={ids.shape}, dtype={ids.dtype} but integer ids of shape (batch, "
                        "time) are expected")
     limit = self.config.block_size
-    if _checks.is_concrete(pos) and int(pos) + ids.shape[1] > limit:
-      raise ValueError(f"{self._name}: {int(pos) + ids.shape[1]} positions (pos={int(pos)}, time={ids.shape[1]}) "
-                       f"but block_size={limit}")
+    if ids.shape[1] > limit:
+      raise ValueError(f"{self._name}: {ids.shape[1]} positions (ids.shape={ids.shape}) but block_size={limit}")
     if _checks.is_concrete(ids) and ids.size and (int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0):
       bad = int(ids.max()) if int(ids.max()) >= self.config.vocab_size else int(ids.min())
       raise ValueError(f"{self._name}: ids contain {bad} but 0 <= id < vocab_size={self.config.vocab_size} is "
                        "expected")
     return ids
 
-  def embed(self, ids, pos=0, deterministic: bool = True) -> jax.Array:
-    """The input of the first block for ids (batch, time) at positions pos.. (calibration starts here)."""
+  def embed(self, ids, positions=None, deterministic: bool = True) -> jax.Array:
+    """The input of the first block for ids (batch, time) at ``positions`` (batch or 1, time), default 0..
+    (calibration starts here)."""
     raise NotImplementedError
 
-  def _forward(self, ids, cache, pos, deterministic):
-    x = self.embed(ids, pos, deterministic)
+  def _forward(self, ids, cache, deterministic, last_only: bool = False):
+    x = self.embed(ids, None if cache is None else positions(cache[0], ids.shape[1]), deterministic)
     new_cache = []
     for i, block in enumerate(self.h):
-      x, c = block(x, None if cache is None else cache[i], pos, deterministic=deterministic)
+      x, c = block(x, None if cache is None else cache[i], deterministic=deterministic)
       new_cache.append(c)
-    x = self.ln_f(x)
+    x = self.ln_f(x[:, -1:] if last_only else x)
     if self.config.output_multiplier != 1.0:
       x = x * jnp.asarray(self.config.output_multiplier, x.dtype)
     logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
-    return logits, (None if cache is None else new_cache)
+    return logits, (None if cache is None else tuple(new_cache))
 
   def __call__(self, ids, *, deterministic: bool = True, padded_logits: bool = False) -> jax.Array:
     """Logits (batch, time, vocab_size) for integer ids (batch, time), time <= block_size.
@@ -204,7 +257,7 @@ class Decoder(nnx.Module):
     columns at -inf (what a softmax over them gives zero weight), which avoids
     slicing the largest activation in a training step.
     """
-    logits = self._forward(self._check_ids(ids), None, 0, deterministic)[0]
+    logits = self._forward(self._check_ids(ids), None, deterministic)[0]
     return self._mask_padding(logits) if padded_logits else logits[..., : self.config.vocab_size]
 
   def _mask_padding(self, logits: jax.Array) -> jax.Array:
@@ -231,17 +284,70 @@ class Decoder(nnx.Module):
       module = getattr(module, part)
     return module
 
-  def init_cache(self, batch: int, dtype=jnp.float32) -> KVCache:
-    """Zeroed keys and values for every block: (batch, block_size, kv_heads, qk_dim or v_dim) each."""
-    cfg = self.config
-    shape = (batch, cfg.block_size, cfg.kv_heads)
-    return [(jnp.zeros(shape + (cfg.block_dims(i)[1],), dtype), jnp.zeros(shape + (cfg.block_dims(i)[2],), dtype))
-            for i in range(cfg.n_layer)]
+  def init_cache(self, batch: int, length: int | None = None, *, start=None, dtype=None) -> tuple[KVCache, ...]:
+    """An empty `KVCache` per block, each of ``length`` slots (default ``block_size``): keys (batch, length,
+    kv_heads, qk_dim) and values (..., v_dim) of ``dtype`` (default the model's computation dtype, float32
+    when it has none); ``start`` (batch,) the first real slot of each row (default 0: no left padding).
 
-  def step(self, ids, cache: KVCache, pos) -> tuple[jax.Array, KVCache]:
-    """Logits for ``ids`` placed at positions pos.., reading and extending the KV cache."""
-    logits, cache = self._forward(self._check_ids(ids, pos), cache, pos, True)
+    Examples:
+      >>> from tnjax.models import Llama, preset
+      >>> model = Llama(preset("llama-tiny"), rngs=nnx.Rngs(0))
+      >>> cache = model.init_cache(2, 24)
+      >>> len(cache), cache[0].keys.shape  # 2 blocks; 2 rows, 24 slots, 2 kv heads of width 32
+      (2, (2, 24, 2, 32))
+    """
+    fn, cfg = f"{self._name}.init_cache", self.config
+    _checks.check_positive_int(fn, "batch", batch)
+    length = cfg.block_size if length is None else _checks.check_positive_int(fn, "length", length)
+    if length > cfg.block_size:
+      raise ValueError(f"{fn}: length={length} but at most block_size={cfg.block_size} slots are expected")
+    start = jnp.zeros(batch, jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+    if start.shape != (batch,):
+      raise ValueError(f"{fn}: start.shape={start.shape} but ({batch},) (one slot per row) is expected")
+    dtype = dtype or dtype_of(cfg) or jnp.float32
+    shape = (batch, length, cfg.kv_heads)
+    return tuple(KVCache(jnp.zeros(shape + (cfg.block_dims(i)[1],), dtype),
+                         jnp.zeros(shape + (cfg.block_dims(i)[2],), dtype), start, jnp.zeros((), jnp.int32))
+                 for i in range(cfg.n_layer))
+
+  def step(self, ids, cache: tuple[KVCache, ...], *, last_only: bool = False
+           ) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    """Logits (batch, time or 1 with ``last_only``, vocab_size) for ``ids`` (batch, time) written at the
+    cache's next slots, and the cache holding them.
+
+    Raises:
+      ValueError: bad ids, or (with a concrete cache index) more tokens than the cache has free slots.
+    """
+    ids = self._check_ids(ids)
+    head = cache[0]
+    if _checks.is_concrete(head.index) and int(head.index) + ids.shape[1] > head.length:
+      raise ValueError(f"{self._name}.step: {ids.shape[1]} tokens at slot {int(head.index)} but the cache has "
+                       f"{head.length} slots")
+    logits, cache = self._forward(ids, cache, True, last_only)
     return logits[..., : self.config.vocab_size], cache
+
+  def astype(self, dtype) -> Decoder:
+    """This model computing in ``dtype`` with its floating parameters stored in it (int8 weights stay int8),
+    rebuilt from its config: for inference, where a per-step cast would read every weight twice. Returns
+    the model itself when nothing changes.
+
+    Examples:
+      >>> from tnjax.models import GPT, preset
+      >>> half = GPT(preset("tiny"), rngs=nnx.Rngs(0)).astype("bfloat16")
+      >>> half.config.dtype, half.h[0].mlp.c_fc.kernel.dtype
+      ('bfloat16', dtype(bfloat16))
+    """
+    dtype = jnp.dtype(dtype)
+    graphdef, params, rest = nnx.split(self, nnx.Param, ...)
+
+    def cast(x):
+      return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    if dtype_of(self.config) == dtype and all(cast(x).dtype == x.dtype for x in jax.tree_util.tree_leaves(params)):
+      return self
+    cfg = self.config.replace(dtype=dtype.name)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: type(self)(cfg, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, jax.tree_util.tree_map(cast, params), rest)
 
   def flops_per_token(self, rows: int | None = None) -> float:
     """Forward FLOPs per token (2 per multiply-add): every projection by its kind and path, the LM head, and

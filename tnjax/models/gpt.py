@@ -34,6 +34,7 @@ from tnjax.models.decoder import (
     make_head,
     make_linear,
 )
+from tnjax.models.decoder import positions as decoder_positions
 
 __all__ = ["GPT", "make_linear", "dense_kernel", "linear_flops"]
 
@@ -53,17 +54,17 @@ class Attention(nnx.Module):
                               rngs=rngs, balance=balance_of(cfg))
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-  def context(self, x, cache=None, pos=0):
+  def context(self, x, cache=None):
     """The heads' outputs before the output projection, (b, t, n_head * v_dim), and the new cache."""
     b, t, d = x.shape
     h, qk = self.n_head, self.n_head * self.qk_dim
     q, k, v = jnp.split(self.c_attn(x), [qk, 2 * qk], axis=-1)
     q, k, v = (z.reshape(b, t, h, -1) for z in (q, k, v))
-    y, new_cache = cached_attention(q, k, v, cache, pos, scale=self.scale, impl=self.impl)
+    y, new_cache = cached_attention(q, k, v, cache, scale=self.scale, impl=self.impl)
     return y.reshape(b, t, h * self.v_dim), new_cache
 
-  def __call__(self, x, cache=None, pos=0, *, deterministic: bool = True):
-    y, new_cache = self.context(x, cache, pos)
+  def __call__(self, x, cache=None, *, deterministic: bool = True):
+    y, new_cache = self.context(x, cache)
     return self.dropout(self.c_proj(y), deterministic=deterministic), new_cache
 
 
@@ -151,7 +152,7 @@ class GPT(Decoder):
     self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
     self.lm_head = make_head(cfg, rngs)
 
-  def embed(self, ids, pos=0, deterministic: bool = True) -> jax.Array:
-    x = self.wte(ids) + self.wpe(pos + jnp.arange(ids.shape[1]))[None]
+  def embed(self, ids, positions=None, deterministic: bool = True) -> jax.Array:
+    x = self.wte(ids) + self.wpe(decoder_positions(None, ids.shape[1]) if positions is None else positions)
     return self.drop(x, deterministic=deterministic)
 

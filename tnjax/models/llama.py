@@ -38,6 +38,7 @@ from tnjax.models.decoder import (
     make_embedding,
     make_head,
     make_linear,
+    positions,
 )
 from tnjax.models.names import block_key
 
@@ -198,9 +199,9 @@ def check_rope_scaling(fn: str, scaling) -> None:
 
 
 def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotary embedding on split halves: x (b, t, heads, 2k), cos and sin (t, k)."""
+  """Rotary embedding on split halves: x (b, t, heads, 2k), cos and sin (t, k) or (b or 1, t, k)."""
   x1, x2 = jnp.split(x, 2, axis=-1)
-  cos, sin = cos[None, :, None].astype(x.dtype), sin[None, :, None].astype(x.dtype)
+  cos, sin = (z.reshape(-1, x.shape[1], 1, z.shape[-1]).astype(x.dtype) for z in (cos, sin))
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
@@ -229,19 +230,18 @@ class Attention(nnx.Module):
     return (self.q_proj(x).reshape(b, t, self.n_head, -1), self.k_proj(x).reshape(b, t, self.n_kv, -1),
             self.v_proj(x).reshape(b, t, self.n_kv, -1))
 
-  def context(self, x, cache=None, pos=0):
+  def context(self, x, cache=None):
     """The heads' outputs before the output projection, (b, t, n_head * v_dim), and the new cache."""
     b, t, _ = x.shape
     q, k, v = self.qkv(x)
-    positions = jnp.asarray(pos).astype(jnp.float32) + jnp.arange(t, dtype=jnp.float32)
-    angles = positions[:, None] * jnp.asarray(self.inv_freq, jnp.float32)[None, :]
+    angles = positions(cache, t).astype(jnp.float32)[..., None] * jnp.asarray(self.inv_freq, jnp.float32)[None, None]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    y, new_cache = cached_attention(q, k, v, cache, pos, scale=self.scale, impl=self.impl)
+    y, new_cache = cached_attention(q, k, v, cache, scale=self.scale, impl=self.impl)
     return y.reshape(b, t, self.n_head * self.v_dim), new_cache
 
-  def __call__(self, x, cache=None, pos=0, *, deterministic: bool = True):
-    y, new_cache = self.context(x, cache, pos)
+  def __call__(self, x, cache=None, *, deterministic: bool = True):
+    y, new_cache = self.context(x, cache)
     return self.dropout(self.o_proj(y), deterministic=deterministic), new_cache
 
 
@@ -329,5 +329,5 @@ class Llama(Decoder):
     self.ln_f = _rms_norm(cfg, rngs)
     self.lm_head = make_head(cfg, rngs)
 
-  def embed(self, ids, pos=0, deterministic: bool = True) -> jax.Array:
+  def embed(self, ids, positions=None, deterministic: bool = True) -> jax.Array:
     return self.drop(self.wte(ids), deterministic=deterministic)
