@@ -47,6 +47,56 @@ def _digest(path: pathlib.Path) -> dict:
   return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Runs `tnjax.cli.main` on each argv in one fresh Python process (one JAX start for many cases), with the process's
+# file descriptor 2 sent to a file per case: whatever reaches the user's terminal (tracebacks printed by library
+# threads or loggers included) is what the case sees. An exception main lets through is printed as a traceback.
+_DRIVER = r"""
+import json, os, sys, tempfile, traceback
+from tnjax.cli import main
+cases, results = json.loads(sys.argv[1]), []
+for argv in cases:
+  with tempfile.TemporaryFile("w+") as err:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(err.fileno(), 2)
+    try:
+      rc = main(argv)
+    except SystemExit as e:
+      rc = e.code
+    except BaseException:
+      traceback.print_exc()
+      rc = "raised"
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+    err.seek(0)
+    results.append({"argv": argv, "rc": rc, "err": err.read()})
+with open(sys.argv[2], "w") as f:
+  json.dump(results, f)
+"""
+
+
+def cli_cases_in_a_process(cases: list[list[str]], tmp_path: pathlib.Path, timeout: float = 600) -> list[dict]:
+  """``[{"argv", "rc", "err"}]`` of each ``tnjax`` command line in ``cases``, run in one real process."""
+  out = tmp_path / "cli-results.json"
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  done = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(cases), str(out)], env=env, cwd=tmp_path,
+                        capture_output=True, text=True, timeout=timeout)
+  assert done.returncode == 0 and out.exists(), done.stderr[-3000:]
+  return json.loads(out.read_text())
+
+
+def assert_one_line(result: dict, match: str) -> None:
+  """Exit code 2, one line on stderr starting ``tnjax <command>: `` and matching ``match``, no traceback."""
+  lines = result["err"].strip().splitlines()
+  assert result["rc"] == 2, result
+  assert "Traceback" not in result["err"] and len(lines) == 1, result
+  assert lines[0].startswith(f"tnjax {result['argv'][0]}: ") and re.search(match, lines[0]), (match, lines[0])
+
+
 def _corrupt_copy(src: pathlib.Path, dst: pathlib.Path, edit) -> pathlib.Path:
   dst.mkdir(parents=True, exist_ok=True)
   for f in src.iterdir():
@@ -87,6 +137,40 @@ def _corrupt_copy(src: pathlib.Path, dst: pathlib.Path, edit) -> pathlib.Path:
 def test_config_values(overrides, match):
   with pytest.raises(ValueError, match=match):
     resolve(None, overrides)
+
+
+@pytest.mark.parametrize("name, overrides, match", [
+    ("tiny", dict(layer_norm_eps=-1), r"GPTConfig: layer_norm_eps=-1 \(int\) but a finite number > 0 is expected"),
+    ("tiny", dict(layer_norm_eps=0.0), r"GPTConfig: layer_norm_eps=0.0 \(float\) but a finite number > 0"),
+    ("tiny", dict(layer_norm_eps=float("nan")), r"GPTConfig: layer_norm_eps=nan \(float\) but a finite number > 0"),
+    ("tiny", dict(layer_norm_eps="1e-5"), r"GPTConfig: layer_norm_eps='1e-5' \(str\) but a finite number > 0"),
+    ("tiny", dict(init_std=float("inf")), r"GPTConfig: init_std=inf \(float\) but a finite number is expected"),
+    ("tiny", dict(dropout="0.1"), r"GPTConfig: dropout='0.1' \(str\) but a finite number is expected"),
+    ("tiny", dict(tie_embeddings="yes"), r"GPTConfig: tie_embeddings='yes' \(str\) but true or false is expected"),
+    ("tiny", dict(d_ff="512"), r"GPTConfig: d_ff='512' but a positive integer is expected"),
+    ("llama-tiny", dict(rms_norm_eps=-1e-6), r"LlamaConfig: rms_norm_eps=-1e-06 \(float\) but a finite number > 0"),
+    ("llama-tiny", dict(rope_theta="1e4"), r"LlamaConfig: rope_theta='1e4' \(str\) but a finite number"),
+    ("llama-tiny", dict(n_kv_head=0), r"LlamaConfig: n_kv_head=0 but a positive integer"),
+])
+def test_model_config_scalars_are_checked(name, overrides, match):
+  """Before, preset(layer_norm_eps=-1) built a model whose every output was NaN, and a string eps failed in the
+  forward pass."""
+  with pytest.raises(ValueError, match=match):
+    preset(name, **overrides)
+
+
+def test_hf_config_with_a_string_number_is_refused_at_load_naming_the_field_and_file(tmp_path):
+  from tnjax.interop import save_hf_gpt2
+
+  d = save_hf_gpt2(GPT(preset("tiny", **SMALL_MODEL), rngs=nnx.Rngs(0)), tmp_path / "hf")
+  hf = json.loads((d / "config.json").read_text())
+  (d / "config.json").write_text(json.dumps({**hf, "layer_norm_epsilon": "1e-5"}))
+  with pytest.raises(ValueError, match=r"^GPTConfig: layer_norm_eps='1e-5' \(str\) but a finite number > 0 is "
+                                       rf"expected \(in {re.escape(str(d / 'config.json'))}\)$"):
+    load_hf_gpt2(d)
+  (d / "config.json").write_text(json.dumps({**hf, "n_layer": "1"}))
+  with pytest.raises(ValueError, match=r"GPTConfig: n_layer='1' but a positive integer .*\(in .*config.json\)"):
+    load_hf_gpt2(d)
 
 
 def test_config_files(files, tmp_path):
