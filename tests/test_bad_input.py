@@ -131,6 +131,10 @@ def _corrupt_copy(src: pathlib.Path, dst: pathlib.Path, edit) -> pathlib.Path:
     (['layers.mlp.c_fc={"kind": "bogus"}'], r"do not make a model: GPTConfig: .*kind='bogus'"),
     (['layers.mlp.c_fc={"kind": "ttm", rank: 8}'], r"--set: layers.mlp.c_fc=.* is not valid JSON"),
     (['train_files=["a.txt"'], r"--set: train_files=.* is not valid JSON"),
+    (["warmup=100000", "steps=20"], r"TrainConfig: warmup=100000 but steps=20; warmup < steps is expected"),
+    (["steps=20"], r"TrainConfig: warmup=20 but steps=20; warmup < steps"),
+    (["model_overrides.layer_norm_eps=-1"], r"do not make a model: GPTConfig: layer_norm_eps=-1 \(int\) but a finite "
+                                            r"number > 0"),
     (["stepz=3"], r"--set: unknown field 'stepz'"),
     (["steps"], r"--set: 'steps' but key=value is expected"),
 ])
@@ -352,7 +356,7 @@ def test_dir_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
 
 def _train_argv(f, out, *extra):
   sets = ['model_overrides={"n_layer": 1, "d_model": 32, "n_head": 2}', "layers={}", "vocab_size=300",
-          "block_size=16", "batch_size=2", "eval_batches=1", "steps=2", f"train_files=[\"{f['text']}\"]",
+          "block_size=16", "batch_size=2", "eval_batches=1", "steps=2", "warmup=1", f"train_files=[\"{f['text']}\"]",
           f"valid_files=[\"{f['text']}\"]", f"out_dir={out}", *extra]
   return ["train", "--no-progress"] + [a for s in sets for a in ("--set", s)]
 
@@ -383,6 +387,35 @@ def test_train_refuses_every_bad_data_file_before_the_first_step(files, tmp_path
   # nothing that would block a corrected run: no checkpoints, no saved config, no lock
   assert not (out / "checkpoints").exists() and not (out / "train_config.json").exists()
   assert not (out / LOCK_NAME).exists()
+
+
+def test_train_refuses_batches_larger_than_the_host_before_any_work(files, tmp_path, monkeypatch):
+  """Before, --set batch_size=1000000000 trained a tokenizer and cached the data, then ran out of memory."""
+  import tnjax.train.loop
+
+  monkeypatch.setattr(tnjax.train.loop, "train_tokenizer", lambda *a: pytest.fail("work began before the refusal"))
+  out = tmp_path / "run"
+  cfg = resolve(None, _train_argv(files, out, "batch_size=1000000000")[3::2])
+  with pytest.raises(ValueError, match=r"train: batch_size=1,000,000,000 \(and eval_batches=1 validation batches\) of "
+                                       r"block_size=16 tokens need [\d,.]+ GiB of host memory .* but this host has "
+                                       r"[\d,.]+ GiB; lower batch_size or eval_batches"):
+    tnjax.train.train(cfg, progress=False)
+  assert not out.exists()
+
+
+def test_a_vocab_size_the_text_cannot_reach_is_said(files, tmp_path, monkeypatch, capsys):
+  """Before, --set vocab_size=10000000 gave a 4,971-token tokenizer without a word; now it is said once every file
+  has been checked (so that a refusal stays one line)."""
+  from tnjax.train import Trainer
+
+  monkeypatch.setattr(Trainer, "__init__", lambda *a, **k: pytest.fail("stop"))
+  with pytest.raises(pytest.fail.Exception, match="stop"):
+    main(_train_argv(files, tmp_path / "run", "vocab_size=100000"))
+  size = load_tokenizer(tmp_path / "run" / "tokenizer.json").get_vocab_size()
+  assert 257 < size < 100000
+  assert capsys.readouterr().err == (f"train: the tokenizer trained on train_files has {size:,} tokens, fewer than "
+                                     "vocab_size=100,000 (the text has no more merges seen twice); the model gets "
+                                     f"{size:,}\n")
 
 
 def test_train_into_a_directory_in_use_is_refused_and_changes_nothing(files, tmp_path, capsys):

@@ -111,6 +111,9 @@ class TrainConfig:
     if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup < 0:
       raise ValueError(f"{fn}: lr={self.lr}, min_lr_ratio={self.min_lr_ratio}, warmup={self.warmup} but lr > 0, "
                        "0 <= min_lr_ratio <= 1 and warmup >= 0 are expected")
+    if self.warmup >= self.steps:
+      raise ValueError(f"{fn}: warmup={self.warmup} but steps={self.steps}; warmup < steps is expected (the learning "
+                       "rate would not reach lr before the run ends)")
     if self.schedule not in SCHEDULES:
       raise ValueError(f"{fn}: schedule={self.schedule!r} but one of {SCHEDULES} is expected")
     if not 0 < self.decay_fraction <= 1:

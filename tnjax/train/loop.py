@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import pathlib
 import signal
 import sys
@@ -318,6 +319,22 @@ def _check_files(cfg: TrainConfig) -> None:
         raise ValueError(f"train: {field} has {f!r}, which is empty; a UTF-8 text file is expected")
 
 
+def _check_host_memory(cfg: TrainConfig) -> None:
+  """Refuses, before any work, batches whose token ids alone exceed the host's memory: one training batch and the
+  validation batches (held for the whole run), each window as int64 indices and int32 inputs and targets."""
+  try:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (AttributeError, ValueError, OSError):  # no such query on this platform
+    return
+  windows = cfg.batch_size + cfg.eval_batches * (cfg.batch_size // cfg.grad_accum)
+  need = windows * (cfg.block_size + 1) * 16
+  if need > total:
+    raise ValueError(f"train: batch_size={cfg.batch_size:,} (and eval_batches={cfg.eval_batches} validation batches) "
+                     f"of block_size={cfg.block_size} tokens need {need / 2**30:,.1f} GiB of host memory for their "
+                     f"token ids alone but this host has {total / 2**30:,.1f} GiB; lower batch_size or eval_batches "
+                     "(grad_accum splits a batch into micro-batches on the device, not on the host)")
+
+
 def _tokens(cfg: TrainConfig, tok, out: pathlib.Path, field: str) -> np.ndarray:
   """The token ids of one of ``FILE_FIELDS`` (read, decoded and tokenized, or taken from the cache), so that every
   file a run reads is refused before its first step rather than after training.
@@ -477,6 +494,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
       becomes NaN or infinite.
   """
   cfg.validate()
+  _check_host_memory(cfg)
   _check_files(cfg)
   out = pathlib.Path(cfg.out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -515,6 +533,10 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, progress: bool) ->
   # config is saved): a bad one found after training would leave the run without its model and report.
   tok = _tokenizer(cfg, out, resume)
   tokens = {field: _tokens(cfg, tok, out, field) for field in FILE_FIELDS if getattr(cfg, field)}
+  if not cfg.tokenizer and tok.get_vocab_size() < cfg.vocab_size:  # BPE stops when no pair is seen twice
+    _say(f"train: the tokenizer trained on train_files has {tok.get_vocab_size():,} tokens, fewer than "
+         f"vocab_size={cfg.vocab_size:,} (the text has no more merges seen twice); the model gets "
+         f"{tok.get_vocab_size():,}")
   atomic_write_text(saved_cfg, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
   valid = eval_batches(tokens["valid_files"], cfg.eval_batches, cfg.batch_size // cfg.grad_accum, cfg.block_size)
   trainer = Trainer(cfg, tok.get_vocab_size())
