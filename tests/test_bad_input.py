@@ -418,6 +418,110 @@ def test_a_vocab_size_the_text_cannot_reach_is_said(files, tmp_path, monkeypatch
                                      f"{size:,}\n")
 
 
+def _saved_run(files, out, *extra):
+  """A run directory as `train` leaves it before its first step: ``train_config.json`` only."""
+  cfg = resolve(None, _train_argv(files, out, 'layers.mlp.c_fc={"kind": "ttm", "rank": 4}', *extra)[3::2])
+  out.mkdir(parents=True)
+  (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+  return cfg
+
+
+def test_resume_takes_the_saved_config_and_refuses_changes_to_the_model_or_data(files, tmp_path):
+  """The README's `tnjax train --set steps=4000 --set out_dir=runs/x --resume`, after a run started with other
+  --set options, exited 2 (`differs from the saved one in ['layers']`): every --set had to be repeated."""
+  from tnjax.train import train
+
+  out = tmp_path / "run"
+  saved = _saved_run(files, out)
+  cfg = resolve(None, ["steps=4000", f"out_dir={out}"], resume=True)
+  assert cfg.to_dict() == {**saved.to_dict(), "steps": 4000}
+  assert resolve(None, [f"out_dir={out}", "lr=0.001", "grad_accum=2"], resume=True).lr == 0.001  # RESUMABLE
+  before = _digest(out)
+  for change, fields in (("block_size=32", "['block_size']"), ('layers.mlp.c_fc="dense"', "['layers']"),
+                         ("seed=3", "['seed']"), (f"valid_files=[\"{files['binary']}\"]", "['valid_files']")):
+    changed = resolve(None, [f"out_dir={out}", "steps=10", change], resume=True)
+    with pytest.raises(ValueError, match=rf"^train: --resume with a configuration that differs from the saved one in "
+                                         rf"{re.escape(fields)} \({re.escape(str(out / 'train_config.json'))}\); they "
+                                         r"set the model or the data it trains on"):
+      train(changed, resume=True, progress=False)
+  assert _digest(out) == before and not (out / LOCK_NAME).exists()
+
+
+@pytest.mark.slow  # three short training runs in two processes (~25 s)
+def test_the_readmes_resume_path_works_as_written(files, tmp_path):
+  """A run started with extra --set options, then the README's `--set steps=N --set out_dir=DIR --resume`; a new run
+  from the saved `--config RUN/train_config.json`; a garbled metrics.jsonl line named on the next resume."""
+  out, again = tmp_path / "run", tmp_path / "again"
+  first = _train_argv(files, out, 'layers.mlp.c_fc={"kind": "ttm", "rank": 4}', "steps=4", "eval_every=2",
+                      "checkpoint_every=2", "warmup=2")
+  resume = ["train", "--no-progress", "--set", "steps=8", "--set", f"out_dir={out}", "--resume"]
+  new = ["train", "--no-progress", "--config", str(out / "train_config.json"), "--set", f"out_dir={again}"]
+  results = cli_cases_in_a_process([first, resume, new], tmp_path)
+  assert [r["rc"] for r in results] == [0, 0, 0], results
+  assert "train: resuming at step 4 with steps=8 (the saved run had steps=4); the cosine learning-rate schedule " \
+         "changes: at step 4 the rate is " in results[1]["err"] and "best_model/ keeps the model" in results[1]["err"]
+  saved = json.loads((out / "train_config.json").read_text())
+  assert saved["steps"] == 8 and saved["layers"]["mlp.c_fc"] == {"kind": "ttm", "rank": 4}
+  assert json.loads((out / "report.json").read_text())["steps"] == 8
+  assert json.loads((again / "train_config.json").read_text()) == {**saved, "out_dir": str(again)}
+  for d in (out / "model", out / "best_model"):  # both load with their tokenizer
+    assert (d / "tokenizer.json").exists() and load_model(d).config.spec("mlp.c_fc", 0).rank == 4
+
+  with open(out / "metrics.jsonl", "a") as f:
+    f.write('{"step": 9, "lo\n')
+  before = _digest(out)
+  (result,) = cli_cases_in_a_process([resume[:3] + ["steps=12"] + resume[4:]], tmp_path)
+  assert_one_line(result, rf"train: {re.escape(str(out / 'metrics.jsonl'))} line \d+ is not valid JSON")
+  assert _digest(out) == before
+
+
+def test_a_run_config_json_is_a_config_file(files, tmp_path):
+  """`tnjax train --config RUN/train_config.json` read TOML only."""
+  out = tmp_path / "run"
+  saved = _saved_run(files, out)
+  again = resolve(str(out / "train_config.json"), [f"out_dir={tmp_path / 'new'}"])
+  assert again.to_dict() == {**saved.to_dict(), "out_dir": str(tmp_path / "new")}
+  for text, match in (('{"steps": 3', r"resolve: .*bad.json is not valid JSON"),
+                      ("[1, 2]", r"resolve: config file .*bad.json holds list but a JSON object of TrainConfig"),
+                      ('{"stepz": 3}', r"TrainConfig: unknown fields \['stepz'\]")):
+    (tmp_path / "bad.json").write_text(text)
+    with pytest.raises(ValueError, match=match):
+      resolve(str(tmp_path / "bad.json"))
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"steps": 3', r"resolve: .*train_config.json is not valid JSON"),
+    ("[]", r"resolve: .*train_config.json holds list but a JSON object of TrainConfig fields is expected"),
+    ('{"stepz": 3}', r"resolve: .*train_config.json has unknown fields \['stepz'\]; it is not a tnjax run"),
+    (b"\xff\xfe", r"resolve: JSON file .*train_config.json is not UTF-8 text"),
+])
+def test_resume_names_a_garbled_saved_config(tmp_path, text, match):
+  (tmp_path / "train_config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+  with pytest.raises(ValueError, match=match):
+    resolve(None, [f"out_dir={tmp_path}"], resume=True)
+
+
+def test_garbled_run_files_are_named(files, tmp_path):
+  """A garbled tokenizer.source.json or metrics.jsonl line raised a bare JSONDecodeError (no file named)."""
+  from tnjax.train.loop import _tokenizer, read_metrics
+
+  out = tmp_path / "run"
+  cfg = _saved_run(files, out)
+  _tokenizer(cfg, out, resume=False)
+  (out / "tokenizer.source.json").write_text('{"vocab_size": 3')
+  with pytest.raises(ValueError, match=r"^train: .*tokenizer.source.json is not valid JSON"):
+    _tokenizer(cfg, out, resume=True)
+  metrics = out / "metrics.jsonl"
+  for text, why in (('{"step": 1, "loss": 2.0}\n{"step": 2, "lo', "line 2 is not valid JSON"),
+                    ('{"step": 1}\n\n[3]\n', "line 3 is not a JSON object with an integer 'step'"),
+                    ('{"loss": 2.0}\n', "line 1 is not a JSON object with an integer 'step'")):
+    metrics.write_text(text)
+    with pytest.raises(ValueError, match=rf"^train: {re.escape(str(metrics))} {re.escape(why)}.*the metrics log is "
+                                         r"corrupt"):
+      read_metrics("train", metrics)
+  assert read_metrics("train", tmp_path / "none.jsonl") == []
+
+
 def test_train_into_a_directory_in_use_is_refused_and_changes_nothing(files, tmp_path, capsys):
   out = tmp_path / "run"
   out.mkdir()

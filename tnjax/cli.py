@@ -84,10 +84,10 @@ def cmd_train(args) -> int:
     cfg = branch(args.branch, args.at, int(sets["steps"]), sets["out_dir"])
     resume = True
   else:
-    cfg, resume = resolve(args.config, args.set), args.resume
+    cfg, resume = resolve(args.config, args.set, resume=args.resume), args.resume
   report = train(cfg, resume=resume, progress=not args.no_progress)
   print(json.dumps(report, indent=2, allow_nan=False))
-  print(f"run directory: {cfg.out_dir} (report.md, loss.png, model/)")
+  print(f"run directory: {cfg.out_dir} (report.md, loss.png; best_model/: lowest validation loss, model/: last step)")
   return 0
 
 
@@ -176,10 +176,11 @@ def _parser() -> argparse.ArgumentParser:
 
   tr = sub.add_parser("train", help="pre-train a (tensorized) model; no arguments: a tiny TTM-GPT on the sample corpus",
                       epilog=_fields_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-  tr.add_argument("--config", help="TOML file of TrainConfig fields")
+  tr.add_argument("--config", help="TOML file of TrainConfig fields, or a run's train_config.json")
   tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="override a field, e.g. steps=1000, layers.mlp.c_fc={\"kind\":\"ttm\",\"rank\":64}")
-  tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+  tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir, with its "
+                  "saved train_config.json; --set changes steps and fields that keep the model and its data")
   tr.add_argument("--branch", metavar="RUN", help="continue the wsd run RUN's checkpoint --at into a new run of "
                   "--set steps=N in --set out_dir=DIR (one run, several budgets)")
   tr.add_argument("--at", type=_int_at_least(0), metavar="STEP", help="the checkpoint step that --branch continues")

@@ -98,8 +98,8 @@ def test_resume_refusals_a_moved_run_and_a_corrupt_checkpoint(tmp_path, monkeypa
   train(_cfg(out, "steps=4", "warmup=2", "checkpoint_every=2", "eval_every=4"), progress=False)
   with pytest.raises(ValueError, match=r"already has checkpoints; pass --resume"):
     train(_cfg(out, "steps=4", "warmup=2"), progress=False)
-  with pytest.raises(ValueError, match=r"--resume with a configuration that differs from the saved one in \['lr'\]"):
-    train(_cfg(out, "steps=6", "warmup=2", "checkpoint_every=2", "eval_every=4", "lr=0.5"), resume=True, progress=False)
+  with pytest.raises(ValueError, match=r"--resume with a configuration that differs from the saved one in \['seed'\]"):
+    train(_cfg(out, "steps=6", "warmup=2", "checkpoint_every=2", "eval_every=4", "seed=1"), resume=True, progress=False)
   with pytest.raises(ValueError, match=r"--resume but .*train_config.json does not exist"):
     train(_cfg(tmp_path / "empty", "steps=4", "warmup=2"), resume=True, progress=False)
 

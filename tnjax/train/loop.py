@@ -21,11 +21,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tnjax._io import LOCK_NAME, atomic_write, atomic_write_text, copy_tree_linked, dir_lock
+from tnjax._io import LOCK_NAME, atomic_write, atomic_write_text, copy_tree_linked, dir_lock, read_json, read_text
 from tnjax.data import eval_batches, load_tokenizer, token_cache, train_batch, train_tokenizer
 from tnjax.data.cache import file_sha256
 from tnjax.models import Decoder, build
-from tnjax.train.config import TrainConfig
+from tnjax.train.config import RESUMABLE, TrainConfig, saved_config
 from tnjax.train.mup import mup_multipliers, scale_by_multipliers
 
 
@@ -282,7 +282,7 @@ def _tokenizer(cfg: TrainConfig, out: pathlib.Path, resume: bool):
                "train_files": [{"size": f.stat().st_size, "sha256": file_sha256(f)}
                                for f in map(pathlib.Path, cfg.train_files)]}
   if saved.exists():
-    before = json.loads(source.read_text()) if source.exists() else None
+    before = read_json("train", source) if source.exists() else None
     if before == made_from or (resume and before is None):  # runs from before the source file existed
       return load_tokenizer(saved)
     if resume:
@@ -360,6 +360,50 @@ def _checkpoint_steps(out: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in (out / "checkpoints").glob("*") if p.name.isdigit())
 
 
+def read_metrics(fn: str, path: pathlib.Path) -> list[dict]:
+  """The records of a run's ``metrics.jsonl`` (none when it does not exist).
+
+  Raises:
+    ValueError: naming ``fn``, the file and the line that is not a JSON object with an integer "step".
+  """
+  if not path.exists():
+    return []
+  records = []
+  for i, line in enumerate(read_text(fn, "metrics", path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      record, why = None, f"not valid JSON ({e})"
+    else:
+      why = "not a JSON object with an integer 'step'"
+    if not isinstance(record, dict) or isinstance(record.get("step"), bool) or not isinstance(record.get("step"), int):
+      raise ValueError(f"{fn}: {path} line {i} is {why}; the metrics log is corrupt (remove that line, or the file "
+                       "to start the log afresh)")
+    records.append(record)
+  return records
+
+
+def _resume_note(saved: dict, cfg: TrainConfig, start: int) -> str | None:
+  """What a resume changes (fields of `RESUMABLE`), and where the learning rate goes when the schedule changes: a
+  cosine stretched over more steps rises again at ``start``, where the saved run had decayed."""
+  changed = [k for k in RESUMABLE if k != "out_dir" and saved.get(k) != json.loads(json.dumps(getattr(cfg, k)))]
+  if not changed:
+    return None
+  note = f"train: resuming at step {start} with " + ", ".join(
+      f"{k}={getattr(cfg, k)!r} (the saved run had {k}={saved.get(k)!r})" for k in changed)
+  if set(changed) & {"steps", "lr", "min_lr_ratio", "warmup", "schedule", "decay_fraction"}:
+    old, new = lr_schedule(TrainConfig(**saved)), lr_schedule(cfg)
+    lr_old, lr_new, lr_end = (float(f(t)) for f, t in ((old, start), (new, start), (new, cfg.steps)))
+    note += (f"; the {cfg.schedule} learning-rate schedule changes: at step {start} the rate is {lr_new:.3g} where "
+             f"the saved run's had {lr_old:.3g}, and it ends at {lr_end:.3g} at step {cfg.steps}")
+    if lr_new > 1.01 * lr_old:
+      note += (" (the rate rises again, so the loss may rise before it falls; best_model/ keeps the model of lowest "
+               "validation loss)")
+  return note
+
+
 def _check_steps_ahead(cfg: TrainConfig, out: pathlib.Path) -> None:
   """Refuses to resume a run to fewer steps than it has trained, or to as many when it has finished (its report
   gives them): either would rewrite its config and report with less (steps, tokens seen, tokens/s)."""
@@ -421,10 +465,7 @@ def branch(src, step: int, steps: int, out_dir) -> TrainConfig:
 
   fn = "branch"
   src, out = pathlib.Path(src), pathlib.Path(out_dir)
-  saved = src / "train_config.json"
-  if not saved.is_file():
-    raise ValueError(f"{fn}: {saved} does not exist; a training run directory is expected")
-  before = TrainConfig.from_dict(json.loads(saved.read_text()))
+  before = TrainConfig.from_dict(saved_config(fn, src, resuming=False))
   cfg = TrainConfig.from_dict({**before.to_dict(), "steps": steps, "out_dir": str(out)})
   if before.schedule != "wsd":
     raise ValueError(f"{fn}: {src} has schedule={before.schedule!r} but only a 'wsd' run can branch (its stable "
@@ -448,8 +489,7 @@ def branch(src, step: int, steps: int, out_dir) -> TrainConfig:
         shutil.copy2(src / name, out / name)
     if (src / "cache").is_dir():
       copy_tree_linked(src / "cache", out / "cache")
-    metrics = [json.loads(line) for line in (src / "metrics.jsonl").read_text().splitlines() if line.strip()] \
-        if (src / "metrics.jsonl").exists() else []
+    metrics = read_metrics(fn, src / "metrics.jsonl")
     vals = [m for m in metrics if "val_loss" in m]
     if (src / "best_model").is_dir() and vals and min(vals, key=lambda m: m["val_loss"])["step"] <= step:
       shutil.copytree(src / "best_model", out / "best_model")
@@ -467,17 +507,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
   ids), ``checkpoints/`` (orbax, the last ``keep``), ``metrics.jsonl``,
   ``loss.png``, ``report.json`` / ``report.md``, ``model/`` (the final model
   in tnjax's format), ``best_model/`` (the model at the lowest validation
-  loss, the checkpoint chosen on validation) and, when tensorboardX is
+  loss, the checkpoint chosen on validation: the one to use), each with its ``tokenizer.json``, and, when
+  tensorboardX is
   installed, ``tensorboard/`` event files. The report gives the best
   validation perplexity and its step, test perplexity at the last step
   (``test_perplexity``) and at the best one (``test_perplexity_at_best``),
   and training FLOPs (3x the forward FLOPs of ``GPT.flops_per_token``).
   Every file is written under a temporary name and renamed.
 
-  A moved run directory resumes (``out_dir`` is not compared); resuming with
-  more ``steps`` says on stderr that the learning-rate schedule changes;
-  resuming with fewer steps than the run has trained (or as many, once it has
-  finished) is refused and changes nothing.
+  ``resume`` continues from the latest checkpoint. ``cfg`` may differ from the saved configuration only in
+  the fields of `tnjax.train.config.RESUMABLE` (``steps``, ``out_dir``: a moved run directory resumes, and
+  fields that keep the model and its data); ``resolve(..., resume=True)`` starts from the saved one. A
+  change is said on stderr, with the learning rate at the resumed step before and after when the schedule
+  changes (more ``steps`` stretch a cosine decay, so the rate rises again). Resuming with fewer steps than
+  the run has trained (or as many, once it has finished) is refused and changes nothing.
 
   Before the first step, every file the run reads (``train_files``,
   ``valid_files``, ``test_files``) is read, decoded, tokenized and checked to
@@ -488,7 +531,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
 
   Raises:
     ValueError: when the directory already has checkpoints and ``resume`` is
-      False, when resuming with a different configuration or fewer steps, when
+      False, when resuming with a change outside ``RESUMABLE`` or fewer steps, when
       another run holds the directory, for a missing, empty, non-UTF-8 or too
       short file, when a checkpoint cannot be restored, or when the loss
       becomes NaN or infinite.
@@ -509,23 +552,20 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, progress: bool) ->
 
   saved_cfg = out / "train_config.json"
   has_ckpt = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
-  saved_steps = None
+  saved = None
   if resume:
-    if not saved_cfg.exists():
-      raise ValueError(f"train: --resume but {saved_cfg} does not exist; nothing to resume")
-    try:
-      before = json.loads(saved_cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"train: --resume but {saved_cfg} is not valid JSON ({e})") from e
-    saved_steps = before.get("steps")
-    # out_dir may differ (a moved run directory resumes); steps may grow (stated below).
-    before = {k: v for k, v in before.items() if k not in ("steps", "out_dir")}
-    now = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in ("steps", "out_dir")}
-    if before != now:
-      changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-      raise ValueError(f"train: --resume with a configuration that differs from the saved one in {changed}")
+    saved = saved_config("train", out)
+    now = json.loads(json.dumps(cfg.to_dict()))
+    fixed = sorted(k for k in now if saved.get(k) != now[k] and k not in RESUMABLE)
+    if fixed:
+      raise ValueError(f"train: --resume with a configuration that differs from the saved one in {fixed} "
+                       f"({saved_cfg}); they set the model or the data it trains on, which a resumed run keeps: only "
+                       "steps, the optimizer's and the schedule's fields, grad_accum, fsdp, test_files and the "
+                       "logging, evaluation and checkpoint fields may change (tnjax.train.config.RESUMABLE); start "
+                       "a new run in another out_dir for the others")
     _check_steps_ahead(cfg, out)
-  elif has_ckpt:
+  logged = read_metrics("train", out / "metrics.jsonl") if resume else []  # a corrupt log refused before any work
+  if has_ckpt and not resume:
     raise ValueError(f"train: {out / 'checkpoints'} already has checkpoints; pass --resume to continue, or choose "
                      "another out_dir")
 
@@ -545,19 +585,17 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, progress: bool) ->
   board = None
   try:  # the checkpoint manager's threads are closed on every path (errors and Ctrl-C included)
     start = _restore(manager, trainer) if resume and manager.latest_step() is not None else 0
-    if saved_steps is not None and saved_steps != cfg.steps:
-      _say(f"train: resuming at step {start} with steps={cfg.steps} (the saved run had steps={saved_steps}): "
-           + (f"the warmup + cosine schedule now decays over {cfg.steps} steps, so learning rates from step "
-              f"{start} on differ from the original run's" if cfg.schedule == "cosine" else
-              f"the wsd schedule now decays from step {decay_start(cfg)}"))
+    if saved is not None:
+      note = _resume_note(saved, cfg, start)
+      if note:
+        _say(note)
     # A resumed run drops what was logged after its checkpoint, so no step appears twice.
-    kept = [line for line in (metrics_path.read_text().splitlines() if resume and metrics_path.exists() else [])
-            if line.strip() and json.loads(line)["step"] <= start]
-    atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+    kept = [m for m in logged if m["step"] <= start]
+    atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
     board = _tensorboard(out / "tensorboard")
-    best = min((json.loads(line).get("val_loss", math.inf) for line in kept), default=math.inf)
+    best = min((m.get("val_loss", math.inf) for m in kept), default=math.inf)
     rates = _loop(cfg, trainer, manager, tokens["train_files"], valid, start, progress, metrics_path, board,
-                  out / "best_model", best)
+                  out / "best_model", best, tok)
   finally:
     with _interrupt_after():
       manager.wait_until_finished()
@@ -566,7 +604,7 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, progress: bool) ->
       board.close()
 
   tokens_per_step = cfg.batch_size * cfg.block_size
-  metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+  metrics = read_metrics("train", metrics_path)
   vals = [m["val_loss"] for m in metrics if "val_loss" in m]
   # a step's forward sees one micro-batch of rows; backward costs about twice the forward
   flops_per_token = 3 * trainer.model().flops_per_token(cfg.batch_size // cfg.grad_accum * cfg.block_size)
@@ -625,9 +663,9 @@ def _finite(what: str, value: float, step: int, cfg: TrainConfig) -> float:
 
 
 def _loop(cfg: TrainConfig, trainer: Trainer, manager, train_tokens, valid, start: int, progress: bool,
-          metrics_path: pathlib.Path, board, best_dir: pathlib.Path, best: float) -> list[float]:
-  """Steps ``start .. cfg.steps``: logs, evaluates (saving the model to ``best_dir`` whenever the validation
-  loss beats ``best``) and checkpoints; returns the measured tokens/s."""
+          metrics_path: pathlib.Path, board, best_dir: pathlib.Path, best: float, tok) -> list[float]:
+  """Steps ``start .. cfg.steps``: logs, evaluates (saving the model and its tokenizer ``tok`` to ``best_dir``
+  whenever the validation loss beats ``best``) and checkpoints; returns the measured tokens/s."""
   import orbax.checkpoint as ocp
   from tqdm import tqdm
 
@@ -669,6 +707,7 @@ def _loop(cfg: TrainConfig, trainer: Trainer, manager, train_tokens, valid, star
         best = val
         with _interrupt_after():
           save_model(trainer.model(), best_dir)
+          atomic_write(best_dir / "tokenizer.json", tok.save)
     if done % cfg.checkpoint_every == 0 or done == cfg.steps:
       with _interrupt_after():
         manager.save(done, args=ocp.args.StandardSave({"params": trainer.params, "opt_state": trainer.opt_state}))
