@@ -18,7 +18,7 @@ from flax import nnx
 from tests.data.test_tokenizer import TEXT
 from tnjax._io import LOCK_NAME, atomic_write, dir_lock, read_text
 from tnjax.cli import main
-from tnjax.data import load_tokenizer, train_tokenizer
+from tnjax.data import SAMPLE_DIR, load_tokenizer, train_tokenizer
 from tnjax.interop import load_hf_gpt2, load_model, save_model
 from tnjax.models import GPT, preset
 from tnjax.train import TrainConfig, resolve
@@ -40,7 +40,9 @@ def files(tmp_path_factory):
   binary = d / "binary.bin"
   binary.write_bytes(bytes(range(256)) * 8)
   (d / "adir").mkdir()
-  return {"dir": d, "text": text, "model": model, "binary": binary, "adir": d / "adir"}
+  big = d / "big-tokenizer.json"  # another tokenizer, with more tokens than the model's vocabulary
+  train_tokenizer([SAMPLE_DIR / "valid.txt"], 600).save(str(big))
+  return {"dir": d, "text": text, "model": model, "binary": binary, "adir": d / "adir", "big": big}
 
 
 def _digest(path: pathlib.Path) -> dict:
@@ -522,6 +524,59 @@ def test_garbled_run_files_are_named(files, tmp_path):
   assert read_metrics("train", tmp_path / "none.jsonl") == []
 
 
+def test_a_truncated_or_changed_token_cache_is_refused_naming_it(files, tmp_path):
+  """A truncated cache trained on 100 tokens: its manifest recorded neither its size nor its hash."""
+  from tnjax.data import token_cache
+
+  tok, cache = load_tokenizer(files["model"]), tmp_path / "cache"
+  n = len(token_cache([files["text"]], tok, cache, "train"))
+  binary, meta = cache / "train.bin", cache / "train.json"
+  assert json.loads(meta.read_text())["tokens"] == n
+  data = binary.read_bytes()
+  for edit, what in ((data[:200], r"holds 100 tokens \(200 bytes\)"),
+                     (data[:-2] + bytes([data[-2] ^ 1, data[-1]]),
+                      rf"holds {n:,} tokens whose SHA-256 differs from the recorded one")):
+    binary.write_bytes(edit)
+    with pytest.raises(ValueError, match=rf"^token_cache: {re.escape(str(binary))} {what} but its manifest "
+                                         rf"{re.escape(str(meta))} records tokens={n} and their SHA-256; the cache is "
+                                         r"truncated or was changed: delete it to rebuild it"):
+      token_cache([files["text"]], tok, cache, "train")
+    assert binary.read_bytes() == edit  # refused, not rewritten
+  binary.write_bytes(data)
+  assert len(token_cache([files["text"]], tok, cache, "train")) == n
+  manifest = json.loads(meta.read_text())
+  meta.write_text(json.dumps({k: v for k, v in manifest.items() if k not in ("tokens", "sha256")}))
+  assert len(token_cache([files["text"]], tok, cache, "train")) == n  # a manifest of before: rebuilt once
+  assert json.loads(meta.read_text()) == manifest
+  meta.write_text('{"tokenizer": ')
+  with pytest.raises(ValueError, match=r"^token_cache: .*train.json is not valid JSON .*; it is the manifest of the "
+                                       r"token cache .*train.bin: delete both files to rebuild them$"):
+    token_cache([files["text"]], tok, cache, "train")
+
+
+def _gapped_tokenizer(path: pathlib.Path) -> pathlib.Path:
+  """A word-level tokenizer of 3 tokens whose ids reach 4000 (a vocabulary with gaps)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+
+  tok = Tokenizer(models.WordLevel({"[UNK]": 0, "<|endoftext|>": 1, "the": 4000}, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(str(path))
+  return path
+
+
+def test_ids_past_the_vocabulary_are_refused_before_training(files, tmp_path, monkeypatch, capsys):
+  """Out-of-vocabulary ids made NaN losses, reported as 'training diverged; lower lr'."""
+  from tnjax.train import Trainer
+
+  monkeypatch.setattr(Trainer, "__init__", lambda *a, **k: pytest.fail("a model was built before the refusal"))
+  tok = _gapped_tokenizer(tmp_path / "gapped.json")
+  assert main(_train_argv(files, tmp_path / "run", f"tokenizer={tok}")) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  match = (r"^tnjax train: train: train_files \['.*text.txt'\] encode to id 4,000 but the tokenizer "
+           rf"\({re.escape(str(tok))}\) has 3 tokens, the model's vocab_size; its ids are expected in 0..2")
+  assert len(lines) == 1 and re.search(match, lines[0]), lines
+
+
 def test_train_into_a_directory_in_use_is_refused_and_changes_nothing(files, tmp_path, capsys):
   out = tmp_path / "run"
   out.mkdir()
@@ -570,6 +625,13 @@ def _cli_cases(f):
       (["eval", "--model", a, "--text", t], r"load_hf: .*adir/config.json does not exist"),
       (["eval", "--model", m, "--text", t, "--tokenizer", b], r"load_tokenizer: .*binary.bin is not a readable"),
       (["eval", "--model", m, "--text", t, "--block-size", "1000"], r"perplexity: block_size=1000 but 2 <="),
+      (["eval", "--model", m, "--text", t, "--tokenizer", str(f["big"])],
+       r"eval: --text file .*text.txt encodes to id \d{3} but the model has vocab_size=300; the tokenizer is not the "
+       r"model's \(--tokenizer\)"),
+      (["compress", "--model", m, "--method", "svd", "--ratio", "0.5", "--tokenizer", str(f["big"]), "--valid", t,
+        "--out", str(f["dir"] / "o5")], r"compress: --valid file .*text.txt encodes to id \d{3} but the model has"),
+      (["generate", "--model", m, "--prompt", "the firmament of heaven", "--tokenizer", str(f["big"])],
+       r"generate: --prompt 'the firmament of heaven' encodes to id \d{3} but the model has vocab_size=300"),
       (["generate", "--model", m, "--prompt", ""], r"--prompt '' encodes to no tokens"),
       (["generate", "--model", m, "--prompt", "the", "--max-new-tokens", "100"], r"but block_size=64"),
       (["compress", "--model", m, "--method", "svd", "--out", str(f["dir"] / "o1")], r"compress: no target given"),

@@ -25,7 +25,7 @@ def _load(model_dir: str, tokenizer: str | None, param_dtype: str | None = None)
   return load_any(model_dir, param_dtype=param_dtype), load_tokenizer(tokenizer or model_dir)
 
 
-def _text_ids(tok, command: str, arg: str, path: str | None, max_tokens: int | None = None):
+def _text_ids(tok, model, command: str, arg: str, path: str | None, max_tokens: int | None = None):
   from tnjax._io import read_text
 
   if path is None:
@@ -33,14 +33,23 @@ def _text_ids(tok, command: str, arg: str, path: str | None, max_tokens: int | N
   ids = tok.encode(read_text(command, arg, path)).ids
   if not ids:
     raise ValueError(f"{command}: {arg} file {path} encodes to no tokens; a non-empty text file is expected")
-  return ids[:max_tokens] if max_tokens else ids
+  return _check_ids(model, command, f"{arg} file {path}", ids[:max_tokens] if max_tokens else ids)
+
+
+def _check_ids(model, command: str, what: str, ids: list[int]) -> list[int]:
+  """Refuses ids past the model's vocabulary (the embedding would read past its table: NaN or nonsense)."""
+  top, vocab = max(ids), model.config.vocab_size
+  if top >= vocab:
+    raise ValueError(f"{command}: {what} encodes to id {top:,} but the model has vocab_size={vocab:,}; the "
+                     "tokenizer is not the model's (--tokenizer)")
+  return ids
 
 
 def cmd_eval(args) -> int:
   from tnjax.eval import perplexity
 
   model, tok = _load(args.model, args.tokenizer, args.param_dtype)
-  ids = _text_ids(tok, "eval", "--text", args.text, args.max_tokens)
+  ids = _text_ids(tok, model, "eval", "--text", args.text, args.max_tokens)
   result = perplexity(model, ids, block_size=args.block_size, stride=args.stride, batch_size=args.batch_size)
   print(json.dumps({"model": args.model, "text": args.text, **result}, allow_nan=False))
   return 0
@@ -55,6 +64,7 @@ def cmd_generate(args) -> int:
   prompt = tok.encode(args.prompt).ids
   if not prompt:
     raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens; a non-empty prompt is expected")
+  _check_ids(model, "generate", f"--prompt {args.prompt!r}", prompt)
   out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                  rng=jax.random.key(args.seed))
   print(tok.decode([int(t) for t in out]))
@@ -98,8 +108,9 @@ def cmd_compress(args) -> int:
   model, tok = _load(args.model, args.tokenizer, args.param_dtype)
   layers = args.layers.split(",") if args.layers else None
   report = run(model, args.method, args.out, targets=targets,
-               valid_ids=_text_ids(tok, "compress", "--valid", args.valid, args.max_tokens),
-               calib_ids=_text_ids(tok, "compress", "--calib", args.calib), layers=layers, heal_steps=args.heal_steps,
+               valid_ids=_text_ids(tok, model, "compress", "--valid", args.valid, args.max_tokens),
+               calib_ids=_text_ids(tok, model, "compress", "--calib", args.calib), layers=layers,
+               heal_steps=args.heal_steps,
                heal_lr=args.heal_lr, int8=args.int8, block_size=args.block_size, tokenizer=tok,
                overwrite=args.overwrite, allocation=args.allocation, sequential=args.sequential,
                if_larger=args.if_larger, calib_windows=args.calib_windows,

@@ -341,11 +341,17 @@ def _tokens(cfg: TrainConfig, tok, out: pathlib.Path, field: str) -> np.ndarray:
 
   Raises:
     ValueError: naming the field and the file that is not UTF-8 text, or the field and its files when they hold
-      fewer than ``block_size + 2`` tokens (a window, its shifted targets and a second start).
+      fewer than ``block_size + 2`` tokens (a window, its shifted targets and a second start) or an id the
+      model's vocabulary (the tokenizer's size) does not hold.
   """
   files = getattr(cfg, field)
   with _naming(field):
     tokens = token_cache(files, tok, out / "cache", field.removesuffix("_files"))
+  top, vocab = int(tokens.max()), tok.get_vocab_size()
+  if top >= vocab:  # the embedding would read past its table: NaN losses that looked like a divergence
+    raise ValueError(f"train: {field} {files} encode to id {top:,} but the tokenizer "
+                     f"({cfg.tokenizer or out / 'tokenizer.json'}) has {vocab:,} tokens, the model's vocab_size; "
+                     f"its ids are expected in 0..{vocab - 1:,} (a vocabulary with gaps or added tokens past it)")
   need = cfg.block_size + 2
   if len(tokens) < need:
     raise ValueError(f"train: {field} {files} hold {len(tokens)} tokens but block_size={cfg.block_size} needs at "
