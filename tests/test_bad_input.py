@@ -56,6 +56,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # threads or loggers included) is what the case sees. An exception main lets through is printed as a traceback.
 _DRIVER = r"""
 import json, os, sys, tempfile, traceback
+if len(sys.argv) > 3:  # a file size limit: writes past it fail with EFBIG, as on a full disk
+  import resource, signal
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]),) * 2)
 from tnjax.cli import main
 cases, results = json.loads(sys.argv[1]), []
 for argv in cases:
@@ -81,11 +85,14 @@ with open(sys.argv[2], "w") as f:
 """
 
 
-def cli_cases_in_a_process(cases: list[list[str]], tmp_path: pathlib.Path, timeout: float = 600) -> list[dict]:
-  """``[{"argv", "rc", "err"}]`` of each ``tnjax`` command line in ``cases``, run in one real process."""
+def cli_cases_in_a_process(cases: list[list[str]], tmp_path: pathlib.Path, timeout: float = 600,
+                           file_size_limit: int | None = None) -> list[dict]:
+  """``[{"argv", "rc", "err"}]`` of each ``tnjax`` command line in ``cases``, run in one real process (whose files
+  cannot grow past ``file_size_limit`` bytes when it is given: a full disk)."""
   out = tmp_path / "cli-results.json"
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  done = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(cases), str(out)], env=env, cwd=tmp_path,
+  limit = [] if file_size_limit is None else [str(file_size_limit)]
+  done = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(cases), str(out), *limit], env=env, cwd=tmp_path,
                         capture_output=True, text=True, timeout=timeout)
   assert done.returncode == 0 and out.exists(), done.stderr[-3000:]
   return json.loads(out.read_text())
@@ -575,6 +582,20 @@ def test_ids_past_the_vocabulary_are_refused_before_training(files, tmp_path, mo
   match = (r"^tnjax train: train: train_files \['.*text.txt'\] encode to id 4,000 but the tokenizer "
            rf"\({re.escape(str(tok))}\) has 3 tokens, the model's vocab_size; its ids are expected in 0..2")
   assert len(lines) == 1 and re.search(match, lines[0]), lines
+
+
+@pytest.mark.slow  # a training process
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a file size limit (RLIMIT_FSIZE) stands in for a "
+                    "full disk")
+def test_a_full_disk_during_training_is_one_line(files, tmp_path):
+  """A full disk printed the right last line after 22-72 orbax tracebacks (its save threads log each failure)."""
+  out = tmp_path / "run"
+  argv = _train_argv(files, out, "steps=4", "checkpoint_every=2", "eval_every=2")
+  (result,) = cli_cases_in_a_process([argv], tmp_path, file_size_limit=100_000)  # the model files are larger
+  assert_one_line(result, rf"train: saving a checkpoint in {re.escape(str(out / 'checkpoints'))} failed \(.*\); is "
+                          r"the disk full\? Free space and run again with --resume, which continues from |"
+                          rf"{re.escape(str(out))}/.*model.safetensors: writing it failed \(File too large; is the "
+                          r"disk full\?\)")
 
 
 def test_train_into_a_directory_in_use_is_refused_and_changes_nothing(files, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import pathlib
@@ -257,6 +258,81 @@ def _restore(manager, trainer: Trainer) -> int:
                      "configuration") from e
   trainer.params, trainer.opt_state = restored["params"], restored["opt_state"]
   return int(step)
+
+
+class _HeldRecords(logging.Filter):
+  """Keeps orbax's error records (with their tracebacks) instead of letting the logger print them."""
+
+  def __init__(self):
+    super().__init__()
+    self.held: list[logging.LogRecord] = []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+      self.held.append(record)
+      return False
+    return True
+
+
+@contextlib.contextmanager
+def _orbax_errors_held():
+  """Holds what orbax's save threads print about a failure during the block: the error records it logs (through
+  absl's logger) and the exceptions its storage library's callbacks print when they complete after orbax has
+  closed their event loop (``RuntimeError: Event loop is closed``, through ``sys.unraisablehook``). Dropped when
+  the block raises (its error then says what failed, in one line); printed after it when it does not."""
+  logger, held, hook, unraisable = logging.getLogger("absl"), _HeldRecords(), sys.unraisablehook, []
+  logger.addFilter(held)
+  sys.unraisablehook = unraisable.append
+  try:
+    yield
+  finally:
+    logger.removeFilter(held)
+    sys.unraisablehook = hook
+  for record in held.held:
+    logger.handle(record)
+  for info in unraisable:
+    hook(info)
+
+
+@contextlib.contextmanager
+def _checkpoint_error(manager):
+  """Turns a failed orbax save (a full disk, an unwritable directory; raised by the next save or the final wait)
+  into one line: where, its first cause, and that ``--resume`` continues from the last checkpoint written whole."""
+  try:
+    yield
+  except Exception as e:  # orbax and tensorstore raise many types (ValueError, OSError, RuntimeError)
+    cause = next((c for c in _causes(e) if isinstance(c, OSError)), e)
+    detail = " ".join(str(cause).split())[:300] or type(cause).__name__
+    steps = _checkpoint_steps(pathlib.Path(manager.directory).parent)
+    raise ValueError(f"train: saving a checkpoint in {manager.directory} failed ({type(cause).__name__}: {detail}); "
+                     "is the disk full? Free space and run again with --resume, which continues from "
+                     f"{f'step {steps[-1]}' if steps else 'the start (no checkpoint was written whole)'}") from e
+
+
+def _close(manager, board, *, failing: bool) -> None:
+  """Waits for the last checkpoint save and closes the manager's threads and the event writer, on every path
+  (errors and Ctrl-C included). When the run is ``failing`` already, a save that fails too (the same full disk)
+  is left unsaid: the error in flight is the one line."""
+  with _interrupt_after():
+    try:
+      with _checkpoint_error(manager):
+        manager.wait_until_finished()
+    except ValueError:
+      if not failing:
+        raise
+    finally:
+      manager.close()
+      if board is not None:
+        board.close()
+
+
+def _causes(e: BaseException):
+  """``e`` and the exceptions it was raised from or during, innermost last."""
+  seen = []
+  while e is not None and e not in seen:
+    seen.append(e)
+    e = e.__cause__ or e.__context__
+  return seen
 
 
 def _tensorboard(path: pathlib.Path):
@@ -589,25 +665,26 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, progress: bool) ->
   metrics_path = out / "metrics.jsonl"
   manager = _checkpoint_manager(out, cfg)
   board = None
-  try:  # the checkpoint manager's threads are closed on every path (errors and Ctrl-C included)
-    start = _restore(manager, trainer) if resume and manager.latest_step() is not None else 0
-    if saved is not None:
-      note = _resume_note(saved, cfg, start)
-      if note:
-        _say(note)
-    # A resumed run drops what was logged after its checkpoint, so no step appears twice.
-    kept = [m for m in logged if m["step"] <= start]
-    atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
-    board = _tensorboard(out / "tensorboard")
-    best = min((m.get("val_loss", math.inf) for m in kept), default=math.inf)
-    rates = _loop(cfg, trainer, manager, tokens["train_files"], valid, start, progress, metrics_path, board,
-                  out / "best_model", best, tok)
-  finally:
-    with _interrupt_after():
-      manager.wait_until_finished()
-      manager.close()
-    if board is not None:
-      board.close()
+  # orbax's save threads log each failure with its traceback before the main thread sees it: held, so that a
+  # failed save (a full disk) is the one line _checkpoint_error gives
+  with _orbax_errors_held():
+    try:
+      start = _restore(manager, trainer) if resume and manager.latest_step() is not None else 0
+      if saved is not None:
+        note = _resume_note(saved, cfg, start)
+        if note:
+          _say(note)
+      # A resumed run drops what was logged after its checkpoint, so no step appears twice.
+      kept = [m for m in logged if m["step"] <= start]
+      atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+      board = _tensorboard(out / "tensorboard")
+      best = min((m.get("val_loss", math.inf) for m in kept), default=math.inf)
+      rates = _loop(cfg, trainer, manager, tokens["train_files"], valid, start, progress, metrics_path, board,
+                    out / "best_model", best, tok)
+    except BaseException:
+      _close(manager, board, failing=True)
+      raise
+    _close(manager, board, failing=False)
 
   tokens_per_step = cfg.batch_size * cfg.block_size
   metrics = read_metrics("train", metrics_path)
@@ -716,7 +793,9 @@ def _loop(cfg: TrainConfig, trainer: Trainer, manager, train_tokens, valid, star
           atomic_write(best_dir / "tokenizer.json", tok.save)
     if done % cfg.checkpoint_every == 0 or done == cfg.steps:
       with _interrupt_after():
-        manager.save(done, args=ocp.args.StandardSave({"params": trainer.params, "opt_state": trainer.opt_state}))
+        with _checkpoint_error(manager):
+          manager.save(done, args=ocp.args.StandardSave({"params": trainer.params,
+                                                         "opt_state": trainer.opt_state}))
   if bar is not None:
     bar.close()
   return rates
