@@ -633,6 +633,21 @@ def test_compress_api_refusals(files, tmp_path):
   assert _digest(files["model"]) == before
 
 
+def test_compress_refuses_a_layer_with_nan_naming_it(files):
+  """svd_compress of a layer holding NaN gave NaN factors (mpo raised, naming no layer)."""
+  from tnjax.compress import mpo_compress, svd_compress, svdllm_compress
+
+  model = load_model(files["model"])
+  model.h[0].mlp.c_fc.kernel[...] = model.h[0].mlp.c_fc.kernel[...].at[3, 5].set(np.nan)
+  calib = np.arange(4 * 64).reshape(4, 64) % 300
+  for name, compress in (("svd_compress", lambda: svd_compress(model, ratio=0.5)),
+                         ("svdllm_compress", lambda: svdllm_compress(model, calib, ratio=0.5)),
+                         ("mpo_compress", lambda: mpo_compress(model, rank=4))):
+    with pytest.raises(ValueError, match=rf"^{name}: layer 'h.0.mlp.c_fc' has non-finite values \(NaN or Inf\); "
+                                         "expected finite input$"):
+      compress()
+
+
 # --- the CLI, in process: exit code 2 and one line -------------------------------------------------------------------
 
 def _cli_cases(f):

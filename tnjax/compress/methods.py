@@ -129,6 +129,8 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
                      "fit reads each layer's input Gram; pass the ids or input_grams(model, ids)")
   layers = {name: _model.get_layer(model, name) for name in job.names}
   kernels = {name: dense_kernel(layer) for name, layer in layers.items()}
+  for name, w in kernels.items():  # a NaN weight gave NaN factors without a word
+    _checks.check_finite(fn, f"layer {name!r}", w)
   if job.data:
     check_tokens(fn, calib, {name: w.shape[0] for name, w in kernels.items()})
   # Fitted inside the calibration pass, block by block, when each fit needs only its own layer's Gram and budget
