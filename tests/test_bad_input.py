@@ -42,7 +42,10 @@ def files(tmp_path_factory):
   (d / "adir").mkdir()
   big = d / "big-tokenizer.json"  # another tokenizer, with more tokens than the model's vocabulary
   train_tokenizer([SAMPLE_DIR / "valid.txt"], 600).save(str(big))
-  return {"dir": d, "text": text, "model": model, "binary": binary, "adir": d / "adir", "big": big}
+  ttm = d / "ttm"  # the README's kind of model: every projection a TT-matrix
+  save_model(GPT(preset("tiny", **SMALL_MODEL, layers={"*": {"kind": "ttm", "rank": 4}}), rngs=nnx.Rngs(0)), ttm)
+  (ttm / "tokenizer.json").write_bytes((model / "tokenizer.json").read_bytes())
+  return {"dir": d, "text": text, "model": model, "binary": binary, "adir": d / "adir", "big": big, "ttm": ttm}
 
 
 def _digest(path: pathlib.Path) -> dict:
@@ -646,6 +649,44 @@ def test_compress_refuses_a_layer_with_nan_naming_it(files):
     with pytest.raises(ValueError, match=rf"^{name}: layer 'h.0.mlp.c_fc' has non-finite values \(NaN or Inf\); "
                                          "expected finite input$"):
       compress()
+
+
+def test_compress_api_warns_when_its_default_layers_re_factor_tensorized_ones(files):
+  """svd/svdllm on a TT-matrix model re-factored every layer into low-rank ones without a word (ppl 262 at 90% kept
+  against 47.6, and 20-50x slower than on dense)."""
+  import warnings
+
+  from tnjax.compress import projection_names, svd_compress
+  from tnjax.compress.methods import refactored
+
+  model = load_model(files["ttm"])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # the warning comes before any work: raised, it stops the call there
+    with pytest.raises(UserWarning, match=r"^svd_compress: the default layers include 4 ttm layers \(h.0.attn.c_attn, "
+                                          r"h.0.attn.c_proj, h.0.mlp.c_fc, h.0.mlp.c_proj\), which it re-factors "
+                                          r"into lowrank layers from their dense reconstruction .*name them with "
+                                          r"layers="):
+      svd_compress(model, ratio=0.5)
+    svd_compress(model, rank=2, layers=["h.0.mlp.c_fc"])  # named: consent
+  # TT-matrix layers into TT-matrix layers (mpo) is a rounding, not a re-factoring; dense ones are never re-factored
+  assert refactored(model.config, projection_names(model.config), "ttm") == {}
+  assert refactored(load_model(files["model"]).config, projection_names(model.config), "lowrank") == {}
+
+
+def test_compress_cli_refuses_to_re_factor_tensorized_layers_unless_asked(files, tmp_path, capsys):
+  m = str(files["ttm"])
+  argv = ["compress", "--model", m, "--method", "svd", "--ratio", "0.5", "--out", str(tmp_path / "o")]
+  before = _digest(files["ttm"])
+  assert main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("tnjax compress: compress: the default layers include 4 ttm layers "
+                                                 "(h.0.attn.c_attn, h.0.attn.c_proj, h.0.mlp.c_fc, h.0.mlp.c_proj), "
+                                                 "which --method svd re-factors into lowrank layers"), err
+  assert "pass --refactor-tensorized to do so, or name the layers to compress with --layers" in err
+  assert not (tmp_path / "o").exists() and _digest(files["ttm"]) == before
+  assert main(argv + ["--refactor-tensorized"]) == 0
+  assert main(argv[:-1] + [str(tmp_path / "named"), "--layers", "mlp.c_fc"]) == 0
+  assert "re-factors" not in capsys.readouterr().err
 
 
 # --- the CLI, in process: exit code 2 and one line -------------------------------------------------------------------

@@ -102,11 +102,22 @@ def cmd_train(args) -> int:
 
 
 def cmd_compress(args) -> int:
-  from tnjax.compress.report import parse_targets, run
+  from tnjax.compress.methods import refactored, refactoring_note
+  from tnjax.compress.registry import method
+  from tnjax.compress.report import compressed_part, parse_targets, run
 
   targets = parse_targets(args.rank, args.ratio, args.rtol)
   model, tok = _load(args.model, args.tokenizer, args.param_dtype)
   layers = args.layers.split(",") if args.layers else None
+  writes = method(args.method).writes
+  if writes and layers is None:  # tensorized layers re-factored by default: refused unless asked, or named
+    names = compressed_part(model, args.method, None)
+    found = refactored(model.config, names, writes)
+    if found and not args.refactor_tensorized:
+      raise ValueError(refactoring_note("compress", found, writes, f"--method {args.method}") + "; pass "
+                       "--refactor-tensorized to do so, or name the layers to compress with --layers")
+    if found:
+      layers = names  # named: consent given
   report = run(model, args.method, args.out, targets=targets,
                valid_ids=_text_ids(tok, model, "compress", "--valid", args.valid, args.max_tokens),
                calib_ids=_text_ids(tok, model, "compress", "--calib", args.calib), layers=layers,
@@ -238,6 +249,10 @@ def _parser() -> argparse.ArgumentParser:
                   "comma-separated for a sweep (writes perplexity.png)")
   co.add_argument("--rtol", help="relative Frobenius error per layer (per row for tensorgpt)")
   co.add_argument("--layers", help="comma-separated layer names, e.g. mlp.c_fc,h.11.attn.c_proj (mpo, svd)")
+  co.add_argument("--refactor-tensorized", action="store_true",
+                  help="let svd, svdllm, mpo and mpo-data re-factor tensorized layers of another kind (a TT-matrix "
+                  "model's layers into low-rank ones, from their dense reconstruction); without it, refused unless "
+                  "--layers names them")
   co.add_argument("--layout", choices=["balanced", "fused"], default=None,
                   help="mpo only: 'fused' makes two-core layers run by the fused GPU kernels (rank <= 16)")
   co.add_argument("--calib", help="text file: calibration (modegpt, svdllm, mpo-data, --allocation importance), "

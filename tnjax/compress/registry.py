@@ -29,6 +29,9 @@ class Method:
     allocations: the allocations of a ratio it takes.
     sequential: whether it can calibrate block by block on the compressed blocks.
     options: other keyword options ``compress`` passes through.
+    writes: the kind of the projections it writes, when it fits any projection anew from its dense
+      reconstruction: tensorized layers of another kind are then re-factored (`tnjax.compress.methods.refactored`),
+      which ``tnjax compress`` refuses unless asked.
   """
 
   name: str
@@ -40,6 +43,7 @@ class Method:
   allocations: tuple[str, ...] = ALLOCATIONS
   sequential: bool = False
   options: tuple[str, ...] = ()
+  writes: str | None = None
 
 
 REGISTRY: dict[str, Method] = {}
@@ -86,13 +90,14 @@ def _tensorgpt(model, target, *, calib, layers, allocation, sequential, if_large
                              if_larger=if_larger)
 
 
-register(Method("svd", _svd, "truncated SVD of each weight matrix (the baseline)", calibration="optional"))
+register(Method("svd", _svd, "truncated SVD of each weight matrix (the baseline)", calibration="optional",
+                writes="lowrank"))
 register(Method("svdllm", _svdllm, "SVD-LLM: SVD in each layer's input metric (output error)",
-                calibration="required", sequential=True))
+                calibration="required", sequential=True, writes="lowrank"))
 register(Method("mpo", _mpo("weights"), "CompactifAI: TT-SVD of each weight matrix into an MPO",
-                calibration="optional", options=("layout",)))
+                calibration="optional", options=("layout",), writes="ttm"))
 register(Method("mpo-data", _mpo("data"), "MPO fitted to each layer's outputs (Kronecker-factored input metric)",
-                calibration="required", sequential=True))
+                calibration="required", sequential=True, writes="ttm"))
 register(Method("modegpt", _modegpt, "MoDeGPT: Nystrom (MLP), CR (Q/K), whitened SVD (V/O) per block",
                 targets=("ratio",), calibration="required", allocations=("importance", "uniform"),
                 options=("refit_ridge",)))
