@@ -18,7 +18,7 @@ from flax import nnx
 from tests.data.test_tokenizer import TEXT
 from tnjax._io import LOCK_NAME, atomic_write, dir_lock, read_text
 from tnjax.cli import main
-from tnjax.data import load_tokenizer, train_tokenizer
+from tnjax.data import SAMPLE_DIR, load_tokenizer, train_tokenizer
 from tnjax.interop import load_hf_gpt2, load_model, save_model
 from tnjax.models import GPT, preset
 from tnjax.train import TrainConfig, resolve
@@ -43,12 +43,74 @@ def files(tmp_path_factory):
   (d / "prompts.txt").write_text("In the beginning\nAnd God said\n")
   (d / "gap.txt").write_text("In the beginning\n\nAnd God said\n")
   (d / "empty.txt").write_text("")
+  big = d / "big-tokenizer.json"  # another tokenizer, with more tokens than the model's vocabulary
+  train_tokenizer([SAMPLE_DIR / "valid.txt"], 600).save(str(big))
+  ttm = d / "ttm"  # the README's kind of model: every projection a TT-matrix
+  save_model(GPT(preset("tiny", **SMALL_MODEL, layers={"*": {"kind": "ttm", "rank": 4}}), rngs=nnx.Rngs(0)), ttm)
+  (ttm / "tokenizer.json").write_bytes((model / "tokenizer.json").read_bytes())
   return {"dir": d, "text": text, "model": model, "binary": binary, "adir": d / "adir", "prompts": d / "prompts.txt",
-          "gap": d / "gap.txt", "empty": d / "empty.txt"}
+          "gap": d / "gap.txt", "empty": d / "empty.txt", "big": big, "ttm": ttm}
 
 
 def _digest(path: pathlib.Path) -> dict:
   return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Runs `tnjax.cli.main` on each argv in one fresh Python process (one JAX start for many cases), with the process's
+# file descriptor 2 sent to a file per case: whatever reaches the user's terminal (tracebacks printed by library
+# threads or loggers included) is what the case sees. An exception main lets through is printed as a traceback.
+_DRIVER = r"""
+import json, os, sys, tempfile, traceback
+if len(sys.argv) > 3:  # a file size limit: writes past it fail with EFBIG, as on a full disk
+  import resource, signal
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]),) * 2)
+from tnjax.cli import main
+cases, results = json.loads(sys.argv[1]), []
+for argv in cases:
+  with tempfile.TemporaryFile("w+") as err:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(err.fileno(), 2)
+    try:
+      rc = main(argv)
+    except SystemExit as e:
+      rc = e.code
+    except BaseException:
+      traceback.print_exc()
+      rc = "raised"
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+    err.seek(0)
+    results.append({"argv": argv, "rc": rc, "err": err.read()})
+with open(sys.argv[2], "w") as f:
+  json.dump(results, f)
+"""
+
+
+def cli_cases_in_a_process(cases: list[list[str]], tmp_path: pathlib.Path, timeout: float = 600,
+                           file_size_limit: int | None = None) -> list[dict]:
+  """``[{"argv", "rc", "err"}]`` of each ``tnjax`` command line in ``cases``, run in one real process (whose files
+  cannot grow past ``file_size_limit`` bytes when it is given: a full disk)."""
+  out = tmp_path / "cli-results.json"
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  limit = [] if file_size_limit is None else [str(file_size_limit)]
+  done = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(cases), str(out), *limit], env=env, cwd=tmp_path,
+                        capture_output=True, text=True, timeout=timeout)
+  assert done.returncode == 0 and out.exists(), done.stderr[-3000:]
+  return json.loads(out.read_text())
+
+
+def assert_one_line(result: dict, match: str) -> None:
+  """Exit code 2, one line on stderr starting ``tnjax <command>: `` and matching ``match``, no traceback."""
+  lines = result["err"].strip().splitlines()
+  assert result["rc"] == 2, result
+  assert "Traceback" not in result["err"] and len(lines) == 1, result
+  assert lines[0].startswith(f"tnjax {result['argv'][0]}: ") and re.search(match, lines[0]), (match, lines[0])
 
 
 def _corrupt_copy(src: pathlib.Path, dst: pathlib.Path, edit) -> pathlib.Path:
@@ -85,12 +147,50 @@ def _corrupt_copy(src: pathlib.Path, dst: pathlib.Path, edit) -> pathlib.Path:
     (['layers.mlp.c_fc={"kind": "bogus"}'], r"do not make a model: GPTConfig: .*kind='bogus'"),
     (['layers.mlp.c_fc={"kind": "ttm", rank: 8}'], r"--set: layers.mlp.c_fc=.* is not valid JSON"),
     (['train_files=["a.txt"'], r"--set: train_files=.* is not valid JSON"),
+    (["warmup=100000", "steps=20"], r"TrainConfig: warmup=100000 but steps=20; warmup < steps is expected"),
+    (["steps=20"], r"TrainConfig: warmup=20 but steps=20; warmup < steps"),
+    (["model_overrides.layer_norm_eps=-1"], r"do not make a model: GPTConfig: layer_norm_eps=-1 \(int\) but a finite "
+                                            r"number > 0"),
     (["stepz=3"], r"--set: unknown field 'stepz'"),
     (["steps"], r"--set: 'steps' but key=value is expected"),
 ])
 def test_config_values(overrides, match):
   with pytest.raises(ValueError, match=match):
     resolve(None, overrides)
+
+
+@pytest.mark.parametrize("name, overrides, match", [
+    ("tiny", dict(layer_norm_eps=-1), r"GPTConfig: layer_norm_eps=-1 \(int\) but a finite number > 0 is expected"),
+    ("tiny", dict(layer_norm_eps=0.0), r"GPTConfig: layer_norm_eps=0.0 \(float\) but a finite number > 0"),
+    ("tiny", dict(layer_norm_eps=float("nan")), r"GPTConfig: layer_norm_eps=nan \(float\) but a finite number > 0"),
+    ("tiny", dict(layer_norm_eps="1e-5"), r"GPTConfig: layer_norm_eps='1e-5' \(str\) but a finite number > 0"),
+    ("tiny", dict(init_std=float("inf")), r"GPTConfig: init_std=inf \(float\) but a finite number is expected"),
+    ("tiny", dict(dropout="0.1"), r"GPTConfig: dropout='0.1' \(str\) but a finite number is expected"),
+    ("tiny", dict(tie_embeddings="yes"), r"GPTConfig: tie_embeddings='yes' \(str\) but true or false is expected"),
+    ("tiny", dict(d_ff="512"), r"GPTConfig: d_ff='512' but a positive integer is expected"),
+    ("llama-tiny", dict(rms_norm_eps=-1e-6), r"LlamaConfig: rms_norm_eps=-1e-06 \(float\) but a finite number > 0"),
+    ("llama-tiny", dict(rope_theta="1e4"), r"LlamaConfig: rope_theta='1e4' \(str\) but a finite number"),
+    ("llama-tiny", dict(n_kv_head=0), r"LlamaConfig: n_kv_head=0 but a positive integer"),
+])
+def test_model_config_scalars_are_checked(name, overrides, match):
+  """Before, preset(layer_norm_eps=-1) built a model whose every output was NaN, and a string eps failed in the
+  forward pass."""
+  with pytest.raises(ValueError, match=match):
+    preset(name, **overrides)
+
+
+def test_hf_config_with_a_string_number_is_refused_at_load_naming_the_field_and_file(tmp_path):
+  from tnjax.interop import save_hf_gpt2
+
+  d = save_hf_gpt2(GPT(preset("tiny", **SMALL_MODEL), rngs=nnx.Rngs(0)), tmp_path / "hf")
+  hf = json.loads((d / "config.json").read_text())
+  (d / "config.json").write_text(json.dumps({**hf, "layer_norm_epsilon": "1e-5"}))
+  with pytest.raises(ValueError, match=r"^GPTConfig: layer_norm_eps='1e-5' \(str\) but a finite number > 0 is "
+                                       rf"expected \(in {re.escape(str(d / 'config.json'))}\)$"):
+    load_hf_gpt2(d)
+  (d / "config.json").write_text(json.dumps({**hf, "n_layer": "1"}))
+  with pytest.raises(ValueError, match=r"GPTConfig: n_layer='1' but a positive integer .*\(in .*config.json\)"):
+    load_hf_gpt2(d)
 
 
 def test_config_files(files, tmp_path):
@@ -272,7 +372,7 @@ def test_dir_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
 
 def _train_argv(f, out, *extra):
   sets = ['model_overrides={"n_layer": 1, "d_model": 32, "n_head": 2}', "layers={}", "vocab_size=300",
-          "block_size=16", "batch_size=2", "eval_batches=1", "steps=2", f"train_files=[\"{f['text']}\"]",
+          "block_size=16", "batch_size=2", "eval_batches=1", "steps=2", "warmup=1", f"train_files=[\"{f['text']}\"]",
           f"valid_files=[\"{f['text']}\"]", f"out_dir={out}", *extra]
   return ["train", "--no-progress"] + [a for s in sets for a in ("--set", s)]
 
@@ -303,6 +403,206 @@ def test_train_refuses_every_bad_data_file_before_the_first_step(files, tmp_path
   # nothing that would block a corrected run: no checkpoints, no saved config, no lock
   assert not (out / "checkpoints").exists() and not (out / "train_config.json").exists()
   assert not (out / LOCK_NAME).exists()
+
+
+def test_train_refuses_batches_larger_than_the_host_before_any_work(files, tmp_path, monkeypatch):
+  """Before, --set batch_size=1000000000 trained a tokenizer and cached the data, then ran out of memory."""
+  import tnjax.train.loop
+
+  monkeypatch.setattr(tnjax.train.loop, "train_tokenizer", lambda *a: pytest.fail("work began before the refusal"))
+  out = tmp_path / "run"
+  cfg = resolve(None, _train_argv(files, out, "batch_size=1000000000")[3::2])
+  with pytest.raises(ValueError, match=r"train: batch_size=1,000,000,000 \(and eval_batches=1 validation batches\) of "
+                                       r"block_size=16 tokens need [\d,.]+ GiB of host memory .* but this host has "
+                                       r"[\d,.]+ GiB; lower batch_size or eval_batches"):
+    tnjax.train.train(cfg, progress=False)
+  assert not out.exists()
+
+
+def test_a_vocab_size_the_text_cannot_reach_is_said(files, tmp_path, monkeypatch, capsys):
+  """Before, --set vocab_size=10000000 gave a 4,971-token tokenizer without a word; now it is said once every file
+  has been checked (so that a refusal stays one line)."""
+  from tnjax.train import Trainer
+
+  monkeypatch.setattr(Trainer, "__init__", lambda *a, **k: pytest.fail("stop"))
+  with pytest.raises(pytest.fail.Exception, match="stop"):
+    main(_train_argv(files, tmp_path / "run", "vocab_size=100000"))
+  size = load_tokenizer(tmp_path / "run" / "tokenizer.json").get_vocab_size()
+  assert 257 < size < 100000
+  assert capsys.readouterr().err == (f"train: the tokenizer trained on train_files has {size:,} tokens, fewer than "
+                                     "vocab_size=100,000 (the text has no more merges seen twice); the model gets "
+                                     f"{size:,}\n")
+
+
+def _saved_run(files, out, *extra):
+  """A run directory as `train` leaves it before its first step: ``train_config.json`` only."""
+  cfg = resolve(None, _train_argv(files, out, 'layers.mlp.c_fc={"kind": "ttm", "rank": 4}', *extra)[3::2])
+  out.mkdir(parents=True)
+  (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+  return cfg
+
+
+def test_resume_takes_the_saved_config_and_refuses_changes_to_the_model_or_data(files, tmp_path):
+  """The README's `tnjax train --set steps=4000 --set out_dir=runs/x --resume`, after a run started with other
+  --set options, exited 2 (`differs from the saved one in ['layers']`): every --set had to be repeated."""
+  from tnjax.train import train
+
+  out = tmp_path / "run"
+  saved = _saved_run(files, out)
+  cfg = resolve(None, ["steps=4000", f"out_dir={out}"], resume=True)
+  assert cfg.to_dict() == {**saved.to_dict(), "steps": 4000}
+  assert resolve(None, [f"out_dir={out}", "lr=0.001", "grad_accum=2"], resume=True).lr == 0.001  # RESUMABLE
+  before = _digest(out)
+  for change, fields in (("block_size=32", "['block_size']"), ('layers.mlp.c_fc="dense"', "['layers']"),
+                         ("seed=3", "['seed']"), (f"valid_files=[\"{files['binary']}\"]", "['valid_files']")):
+    changed = resolve(None, [f"out_dir={out}", "steps=10", change], resume=True)
+    with pytest.raises(ValueError, match=rf"^train: --resume with a configuration that differs from the saved one in "
+                                         rf"{re.escape(fields)} \({re.escape(str(out / 'train_config.json'))}\); they "
+                                         r"set the model or the data it trains on"):
+      train(changed, resume=True, progress=False)
+  assert _digest(out) == before and not (out / LOCK_NAME).exists()
+
+
+@pytest.mark.slow  # three short training runs in two processes (~25 s)
+def test_the_readmes_resume_path_works_as_written(files, tmp_path):
+  """A run started with extra --set options, then the README's `--set steps=N --set out_dir=DIR --resume`; a new run
+  from the saved `--config RUN/train_config.json`; a garbled metrics.jsonl line named on the next resume."""
+  out, again = tmp_path / "run", tmp_path / "again"
+  first = _train_argv(files, out, 'layers.mlp.c_fc={"kind": "ttm", "rank": 4}', "steps=4", "eval_every=2",
+                      "checkpoint_every=2", "warmup=2")
+  resume = ["train", "--no-progress", "--set", "steps=8", "--set", f"out_dir={out}", "--resume"]
+  new = ["train", "--no-progress", "--config", str(out / "train_config.json"), "--set", f"out_dir={again}"]
+  results = cli_cases_in_a_process([first, resume, new], tmp_path)
+  assert [r["rc"] for r in results] == [0, 0, 0], results
+  assert "train: resuming at step 4 with steps=8 (the saved run had steps=4); the cosine learning-rate schedule " \
+         "changes: at step 4 the rate is " in results[1]["err"] and "best_model/ keeps the model" in results[1]["err"]
+  saved = json.loads((out / "train_config.json").read_text())
+  assert saved["steps"] == 8 and saved["layers"]["mlp.c_fc"] == {"kind": "ttm", "rank": 4}
+  assert json.loads((out / "report.json").read_text())["steps"] == 8
+  assert json.loads((again / "train_config.json").read_text()) == {**saved, "out_dir": str(again)}
+  for d in (out / "model", out / "best_model"):  # both load with their tokenizer
+    assert (d / "tokenizer.json").exists() and load_model(d).config.spec("mlp.c_fc", 0).rank == 4
+
+  with open(out / "metrics.jsonl", "a") as f:
+    f.write('{"step": 9, "lo\n')
+  before = _digest(out)
+  (result,) = cli_cases_in_a_process([resume[:3] + ["steps=12"] + resume[4:]], tmp_path)
+  assert_one_line(result, rf"train: {re.escape(str(out / 'metrics.jsonl'))} line \d+ is not valid JSON")
+  assert _digest(out) == before
+
+
+def test_a_run_config_json_is_a_config_file(files, tmp_path):
+  """`tnjax train --config RUN/train_config.json` read TOML only."""
+  out = tmp_path / "run"
+  saved = _saved_run(files, out)
+  again = resolve(str(out / "train_config.json"), [f"out_dir={tmp_path / 'new'}"])
+  assert again.to_dict() == {**saved.to_dict(), "out_dir": str(tmp_path / "new")}
+  for text, match in (('{"steps": 3', r"resolve: .*bad.json is not valid JSON"),
+                      ("[1, 2]", r"resolve: config file .*bad.json holds list but a JSON object of TrainConfig"),
+                      ('{"stepz": 3}', r"TrainConfig: unknown fields \['stepz'\]")):
+    (tmp_path / "bad.json").write_text(text)
+    with pytest.raises(ValueError, match=match):
+      resolve(str(tmp_path / "bad.json"))
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"steps": 3', r"resolve: .*train_config.json is not valid JSON"),
+    ("[]", r"resolve: .*train_config.json holds list but a JSON object of TrainConfig fields is expected"),
+    ('{"stepz": 3}', r"resolve: .*train_config.json has unknown fields \['stepz'\]; it is not a tnjax run"),
+    (b"\xff\xfe", r"resolve: JSON file .*train_config.json is not UTF-8 text"),
+])
+def test_resume_names_a_garbled_saved_config(tmp_path, text, match):
+  (tmp_path / "train_config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+  with pytest.raises(ValueError, match=match):
+    resolve(None, [f"out_dir={tmp_path}"], resume=True)
+
+
+def test_garbled_run_files_are_named(files, tmp_path):
+  """A garbled tokenizer.source.json or metrics.jsonl line raised a bare JSONDecodeError (no file named)."""
+  from tnjax.train.loop import _tokenizer, read_metrics
+
+  out = tmp_path / "run"
+  cfg = _saved_run(files, out)
+  _tokenizer(cfg, out, resume=False)
+  (out / "tokenizer.source.json").write_text('{"vocab_size": 3')
+  with pytest.raises(ValueError, match=r"^train: .*tokenizer.source.json is not valid JSON"):
+    _tokenizer(cfg, out, resume=True)
+  metrics = out / "metrics.jsonl"
+  for text, why in (('{"step": 1, "loss": 2.0}\n{"step": 2, "lo', "line 2 is not valid JSON"),
+                    ('{"step": 1}\n\n[3]\n', "line 3 is not a JSON object with an integer 'step'"),
+                    ('{"loss": 2.0}\n', "line 1 is not a JSON object with an integer 'step'")):
+    metrics.write_text(text)
+    with pytest.raises(ValueError, match=rf"^train: {re.escape(str(metrics))} {re.escape(why)}.*the metrics log is "
+                                         r"corrupt"):
+      read_metrics("train", metrics)
+  assert read_metrics("train", tmp_path / "none.jsonl") == []
+
+
+def test_a_truncated_or_changed_token_cache_is_refused_naming_it(files, tmp_path):
+  """A truncated cache trained on 100 tokens: its manifest recorded neither its size nor its hash."""
+  from tnjax.data import token_cache
+
+  tok, cache = load_tokenizer(files["model"]), tmp_path / "cache"
+  n = len(token_cache([files["text"]], tok, cache, "train"))
+  binary, meta = cache / "train.bin", cache / "train.json"
+  assert json.loads(meta.read_text())["tokens"] == n
+  data = binary.read_bytes()
+  for edit, what in ((data[:200], r"holds 100 tokens \(200 bytes\)"),
+                     (data[:-2] + bytes([data[-2] ^ 1, data[-1]]),
+                      rf"holds {n:,} tokens whose SHA-256 differs from the recorded one")):
+    binary.write_bytes(edit)
+    with pytest.raises(ValueError, match=rf"^token_cache: {re.escape(str(binary))} {what} but its manifest "
+                                         rf"{re.escape(str(meta))} records tokens={n} and their SHA-256; the cache is "
+                                         r"truncated or was changed: delete it to rebuild it"):
+      token_cache([files["text"]], tok, cache, "train")
+    assert binary.read_bytes() == edit  # refused, not rewritten
+  binary.write_bytes(data)
+  assert len(token_cache([files["text"]], tok, cache, "train")) == n
+  manifest = json.loads(meta.read_text())
+  meta.write_text(json.dumps({k: v for k, v in manifest.items() if k not in ("tokens", "sha256")}))
+  assert len(token_cache([files["text"]], tok, cache, "train")) == n  # a manifest of before: rebuilt once
+  assert json.loads(meta.read_text()) == manifest
+  meta.write_text('{"tokenizer": ')
+  with pytest.raises(ValueError, match=r"^token_cache: .*train.json is not valid JSON .*; it is the manifest of the "
+                                       r"token cache .*train.bin: delete both files to rebuild them$"):
+    token_cache([files["text"]], tok, cache, "train")
+
+
+def _gapped_tokenizer(path: pathlib.Path) -> pathlib.Path:
+  """A word-level tokenizer of 3 tokens whose ids reach 4000 (a vocabulary with gaps)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+
+  tok = Tokenizer(models.WordLevel({"[UNK]": 0, "<|endoftext|>": 1, "the": 4000}, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(str(path))
+  return path
+
+
+def test_ids_past_the_vocabulary_are_refused_before_training(files, tmp_path, monkeypatch, capsys):
+  """Out-of-vocabulary ids made NaN losses, reported as 'training diverged; lower lr'."""
+  from tnjax.train import Trainer
+
+  monkeypatch.setattr(Trainer, "__init__", lambda *a, **k: pytest.fail("a model was built before the refusal"))
+  tok = _gapped_tokenizer(tmp_path / "gapped.json")
+  assert main(_train_argv(files, tmp_path / "run", f"tokenizer={tok}")) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  match = (r"^tnjax train: train: train_files \['.*text.txt'\] encode to id 4,000 but the tokenizer "
+           rf"\({re.escape(str(tok))}\) has 3 tokens, the model's vocab_size; its ids are expected in 0..2")
+  assert len(lines) == 1 and re.search(match, lines[0]), lines
+
+
+@pytest.mark.slow  # a training process
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a file size limit (RLIMIT_FSIZE) stands in for a "
+                    "full disk")
+def test_a_full_disk_during_training_is_one_line(files, tmp_path):
+  """A full disk printed the right last line after 22-72 orbax tracebacks (its save threads log each failure)."""
+  out = tmp_path / "run"
+  argv = _train_argv(files, out, "steps=4", "checkpoint_every=2", "eval_every=2")
+  (result,) = cli_cases_in_a_process([argv], tmp_path, file_size_limit=100_000)  # the model files are larger
+  assert_one_line(result, rf"train: saving a checkpoint in {re.escape(str(out / 'checkpoints'))} failed \(.*\); is "
+                          r"the disk full\? Free space and run again with --resume, which continues from |"
+                          rf"{re.escape(str(out))}/.*model.safetensors: writing it failed \(File too large; is the "
+                          r"disk full\?\)")
 
 
 def test_train_into_a_directory_in_use_is_refused_and_changes_nothing(files, tmp_path, capsys):
@@ -340,6 +640,59 @@ def test_compress_api_refusals(files, tmp_path):
   assert _digest(files["model"]) == before
 
 
+def test_compress_refuses_a_layer_with_nan_naming_it(files):
+  """svd_compress of a layer holding NaN gave NaN factors (mpo raised, naming no layer)."""
+  from tnjax.compress import mpo_compress, svd_compress, svdllm_compress
+
+  model = load_model(files["model"])
+  model.h[0].mlp.c_fc.kernel[...] = model.h[0].mlp.c_fc.kernel[...].at[3, 5].set(np.nan)
+  calib = np.arange(4 * 64).reshape(4, 64) % 300
+  for name, compress in (("svd_compress", lambda: svd_compress(model, ratio=0.5)),
+                         ("svdllm_compress", lambda: svdllm_compress(model, calib, ratio=0.5)),
+                         ("mpo_compress", lambda: mpo_compress(model, rank=4))):
+    with pytest.raises(ValueError, match=rf"^{name}: layer 'h.0.mlp.c_fc' has non-finite values \(NaN or Inf\); "
+                                         "expected finite input$"):
+      compress()
+
+
+def test_compress_api_warns_when_its_default_layers_re_factor_tensorized_ones(files):
+  """svd/svdllm on a TT-matrix model re-factored every layer into low-rank ones without a word (ppl 262 at 90% kept
+  against 47.6, and 20-50x slower than on dense)."""
+  import warnings
+
+  from tnjax.compress import projection_names, svd_compress
+  from tnjax.compress.methods import refactored
+
+  model = load_model(files["ttm"])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # the warning comes before any work: raised, it stops the call there
+    with pytest.raises(UserWarning, match=r"^svd_compress: the default layers include 4 ttm layers \(h.0.attn.c_attn, "
+                                          r"h.0.attn.c_proj, h.0.mlp.c_fc, h.0.mlp.c_proj\), which it re-factors "
+                                          r"into lowrank layers from their dense reconstruction .*name them with "
+                                          r"layers="):
+      svd_compress(model, ratio=0.5)
+    svd_compress(model, rank=2, layers=["h.0.mlp.c_fc"])  # named: consent
+  # TT-matrix layers into TT-matrix layers (mpo) is a rounding, not a re-factoring; dense ones are never re-factored
+  assert refactored(model.config, projection_names(model.config), "ttm") == {}
+  assert refactored(load_model(files["model"]).config, projection_names(model.config), "lowrank") == {}
+
+
+def test_compress_cli_refuses_to_re_factor_tensorized_layers_unless_asked(files, tmp_path, capsys):
+  m = str(files["ttm"])
+  argv = ["compress", "--model", m, "--method", "svd", "--ratio", "0.5", "--out", str(tmp_path / "o")]
+  before = _digest(files["ttm"])
+  assert main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("tnjax compress: compress: the default layers include 4 ttm layers "
+                                                 "(h.0.attn.c_attn, h.0.attn.c_proj, h.0.mlp.c_fc, h.0.mlp.c_proj), "
+                                                 "which --method svd re-factors into lowrank layers"), err
+  assert "pass --refactor-tensorized to do so, or name the layers to compress with --layers" in err
+  assert not (tmp_path / "o").exists() and _digest(files["ttm"]) == before
+  assert main(argv + ["--refactor-tensorized"]) == 0
+  assert main(argv[:-1] + [str(tmp_path / "named"), "--layers", "mlp.c_fc"]) == 0
+  assert "re-factors" not in capsys.readouterr().err
+
+
 # --- the CLI, in process: exit code 2 and one line -------------------------------------------------------------------
 
 def _cli_cases(f):
@@ -353,6 +706,13 @@ def _cli_cases(f):
       (["eval", "--model", a, "--text", t], r"load_hf: .*adir/config.json does not exist"),
       (["eval", "--model", m, "--text", t, "--tokenizer", b], r"load_tokenizer: .*binary.bin is not a readable"),
       (["eval", "--model", m, "--text", t, "--block-size", "1000"], r"perplexity: block_size=1000 but 2 <="),
+      (["eval", "--model", m, "--text", t, "--tokenizer", str(f["big"])],
+       r"eval: --text file .*text.txt encodes to id \d{3} but the model has vocab_size=300; the tokenizer is not the "
+       r"model's \(--tokenizer\)"),
+      (["compress", "--model", m, "--method", "svd", "--ratio", "0.5", "--tokenizer", str(f["big"]), "--valid", t,
+        "--out", str(f["dir"] / "o5")], r"compress: --valid file .*text.txt encodes to id \d{3} but the model has"),
+      (["generate", "--model", m, "--prompt", "the firmament of heaven", "--tokenizer", str(f["big"])],
+       r"generate: --prompt 'the firmament of heaven' encodes to id \d{3} but the model has vocab_size=300"),
       (["generate", "--model", m, "--prompt", ""], r"--prompt '' encodes to no tokens"),
       (["generate", "--model", m, "--prompt", "the", "--max-new-tokens", "100"], r"but block_size=64"),
       (["generate", "--model", m, "--prompts", nowhere], r"generate: --prompts file .*nowhere does not exist"),

@@ -30,6 +30,11 @@ def atomic_write(path, write: Callable[[str], object]) -> pathlib.Path:
   try:
     write(str(tmp))
     os.replace(tmp, path)
+  except OSError as e:
+    if e.filename is not None:
+      raise
+    # a writer's own OSError (numpy's tofile: "25540 requested and 15000 written") names no file: this one does
+    raise OSError(e.errno, f"writing it failed ({e.strerror or e}; is the disk full?)", str(path)) from e
   finally:
     tmp.unlink(missing_ok=True)
   return path

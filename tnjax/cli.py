@@ -25,7 +25,7 @@ def _load(model_dir: str, tokenizer: str | None, param_dtype: str | None = None)
   return load_any(model_dir, param_dtype=param_dtype), load_tokenizer(tokenizer or model_dir)
 
 
-def _text_ids(tok, command: str, arg: str, path: str | None, max_tokens: int | None = None):
+def _text_ids(tok, model, command: str, arg: str, path: str | None, max_tokens: int | None = None):
   from tnjax._io import read_text
 
   if path is None:
@@ -33,14 +33,23 @@ def _text_ids(tok, command: str, arg: str, path: str | None, max_tokens: int | N
   ids = tok.encode(read_text(command, arg, path)).ids
   if not ids:
     raise ValueError(f"{command}: {arg} file {path} encodes to no tokens; a non-empty text file is expected")
-  return ids[:max_tokens] if max_tokens else ids
+  return _check_ids(model, command, f"{arg} file {path}", ids[:max_tokens] if max_tokens else ids)
+
+
+def _check_ids(model, command: str, what: str, ids: list[int]) -> list[int]:
+  """Refuses ids past the model's vocabulary (the embedding would read past its table: NaN or nonsense)."""
+  top, vocab = max(ids), model.config.vocab_size
+  if top >= vocab:
+    raise ValueError(f"{command}: {what} encodes to id {top:,} but the model has vocab_size={vocab:,}; the "
+                     "tokenizer is not the model's (--tokenizer)")
+  return ids
 
 
 def cmd_eval(args) -> int:
   from tnjax.eval import perplexity
 
   model, tok = _load(args.model, args.tokenizer, args.param_dtype)
-  ids = _text_ids(tok, "eval", "--text", args.text, args.max_tokens)
+  ids = _text_ids(tok, model, "eval", "--text", args.text, args.max_tokens)
   result = perplexity(model, ids, block_size=args.block_size, stride=args.stride, batch_size=args.batch_size)
   print(json.dumps({"model": args.model, "text": args.text, **result}, allow_nan=False))
   return 0
@@ -77,6 +86,7 @@ def cmd_generate(args) -> int:
     prompt = tok.encode(args.prompt).ids
     if not prompt:
       raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens; a non-empty prompt is expected")
+    _check_ids(model, "generate", f"--prompt {args.prompt!r}", prompt)
     out = generate(model, prompt, args.max_new_tokens, rng=key, **options)
     print(tok.decode(prompt + _until_stop(out[len(prompt):], stops)))
     return 0
@@ -85,6 +95,8 @@ def cmd_generate(args) -> int:
   if empty is not None:
     raise ValueError(f"generate: --prompts file {args.prompts} line {empty + 1} ({lines[empty]!r}) encodes to no "
                      "tokens; a non-empty prompt on every line is expected")
+  for i, p in enumerate(prompts):
+    _check_ids(model, "generate", f"--prompts file {args.prompts} line {i + 1}", p)
   for chunk, first in enumerate(range(0, len(prompts), args.batch_size)):
     batch = prompts[first:first + args.batch_size]
     out = generate(model, batch, args.max_new_tokens, rng=jax.random.fold_in(key, chunk), **options)
@@ -117,22 +129,34 @@ def cmd_train(args) -> int:
     cfg = branch(args.branch, args.at, int(sets["steps"]), sets["out_dir"])
     resume = True
   else:
-    cfg, resume = resolve(args.config, args.set), args.resume
+    cfg, resume = resolve(args.config, args.set, resume=args.resume), args.resume
   report = train(cfg, resume=resume, progress=not args.no_progress)
   print(json.dumps(report, indent=2, allow_nan=False))
-  print(f"run directory: {cfg.out_dir} (report.md, loss.png, model/)")
+  print(f"run directory: {cfg.out_dir} (report.md, loss.png; best_model/: lowest validation loss, model/: last step)")
   return 0
 
 
 def cmd_compress(args) -> int:
-  from tnjax.compress.report import parse_targets, run
+  from tnjax.compress.methods import refactored, refactoring_note
+  from tnjax.compress.registry import method
+  from tnjax.compress.report import compressed_part, parse_targets, run
 
   targets = parse_targets(args.rank, args.ratio, args.rtol)
   model, tok = _load(args.model, args.tokenizer, args.param_dtype)
   layers = args.layers.split(",") if args.layers else None
+  writes = method(args.method).writes
+  if writes and layers is None:  # tensorized layers re-factored by default: refused unless asked, or named
+    names = compressed_part(model, args.method, None)
+    found = refactored(model.config, names, writes)
+    if found and not args.refactor_tensorized:
+      raise ValueError(refactoring_note("compress", found, writes, f"--method {args.method}") + "; pass "
+                       "--refactor-tensorized to do so, or name the layers to compress with --layers")
+    if found:
+      layers = names  # named: consent given
   report = run(model, args.method, args.out, targets=targets,
-               valid_ids=_text_ids(tok, "compress", "--valid", args.valid, args.max_tokens),
-               calib_ids=_text_ids(tok, "compress", "--calib", args.calib), layers=layers, heal_steps=args.heal_steps,
+               valid_ids=_text_ids(tok, model, "compress", "--valid", args.valid, args.max_tokens),
+               calib_ids=_text_ids(tok, model, "compress", "--calib", args.calib), layers=layers,
+               heal_steps=args.heal_steps,
                heal_lr=args.heal_lr, int8=args.int8, block_size=args.block_size, tokenizer=tok,
                overwrite=args.overwrite, allocation=args.allocation, sequential=args.sequential,
                if_larger=args.if_larger, calib_windows=args.calib_windows,
@@ -220,10 +244,11 @@ def _parser() -> argparse.ArgumentParser:
 
   tr = sub.add_parser("train", help="pre-train a (tensorized) model; no arguments: a tiny TTM-GPT on the sample corpus",
                       epilog=_fields_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-  tr.add_argument("--config", help="TOML file of TrainConfig fields")
+  tr.add_argument("--config", help="TOML file of TrainConfig fields, or a run's train_config.json")
   tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="override a field, e.g. steps=1000, layers.mlp.c_fc={\"kind\":\"ttm\",\"rank\":64}")
-  tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+  tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir, with its "
+                  "saved train_config.json; --set changes steps and fields that keep the model and its data")
   tr.add_argument("--branch", metavar="RUN", help="continue the wsd run RUN's checkpoint --at into a new run of "
                   "--set steps=N in --set out_dir=DIR (one run, several budgets)")
   tr.add_argument("--at", type=_int_at_least(0), metavar="STEP", help="the checkpoint step that --branch continues")
@@ -278,6 +303,10 @@ def _parser() -> argparse.ArgumentParser:
                   "comma-separated for a sweep (writes perplexity.png)")
   co.add_argument("--rtol", help="relative Frobenius error per layer (per row for tensorgpt)")
   co.add_argument("--layers", help="comma-separated layer names, e.g. mlp.c_fc,h.11.attn.c_proj (mpo, svd)")
+  co.add_argument("--refactor-tensorized", action="store_true",
+                  help="let svd, svdllm, mpo and mpo-data re-factor tensorized layers of another kind (a TT-matrix "
+                  "model's layers into low-rank ones, from their dense reconstruction); without it, refused unless "
+                  "--layers names them")
   co.add_argument("--layout", choices=["balanced", "fused"], default=None,
                   help="mpo only: 'fused' makes two-core layers run by the fused GPU kernels (rank <= 16)")
   co.add_argument("--calib", help="text file: calibration (modegpt, svdllm, mpo-data, --allocation importance), "

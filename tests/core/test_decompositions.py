@@ -79,6 +79,23 @@ def test_tt_svd_error_falls_as_rank_grows(rng):
   assert errs[-1] < 1e-10
 
 
+@EAGER_AND_JIT
+@pytest.mark.parametrize("scale", [3e38, 1e-30], ids=["near-max", "tiny"])
+def test_tt_svd_of_float32_values_near_the_limits_is_finite_and_exact(rng, jit, scale):
+  """Finite values near the float32 maximum overflowed the SVDs' sums of squares: non-finite cores."""
+  x = jnp.asarray(rng.uniform(-1, 1, (4, 5, 6)) * scale, jnp.float32)
+  tt = _maybe_jit(tnjax.tt_svd, jit)(x)
+  assert tt.ranks == (1, 4, 6, 1) and all(bool(jnp.isfinite(c).all()) for c in tt.cores)
+  assert rel_err(tt_full([np.asarray(c, np.float64) for c in tt.cores]), np.asarray(x, np.float64)) < 1e-5
+
+
+def test_tt_svd_rtol_on_large_float32_values_meets_the_bound(rng):
+  """The tolerance's norm overflowed to inf: every bond was cut to rank 1, far past the bound."""
+  x = jnp.asarray(rng.uniform(-1, 1, (4, 5, 6)) * 3e30, jnp.float32)
+  tt = tnjax.tt_svd(x, rtol=0.5)
+  assert tt.ranks[1] > 1 and rel_err(tt_full([np.asarray(c, np.float64) for c in tt.cores]), np.asarray(x)) <= 0.5
+
+
 def test_tt_svd_vmap_equals_loop(rng):
   xs = rng.standard_normal((5, 4, 6, 3))
   batched = jax.vmap(lambda x: tnjax.tt_svd(x, max_rank=2))(xs)

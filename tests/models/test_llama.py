@@ -108,7 +108,7 @@ def test_train_llama_tiny_from_scratch(tmp_path):
   out = tmp_path / "run"
   with jax.numpy_dtype_promotion("standard"):  # optax mixes its int step count with floats, as the CLI allows
     assert main(["train", "--no-progress", "--set", "model=llama-tiny", "--set", "steps=3", "--set",
-                 "eval_every=3",
+                 "eval_every=3", "--set", "warmup=1",
                  "--set", "batch_size=4", "--set", "block_size=32", "--set", "vocab_size=512",
                  "--set", "model_overrides.n_layer=1", "--set", f"out_dir={out}"]) == 0
   from tnjax.interop import load_model

@@ -52,7 +52,7 @@ def test_overrides_and_toml(tmp_path):
   assert d["steps"] == 7 and d["layers"]["mlp.c_fc"] == {"kind": "dense"} and d["model_overrides"]["n_layer"] == 3
   assert d["out_dir"] == "runs/x"
   toml = tmp_path / "c.toml"
-  toml.write_text('steps = 11\nlr = 0.5\n[model_overrides]\nn_layer = 2\n')
+  toml.write_text('steps = 11\nwarmup = 2\nlr = 0.5\n[model_overrides]\nn_layer = 2\n')
   cfg = resolve(str(toml), ["lr=0.25"])
   assert (cfg.steps, cfg.lr, cfg.model_overrides) == (11, 0.25, {"n_layer": 2})
 
@@ -106,13 +106,13 @@ def test_resume_refusals_a_moved_run_and_a_corrupt_checkpoint(tmp_path, monkeypa
   import tqdm
 
   out = tmp_path / "run"
-  train(_cfg(out, "steps=4", "checkpoint_every=2", "eval_every=4"), progress=False)
+  train(_cfg(out, "steps=4", "warmup=2", "checkpoint_every=2", "eval_every=4"), progress=False)
   with pytest.raises(ValueError, match=r"already has checkpoints; pass --resume"):
-    train(_cfg(out, "steps=4"), progress=False)
-  with pytest.raises(ValueError, match=r"--resume with a configuration that differs from the saved one in \['lr'\]"):
-    train(_cfg(out, "steps=6", "checkpoint_every=2", "eval_every=4", "lr=0.5"), resume=True, progress=False)
+    train(_cfg(out, "steps=4", "warmup=2"), progress=False)
+  with pytest.raises(ValueError, match=r"--resume with a configuration that differs from the saved one in \['seed'\]"):
+    train(_cfg(out, "steps=6", "warmup=2", "checkpoint_every=2", "eval_every=4", "seed=1"), resume=True, progress=False)
   with pytest.raises(ValueError, match=r"--resume but .*train_config.json does not exist"):
-    train(_cfg(tmp_path / "empty", "steps=4"), resume=True, progress=False)
+    train(_cfg(tmp_path / "empty", "steps=4", "warmup=2"), resume=True, progress=False)
 
   with open(out / "metrics.jsonl", "a") as f:  # as if the run had logged two steps past its last checkpoint
     f.write(json.dumps({"step": 5, "loss": 9.0}) + "\n" + json.dumps({"step": 6, "loss": 9.0}) + "\n")
@@ -127,7 +127,8 @@ def test_resume_refusals_a_moved_run_and_a_corrupt_checkpoint(tmp_path, monkeypa
   capsys.readouterr()
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    train(_cfg(moved, "steps=6", "checkpoint_every=2", "eval_every=4", "prefetch=0"), resume=True, progress=False)
+    train(_cfg(moved, "steps=6", "warmup=2", "checkpoint_every=2", "eval_every=4", "prefetch=0"), resume=True,
+          progress=False)
   err = capsys.readouterr().err
   assert "resuming at step 4 with steps=6 (the saved run had steps=4)" in err and "schedule" in err
   steps = [m["step"] for m in map(json.loads, (moved / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
@@ -140,7 +141,7 @@ def test_resume_refusals_a_moved_run_and_a_corrupt_checkpoint(tmp_path, monkeypa
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(b"garbage")
   with pytest.raises(ValueError, match=r"checkpoint at step 6 .* could not be restored"):
-    train(_cfg(moved, "steps=8", "checkpoint_every=2", "eval_every=4"), resume=True, progress=False)
+    train(_cfg(moved, "steps=8", "warmup=2", "checkpoint_every=2", "eval_every=4"), resume=True, progress=False)
 
 
 def _cli(out, *extra):
@@ -227,7 +228,7 @@ def test_data_parallel_and_fsdp_match_one_device(tmp_path):
 def test_bfloat16_compute_keeps_float32_parameters_and_optimizer():
   from tnjax.train import Trainer
 
-  trainer = Trainer(_cfg("unused", "dtype=bfloat16", "steps=5"), 300)
+  trainer = Trainer(_cfg("unused", "dtype=bfloat16", "steps=5", "warmup=2"), 300)
   tokens = np.random.default_rng(0).integers(0, 300, 5000).astype(np.uint16)
   losses = [float(trainer.step(s, tokens)[0]) for s in range(5)]
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
@@ -267,7 +268,7 @@ def test_diverging_loss_is_an_error_and_closes_the_checkpoint_manager(tmp_path, 
   closed = _closing_manager(monkeypatch)
   monkeypatch.setattr(Trainer, "step", lambda self, step, tokens, batch=None: (np.float32(np.nan), np.float32(0)))
   with pytest.raises(ValueError, match=r"train: loss=nan at step 1: training diverged; lower lr"):
-    train(_cfg(tmp_path / "run", "steps=3"), progress=False)
+    train(_cfg(tmp_path / "run", "steps=3", "warmup=2"), progress=False)
   assert closed == [True]
 
 
@@ -295,7 +296,7 @@ def test_resume_with_fewer_steps_is_refused_and_changes_nothing(tmp_path, capsys
   text.write_text((SAMPLE_DIR / "valid.txt").read_text()[:5000])
   out = tmp_path / "run"
   sets = ['model_overrides={"n_layer": 1, "d_model": 32, "n_head": 2}', "layers={}", "vocab_size=300",
-          "block_size=16", "batch_size=2", "eval_batches=1", "eval_every=2", "checkpoint_every=2",
+          "block_size=16", "batch_size=2", "eval_batches=1", "eval_every=2", "checkpoint_every=2", "warmup=0",
           f"train_files=[\"{text}\"]", f"valid_files=[\"{text}\"]", f"out_dir={out}"]
   train(resolve(None, sets + ["steps=2"]), progress=False)
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -132,7 +133,12 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
   # Each dense kernel is formed when a fit or spectrum reads it, never all at once: for bf16 parameters (or
   # tensorized layers) every kernel is a new float32 array, twice the model's size on the device at 8B.
   shapes = {name: jax.eval_shape(lambda layer=layer: dense_kernel(layer)) for name, layer in layers.items()}
-  kernel = lambda name: dense_kernel(layers[name])  # noqa: E731
+
+  def kernel(name):
+    w = dense_kernel(layers[name])
+    _checks.check_finite(fn, f"layer {name!r}", w)  # a NaN weight gave NaN factors without a word
+    return w
+
   if job.data:
     check_tokens(fn, calib, {name: w.shape[0] for name, w in shapes.items()})
   # Fitted inside the calibration pass, block by block, when each fit needs only its own layer's Gram and budget
@@ -180,6 +186,34 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
     for name in job.names:
       fit_one(name, gram(name))
   return _model.rebuild(model, _model.with_specs(model.config, specs), replaced)
+
+
+def refactored(cfg, names, kind: str) -> dict[str, str]:
+  """``{name: kind}`` of the layers among ``names`` that a fit writing ``kind`` layers would re-factor: tensorized
+  ones of another kind (TT-matrix, BTT), rebuilt dense and factored anew, which is slow (a TT layer's dense
+  reconstruction, then a full SVD) and loses the structure the layer was trained in (low-rank factors of a trained
+  TT-matrix GPT at 90% of its weights had 5x its perplexity)."""
+  kinds = {name: cfg.spec_of(name).kind for name in names}
+  return {name: k for name, k in kinds.items() if k not in ("dense", kind)}
+
+
+def refactoring_note(fn: str, found: dict[str, str], kind: str, by: str = "it") -> str:
+  """One line naming the layers `refactored` found, by kind, that ``by`` (the method) would re-factor."""
+  by_kind: dict[str, list[str]] = {}
+  for name, k in found.items():
+    by_kind.setdefault(k, []).append(name)
+  listed = "; ".join(f"{len(v)} {k} layer{'s' * (len(v) > 1)} ({', '.join(v[:4])}{', ...' * (len(v) > 4)})"
+                     for k, v in by_kind.items())
+  return (f"{fn}: the default layers include {listed}, which {by} re-factors into {kind} layers from their dense "
+          "reconstruction (slow, and their trained structure is lost)")
+
+
+def _warn_refactored(fn: str, cfg, names, layers, kind: str) -> None:
+  """Warns when the default selection (``layers=None``) re-factors tensorized layers; naming them is consent."""
+  found = refactored(cfg, names, kind) if layers is None else {}
+  if found:
+    warnings.warn(refactoring_note(fn, found, kind) + "; name them with layers= to do so without this warning",
+                  stacklevel=3)
 
 
 def _rtol_rank(sv, rtol: float) -> int:
@@ -283,7 +317,11 @@ def svd_compress(model: Decoder, *, ratio: float | None = None, rank: int | None
 
   Raises:
     ValueError: on no target or more than one, ratio outside (0, 1], rank < 1, a
-      negative rtol, an unknown layer name or allocation, or a layer that would grow.
+      negative rtol, an unknown layer name or allocation, a layer with NaN or Inf, or a layer that would grow.
+
+  Warns:
+    UserWarning: when the default layers include tensorized ones (TT-matrix, BTT), which are re-factored into
+      low-rank layers from their dense reconstruction (`refactored`); naming them in ``layers`` is consent.
 
   Examples:
     >>> from flax import nnx
@@ -296,6 +334,7 @@ def svd_compress(model: Decoder, *, ratio: float | None = None, rank: int | None
   fn = "svd_compress"
   target = Target.of(fn, ratio=ratio, rank=rank, rtol=rtol)
   names = _model.resolve_layers(fn, model.config, layers)
+  _warn_refactored(fn, model.config, names, layers, "lowrank")
   return _run(_lowrank_job(fn, target, names, data=False), model, calib=calib, allocation=allocation,
               sequential=False, if_larger=if_larger)
 
@@ -332,6 +371,7 @@ def svdllm_compress(model: Decoder, calib, *, ratio: float | None = None, rank: 
   fn = "svdllm_compress"
   target = Target.of(fn, ratio=ratio, rank=rank, rtol=rtol)
   names = _model.resolve_layers(fn, model.config, layers)
+  _warn_refactored(fn, model.config, names, layers, "lowrank")
   if calib is None:
     raise ValueError(f"{fn}: calib=None but SVD-LLM needs calibration ids (batch, time) or a Calibration")
   return _run(_lowrank_job(fn, target, names, data=True), model, calib=calib, allocation=allocation,
@@ -408,6 +448,7 @@ def mpo_compress(model: Decoder, *, rank: int | None = None, ratio: float | None
     if fit == "data":
       raise ValueError(f"{fn}: fit='data' with layout='fused' but the data-aware fit is for the balanced layout")
   names = _model.resolve_layers(fn, model.config, layers)
+  _warn_refactored(fn, model.config, names, layers, "ttm")
 
   @functools.cache
   def dims(name):

@@ -40,6 +40,9 @@ class Method:
     options: other keyword options ``compress`` passes through.
     least: ``least(model, names, *, allocation, **options)``: the weights of the layers ``names`` at the
       method's smallest (rank 1 everywhere, or its least widths), from the shapes alone (nothing is fitted).
+    writes: the kind of the projections it writes, when it fits any projection anew from its dense
+      reconstruction: tensorized layers of another kind are then re-factored (`tnjax.compress.methods.refactored`),
+      which ``tnjax compress`` refuses unless asked.
   """
 
   name: str
@@ -52,6 +55,7 @@ class Method:
   sequential: bool = False
   options: tuple[str, ...] = ()
   least: Callable = None
+  writes: str | None = None
 
 
 REGISTRY: dict[str, Method] = {}
@@ -115,13 +119,13 @@ def _tensorgpt(model, target, *, calib, layers, allocation, sequential, if_large
 
 
 register(Method("svd", _svd, "truncated SVD of each weight matrix (the baseline)", calibration="optional",
-                least=_lowrank_least))
+                least=_lowrank_least, writes="lowrank"))
 register(Method("svdllm", _svdllm, "SVD-LLM: SVD in each layer's input metric (output error)",
-                calibration="required", sequential=True, least=_lowrank_least))
+                calibration="required", sequential=True, least=_lowrank_least, writes="lowrank"))
 register(Method("mpo", _mpo("weights"), "CompactifAI: TT-SVD of each weight matrix into an MPO",
-                calibration="optional", options=("layout",), least=_mpo_least))
+                calibration="optional", options=("layout",), least=_mpo_least, writes="ttm"))
 register(Method("mpo-data", _mpo("data"), "MPO fitted to each layer's outputs (Kronecker-factored input metric)",
-                calibration="required", sequential=True, least=_mpo_least))
+                calibration="required", sequential=True, least=_mpo_least, writes="ttm"))
 register(Method("modegpt", _modegpt, "MoDeGPT: Nystrom (MLP), CR (Q/K), whitened SVD (V/O) per block",
                 targets=("ratio",), calibration="required", allocations=("importance", "uniform"),
                 options=("refit_ridge",), least=_modegpt_least))

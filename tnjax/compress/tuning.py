@@ -139,8 +139,8 @@ def heal(model: Decoder, tokens, steps: int, *, lr: float = 1e-4, batch_size: in
     tokens: 1-d training ids; windows are sampled as in [`train`][tnjax.train.train].
     steps: optimizer steps (at least 1).
     lr, batch_size, warmup, seed: as [`TrainConfig`][tnjax.train.TrainConfig]
-      (warmup default: 10% of steps); computation runs in the model's dtype. Every parameter gets ``lr``,
-      also in a muP model (its multipliers are for training from scratch).
+      (warmup default: 10% of steps, none for one step); computation runs in the model's dtype. Every
+      parameter gets ``lr``, also in a muP model (its multipliers are for training from scratch).
     block_size: window length (default: the smallest of the model's, `tnjax.eval.DEFAULT_WINDOW` and the
       text's).
 
@@ -174,9 +174,10 @@ def heal(model: Decoder, tokens, steps: int, *, lr: float = 1e-4, batch_size: in
     raise ValueError(f"{fn}: layers {quantized[:4]} are int8; heal before quantize_int8, not after")
   check_healable(fn, model)
   block = window_size(fn, model.config.block_size, ids.size, block_size, reads_past=2, text="tokens")
-  cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, block_size=block,
-                    warmup=max(1, steps // 10) if warmup is None else warmup, weight_decay=0.0, seed=seed,
-                    layers={}).validate()
+  if warmup is None:  # 10%, and none for one step (a warmup as long as the run never reaches lr: one step of lr 0)
+    warmup = min(max(1, steps // 10), steps - 1)
+  cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, block_size=block, warmup=warmup, weight_decay=0.0,
+                    seed=seed, layers={}).validate()
   # one learning rate for every parameter: muP's per-layer multipliers are for training from scratch (and are
   # undefined for a compressed model's per-block widths)
   trainer = Trainer(cfg, model.config.vocab_size, model=model, mup=False)

@@ -179,6 +179,7 @@ def tt_svd(x, max_rank=None, rtol=None, method: str = "svd") -> TensorTrain:
   rtol = _checks.check_rtol(fn, rtol)
   method = _check_method(fn, method)
   _checks.check_finite(fn, "x", x)
+  x, exponent = _power_of_two_scaled(x)
   delta2 = _bond_delta2(jnp.sum(x * x), rtol, len(dims) - 1)
 
   cores = []
@@ -188,7 +189,32 @@ def tt_svd(x, max_rank=None, rtol=None, method: str = "svd") -> TensorTrain:
     u, rest = _truncated_svd(rest.reshape(r_prev * n, -1), caps[k], delta2, method)
     cores.append(u.reshape(r_prev, n, u.shape[1]))
   cores.append(rest.reshape(rest.shape[0], dims[-1], 1))
-  return TensorTrain(tuple(cores))
+  return TensorTrain(_spread_exponent(cores, exponent))
+
+
+_SCALE_BEYOND = 60  # |x| past 2**60 or below 2**-60 is scaled before the SVDs; between, nothing changes
+
+
+def _power_of_two_scaled(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``x * 2**-e`` and ``e``, with ``e`` the exponent of ``max |x|`` when that is far from 1 (else 0).
+
+  Finite values near the float32 maximum overflow the sums of squares inside the SVDs (and the tolerance's
+  norm), which gave non-finite cores; scaling by a power of two is exact, and works under jit. The factor is
+  applied in two halves so that neither underflows to a subnormal (which a CPU may flush to zero).
+  """
+  amax = jnp.max(jnp.abs(x))
+  far = (amax > 2.0**_SCALE_BEYOND) | ((amax < 2.0**-_SCALE_BEYOND) & (amax > 0))
+  exponent = jnp.where(far, jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1))), 0).astype(x.dtype)
+  half = jnp.floor(exponent / 2)
+  return x * jnp.exp2(-half) * jnp.exp2(half - exponent), exponent
+
+
+def _spread_exponent(cores: list[jax.Array], exponent: jax.Array) -> tuple[jax.Array, ...]:
+  """The cores of ``x`` from those of ``x * 2**-exponent``: the factor spread over the cores in integer powers of
+  two (no core alone could hold ``max |x|`` times the norm), the last core taking the remainder."""
+  d = len(cores)
+  share = jnp.floor(exponent / d)
+  return tuple(c * jnp.exp2(share if k < d - 1 else exponent - (d - 1) * share) for k, c in enumerate(cores))
 
 
 def ttm_svd(w, in_dims, out_dims, max_rank=None, rtol=None, method: str = "svd") -> TTMatrix:

@@ -1,11 +1,13 @@
 """Token caches: text files tokenized once into a memory-mapped array with a JSON manifest, and batch samplers.
 
 The cache ``<name>.bin`` holds uint16 ids (uint32 when the vocabulary is
-larger than 65535); ``<name>.json`` records the tokenizer's hash and each
-source file's path, size and SHA-256. A later run with the same tokenizer
-and files reuses the cache; any change rebuilds it. Both files are written
-to a temporary name and renamed, so an interrupted build never leaves a
-cache that looks valid.
+larger than 65535); ``<name>.json`` records the tokenizer's hash, each
+source file's path, size and SHA-256, and the cache's own token count and
+SHA-256. A later run with the same tokenizer and files reuses the cache
+after checking its count and hash (a truncated or changed cache is refused,
+naming it); any change of the inputs rebuilds it. Both files are written to
+a temporary name and renamed, so an interrupted build never leaves a cache
+that looks valid.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tnjax._io import atomic_write, atomic_write_text, read_text
+from tnjax._io import atomic_write, atomic_write_text, read_json, read_text
 from tnjax.data.tokenizer import EOT
 
 
@@ -51,7 +53,9 @@ def token_cache(files: Sequence, tokenizer, cache_dir, name: str) -> np.ndarray:
     A read-only memory-mapped 1-d array of uint16 or uint32 ids.
 
   Raises:
-    ValueError: on a missing file or text that encodes to no tokens.
+    ValueError: on a missing file or text that encodes to no tokens; naming the cache's files when its
+      manifest is not valid JSON, or the cache does not hold the tokens its manifest records (a truncated
+      or changed file: delete it to rebuild it).
   """
   files = [pathlib.Path(f) for f in files]
   for f in files:
@@ -63,8 +67,16 @@ def token_cache(files: Sequence, tokenizer, cache_dir, name: str) -> np.ndarray:
   manifest = _manifest(files, tokenizer)
   dtype = np.uint16 if tokenizer.get_vocab_size() <= 65536 else np.uint32
   manifest["dtype"] = np.dtype(dtype).name
-  if meta.exists() and binary.exists() and json.loads(meta.read_text()) == manifest:
-    return np.memmap(binary, dtype=dtype, mode="r")
+  if meta.exists() and binary.exists():
+    try:
+      saved = read_json("token_cache", meta)
+    except ValueError as e:
+      raise ValueError(f"{e}; it is the manifest of the token cache {binary}: delete both files to rebuild "
+                       "them") from e
+    # a manifest written before caches recorded their own count and hash is rebuilt once
+    if isinstance(saved, dict) and "tokens" in saved and {k: saved.get(k) for k in manifest} == manifest:
+      _check_cache(binary, meta, saved, dtype)
+      return np.memmap(binary, dtype=dtype, mode="r")
   eot = tokenizer.token_to_id(EOT)
   ids: list[int] = []
   for f in files:
@@ -73,9 +85,24 @@ def token_cache(files: Sequence, tokenizer, cache_dir, name: str) -> np.ndarray:
       ids.append(eot)
   if not ids:
     raise ValueError(f"token_cache: {[str(f) for f in files]} encode to no tokens")
-  atomic_write(binary, np.asarray(ids, dtype).tofile)
+  array = np.asarray(ids, dtype)
+  atomic_write(binary, array.tofile)
+  manifest.update(tokens=int(array.size), sha256=hashlib.sha256(array.tobytes()).hexdigest())
   atomic_write_text(meta, json.dumps(manifest, indent=1))
   return np.memmap(binary, dtype=dtype, mode="r")
+
+
+def _check_cache(binary: pathlib.Path, meta: pathlib.Path, saved: dict, dtype) -> None:
+  """Refuses a cache file that does not hold the token count and SHA-256 its manifest records."""
+  size, tokens, itemsize = binary.stat().st_size, saved["tokens"], np.dtype(dtype).itemsize
+  if not isinstance(tokens, int) or size != tokens * itemsize:
+    what = f"{size // itemsize:,} tokens ({size:,} bytes)"
+  elif file_sha256(binary) != saved.get("sha256"):
+    what = f"{tokens:,} tokens whose SHA-256 differs from the recorded one"
+  else:
+    return
+  raise ValueError(f"token_cache: {binary} holds {what} but its manifest {meta} records tokens={tokens!r} and their "
+                   "SHA-256; the cache is truncated or was changed: delete it to rebuild it from the text")
 
 
 def train_batch(tokens: np.ndarray, step: int, batch_size: int, block_size: int, seed: int):

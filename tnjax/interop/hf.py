@@ -136,6 +136,8 @@ def load_hf(path, *, dtype: str | None = None, param_dtype: str | None = None, f
   except (KeyError, TypeError, AttributeError) as e:
     raise ValueError(f"{fn}: {path / 'config.json'} is not a {hf.get('model_type')} config "
                      f"({type(e).__name__}: {e})") from e
+  except ValueError as e:  # an option refused, or a field of the wrong type or range: name the file too
+    raise ValueError(f"{e} (in {path / 'config.json'})") from e
   model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))  # no parameter allocated or initialized yet
   targets = mapping.targets(model)
   # from the config alone, before any file is opened (pytorch_model.bin is read whole)

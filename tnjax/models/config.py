@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from typing import Any
 
 from tnjax.core import _checks
@@ -184,6 +185,7 @@ class DecoderConfig:
   def validate(self) -> None:
     """Checks what every family shares: sizes, layer keys and specs, per-block sizes, tying."""
     owner = type(self).__name__
+    _check_scalar_fields(self)
     for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "vocab_multiple"):
       _checks.check_positive_int(owner, name, getattr(self, name))
     if self.d_model % self.n_head:
@@ -301,6 +303,25 @@ class DecoderConfig:
   @classmethod
   def from_json(cls, text: str):
     return cls.from_dict(json.loads(text))
+
+
+def _check_scalar_fields(cfg) -> None:
+  """Every scalar field of a family's config by its annotation (a config read from JSON may hold a string):
+  ``float`` fields finite numbers, epsilons (``*_eps``) > 0 (a negative one made a NaN model), ``int | None``
+  fields positive integers or None, ``bool`` fields booleans."""
+  owner = type(cfg).__name__
+  for f in dataclasses.fields(cfg):
+    value = getattr(cfg, f.name)
+    if f.type == "float":
+      ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+      positive = f.name.endswith("_eps")
+      if not ok or (positive and value <= 0):
+        raise ValueError(f"{owner}: {f.name}={value!r} ({type(value).__name__}) but a finite number"
+                         f"{' > 0' if positive else ''} is expected")
+    elif f.type == "int | None" and value is not None:
+      _checks.check_positive_int(owner, f.name, value)
+    elif f.type == "bool" and not isinstance(value, bool):
+      raise ValueError(f"{owner}: {f.name}={value!r} ({type(value).__name__}) but true or false is expected")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ import types
 import typing
 from typing import Any
 
+from tnjax._io import read_json
 from tnjax.core import _checks
 from tnjax.data import SAMPLE_DIR
 
@@ -119,6 +120,9 @@ class TrainConfig:
     if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup < 0:
       raise ValueError(f"{fn}: lr={self.lr}, min_lr_ratio={self.min_lr_ratio}, warmup={self.warmup} but lr > 0, "
                        "0 <= min_lr_ratio <= 1 and warmup >= 0 are expected")
+    if self.warmup >= self.steps:
+      raise ValueError(f"{fn}: warmup={self.warmup} but steps={self.steps}; warmup < steps is expected (the learning "
+                       "rate would not reach lr before the run ends)")
     if self.schedule not in SCHEDULES:
       raise ValueError(f"{fn}: schedule={self.schedule!r} but one of {SCHEDULES} is expected")
     if not 0 < self.decay_fraction <= 1:
@@ -234,28 +238,80 @@ def apply_overrides(base: dict, overrides: list[str]) -> dict:
   return out
 
 
-def resolve(config_file: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
-  """Defaults, then a TOML file's top-level keys, then ``--set`` overrides.
+# Fields a resumed run may change: none of them changes the model or the data it trains and validates on (the
+# batches are the same, grad_accum only splits them; test files are read at the end). The schedule's fields change
+# the learning rates from the resumed step on, which `train` states; every other field is refused.
+RESUMABLE = ("steps", "out_dir", "lr", "min_lr_ratio", "warmup", "schedule", "decay_fraction", "weight_decay",
+             "grad_clip", "b1", "b2", "grad_accum", "fsdp", "eval_every", "log_every", "checkpoint_every", "keep",
+             "keep_every", "test_files", "prefetch")  # prefetch: when batches are made, not which
+
+
+def resolve(config_file: str | None = None, overrides: list[str] | None = None, *, resume: bool = False
+            ) -> TrainConfig:
+  """Defaults, then a config file's top-level keys (TOML, or JSON such as a run's ``train_config.json``), then
+  ``--set`` overrides.
+
+  With ``resume``, the run's saved ``train_config.json`` (in the ``out_dir`` that the overrides, the file or
+  the default name) takes the place of the defaults, so that ``--resume`` needs only what changes, e.g.
+  ``--set steps=4000``; `train` refuses a change to a field outside `RESUMABLE`. A dict field given
+  whole (a TOML ``[layers]`` table, ``--set layers={...}``) replaces the one below it, while ``--set
+  layers.KEY=...`` sets one key in it.
+
+  Raises:
+    ValueError: naming the file or the field: a config file that is missing or not UTF-8 TOML / JSON, a saved
+      config that is missing or invalid (``resume``), an override that is not ``key=value``, and the field
+      errors of `TrainConfig.validate`.
 
   Examples:
     >>> cfg = resolve(None, ["steps=50", "lr=1e-3"])
     >>> cfg.steps, cfg.lr
     (50, 0.001)
   """
-  d = TrainConfig().to_dict()
-  if config_file:
-    d.update(_read_toml(config_file))
+  file = read_config(config_file) if config_file else {}
+  d = {**TrainConfig().to_dict(), **file}
+  if resume:
+    out_dir = apply_overrides(d, overrides or [])["out_dir"]
+    d = {**saved_config("resolve", out_dir), **file, "out_dir": out_dir}
   return TrainConfig.from_dict(apply_overrides(d, overrides or []))
 
 
-def _read_toml(path) -> dict:
+def saved_config(fn: str, out_dir, *, resuming: bool = True) -> dict:
+  """The resolved configuration saved in the run directory ``out_dir`` (``train_config.json``), as a dict with
+  every field (those added since it was saved at their defaults).
+
+  Raises:
+    ValueError: naming the file when it is missing, not a JSON object, or has fields TrainConfig does not know.
+  """
+  path = pathlib.Path(out_dir) / "train_config.json"
+  if not path.is_file():
+    raise ValueError(f"{fn}: {'--resume but ' if resuming else ''}{path} does not exist; a training run directory "
+                     "is expected")
+  d = read_json(fn, path)
+  if not isinstance(d, dict):
+    raise ValueError(f"{fn}: {path} holds {type(d).__name__} but a JSON object of TrainConfig fields is expected")
+  unknown = sorted(set(d) - set(TrainConfig().to_dict()))
+  if unknown:
+    raise ValueError(f"{fn}: {path} has unknown fields {unknown}; it is not a tnjax run configuration (or one of "
+                     "another version)")
+  return json.loads(json.dumps({**TrainConfig().to_dict(), **d}))
+
+
+def read_config(path) -> dict:
+  """The top-level keys of a config file: JSON when its name ends in ``.json`` (a run's ``train_config.json``),
+  else TOML."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ValueError(f"resolve: config file {path} does not exist or is not a file")
+  if path.suffix == ".json":
+    d = read_json("resolve", path)
+    if not isinstance(d, dict):
+      raise ValueError(f"resolve: config file {path} holds {type(d).__name__} but a JSON object of TrainConfig "
+                       "fields is expected")
+    return d
   try:
     import tomllib
   except ImportError as e:  # Python 3.10
     raise ValueError("resolve: reading a TOML config needs Python >= 3.11 (tomllib)") from e
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise ValueError(f"resolve: config file {path} does not exist or is not a file")
   try:
     return tomllib.loads(path.read_bytes().decode("utf-8"))
   except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
+import os
 import pathlib
 import signal
 import sys
@@ -20,11 +22,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tnjax._io import LOCK_NAME, atomic_write, atomic_write_text, copy_tree_linked, dir_lock
+from tnjax._io import LOCK_NAME, atomic_write, atomic_write_text, copy_tree_linked, dir_lock, read_json, read_text
 from tnjax.data import Prefetcher, eval_batches, load_tokenizer, token_cache, train_batch, train_tokenizer
 from tnjax.data.cache import file_sha256
 from tnjax.models import Decoder, build
-from tnjax.train.config import TrainConfig
+from tnjax.train.config import RESUMABLE, TrainConfig, saved_config
 from tnjax.train.mup import mup_multipliers, scale_by_multipliers
 
 
@@ -270,6 +272,81 @@ def _restore(manager, trainer: Trainer) -> int:
   return int(step)
 
 
+class _HeldRecords(logging.Filter):
+  """Keeps orbax's error records (with their tracebacks) instead of letting the logger print them."""
+
+  def __init__(self):
+    super().__init__()
+    self.held: list[logging.LogRecord] = []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+      self.held.append(record)
+      return False
+    return True
+
+
+@contextlib.contextmanager
+def _orbax_errors_held():
+  """Holds what orbax's save threads print about a failure during the block: the error records it logs (through
+  absl's logger) and the exceptions its storage library's callbacks print when they complete after orbax has
+  closed their event loop (``RuntimeError: Event loop is closed``, through ``sys.unraisablehook``). Dropped when
+  the block raises (its error then says what failed, in one line); printed after it when it does not."""
+  logger, held, hook, unraisable = logging.getLogger("absl"), _HeldRecords(), sys.unraisablehook, []
+  logger.addFilter(held)
+  sys.unraisablehook = unraisable.append
+  try:
+    yield
+  finally:
+    logger.removeFilter(held)
+    sys.unraisablehook = hook
+  for record in held.held:
+    logger.handle(record)
+  for info in unraisable:
+    hook(info)
+
+
+@contextlib.contextmanager
+def _checkpoint_error(manager):
+  """Turns a failed orbax save (a full disk, an unwritable directory; raised by the next save or the final wait)
+  into one line: where, its first cause, and that ``--resume`` continues from the last checkpoint written whole."""
+  try:
+    yield
+  except Exception as e:  # orbax and tensorstore raise many types (ValueError, OSError, RuntimeError)
+    cause = next((c for c in _causes(e) if isinstance(c, OSError)), e)
+    detail = " ".join(str(cause).split())[:300] or type(cause).__name__
+    steps = _checkpoint_steps(pathlib.Path(manager.directory).parent)
+    raise ValueError(f"train: saving a checkpoint in {manager.directory} failed ({type(cause).__name__}: {detail}); "
+                     "is the disk full? Free space and run again with --resume, which continues from "
+                     f"{f'step {steps[-1]}' if steps else 'the start (no checkpoint was written whole)'}") from e
+
+
+def _close(manager, board, *, failing: bool) -> None:
+  """Waits for the last checkpoint save and closes the manager's threads and the event writer, on every path
+  (errors and Ctrl-C included). When the run is ``failing`` already, a save that fails too (the same full disk)
+  is left unsaid: the error in flight is the one line."""
+  with _interrupt_after():
+    try:
+      with _checkpoint_error(manager):
+        manager.wait_until_finished()
+    except ValueError:
+      if not failing:
+        raise
+    finally:
+      manager.close()
+      if board is not None:
+        board.close()
+
+
+def _causes(e: BaseException):
+  """``e`` and the exceptions it was raised from or during, innermost last."""
+  seen = []
+  while e is not None and e not in seen:
+    seen.append(e)
+    e = e.__cause__ or e.__context__
+  return seen
+
+
 def _tensorboard(path: pathlib.Path):
   """A TensorBoard event writer when tensorboardX is installed (optional), else None."""
   try:
@@ -293,7 +370,7 @@ def _tokenizer(cfg: TrainConfig, out: pathlib.Path, resume: bool):
                "train_files": [{"size": f.stat().st_size, "sha256": file_sha256(f)}
                                for f in map(pathlib.Path, cfg.train_files)]}
   if saved.exists():
-    before = json.loads(source.read_text()) if source.exists() else None
+    before = read_json("train", source) if source.exists() else None
     if before == made_from or (resume and before is None):  # runs from before the source file existed
       return load_tokenizer(saved)
     if resume:
@@ -308,9 +385,6 @@ def _tokenizer(cfg: TrainConfig, out: pathlib.Path, resume: bool):
 
 
 FILE_FIELDS = ("train_files", "valid_files", "test_files")
-# What --resume does not compare with the saved config: out_dir (a moved run directory resumes), steps (may grow,
-# stated on stderr) and prefetch (when batches are made, not which; absent from runs saved before it existed).
-RESUME_MAY_CHANGE = ("steps", "out_dir", "prefetch")
 
 
 @contextlib.contextmanager
@@ -333,17 +407,39 @@ def _check_files(cfg: TrainConfig) -> None:
         raise ValueError(f"train: {field} has {f!r}, which is empty; a UTF-8 text file is expected")
 
 
+def _check_host_memory(cfg: TrainConfig) -> None:
+  """Refuses, before any work, batches whose token ids alone exceed the host's memory: one training batch and the
+  validation batches (held for the whole run), each window as int64 indices and int32 inputs and targets."""
+  try:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (AttributeError, ValueError, OSError):  # no such query on this platform
+    return
+  windows = cfg.batch_size + cfg.eval_batches * (cfg.batch_size // cfg.grad_accum)
+  need = windows * (cfg.block_size + 1) * 16
+  if need > total:
+    raise ValueError(f"train: batch_size={cfg.batch_size:,} (and eval_batches={cfg.eval_batches} validation batches) "
+                     f"of block_size={cfg.block_size} tokens need {need / 2**30:,.1f} GiB of host memory for their "
+                     f"token ids alone but this host has {total / 2**30:,.1f} GiB; lower batch_size or eval_batches "
+                     "(grad_accum splits a batch into micro-batches on the device, not on the host)")
+
+
 def _tokens(cfg: TrainConfig, tok, out: pathlib.Path, field: str) -> np.ndarray:
   """The token ids of one of ``FILE_FIELDS`` (read, decoded and tokenized, or taken from the cache), so that every
   file a run reads is refused before its first step rather than after training.
 
   Raises:
     ValueError: naming the field and the file that is not UTF-8 text, or the field and its files when they hold
-      fewer than ``block_size + 2`` tokens (a window, its shifted targets and a second start).
+      fewer than ``block_size + 2`` tokens (a window, its shifted targets and a second start) or an id the
+      model's vocabulary (the tokenizer's size) does not hold.
   """
   files = getattr(cfg, field)
   with _naming(field):
     tokens = token_cache(files, tok, out / "cache", field.removesuffix("_files"))
+  top, vocab = int(tokens.max()), tok.get_vocab_size()
+  if top >= vocab:  # the embedding would read past its table: NaN losses that looked like a divergence
+    raise ValueError(f"train: {field} {files} encode to id {top:,} but the tokenizer "
+                     f"({cfg.tokenizer or out / 'tokenizer.json'}) has {vocab:,} tokens, the model's vocab_size; "
+                     f"its ids are expected in 0..{vocab - 1:,} (a vocabulary with gaps or added tokens past it)")
   need = cfg.block_size + 2
   if len(tokens) < need:
     raise ValueError(f"train: {field} {files} hold {len(tokens)} tokens but block_size={cfg.block_size} needs at "
@@ -356,6 +452,50 @@ def _checkpoint_steps(out: pathlib.Path) -> list[int]:
   """The steps of the checkpoints in a run directory, ascending (orbax's finished ones: in-progress saves have
   temporary names)."""
   return sorted(int(p.name) for p in (out / "checkpoints").glob("*") if p.name.isdigit())
+
+
+def read_metrics(fn: str, path: pathlib.Path) -> list[dict]:
+  """The records of a run's ``metrics.jsonl`` (none when it does not exist).
+
+  Raises:
+    ValueError: naming ``fn``, the file and the line that is not a JSON object with an integer "step".
+  """
+  if not path.exists():
+    return []
+  records = []
+  for i, line in enumerate(read_text(fn, "metrics", path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      record, why = None, f"not valid JSON ({e})"
+    else:
+      why = "not a JSON object with an integer 'step'"
+    if not isinstance(record, dict) or isinstance(record.get("step"), bool) or not isinstance(record.get("step"), int):
+      raise ValueError(f"{fn}: {path} line {i} is {why}; the metrics log is corrupt (remove that line, or the file "
+                       "to start the log afresh)")
+    records.append(record)
+  return records
+
+
+def _resume_note(saved: dict, cfg: TrainConfig, start: int) -> str | None:
+  """What a resume changes (fields of `RESUMABLE`), and where the learning rate goes when the schedule changes: a
+  cosine stretched over more steps rises again at ``start``, where the saved run had decayed."""
+  changed = [k for k in RESUMABLE if k != "out_dir" and saved.get(k) != json.loads(json.dumps(getattr(cfg, k)))]
+  if not changed:
+    return None
+  note = f"train: resuming at step {start} with " + ", ".join(
+      f"{k}={getattr(cfg, k)!r} (the saved run had {k}={saved.get(k)!r})" for k in changed)
+  if set(changed) & {"steps", "lr", "min_lr_ratio", "warmup", "schedule", "decay_fraction"}:
+    old, new = lr_schedule(TrainConfig(**saved)), lr_schedule(cfg)
+    lr_old, lr_new, lr_end = (float(f(t)) for f, t in ((old, start), (new, start), (new, cfg.steps)))
+    note += (f"; the {cfg.schedule} learning-rate schedule changes: at step {start} the rate is {lr_new:.3g} where "
+             f"the saved run's had {lr_old:.3g}, and it ends at {lr_end:.3g} at step {cfg.steps}")
+    if lr_new > 1.01 * lr_old:
+      note += (" (the rate rises again, so the loss may rise before it falls; best_model/ keeps the model of lowest "
+               "validation loss)")
+  return note
 
 
 def _check_steps_ahead(cfg: TrainConfig, out: pathlib.Path) -> None:
@@ -419,10 +559,7 @@ def branch(src, step: int, steps: int, out_dir) -> TrainConfig:
 
   fn = "branch"
   src, out = pathlib.Path(src), pathlib.Path(out_dir)
-  saved = src / "train_config.json"
-  if not saved.is_file():
-    raise ValueError(f"{fn}: {saved} does not exist; a training run directory is expected")
-  before = TrainConfig.from_dict(json.loads(saved.read_text()))
+  before = TrainConfig.from_dict(saved_config(fn, src, resuming=False))
   cfg = TrainConfig.from_dict({**before.to_dict(), "steps": steps, "out_dir": str(out)})
   if before.schedule != "wsd":
     raise ValueError(f"{fn}: {src} has schedule={before.schedule!r} but only a 'wsd' run can branch (its stable "
@@ -446,8 +583,7 @@ def branch(src, step: int, steps: int, out_dir) -> TrainConfig:
         shutil.copy2(src / name, out / name)
     if (src / "cache").is_dir():
       copy_tree_linked(src / "cache", out / "cache")
-    metrics = [json.loads(line) for line in (src / "metrics.jsonl").read_text().splitlines() if line.strip()] \
-        if (src / "metrics.jsonl").exists() else []
+    metrics = read_metrics(fn, src / "metrics.jsonl")
     vals = [m for m in metrics if "val_loss" in m]
     if (src / "best_model").is_dir() and vals and min(vals, key=lambda m: m["val_loss"])["step"] <= step:
       shutil.copytree(src / "best_model", out / "best_model")
@@ -465,17 +601,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
   ids), ``checkpoints/`` (orbax, the last ``keep``), ``metrics.jsonl``,
   ``loss.png``, ``report.json`` / ``report.md``, ``model/`` (the final model
   in tnjax's format), ``best_model/`` (the model at the lowest validation
-  loss, the checkpoint chosen on validation) and, when tensorboardX is
+  loss, the checkpoint chosen on validation: the one to use), each with its ``tokenizer.json``, and, when
+  tensorboardX is
   installed, ``tensorboard/`` event files. The report gives the best
   validation perplexity and its step, test perplexity at the last step
   (``test_perplexity``) and at the best one (``test_perplexity_at_best``),
   and training FLOPs (3x the forward FLOPs of ``GPT.flops_per_token``).
   Every file is written under a temporary name and renamed.
 
-  A moved run directory resumes (``out_dir`` is not compared); resuming with
-  more ``steps`` says on stderr that the learning-rate schedule changes;
-  resuming with fewer steps than the run has trained (or as many, once it has
-  finished) is refused and changes nothing.
+  ``resume`` continues from the latest checkpoint. ``cfg`` may differ from the saved configuration only in
+  the fields of `tnjax.train.config.RESUMABLE` (``steps``, ``out_dir``: a moved run directory resumes, and
+  fields that keep the model and its data); ``resolve(..., resume=True)`` starts from the saved one. A
+  change is said on stderr, with the learning rate at the resumed step before and after when the schedule
+  changes (more ``steps`` stretch a cosine decay, so the rate rises again). Resuming with fewer steps than
+  the run has trained (or as many, once it has finished) is refused and changes nothing.
 
   Before the first step, every file the run reads (``train_files``,
   ``valid_files``, ``test_files``) is read, decoded, tokenized and checked to
@@ -496,12 +635,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
 
   Raises:
     ValueError: when the directory already has checkpoints and ``resume`` is
-      False, when resuming with a different configuration or fewer steps, when
+      False, when resuming with a change outside ``RESUMABLE`` or fewer steps, when
       another run holds the directory, for a missing, empty, non-UTF-8 or too
       short file, when a checkpoint cannot be restored, or when the loss
       becomes NaN or infinite (see above: up to ``log_every`` steps late).
   """
   cfg.validate()
+  _check_host_memory(cfg)
   _check_files(cfg)
   out = pathlib.Path(cfg.out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -516,22 +656,20 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, progress: bool) ->
 
   saved_cfg = out / "train_config.json"
   has_ckpt = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
-  saved_steps = None
+  saved = None
   if resume:
-    if not saved_cfg.exists():
-      raise ValueError(f"train: --resume but {saved_cfg} does not exist; nothing to resume")
-    try:
-      before = json.loads(saved_cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"train: --resume but {saved_cfg} is not valid JSON ({e})") from e
-    saved_steps = before.get("steps")
-    before = {k: v for k, v in before.items() if k not in RESUME_MAY_CHANGE}
-    now = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in RESUME_MAY_CHANGE}
-    if before != now:
-      changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-      raise ValueError(f"train: --resume with a configuration that differs from the saved one in {changed}")
+    saved = saved_config("train", out)
+    now = json.loads(json.dumps(cfg.to_dict()))
+    fixed = sorted(k for k in now if saved.get(k) != now[k] and k not in RESUMABLE)
+    if fixed:
+      raise ValueError(f"train: --resume with a configuration that differs from the saved one in {fixed} "
+                       f"({saved_cfg}); they set the model or the data it trains on, which a resumed run keeps: only "
+                       "steps, the optimizer's and the schedule's fields, grad_accum, fsdp, test_files and the "
+                       "logging, evaluation and checkpoint fields may change (tnjax.train.config.RESUMABLE); start "
+                       "a new run in another out_dir for the others")
     _check_steps_ahead(cfg, out)
-  elif has_ckpt:
+  logged = read_metrics("train", out / "metrics.jsonl") if resume else []  # a corrupt log refused before any work
+  if has_ckpt and not resume:
     raise ValueError(f"train: {out / 'checkpoints'} already has checkpoints; pass --resume to continue, or choose "
                      "another out_dir")
 
@@ -539,36 +677,39 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, progress: bool) ->
   # config is saved): a bad one found after training would leave the run without its model and report.
   tok = _tokenizer(cfg, out, resume)
   tokens = {field: _tokens(cfg, tok, out, field) for field in FILE_FIELDS if getattr(cfg, field)}
+  if not cfg.tokenizer and tok.get_vocab_size() < cfg.vocab_size:  # BPE stops when no pair is seen twice
+    _say(f"train: the tokenizer trained on train_files has {tok.get_vocab_size():,} tokens, fewer than "
+         f"vocab_size={cfg.vocab_size:,} (the text has no more merges seen twice); the model gets "
+         f"{tok.get_vocab_size():,}")
   atomic_write_text(saved_cfg, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
   valid = eval_batches(tokens["valid_files"], cfg.eval_batches, cfg.batch_size // cfg.grad_accum, cfg.block_size)
   trainer = Trainer(cfg, tok.get_vocab_size())
   metrics_path = out / "metrics.jsonl"
   manager = _checkpoint_manager(out, cfg)
   board = None
-  try:  # the checkpoint manager's threads are closed on every path (errors and Ctrl-C included)
-    start = _restore(manager, trainer) if resume and manager.latest_step() is not None else 0
-    if saved_steps is not None and saved_steps != cfg.steps:
-      _say(f"train: resuming at step {start} with steps={cfg.steps} (the saved run had steps={saved_steps}): "
-           + (f"the warmup + cosine schedule now decays over {cfg.steps} steps, so learning rates from step "
-              f"{start} on differ from the original run's" if cfg.schedule == "cosine" else
-              f"the wsd schedule now decays from step {decay_start(cfg)}"))
-    # A resumed run drops what was logged after its checkpoint, so no step appears twice.
-    kept = [line for line in (metrics_path.read_text().splitlines() if resume and metrics_path.exists() else [])
-            if line.strip() and json.loads(line)["step"] <= start]
-    atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
-    board = _tensorboard(out / "tensorboard")
-    best = min((json.loads(line).get("val_loss", math.inf) for line in kept), default=math.inf)
-    rates = _loop(cfg, trainer, manager, tokens["train_files"], valid, start, progress, metrics_path, board,
-                  out / "best_model", best)
-  finally:
-    with _interrupt_after():
-      manager.wait_until_finished()
-      manager.close()
-    if board is not None:
-      board.close()
+  # orbax's save threads log each failure with its traceback before the main thread sees it: held, so that a
+  # failed save (a full disk) is the one line _checkpoint_error gives
+  with _orbax_errors_held():
+    try:
+      start = _restore(manager, trainer) if resume and manager.latest_step() is not None else 0
+      if saved is not None:
+        note = _resume_note(saved, cfg, start)
+        if note:
+          _say(note)
+      # A resumed run drops what was logged after its checkpoint, so no step appears twice.
+      kept = [m for m in logged if m["step"] <= start]
+      atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+      board = _tensorboard(out / "tensorboard")
+      best = min((m.get("val_loss", math.inf) for m in kept), default=math.inf)
+      rates = _loop(cfg, trainer, manager, tokens["train_files"], valid, start, progress, metrics_path, board,
+                    out / "best_model", best, tok)
+    except BaseException:
+      _close(manager, board, failing=True)
+      raise
+    _close(manager, board, failing=False)
 
   tokens_per_step = cfg.batch_size * cfg.block_size
-  metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+  metrics = read_metrics("train", metrics_path)
   vals = [m["val_loss"] for m in metrics if "val_loss" in m]
   # a step's forward sees one micro-batch of rows; backward costs about twice the forward
   flops_per_token = 3 * trainer.model().flops_per_token(cfg.batch_size // cfg.grad_accum * cfg.block_size)
@@ -659,9 +800,9 @@ class _Losses:
 
 
 def _loop(cfg: TrainConfig, trainer: Trainer, manager, train_tokens, valid, start: int, progress: bool,
-          metrics_path: pathlib.Path, board, best_dir: pathlib.Path, best: float) -> list[float]:
-  """Steps ``start .. cfg.steps``: logs, evaluates (saving the model to ``best_dir`` whenever the validation
-  loss beats ``best``) and checkpoints; returns the measured tokens/s.
+          metrics_path: pathlib.Path, board, best_dir: pathlib.Path, best: float, tok) -> list[float]:
+  """Steps ``start .. cfg.steps``: logs, evaluates (saving the model and its tokenizer ``tok`` to ``best_dir``
+  whenever the validation loss beats ``best``) and checkpoints; returns the measured tokens/s.
 
   Nothing waits for the devices between log steps: batches come made and placed ahead (`Trainer.batches`), and a
   log step's loss is read at the next log step (`_Losses`). Evaluations and checkpoints read every pending loss
@@ -712,9 +853,12 @@ def _loop(cfg: TrainConfig, trainer: Trainer, manager, train_tokens, valid, star
           best = val
           with _interrupt_after():
             save_model(trainer.model(), best_dir)
+            atomic_write(best_dir / "tokenizer.json", tok.save)
       if save:
         with _interrupt_after():
-          manager.save(done, args=ocp.args.StandardSave({"params": trainer.params, "opt_state": trainer.opt_state}))
+          with _checkpoint_error(manager):
+            manager.save(done, args=ocp.args.StandardSave({"params": trainer.params,
+                                                           "opt_state": trainer.opt_state}))
   if bar is not None:
     bar.close()
   return losses.rates
