@@ -101,6 +101,7 @@ def test_greedy_generation_equals_hugging_face(tmp_path):
   np.testing.assert_allclose(model(jnp.asarray(ref)), hf_logits(hf, ref), atol=1e-4)
 
 
+@pytest.mark.slow  # tests/models/test_generate.py covers top_k=1 and seeds by default
 def test_sampling_is_seeded_and_respects_top_k():
   model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
   a = generate(model, [1, 2, 3], 10, temperature=1.0, top_k=1, rng=jax.random.key(0))
