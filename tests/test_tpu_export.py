@@ -99,12 +99,12 @@ def test_forward_of_every_layer_kind_exports_for_tpu(family, on):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decode_step_exports_for_tpu(family, on):
-  """One KV-cached step of `tnjax.models.generate` (a token per row, at a traced position)."""
+  """One KV-cached step of `tnjax.models.generate` (a token per row, at the cache's traced slot index)."""
   on("tpu")
   model, graphdef, state = _abstract(MODELS[family]())
   cache = jax.eval_shape(lambda: model.init_cache(2))
-  step = _export(lambda s, token, cache, pos: nnx.merge(graphdef, s).step(token, cache, pos), state,
-                 jax.ShapeDtypeStruct((2, 1), jnp.int32), cache, jax.ShapeDtypeStruct((), jnp.arange(1).dtype))
+  step = _export(lambda s, token, cache: nnx.merge(graphdef, s).step(token, cache), state,
+                 jax.ShapeDtypeStruct((2, 1), jnp.int32), cache)
   assert step.out_avals[0].shape == (2, 1, 512)
   _no_gpu_ops(step)
 
