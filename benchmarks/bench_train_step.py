@@ -181,7 +181,8 @@ def train_seconds(cfg: TrainConfig, vocab: int, steps: int, attention) -> tuple[
     words = max(1_000_000 if cfg.block_size > 256 else 50_000, 4 * cfg.block_size)
     for name, n in (("train", words), ("valid", 4 * cfg.block_size)):
       (tmp / f"{name}.txt").write_text(" ".join(f"w{i}" for i in rng.integers(1, vocab, n)) + "\n")
-    run = TrainConfig(**{**cfg.to_dict(), "steps": 4 * steps, "log_every": steps, "eval_every": 4 * steps,
+    run = TrainConfig(**{**cfg.to_dict(), "steps": 4 * steps, "warmup": min(cfg.warmup, 4 * steps - 1),
+                         "log_every": steps, "eval_every": 4 * steps,
                          "checkpoint_every": 4 * steps, "eval_batches": 1, "keep": 1, "layers": {},
                          "tokenizer": str(tmp / "tokenizer.json"), "train_files": [str(tmp / "train.txt")],
                          "valid_files": [str(tmp / "valid.txt")], "out_dir": str(tmp / "run"),
