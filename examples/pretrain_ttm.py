@@ -27,7 +27,7 @@ def main(argv=None):
                for name in ("dense", "ttm48")}
   else:
     steps = 20 if args.smoke else 400
-    base = dict(steps=steps, eval_every=steps, log_every=10, batch_size=8)
+    base = dict(steps=steps, warmup=min(20, steps // 4), eval_every=steps, log_every=10, batch_size=8)
     configs = {"dense": TrainConfig(layers={}, out_dir=str(out / "dense"), **base),
                "ttm-mlp": TrainConfig(layers={"mlp.c_fc": TTM, "mlp.c_proj": TTM}, out_dir=str(out / "ttm"), **base)}
   reports = {name: train(cfg, progress=not args.smoke) for name, cfg in configs.items()}
