@@ -26,7 +26,7 @@ def tiny_model(out: pathlib.Path) -> pathlib.Path:
   """A small dense GPT trained for a few steps: stands in for a real checkpoint in the smoke run."""
   from tnjax.train import TrainConfig, train
 
-  train(TrainConfig(steps=15, layers={}, eval_every=15, out_dir=str(out)), progress=False)
+  train(TrainConfig(steps=15, warmup=3, layers={}, eval_every=15, out_dir=str(out)), progress=False)
   return out / "model"
 
 
