@@ -220,7 +220,8 @@ def test_ctrl_c_exits_130_keeps_the_checkpoint_and_a_corrupt_one_is_one_line(tmp
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(b"garbage")
   again = [a for s in sets if not s.startswith("steps=") for a in ("--set", s)]
-  r = subprocess.run([sys.executable, "-m", "tnjax", "train", *again, "--set", f"steps={latest + 5}", "--resume"],
+  again += ["--set", f"steps={latest + 5}", "--set", "warmup=2"]  # warmup < steps, as TrainConfig asks
+  r = subprocess.run([sys.executable, "-m", "tnjax", "train", *again, "--resume"],
                      env=env, capture_output=True, text=True, timeout=300)
   lines = r.stderr.strip().splitlines()
   assert r.returncode == 2 and "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr, r.stderr
