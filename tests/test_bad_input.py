@@ -693,6 +693,44 @@ def test_compress_cli_refuses_to_re_factor_tensorized_layers_unless_asked(files,
   assert "re-factors" not in capsys.readouterr().err
 
 
+
+def _readme_commands(*docs: pathlib.Path) -> list[list[str]]:
+  """The ``tnjax`` command lines of the docs' bash blocks, but training runs (the docs' train lines run for minutes;
+  `tnjax train --list-fields` is kept)."""
+  import shlex
+
+  lines = []
+  for doc in docs:
+    for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
+      for line in block.replace("\\\n", " ").splitlines():
+        argv = shlex.split(line, comments=True)
+        if argv[:1] == ["tnjax"] and (argv[1] != "train" or "--list-fields" in argv):
+          lines.append(argv[1:])
+  return lines
+
+
+@pytest.mark.slow  # every eval, generate and compress line of the README and the getting-started page (~1 min)
+def test_the_readmes_commands_run_on_the_models_the_readme_trains(tmp_path):
+  """Two README lines failed on the model the README had just trained (a 64-token TT-matrix GPT): `eval --stride
+  512`, and the modegpt compression. Each line runs here on models of the shapes the docs' train lines make
+  (random weights, at the docs' paths), from a directory holding the docs' sample paths."""
+  from tnjax.train import TrainConfig
+
+  tok = train_tokenizer([SAMPLE_DIR / "train.txt"], TrainConfig().vocab_size)
+  for run, layers in (("tiny-ttm", TrainConfig().layers), ("dense", {}), ("tiny-dense", {})):
+    cfg = TrainConfig(layers=layers).model_config(tok.get_vocab_size())
+    for name in ("model", "best_model"):
+      save_model(GPT(cfg, rngs=nnx.Rngs(0)), tmp_path / "runs" / run / name)
+      tok.save(str(tmp_path / "runs" / run / name / "tokenizer.json"))
+  (tmp_path / "tnjax" / "data").mkdir(parents=True)
+  (tmp_path / "tnjax" / "data" / "sample").symlink_to(SAMPLE_DIR)
+  (tmp_path / "prompts.txt").write_text("In the beginning\nAnd God said\n")  # the README's printf line
+  commands = _readme_commands(ROOT / "README.md", ROOT / "docs" / "getting-started.md")
+  assert len(commands) >= 8 and {c[0] for c in commands} == {"eval", "generate", "compress", "train"}
+  for result in cli_cases_in_a_process(commands, tmp_path):
+    assert result["rc"] == 0, result
+
+
 # --- the CLI, in process: exit code 2 and one line -------------------------------------------------------------------
 
 def _cli_cases(f):
