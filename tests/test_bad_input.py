@@ -107,9 +107,10 @@ def cli_cases_in_a_process(cases: list[list[str]], tmp_path: pathlib.Path, timeo
 
 def assert_one_line(result: dict, match: str) -> None:
   """Exit code 2, one line on stderr starting ``tnjax <command>: `` and matching ``match``, no traceback."""
-  lines = result["err"].strip().splitlines()
-  assert result["rc"] == 2, result
-  assert "Traceback" not in result["err"] and len(lines) == 1, result
+  lines, err = result["err"].strip().splitlines(), result["err"]
+  said = f"tnjax {' '.join(result['argv'])}\nexit {result['rc']}, stderr:\n{err}"  # in full: pytest cuts reprs
+  if result["rc"] != 2 or "Traceback" in err or len(lines) != 1:
+    raise AssertionError(said)
   assert lines[0].startswith(f"tnjax {result['argv'][0]}: ") and re.search(match, lines[0]), (match, lines[0])
 
 
@@ -480,8 +481,13 @@ def test_the_readmes_resume_path_works_as_written(files, tmp_path):
   assert saved["steps"] == 8 and saved["layers"]["mlp.c_fc"] == {"kind": "ttm", "rank": 4}
   assert json.loads((out / "report.json").read_text())["steps"] == 8
   assert json.loads((again / "train_config.json").read_text()) == {**saved, "out_dir": str(again)}
-  for d in (out / "model", out / "best_model"):  # both load with their tokenizer
-    assert (d / "tokenizer.json").exists() and load_model(d).config.spec("mlp.c_fc", 0).rank == 4
+  from tnjax.data import tokenizer_fingerprint
+  from tnjax.interop.native import saved_tokenizer
+
+  fingerprint = tokenizer_fingerprint(load_tokenizer(out / "tokenizer.json"))
+  for d in (out / "model", out / "best_model"):  # both load, with their tokenizer and its fingerprint
+    assert load_model(d).config.spec("mlp.c_fc", 0).rank == 4 and saved_tokenizer(d)["fingerprint"] == fingerprint
+    assert tokenizer_fingerprint(load_tokenizer(d)) == fingerprint
 
   with open(out / "metrics.jsonl", "a") as f:
     f.write('{"step": 9, "lo\n')
@@ -655,6 +661,36 @@ def test_compress_refuses_a_layer_with_nan_naming_it(files):
       compress()
 
 
+def test_a_model_directory_refuses_another_tokenizer(files, tmp_path, capsys):
+  """A tokenizer trained on other text, with the same vocabulary size, evaluated to nonsense (ppl 1256): nothing
+  tied a tokenizer to its model. Directories written before models recorded one keep working."""
+  from tnjax.data import tokenizer_fingerprint
+  from tnjax.interop.native import saved_tokenizer
+
+  tok = load_tokenizer(files["model"])
+  d = save_model(load_model(files["model"]), tmp_path / "m", tokenizer=tok)
+  assert saved_tokenizer(d) == {"fingerprint": tokenizer_fingerprint(tok), "vocab_size": 300}
+  assert tokenizer_fingerprint(load_tokenizer(d)) == tokenizer_fingerprint(tok)  # written and read back: the same
+  assert saved_tokenizer(files["model"]) is None  # written without one: nothing is checked
+  other = tmp_path / "other.json"  # the same size, from other text
+  train_tokenizer([SAMPLE_DIR / "valid.txt"], 300).save(str(other))
+  text = str(files["text"])
+  before = _digest(d)
+  assert main(["eval", "--model", str(d), "--text", text, "--tokenizer", str(other)]) == 2
+  fp, theirs = tokenizer_fingerprint(load_tokenizer(other))[:12], tokenizer_fingerprint(tok)[:12]
+  assert capsys.readouterr().err == (
+      f"tnjax eval: --tokenizer: the tokenizer {other} (300 tokens, fingerprint {fp}) is not the one {d} was written "
+      f"with (300 tokens, fingerprint {theirs}; its config.json records it): its ids would mean other text; give "
+      "that tokenizer\n")
+  (d / "tokenizer.json").write_bytes(other.read_bytes())  # the directory's own tokenizer replaced
+  assert main(["generate", "--model", str(d), "--prompt", "In the beginning"]) == 2
+  assert re.fullmatch(rf"tnjax generate: --model: the tokenizer {re.escape(str(d))}/tokenizer.json \(300 tokens, "
+                      rf"fingerprint {fp}\) is not the one .*\n", capsys.readouterr().err)
+  assert {k: v for k, v in _digest(d).items() if not k.endswith("tokenizer.json")} == \
+      {k: v for k, v in before.items() if not k.endswith("tokenizer.json")}
+  assert main(["eval", "--model", str(files["model"]), "--text", text, "--tokenizer", str(other)]) == 0
+
+
 def test_compress_api_warns_when_its_default_layers_re_factor_tensorized_ones(files):
   """svd/svdllm on a TT-matrix model re-factored every layer into low-rank ones without a word (ppl 262 at 90% kept
   against 47.6, and 20-50x slower than on dense)."""
@@ -691,7 +727,12 @@ def test_compress_cli_refuses_to_re_factor_tensorized_layers_unless_asked(files,
   assert main(argv + ["--refactor-tensorized"]) == 0
   assert main(argv[:-1] + [str(tmp_path / "named"), "--layers", "mlp.c_fc"]) == 0
   assert "re-factors" not in capsys.readouterr().err
+  from tnjax.data import tokenizer_fingerprint
+  from tnjax.interop.native import saved_tokenizer
 
+  # the compressed model records its tokenizer's fingerprint
+  fingerprint = tokenizer_fingerprint(load_tokenizer(files["ttm"]))
+  assert saved_tokenizer(tmp_path / "named" / "model")["fingerprint"] == fingerprint
 
 
 def _readme_commands(*docs: pathlib.Path) -> list[list[str]]:

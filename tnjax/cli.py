@@ -16,13 +16,19 @@ import sys
 
 
 def _load(model_dir: str, tokenizer: str | None, param_dtype: str | None = None):
-  from tnjax.data import load_tokenizer
+  """The model of ``--model`` and its tokenizer (``--tokenizer``, or the model directory's), checked to be the one
+  the model was written with when its directory records it."""
+  from tnjax.data import check_fingerprint, load_tokenizer
   from tnjax.interop import load_any
+  from tnjax.interop.native import saved_tokenizer
 
   if not pathlib.Path(model_dir).is_dir():
     raise ValueError(f"--model {model_dir} is not a directory; a tnjax or Hugging Face (GPT-2, Llama, Qwen2) model "
                      "directory is expected")
-  return load_any(model_dir, param_dtype=param_dtype), load_tokenizer(tokenizer or model_dir)
+  tok = load_tokenizer(tokenizer or model_dir)
+  check_fingerprint("--tokenizer" if tokenizer else "--model", tok, tokenizer or f"{model_dir}/tokenizer.json",
+                    saved_tokenizer(model_dir), model_dir)
+  return load_any(model_dir, param_dtype=param_dtype), tok
 
 
 def _text_ids(tok, model, command: str, arg: str, path: str | None, max_tokens: int | None = None):

@@ -245,9 +245,7 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
                   "summary": summary(model, small, names) if int8 else info}
       if save:
         where = out / "model" if len(targets) == 1 else out / f"{key}-{value}" / "model"
-        save_model(small, where)
-        if tokenizer is not None:
-          atomic_write(where / "tokenizer.json", tokenizer.save)
+        save_model(small, where, tokenizer=tokenizer)
         run_info["model_dir"] = str(where)
       report["runs"].append(run_info)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pathlib
 from collections.abc import Sequence
 
@@ -47,6 +49,39 @@ def load_tokenizer(path) -> Tokenizer:
   except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
     raise ValueError(f"load_tokenizer: {file} is not a readable tokenizer ({str(e)[:200]})") from e
   raise ValueError(f"load_tokenizer: {path} has no tokenizer.json and no vocab.json + merges.txt")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+  """The SHA-256 of a tokenizer's vocabulary: every token with its id, added tokens included. A model directory
+  written by tnjax records it (`tnjax.interop.save_model`), so that a model is not read with another tokenizer
+  whose ids mean other text (one trained on other text with the same size evaluated to perplexity 1256).
+
+  The vocabulary, not the tokenizer's JSON: the JSON that Hugging Face ``tokenizers`` writes has changed between
+  its versions, and a library upgrade must not refuse every model.
+
+  Examples:
+    >>> from tnjax.data import SAMPLE_DIR
+    >>> tok = train_tokenizer([SAMPLE_DIR / "valid.txt"], 300)
+    >>> len(tokenizer_fingerprint(tok)), tokenizer_fingerprint(tok) == tokenizer_fingerprint(tok)
+    (64, True)
+  """
+  vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda item: (item[1], item[0]))
+  return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def check_fingerprint(fn: str, tokenizer, where: str, recorded: dict | None, model_dir) -> None:
+  """Refuses ``tokenizer`` (read from ``where``) for the model directory whose recorded tokenizer is ``recorded``
+  (``{"fingerprint", "vocab_size"}``, or None for a directory that records none: nothing is checked).
+
+  Raises:
+    ValueError: naming both tokenizers, when the fingerprints differ.
+  """
+  if not recorded or recorded.get("fingerprint") == tokenizer_fingerprint(tokenizer):
+    return
+  raise ValueError(f"{fn}: the tokenizer {where} ({tokenizer.get_vocab_size():,} tokens, fingerprint "
+                   f"{tokenizer_fingerprint(tokenizer)[:12]}) is not the one {model_dir} was written with "
+                   f"({recorded.get('vocab_size')} tokens, fingerprint {str(recorded.get('fingerprint'))[:12]}; "
+                   "its config.json records it): its ids would mean other text; give that tokenizer")
 
 
 def train_tokenizer(files: Sequence, vocab_size: int, *, min_frequency: int = 2,

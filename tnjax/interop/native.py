@@ -21,6 +21,7 @@ from tnjax._io import (
     INDEX_FILE,
     MAX_SHARD_SIZE,
     SINGLE_FILE,
+    atomic_write,
     atomic_write_text,
     checkpoint_entry,
     read_checkpoint,
@@ -38,10 +39,11 @@ def _key(path) -> str:
   return ".".join(str(p) for p in path)
 
 
-def save_model(model: Decoder, path, *, max_shard_size: int | str = MAX_SHARD_SIZE) -> pathlib.Path:
+def save_model(model: Decoder, path, *, max_shard_size: int | str = MAX_SHARD_SIZE, tokenizer=None) -> pathlib.Path:
   """Writes ``config.json`` (format marker, tnjax version, model family, config) and the parameters: one
   ``model.safetensors``, or above ``max_shard_size`` shards with an index as `tnjax.interop.save_hf` writes
-  them.
+  them. With a ``tokenizer``, also ``tokenizer.json``, and config.json records its fingerprint
+  (`tnjax.data.tokenizer_fingerprint`), which ``tnjax`` commands check against the tokenizer they read.
 
   Each parameter goes to the host only as it is written. Files of an earlier save into ``path`` are replaced,
   never mixed with this one's (see `tnjax._io.write_checkpoint`).
@@ -50,6 +52,7 @@ def save_model(model: Decoder, path, *, max_shard_size: int | str = MAX_SHARD_SI
     model: any tnjax model.
     path: the directory (created if needed).
     max_shard_size: the largest shard, in bytes or as "5GB", "500MB", "2GiB" (default "5GB").
+    tokenizer: a `tokenizers.Tokenizer` to save beside the model (optional).
 
   Raises:
     ValueError: for a bad ``max_shard_size``.
@@ -68,8 +71,22 @@ def save_model(model: Decoder, path, *, max_shard_size: int | str = MAX_SHARD_SI
   write_checkpoint(path, model_tensors(model), max_shard_size=max_shard_size, fn="save_model")
   meta = {"format": FORMAT, "tnjax_version": tnjax.__version__, "family": model.config.FAMILY,
           "config": model.config.to_dict()}
-  atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
+  if tokenizer is not None:
+    from tnjax.data.tokenizer import tokenizer_fingerprint  # tokenizers is imported only by what uses one
+
+    atomic_write(path / "tokenizer.json", tokenizer.save)
+    meta["tokenizer"] = {"fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": tokenizer.get_vocab_size()}
+  atomic_write_text(path / "config.json", json.dumps(meta, indent=2))  # last: the directory is complete
   return path
+
+
+def saved_tokenizer(path) -> dict | None:
+  """``{"fingerprint", "vocab_size"}`` of the tokenizer a `save_model` directory was written with, or None (a
+  Hugging Face directory, or one written before models recorded their tokenizer)."""
+  if not is_native(path):
+    return None
+  recorded = json.loads((pathlib.Path(path) / "config.json").read_text(encoding="utf-8")).get("tokenizer")
+  return recorded if isinstance(recorded, dict) else None
 
 
 def is_native(path) -> bool:

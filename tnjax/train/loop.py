@@ -732,8 +732,7 @@ def _train(cfg: TrainConfig, out: pathlib.Path, resume: bool, progress: bool) ->
       best = jax.device_put({k: jnp.asarray(v) for k, v in best.items()}, trainer.shardings)
       loss = _finite("test loss at the best checkpoint", trainer.evaluate(test, best), cfg.steps, cfg)
       report["test_perplexity_at_best"] = math.exp(loss)
-  save_model(trainer.model(), out / "model")
-  atomic_write(out / "model" / "tokenizer.json", tok.save)
+  save_model(trainer.model(), out / "model", tokenizer=tok)
   _plot(metrics, out / "loss.png")
   atomic_write_text(out / "report.json", json.dumps(report, indent=2))
   atomic_write_text(out / "report.md", "# Training report\n\n" + "\n".join(
@@ -852,8 +851,7 @@ def _loop(cfg: TrainConfig, trainer: Trainer, manager, train_tokens, valid, star
         if val < best:  # the checkpoint chosen on validation, kept whatever the last K checkpoints are
           best = val
           with _interrupt_after():
-            save_model(trainer.model(), best_dir)
-            atomic_write(best_dir / "tokenizer.json", tok.save)
+            save_model(trainer.model(), best_dir, tokenizer=tok)
       if save:
         with _interrupt_after():
           with _checkpoint_error(manager):
