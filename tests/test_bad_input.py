@@ -298,6 +298,46 @@ def test_corrupt_model_files(files, tmp_path, edit, match):
     load_model(_corrupt_copy(files["model"], tmp_path / "m", edit))
 
 
+def _rewrite(name_and_edit):
+  """An edit of a model directory's safetensors: ``name_and_edit(tensors)`` changes the dict in place."""
+  def edit(d):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(d / "model.safetensors"))
+    name_and_edit(tensors)
+    save_file(tensors, str(d / "model.safetensors"))
+  return edit
+
+
+def _as_int(tensors):
+  tensors["wte.embedding"] = tensors["wte.embedding"].astype(np.int32)
+
+
+def _unchained(tensors):  # core 1's first rank is not core 0's last
+  c = tensors["h.0.mlp.c_fc.cores.1"]
+  tensors["h.0.mlp.c_fc.cores.1"] = np.zeros((c.shape[0] + 1,) + c.shape[1:], c.dtype)
+
+
+def _wrong_modes(tensors):  # core 1's input mode is not the layer's
+  c = tensors["h.0.mlp.c_fc.cores.1"]
+  tensors["h.0.mlp.c_fc.cores.1"] = np.zeros((c.shape[0], c.shape[1] + 1) + c.shape[2:], c.dtype)
+
+
+@pytest.mark.parametrize("model, edit, match", [
+    ("model", _as_int, r"load_model: parameter wte.embedding has dtype int32 but a floating dtype \(float32\) is "
+                       r"expected \(in .*model.safetensors\)$"),
+    ("ttm", _unchained, r"load_model: parameter h.0.mlp.c_fc.cores.1 has shape \(5, 4, 4, 4\) but \(4, 4, 4, 4\) is "
+                        r"expected; a TT core's first and last axes are the ranks it shares with its neighbours"),
+    ("ttm", _wrong_modes, r"load_model: parameter h.0.mlp.c_fc.cores.1 has shape \(4, 5, 4, 4\) but \(4, 4, 4, 4\) "
+                          r"is expected"),
+], ids=["float-stored-as-int", "tt-ranks-do-not-chain", "tt-mode-size"])
+def test_a_model_file_that_does_not_match_its_config_is_refused_by_tensor(files, tmp_path, model, edit, match):
+  """A float model stored as integers evaluated (ppl 1024, rc 0); unchained TT cores failed in dot_general; a wrong
+  mode size said 'index can't contain negative values'."""
+  with pytest.raises(ValueError, match=match):
+    load_model(_corrupt_copy(files[model], tmp_path / "m", _rewrite(edit)))
+
+
 def test_corrupt_hf_files(tmp_path):
   d = tmp_path / "hf"
   d.mkdir()
@@ -959,3 +999,81 @@ def test_cli_refuses_a_checkpoint_too_large_for_memory_in_a_subprocess(tmp_path)
                         env={**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"})
   assert done.returncode == 2, done.stderr[-2000:]
   assert re.fullmatch(_TOO_LARGE, done.stderr), done.stderr
+
+
+@pytest.mark.slow  # one process running ~20 commands, after preparing their inputs (~1 min)
+def test_cli_refusals_in_a_real_process(files, tmp_path, monkeypatch):
+  """The refusals of issue 27, each a command line in a real process: exit 2, one line naming the file or field, no
+  traceback (whatever reached the terminal, logging included), and the inputs as they were."""
+  from tnjax.interop import save_hf_gpt2
+  from tnjax.train import Trainer
+
+  d, t = tmp_path / "in", str(files["text"])
+  d.mkdir()
+  hf = save_hf_gpt2(GPT(preset("tiny", **SMALL_MODEL), rngs=nnx.Rngs(0)), d / "hf")
+  (hf / "config.json").write_text(json.dumps({**json.loads((hf / "config.json").read_text()),
+                                              "layer_norm_epsilon": "1e-5"}))
+  (hf / "tokenizer.json").write_bytes((files["model"] / "tokenizer.json").read_bytes())
+  as_int = _corrupt_copy(files["model"], d / "as-int", _rewrite(_as_int))
+  unchained = _corrupt_copy(files["ttm"], d / "unchained", _rewrite(_unchained))
+  tok = load_tokenizer(files["model"])
+  signed = save_model(load_model(files["model"]), d / "signed", tokenizer=tok)
+  other = d / "other.json"
+  train_tokenizer([SAMPLE_DIR / "valid.txt"], 300).save(str(other))
+  short = d / "short.txt"
+  short.write_text("In the beginning God created the heaven")
+  (d / "tiny.txt").write_text("In the beginning")
+  gapped = _gapped_tokenizer(d / "gapped.json")
+  (d / "list.json").write_text("[1, 2]")
+
+  # Run directories as a first `tnjax train` leaves them just before its first step: tokenizer, caches, config.
+  monkeypatch.setattr(Trainer, "__init__", lambda *a, **k: pytest.fail("stop"))
+  runs = {}
+  for name in ("cache", "source", "config", "changed"):
+    runs[name] = d / name
+    with pytest.raises(pytest.fail.Exception):
+      main(_train_argv(files, runs[name], 'layers.mlp.c_fc={"kind": "ttm", "rank": 4}'))
+  monkeypatch.undo()
+  (runs["cache"] / "cache" / "train.bin").write_bytes((runs["cache"] / "cache" / "train.bin").read_bytes()[:100])
+  (runs["source"] / "tokenizer.source.json").write_text('{"vocab_size": ')
+  (runs["config"] / "train_config.json").write_text('{"steps": 4')
+
+  before = _digest(tmp_path)
+  m, ttm, o = str(files["model"]), str(files["ttm"]), tmp_path / "out"
+  cases = [
+      (["eval", "--model", str(hf), "--text", t], r"GPTConfig: layer_norm_eps='1e-5' \(str\) but a finite number > 0 "
+                                                  r"is expected \(in .*hf/config.json\)"),
+      (["eval", "--model", str(as_int), "--text", t], r"parameter wte.embedding has dtype int32 but a floating "
+                                                      r"dtype \(float32\) is expected"),
+      (["eval", "--model", str(unchained), "--text", t], r"parameter h.0.mlp.c_fc.cores.1 has shape \(5, 4, 4, 4\)"),
+      (["eval", "--model", str(signed), "--text", t, "--tokenizer", str(other)],
+       rf"--tokenizer: the tokenizer {re.escape(str(other))} .* is not the one {re.escape(str(signed))} was written "
+       r"with"),
+      (["eval", "--model", ttm, "--text", t, "--stride", "512"], r"perplexity: stride=512 but 1 <= stride <= "
+                                                                 r"block_size=64 is expected"),
+      (["eval", "--model", m, "--text", t, "--tokenizer", str(files["big"])], r"encodes to id \d+ but the model has "
+                                                                              r"vocab_size=300"),
+      (["compress", "--model", ttm, "--method", "svdllm", "--ratio", "0.5", "--calib", t, "--out", str(o / "1")],
+       r"the default layers include 4 ttm layers .* which --method svdllm re-factors into lowrank layers"),
+      (["compress", "--model", m, "--method", "svdllm", "--ratio", "0.5", "--calib", str(short), "--out",
+        str(o / "2")], r"calib has \d+ tokens but layer '.*' reads \d+ features; .*more text in calib, --calib"),
+      (_train_argv(files, o / "3", "warmup=100000", "steps=20"), r"TrainConfig: warmup=100000 but steps=20"),
+      (_train_argv(files, o / "4", "batch_size=1000000000"), r"train: batch_size=1,000,000,000 .* GiB of host memory"),
+      (_train_argv(files, o / "5", "model_overrides.layer_norm_eps=-1"), r"GPTConfig: layer_norm_eps=-1 \(int\) but"),
+      (_train_argv(files, o / "6", f"valid_files=[\"{d / 'tiny.txt'}\"]"),
+       r"train: valid_files \['.*tiny.txt'\] hold \d+ tokens but block_size=16 needs at least 18"),
+      (_train_argv(files, o / "7", f"tokenizer={gapped}"), r"train_files .* encode to id 4,000 but the tokenizer"),
+      (_train_argv(files, runs["cache"], 'layers.mlp.c_fc={"kind": "ttm", "rank": 4}'),
+       rf"token_cache: {re.escape(str(runs['cache'] / 'cache' / 'train.bin'))} holds 50 tokens"),
+      (["train", "--resume", "--set", f"out_dir={runs['source']}", "--set", "steps=3"],
+       rf"train: {re.escape(str(runs['source'] / 'tokenizer.source.json'))} is not valid JSON"),
+      (["train", "--resume", "--set", f"out_dir={runs['config']}"],
+       rf"resolve: {re.escape(str(runs['config'] / 'train_config.json'))} is not valid JSON"),
+      (["train", "--resume", "--set", f"out_dir={runs['changed']}", "--set", "block_size=32"],
+       r"--resume with a configuration that differs from the saved one in \['block_size'\]"),
+      (["train", "--config", str(d / "list.json")], r"resolve: config file .*list.json holds list but a JSON object"),
+  ]
+  for result, (_, match) in zip(cli_cases_in_a_process([argv for argv, _ in cases], tmp_path), cases):
+    assert_one_line(result, match)
+  assert {k: v for k, v in _digest(tmp_path).items() if k in before} == before
+  assert not (o / "4").exists() and not (o / "1").exists()

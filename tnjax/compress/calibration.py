@@ -84,7 +84,7 @@ def check_tokens(fn: str, calib, widths: dict[str, int]) -> None:
   name = max(widths, key=widths.get)
   if tokens < widths[name]:
     raise ValueError(f"{fn}: calib has {tokens} tokens but layer {name!r} reads {widths[name]} features; expected "
-                     f"at least {widths[name]} calibration tokens (more text, or longer batches)")
+                     f"at least {widths[name]} calibration tokens (more text in calib, --calib, or longer batches)")
 
 
 def _cos_sum(x, y):

@@ -7,6 +7,7 @@ per layer) load back exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -147,16 +148,20 @@ def model_from_tensors(cfg, tensors: dict, *, fn: str = "model_from_tensors", pa
                        check_memory: bool = False) -> Decoder:
   """A model of config ``cfg`` (any family) holding ``tensors`` (names as `model_tensors` gives them).
 
-  Every tensor's shape is checked against the model the config builds, TT cores included when the layer's
-  spec records its per-bond ``ranks`` (what compression writes). Files written before specs recorded ranks
-  keep loading: the cores of such layers take their shapes from the file.
+  Every tensor's shape and kind of dtype (floating, integer) are checked against the model the config builds
+  (its abstract form, ``nnx.eval_shape``), before any tensor is read. TT cores are checked too: against the
+  per-bond ``ranks`` the layer's spec records (what compression writes), or, in files written before specs
+  recorded ranks (and trained TT-matrix models, whose spec gives one ``rank``), against the model built with
+  the bond ranks of the file's own cores, so that cores whose ranks do not chain, or whose mode sizes are not
+  the layer's, are refused by name.
 
   With ``check_memory`` (loading a file), the model is first refused by `check_fits` when its parameters
   would not fit (shapes and dtypes from the config and the tensors' headers; nothing is read).
 
   Raises:
-    ValueError: parameters missing, unexpected or of the wrong shape, by name; with ``check_memory``, a model
-      too large for the memory available.
+    ValueError: parameters missing, unexpected, or of the wrong shape or dtype (float parameters stored as
+      integers), by name, with the shape and dtype found and expected; with ``check_memory``, a model too large
+      for the memory available.
   """
   model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -174,10 +179,18 @@ def model_from_tensors(cfg, tensors: dict, *, fn: str = "model_from_tensors", pa
   missing, unexpected = sorted(names - set(tensors)), sorted(set(tensors) - names)
   if missing or unexpected:
     raise ValueError(f"{fn}: parameters missing {missing[:8]}, unexpected {unexpected[:8]}")
+  expected = {_key(p): v for p, v in _with_file_ranks(cfg, flat, tensors)}
   for p, variable in flat:
-    value = tensors[_key(p)]
-    if exact(p, variable) and tuple(value.shape) != tuple(variable.shape):
-      raise ValueError(f"{fn}: parameter {_key(p)} has shape {value.shape} but {tuple(variable.shape)} is expected")
+    name, value = _key(p), tensors[_key(p)]
+    want = expected[name]
+    if tuple(value.shape) != tuple(want.shape):
+      chain = ("; a TT core's first and last axes are the ranks it shares with its neighbours, its middle ones the "
+               "layer's mode sizes") if isinstance(variable, TTParam) else ""
+      raise ValueError(f"{fn}: parameter {name} has shape {tuple(value.shape)} but {tuple(want.shape)} is "
+                       f"expected{chain}")
+    if _dtype_kind(value.dtype) != _dtype_kind(want.dtype):
+      raise ValueError(f"{fn}: parameter {name} has dtype {value.dtype} but a {_dtype_kind(want.dtype)} dtype "
+                       f"({want.dtype}) is expected")
     variable.set_value(jnp.asarray(value, _placed_dtype(value.dtype, param_dtype)))
   return with_concrete_state(nnx.merge(graphdef, nnx.from_flat_state(flat), rest))
 
@@ -186,6 +199,37 @@ def _placed_dtype(stored, param_dtype):
   """The dtype a stored tensor is converted to: ``param_dtype`` for a floating one when given, else None (its
   own)."""
   return param_dtype if param_dtype and jnp.issubdtype(stored, jnp.floating) else None
+
+
+def _dtype_kind(dtype) -> str:
+  """"floating" (bfloat16 included), "integer" or the dtype's name: what a stored parameter must agree in."""
+  if jnp.issubdtype(dtype, jnp.floating):
+    return "floating"
+  return "integer" if jnp.issubdtype(dtype, jnp.integer) else str(dtype)
+
+
+def _with_file_ranks(cfg, flat, tensors):
+  """The abstract parameters ``(path, variable)`` a file is checked against: ``flat`` (the model of ``cfg``), or,
+  when TT layers (kind "ttm" or "mps") record no per-bond ranks, those of the model whose specs record the ranks
+  of the file's cores (core k's last axis is bond k), built abstractly once more."""
+  cores: dict[str, dict[int, tuple]] = {}
+  for p, variable in flat:
+    parts = [str(q) for q in p]
+    if isinstance(variable, TTParam) and "cores" in parts:
+      cores.setdefault(_layer_name(p), {})[int(parts[parts.index("cores") + 1])] = tuple(tensors[_key(p)].shape)
+  specs = {}
+  for name, shapes in cores.items():
+    spec = cfg.spec_of(name)
+    bonds = tuple(shapes[k][-1] if shapes[k] else 0 for k in range(len(shapes) - 1))
+    if spec.kind in ("ttm", "mps") and spec.ranks is None and bonds and min(bonds) >= 1:
+      specs[name] = dataclasses.replace(spec, ranks=bonds)
+  if not specs:
+    return flat
+  try:
+    model = nnx.eval_shape(lambda: build(cfg.replace(layers={**cfg.layers, **specs}), rngs=nnx.Rngs(0)))
+  except ValueError:  # ranks that build no model: each core is then compared with the config's own
+    return flat
+  return nnx.to_flat_state(nnx.split(model, nnx.Param, ...)[1])
 
 
 PARAM_DTYPES = ("float32", "bfloat16", "float16")

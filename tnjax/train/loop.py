@@ -601,8 +601,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
   ids), ``checkpoints/`` (orbax, the last ``keep``), ``metrics.jsonl``,
   ``loss.png``, ``report.json`` / ``report.md``, ``model/`` (the final model
   in tnjax's format), ``best_model/`` (the model at the lowest validation
-  loss, the checkpoint chosen on validation: the one to use), each with its ``tokenizer.json``, and, when
-  tensorboardX is
+  loss, the checkpoint chosen on validation: the one to use), each with its
+  ``tokenizer.json`` and its fingerprint, and, when tensorboardX is
   installed, ``tensorboard/`` event files. The report gives the best
   validation perplexity and its step, test perplexity at the last step
   (``test_perplexity``) and at the best one (``test_perplexity_at_best``),
