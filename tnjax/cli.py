@@ -25,9 +25,13 @@ def _load(model_dir: str, tokenizer: str | None, param_dtype: str | None = None)
   if not pathlib.Path(model_dir).is_dir():
     raise ValueError(f"--model {model_dir} is not a directory; a tnjax or Hugging Face (GPT-2, Llama, Qwen2) model "
                      "directory is expected")
-  tok = load_tokenizer(tokenizer or model_dir)
+  recorded = saved_tokenizer(model_dir)
+  if recorded is None:  # nothing to check: the model's own errors (no config, too large) come first
+    model = load_any(model_dir, param_dtype=param_dtype)
+    return model, load_tokenizer(tokenizer or model_dir)
+  tok = load_tokenizer(tokenizer or model_dir)  # checked before any weight is read
   check_fingerprint("--tokenizer" if tokenizer else "--model", tok, tokenizer or f"{model_dir}/tokenizer.json",
-                    saved_tokenizer(model_dir), model_dir)
+                    recorded, model_dir)
   return load_any(model_dir, param_dtype=param_dtype), tok
 
 
