@@ -8,6 +8,7 @@ from flax import nnx
 
 from tests.compress.conftest import check_error_falls, rel_err
 from tnjax.compress import (
+  btt_compress,
   choose_layers,
   count_bytes,
   heal,
@@ -30,6 +31,7 @@ EXACT = [
     ("svd ratio 1", lambda m, ids: svd_compress(m, ratio=1.0)),
     ("mpo exact", lambda m, ids: mpo_compress(m, rank=10**6, if_larger="allow")),
     ("mpo ratio 1", lambda m, ids: mpo_compress(m, ratio=1)),
+    ("btt exact", lambda m, ids: btt_compress(m, rank=10**6, if_larger="allow")),
     ("tensorgpt mps exact", lambda m, ids: tensorgpt_embedding(m, rank=10**6, if_larger="allow")),
     ("tensorgpt ttm exact", lambda m, ids: tensorgpt_embedding(m, rank=10**6, form="ttm", if_larger="allow")),
     ("tensorgpt ratio 1", lambda m, ids: tensorgpt_embedding(m, ratio=1.0)),
@@ -47,6 +49,10 @@ SWEEPS = [
     # error vs rank, whatever the size: growth allowed
     ("svd", lambda m, ids, r: svd_compress(m, rank=r, if_larger="allow"), [2, 8, 32]),
     ("mpo", lambda m, ids, r: mpo_compress(m, rank=r, if_larger="allow"), [2, 8, 32]),
+    pytest.param("btt", lambda m, ids, r: btt_compress(m, rank=r, if_larger="allow"), [1, 4, 16],
+                 marks=pytest.mark.slow, id="btt"),
+    pytest.param("btt-data", lambda m, ids, r: btt_compress(m, rank=r, fit="data", calib=ids, if_larger="allow"),
+                 [1, 4, 16], marks=pytest.mark.slow, id="btt-data"),
     ("tensorgpt", lambda m, ids, r: tensorgpt_embedding(m, rank=r, if_larger="allow"), [1, 2, 4]),
     ("tensorgpt ttm", lambda m, ids, r: tensorgpt_embedding(m, rank=r, form="ttm", if_larger="allow"), [2, 8, 32]),
     pytest.param("modegpt", lambda m, ids, r: modegpt_compress(m, ids, ratio=r, allocation="uniform"),
@@ -355,7 +361,8 @@ def _slow(*args):
 
 @pytest.mark.parametrize("name, options", [
     ("svd", {}), _slow("svd", {"allocation": "importance"}), _slow("svdllm", {}), _slow("mpo", {}),
-    _slow("mpo-data", {}), _slow("modegpt", {"allocation": "importance"}), ("modegpt", {"allocation": "uniform"}),
+    _slow("mpo-data", {}), _slow("btt", {}), _slow("btt-data", {}), _slow("modegpt", {"allocation": "importance"}),
+    ("modegpt", {"allocation": "uniform"}),
     ("tensorgpt", {"form": "mps"}), _slow("tensorgpt", {"form": "lowrank"}), _slow("tensorgpt", {"form": "ttm"}),
 ])
 def test_least_weights_from_shapes_equal_a_compression_at_the_smallest_ratio(trained, ids, name, options):

@@ -7,13 +7,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tnjax.compress import REGISTRY, input_grams, mpo_compress, svd_compress, svdllm_compress, tensorgpt_embedding
+from tnjax.compress import (
+  REGISTRY,
+  btt_compress,
+  input_grams,
+  mpo_compress,
+  svd_compress,
+  svdllm_compress,
+  tensorgpt_embedding,
+)
 from tnjax.compress.calibration import calibration_pass
 from tnjax.compress.registry import compress, methods_table
 from tnjax.compress.report import summary
 from tnjax.compress.targets import Target, layer_budgets, loss_ranks
+from tnjax.core.btt import btt_to_dense
 from tnjax.core.ops import to_dense
-from tnjax.core.whitening import whitened_ttm_svd
+from tnjax.core.whitening import whitened_btt, whitened_ttm_svd
 from tnjax.models.decoder import dense_kernel
 
 
@@ -40,11 +49,11 @@ DEFAULT_RUN = {("svd", "importance"), ("svdllm", "loss"), ("mpo-data", "uniform"
 
 @pytest.mark.parametrize("method,allocation", [
     pytest.param(m, a, marks=() if (m, a) in DEFAULT_RUN else pytest.mark.slow)
-    for m in ("svd", "svdllm", "mpo", "mpo-data") for a in ("uniform", "importance", "loss")])
+    for m in ("svd", "svdllm", "mpo", "mpo-data", "btt", "btt-data") for a in ("uniform", "importance", "loss")])
 def test_a_ratio_is_the_fraction_of_the_part_kept(trained, ids, method, allocation):
   calib = input_grams(trained, ids)
   small = compress(trained, method, ratio=0.5, allocation=allocation,
-                   calib=None if (method in ("svd", "mpo") and allocation != "importance") else calib)
+                   calib=None if (method in ("svd", "mpo", "btt") and allocation != "importance") else calib)
   names = [f"h.{i}.{p}" for i in range(2) for p in trained.config.PROJECTIONS]
   kept = summary(trained, small, names)["part_kept"]
   assert 0.3 < kept <= 0.5 + 0.01  # biases (kept whole) are the slack
@@ -85,6 +94,24 @@ def test_data_aware_mpo_has_lower_output_error_than_weight_mpo(trained, ids):
     kron = np.asarray(to_dense(kron))[: w.shape[0], : w.shape[1]]
     best = min(out_err(dense_kernel(plain.layer(name))), out_err(kron))
     assert out_err(dense_kernel(layer)) == pytest.approx(best, rel=1e-6)
+
+
+@pytest.mark.slow  # default suite time (tests/core/test_whitened_btt.py tests the fit itself by default)
+def test_data_aware_btt_has_lower_output_error_than_weight_btt(trained, ids):
+  """Same sizes; each layer is `whitened_btt` of its kernel in its input Gram, and the model's logits move less."""
+  calib = input_grams(trained, ids)
+  names = ["h.0.mlp.c_fc", "h.1.attn.c_proj"]
+  plain, data = (btt_compress(trained, ratio=0.3, layers=names, fit=f, calib=calib) for f in ("weights", "data"))
+  assert plain.num_params == data.num_params < trained.num_params
+  x = trained(ids)
+  err = lambda m: float(jnp.linalg.norm(m(ids) - x))  # noqa: E731
+  assert err(data) < err(plain)
+  for name in names:
+    w, layer = dense_kernel(trained.layer(name)), data.layer(name)
+    want = btt_to_dense(whitened_btt(w, jnp.asarray(calib.grams[name], w.dtype), layer.in_dims, layer.out_dims,
+                                     layer.rank))
+    np.testing.assert_allclose(np.asarray(dense_kernel(layer)), np.asarray(want)[: w.shape[0], : w.shape[1]],
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow  # default suite time; .ci/run runs it

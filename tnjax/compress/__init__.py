@@ -3,6 +3,7 @@
 * `svd_compress` — truncated SVD per projection, the baseline.
 * `svdllm_compress` — SVD-LLM: the SVD of each projection in its input data metric (output error).
 * `mpo_compress` — MPO (TT-matrix) per projection, fitted to the weights or to the outputs.
+* `btt_compress` — Block-TT per projection, fitted to the weights or to the outputs.
 * `layer_sensitivity`, `choose_layers`,
   `heal`, `quantize_int8` — CompactifAI (MPO, profiling, healing, int8).
 * `tensorgpt_embedding` — TensorGPT (an MPS per token row, or one TT-matrix).
@@ -15,14 +16,22 @@
 
 from tnjax.compress._model import count_bytes, count_params, get_layer, projection_names, resolve_layers
 from tnjax.compress.calibration import Calibration, input_grams
-from tnjax.compress.methods import mpo_compress, quantize_int8, svd_compress, svdllm_compress, tensorgpt_embedding
+from tnjax.compress.methods import (
+    btt_compress,
+    mpo_compress,
+    quantize_int8,
+    svd_compress,
+    svdllm_compress,
+    tensorgpt_embedding,
+)
 from tnjax.compress.modegpt import calibrate, cr_select, modegpt_compress, nystrom_select, whitened_svd
 from tnjax.compress.registry import REGISTRY, Method, compress, register
 from tnjax.compress.targets import Target, allocate
 from tnjax.compress.tuning import choose_layers, heal, layer_sensitivity
 
 __all__ = [
-    "svd_compress", "svdllm_compress", "mpo_compress", "tensorgpt_embedding", "quantize_int8", "modegpt_compress",
+    "svd_compress", "svdllm_compress", "mpo_compress", "btt_compress", "tensorgpt_embedding", "quantize_int8",
+    "modegpt_compress",
     "layer_sensitivity", "choose_layers", "heal", "calibrate", "allocate", "nystrom_select", "cr_select",
     "whitened_svd", "input_grams", "Calibration", "Target", "compress", "REGISTRY", "Method", "register",
     "count_params", "count_bytes", "get_layer", "projection_names", "resolve_layers",

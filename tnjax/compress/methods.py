@@ -52,14 +52,15 @@ from tnjax.compress.targets import (
     rank_within,
 )
 from tnjax.core import _checks, fused
+from tnjax.core.btt import btt_dims, btt_from_dense
 from tnjax.core.decompositions import ttm_svd
 from tnjax.core.ops import to_dense
 from tnjax.core.shapes import factorize
-from tnjax.core.whitening import whitened_basis, whitened_spectrum, whitened_ttm_svd
+from tnjax.core.whitening import btt_spectrum, whitened_basis, whitened_btt, whitened_spectrum, whitened_ttm_svd
 from tnjax.models.config import LayerSpec
 from tnjax.models.decoder import Decoder, dense_kernel
 from tnjax.models.names import parse_layer_key
-from tnjax.nn import Int8Linear, LowRankEmbedding, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear, kinds
+from tnjax.nn import BTTLinear, Int8Linear, LowRankEmbedding, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear, kinds
 
 FITS = ("weights", "data")
 
@@ -519,6 +520,97 @@ def _output_error(tt, w, gram) -> float:
   """``tr((W - W_tt)^T G (W - W_tt))``: the squared output error of a TT-matrix fit on the calibration inputs."""
   d = w - to_dense(tt)[: w.shape[0], : w.shape[1]].astype(w.dtype)
   return float(jnp.sum((gram @ d) * d))
+
+
+def _btt_params(in_dims, out_dims, rank: int) -> int:
+  (m1, m2), (n1, n2) = in_dims, out_dims
+  return rank * (m1 * m2 * n1 + n1 * n2 * m2)
+
+
+def _btt_cap(in_dims, out_dims, stored: int, budget: float) -> int | None:
+  """The largest BTT rank within ``budget``; None when even rank 1 is not smaller than ``stored``."""
+  full = min(in_dims[0], out_dims[1])
+  params_at = functools.partial(_btt_params, in_dims, out_dims)
+  r = largest_rank(params_at, budget, full)
+  return None if params_at(r) >= stored else r
+
+
+def btt_compress(model: Decoder, *, rank: int | None = None, ratio: float | None = None, rtol: float | None = None,
+                 layers=None, fit: str = "weights", calib=None, allocation: str = "uniform",
+                 sequential: bool = False, if_larger: str = "error") -> Decoder:
+  """Every selected projection becomes a Block-TT layer ([`BTTLinear`][tnjax.nn.BTTLinear]) of rank ``rank``:
+  the structure that pre-trains best ("Compute Better Spent"), reached from a trained dense model.
+
+  ``fit="weights"`` is the per-block truncated SVD of
+  [`btt_from_dense`][tnjax.core.btt.btt_from_dense] (the best BTT in Frobenius norm); ``fit="data"`` fits the
+  layer's outputs on calibration text
+  ([`whitened_btt`][tnjax.core.whitening.whitened_btt]: SVD-LLM per block in the metric of its input block,
+  then the right cores by least squares in the full input Gram). Dims are
+  [`btt_dims`][tnjax.core.btt.btt_dims]'s.
+
+  Args:
+    model: the model to compress.
+    rank: the BTT rank of every layer (capped at each layer's ``min(m1, n2)``).
+    ratio: fraction of the selected layers' weights kept (see ``allocation``).
+    rtol: per-layer relative error bound: of the weights, or with ``fit="data"`` of the outputs in the
+      metric of each input block's own Gram (before the refit, which lowers the error further).
+    layers: names (see `tnjax.compress._model.resolve_layers`); default all projections.
+    fit: "weights" or "data" (needs ``calib``).
+    calib, allocation, sequential, if_larger: as in `svdllm_compress` ("loss" reads `btt_spectrum`).
+
+  Raises:
+    ValueError: as `svd_compress`, and for an unknown fit.
+
+  Examples:
+    >>> from flax import nnx
+    >>> from tnjax.models import GPT, preset
+    >>> model = GPT(preset("tiny"), rngs=nnx.Rngs(0))
+    >>> small = btt_compress(model, rank=2, layers=["mlp.c_fc"])
+    >>> type(small.h[0].mlp.c_fc).__name__, small.h[0].mlp.c_fc.rank, small.num_params < model.num_params
+    ('BTTLinear', 2, True)
+  """
+  fn = "btt_compress"
+  target = Target.of(fn, rank=rank, ratio=ratio, rtol=rtol)
+  check_choice(fn, "fit", fit, FITS)
+  names = _model.resolve_layers(fn, model.config, layers)
+  _warn_refactored(fn, model.config, names, layers, "btt")
+  data = fit == "data"
+
+  def dims(w):
+    return btt_dims(*w.shape)
+
+  def cap(name, layer, w, budget):
+    return _btt_cap(*dims(w), _model.weights(layer), budget)
+
+  def spectrum(name, w, g):
+    return btt_spectrum(w, *dims(w), g if data else None)
+
+  def unit(w):
+    return _btt_params(*dims(w), 1)
+
+  def fit_layer(name, layer, w, r, g):
+    in_dims, out_dims = dims(w)
+    full = min(in_dims[0], out_dims[1])
+    r = min(_rtol_rank(spectrum(name, w, g), target.value) if r is None else r, full)
+    btt = whitened_btt(w, g, in_dims, out_dims, r) if data else btt_from_dense(w, in_dims, out_dims, r)
+    bias = _bias(layer)
+    new = _with_bias(BTTLinear(*w.shape, btt=btt, use_bias=bias is not None, param_dtype=btt.dtype), bias,
+                     w.shape[1])
+    return new, LayerSpec(kind="btt", rank=r, in_dims=in_dims, out_dims=out_dims)
+
+  job = _Job(fn, target, names, fit_layer, cap, spectrum, unit, data)
+  return _run(job, model, calib=calib, allocation=allocation, sequential=sequential, if_larger=if_larger)
+
+
+def btt_least(model: Decoder, names, allocation: str = "uniform") -> int:
+  """The weights `btt_compress` keeps at its smallest (rank 1 in every layer that is then smaller, or the rank
+  of the least budget of ``allocation``), from the shapes alone."""
+  def least(name, shape, stored, budget):
+    in_dims, out_dims = btt_dims(*shape)
+    r = _btt_cap(in_dims, out_dims, stored, budget)
+    return None if r is None else _btt_params(in_dims, out_dims, r)
+
+  return _smallest(model, names, allocation, least)
 
 
 def _mps_params(dims, rank: int) -> int:

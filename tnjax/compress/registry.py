@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 from tnjax.compress import _model
 from tnjax.compress.methods import (
+    btt_compress,
+    btt_least,
     embedding_least,
     lowrank_least,
     mpo_compress,
@@ -87,6 +89,18 @@ def _mpo(fit):
   return run
 
 
+def _btt(fit):
+  def run(model, target, *, calib, layers, allocation, sequential, if_larger):
+    return btt_compress(model, **{target.key: target.value}, layers=layers, fit=fit, calib=calib,
+                        allocation=allocation, sequential=sequential, if_larger=if_larger)
+
+  return run
+
+
+def _btt_least(model, names, *, allocation, **options):
+  return btt_least(model, names, allocation)
+
+
 def _modegpt(model, target, *, calib, layers, allocation, sequential, if_larger, **options):
   # Its factors are dense: on TT-matrix (or other tensorized) layers the result would be larger than the input.
   cfg = model.config
@@ -126,6 +140,11 @@ register(Method("mpo", _mpo("weights"), "CompactifAI: TT-SVD of each weight matr
                 calibration="optional", options=("layout",), least=_mpo_least, writes="ttm"))
 register(Method("mpo-data", _mpo("data"), "MPO fitted to each layer's outputs (Kronecker-factored input metric)",
                 calibration="required", sequential=True, least=_mpo_least, writes="ttm"))
+register(Method("btt", _btt("weights"), "Block-TT (Monarch at rank 1) of each weight matrix: per-block SVD",
+                calibration="optional", least=_btt_least, writes="btt"))
+register(Method("btt-data", _btt("data"), "Block-TT fitted to each layer's outputs: per-block SVD-LLM, then a "
+                "least-squares refit of the right cores in the full input Gram", calibration="required",
+                sequential=True, least=_btt_least, writes="btt"))
 register(Method("modegpt", _modegpt, "MoDeGPT: Nystrom (MLP), CR (Q/K), whitened SVD (V/O) per block",
                 targets=("ratio",), calibration="required", allocations=("importance", "uniform"),
                 options=("refit_ridge",), least=_modegpt_least))
@@ -148,7 +167,8 @@ def compress(model: Decoder, method_name: str, *, rank: int | None = None, ratio
 
   Args:
     model: the model to compress.
-    method_name: a name of `REGISTRY` ("svd", "svdllm", "mpo", "mpo-data", "modegpt", "tensorgpt").
+    method_name: a name of `REGISTRY` ("svd", "svdllm", "mpo", "mpo-data", "btt", "btt-data", "modegpt",
+      "tensorgpt").
     rank, ratio, rtol: the target.
     calib: calibration ids (batch, time) or a `Calibration` (required or optional per method).
     layers: projections to compress (methods whose part is the projections, modegpt excepted).

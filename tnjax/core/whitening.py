@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from tnjax.core import _checks
+from tnjax.core.btt import BlockTT, check_btt_dims
 from tnjax.core.decompositions import ttm_svd
 from tnjax.core.ops import balance
 from tnjax.core.tensor_train import TTMatrix
@@ -315,3 +316,134 @@ def whitened_ttm_svd(w, gram, in_dims, out_dims, max_rank=None, rtol=None, *, fl
   cores = tuple(jnp.einsum("ij,ajbc->aibc", jnp.diag(inv) if inv.ndim == 1 else inv, core)
                 for core, (_, inv) in zip(whitened.cores, factors))
   return balance(TTMatrix(cores))
+
+
+def _btt_setup(fn: str, w, gram, in_dims, out_dims, floor: float):
+  """``w`` and the metric ``G + floor * max(diag G) I`` (or ``I``), zero-padded to the BTT dims, as
+  ``(w4 (m1, m2, n1, n2), g4 (m1, m2, m1, m2) or None)``."""
+  w = _check_matrix(fn, w)
+  (m1, m2), (n1, n2), _ = check_btt_dims(fn, in_dims, out_dims, 1)
+  if w.shape[0] > m1 * m2 or w.shape[1] > n1 * n2:
+    raise ValueError(f"{fn}: w.shape={w.shape} but at most ({m1 * m2}, {n1 * n2}) is expected "
+                     f"(in_dims={(m1, m2)}, out_dims={(n1, n2)})")
+  if not (isinstance(floor, (int, float)) and 0 < floor < 1):
+    raise ValueError(f"{fn}: floor={floor!r} but 0 < floor < 1 is expected")
+  g = None
+  if gram is not None:
+    g = _check_gram(fn, gram, w.shape[0])
+    g = jnp.diag(g) if g.ndim == 1 else (g + g.T) / 2
+    g = jnp.pad(g, ((0, m1 * m2 - w.shape[0]),) * 2).astype(w.dtype)
+    # Padding rows are never seen and a calibration Gram is often singular: the floor makes the metric definite
+    # (a weight-error fit, scaled by the floor, where the data excites nothing), as `whitening`'s rule does.
+    g = g + floor * jnp.max(jnp.diagonal(g)) * jnp.eye(m1 * m2, dtype=g.dtype)
+    g = g.reshape(m1, m2, m1, m2)
+  w = jnp.pad(w, ((0, m1 * m2 - w.shape[0]), (0, n1 * n2 - w.shape[1])))
+  return w.reshape(m1, m2, n1, n2), g
+
+
+def _btt_blocks(w4, g4, full: int):
+  """Per block ``B = w4[:, i2, j1, :]``: the top-``full`` eigenpairs of ``B^T G_i2 B`` (``G_i2`` the metric's
+  diagonal block of input block i2; ``B^T B`` without a metric), descending: values (m2, n1, full), vectors
+  (m2, n1, n2, full)."""
+  if g4 is None:
+    gb = w4
+  else:
+    idx = jnp.arange(w4.shape[1])
+    diag = g4[:, idx, :, idx]  # (m2, m1, m1): the diagonal blocks G_i2
+    gb = jnp.einsum("yki,iyjl->kyjl", diag, w4)
+  m = jnp.einsum("kyjl,kyjn->yjln", w4, gb)
+  lam, vec = jnp.linalg.eigh((m + jnp.swapaxes(m, -1, -2)) / 2)
+  return jnp.maximum(lam[..., ::-1][..., :full], 0), vec[..., ::-1][..., :full]
+
+
+def btt_spectrum(w, in_dims, out_dims, gram=None, *, floor: float = FLOOR) -> jax.Array:
+  """The BTT analogue of singular values: ``s[k] = sqrt(sum over blocks of block k-th energy)``, descending, so
+  that a rank-r BTT fit (`whitened_btt` before its refit, or `tnjax.core.btt.btt_from_dense`) loses
+  ``sum(s[r:]**2)`` of squared error: of the weights (``gram=None``), or of the outputs in the metric of the
+  gram's diagonal blocks (each input block ``i2`` on its own).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> s = btt_spectrum(jnp.eye(4), (2, 2), (2, 2))
+    >>> [round(float(v), 4) for v in s]
+    [1.4142, 1.4142]
+  """
+  fn = "btt_spectrum"
+  w4, g4 = _btt_setup(fn, w, gram, in_dims, out_dims, floor)
+  lam, _ = _btt_blocks(w4, g4, min(w4.shape[0], w4.shape[3]))
+  return jnp.sqrt(jnp.sum(lam, axis=(0, 1)))
+
+
+def whitened_btt(w, gram, in_dims, out_dims, rank: int, *, refit: bool = True, floor: float = FLOOR) -> BlockTT:
+  """A rank-``rank`` Block-TT fit of ``w`` that minimizes the output error ``||X (w - W_btt)||_F`` on inputs
+  whose Gram is ``gram``.
+
+  BTT blocks ``W[:, i2, j1, :]`` (`tnjax.core.btt`) share no parameters, but in the data metric the blocks of
+  one output block ``j1`` are coupled through the inputs (``G`` has off-diagonal blocks between input blocks
+  i2), so the exact optimum has no closed form. Two steps:
+
+  1. Each block's optimum in the metric of its own diagonal block ``G_i2`` (input blocks taken as
+     uncorrelated): ``B V V^T`` with ``V`` the top eigenvectors of ``B^T G_i2 B`` (SVD-LLM per block; with
+     ``G = I`` the per-block SVD of `tnjax.core.btt.btt_from_dense`).
+  2. With the left cores fixed, the right cores are a linear least-squares problem in the *full* metric, solved
+     exactly per output block (a ``(m2 r)``-square system each, from ``G`` alone): it can only lower the output
+     error of step 1, and it is where the correlations between input blocks enter.
+
+  Args:
+    w: (M, N) with M <= m1 m2 and N <= n1 n2 (zero-padded, as `tnjax.core.btt.btt_from_dense`).
+    gram: (M, M) ``X^T X`` of the layer's inputs, or (M,): a diagonal; made definite by adding
+      ``floor * max(diag G)`` to its diagonal (padding rows and unexcited directions then get a weight fit).
+    in_dims, out_dims: (m1, m2) and (n1, n2).
+    rank: static, 1 <= rank <= min(m1, n2).
+    refit: run step 2 (the default); False gives step 1 alone.
+    floor: the relative diagonal loading above.
+
+  Returns:
+    A `BlockTT` whose two cores have equal norms per (block, rank index).
+
+  Complexity:
+    ``m^2 r n1`` multiply-adds for the systems' matrices (``m = m1 m2``), ``n1`` eigendecompositions of size
+    ``m2 r`` and ``m2 n1`` of size ``n2``; memory ``m m2 r`` beyond ``w`` and ``G`` (one output block at a time).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, tnjax
+    >>> mix = jax.random.normal(jax.random.key(0), (24, 24))
+    >>> x = jax.random.normal(jax.random.key(1), (512, 24)) @ mix  # correlated inputs
+    >>> w = jax.random.normal(jax.random.key(2), (24, 20))
+    >>> err = lambda b: float(jnp.linalg.norm(x @ (w - tnjax.core.btt.btt_to_dense(b))))
+    >>> fit = whitened_btt(w, x.T @ x, (4, 6), (4, 5), rank=2)
+    >>> err(fit) < err(tnjax.core.btt.btt_from_dense(w, (4, 6), (4, 5), rank=2))
+    True
+  """
+  fn = "whitened_btt"
+  if gram is None:
+    raise ValueError(f"{fn}: gram=None but the input Gram X^T X is expected (btt_from_dense fits the weights)")
+  in_dims, out_dims, rank = check_btt_dims(fn, in_dims, out_dims, rank)
+  w4, g4 = _btt_setup(fn, w, gram, in_dims, out_dims, floor)
+  m2, n2 = in_dims[1], out_dims[1]
+  _, v = _btt_blocks(w4, g4, rank)  # (m2, n1, n2, r)
+  left = jnp.einsum("iyjl,yjla->yiaj", w4, v)  # (m2, m1, r, n1)
+  right = jnp.transpose(v, (1, 3, 0, 2))  # (n1, r, m2, n2)
+  if refit:
+    gw = jnp.einsum("xyuv,uvjl->xyjl", g4, w4)  # G W, (m1, m2, n1, n2)
+    eps = 1e3 * jnp.finfo(w4.dtype).eps
+
+    def solve(args):  # one output block j1: min over R_j1 of ||S^T (W_j1 - A R_j1)||, A = blockdiag(L[i2, :, :, j1])
+      lj, gwj = args  # (m2, m1, r), (m1, m2, n2)
+      p = jnp.einsum("xyuv,vua->xyva", g4, lj)  # G A, (m1, m2, m2, r)
+      h = jnp.einsum("yxb,xyva->ybva", lj, p).reshape(m2 * rank, m2 * rank)  # A^T G A
+      rhs = jnp.einsum("yxb,xyl->ybl", lj, gwj).reshape(m2 * rank, n2)  # A^T G W_j1
+      lam, q = jnp.linalg.eigh((h + h.T) / 2)
+      inv = jnp.where(lam > eps * lam[-1], 1 / jnp.where(lam > 0, lam, 1), 0)
+      x = q @ (inv[:, None] * (q.T @ rhs))  # the least-norm solution where A^T G A is singular
+      return jnp.transpose(x.reshape(m2, rank, n2), (1, 0, 2))  # (r, m2, n2)
+
+    right = jax.lax.map(solve, (jnp.transpose(left, (3, 0, 1, 2)), jnp.transpose(gw, (2, 0, 1, 3))))
+  # Equal norms per (i2, a, j1) pair: the metric's scale (~1e6 for a trained model's Gram) stays out of the cores.
+  nl = jnp.linalg.norm(left, axis=1)  # (m2, r, n1)
+  nr = jnp.transpose(jnp.linalg.norm(right, axis=3), (2, 1, 0))  # (m2, r, n1)
+  ok = (nl > 0) & (nr > 0)
+  c = jnp.where(ok, jnp.sqrt(jnp.where(ok, nr, 1) / jnp.where(ok, nl, 1)), 1)
+  left = left * c[:, None, :, :]
+  right = right / jnp.transpose(c, (2, 1, 0))[..., None]
+  return BlockTT((left, right))
