@@ -13,6 +13,7 @@ import tnjax
 from tnjax.compress import mpo_compress, svd_compress, svdllm_compress
 from tnjax.compress.calibration import calibration_pass, input_grams
 from tnjax.models import GPT, Llama, preset
+from tnjax.models.decoder import dense_kernel
 
 
 def _inputs(model, ids):
@@ -231,3 +232,25 @@ def test_a_pass_is_sequential_only_when_blocks_were_replaced():
   ids = np.zeros((1, 8), np.int32)
   assert not calibration_pass("t", model, ids, lambda i, grams: {}).sequential
   assert calibration_pass("t", model, ids, lambda i, grams: {"attn.c_proj": model.h[i].attn.c_proj}).sequential
+
+
+def test_sequential_fits_with_the_loss_allocation_read_the_sequential_grams():
+  """allocation="loss" ranks layers by spectra of a one-pass calibration; the fits of a sequential run must then
+  read the Grams measured on the compressed blocks (they reused the one-pass factorization, so block 1 was fitted
+  to inputs it never sees)."""
+  from tnjax.compress.methods import _balanced
+  from tnjax.core.whitening import whitened_basis
+
+  model = GPT(preset("tiny", **SMALL), rngs=nnx.Rngs(0))
+  ids = np.random.default_rng(1).integers(0, 128, (4, 64)).astype(np.int32)
+  out = svdllm_compress(model, ids, ratio=0.5, allocation="loss", sequential=True)
+  projections = model.config.PROJECTIONS
+  seq = calibration_pass("test", model, ids, lambda i, grams: {p: out.layer(f"h.0.{p}") for p in projections}
+                         if i == 0 else {})
+  one_pass = input_grams(model, ids)
+  for p in projections:
+    name = f"h.1.{p}"
+    w, got = dense_kernel(model.layer(name)), out.layer(name)
+    u, v = _balanced(w, whitened_basis(w, jnp.asarray(seq.grams[name], w.dtype))[1], got.rank)
+    np.testing.assert_allclose(np.asarray(got.u[...] @ got.v[...]), u @ v, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(seq.grams[name], one_pass.grams[name])  # the two Grams differ: the check can fail

@@ -100,6 +100,7 @@ class _Job:
   spectrum: object  # spectrum(name, w, gram) -> singular values, for allocation="loss"
   unit: object  # unit(w) -> parameters per unit of rank of the low-rank form, for allocation="loss"
   data: bool  # whether the fit reads the layer's input Gram
+  forget: object = None  # forget() drops what spectrum() cached for the fits, before fits from other Grams
 
 
 def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool, if_larger: str) -> Decoder:
@@ -182,6 +183,8 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
           out[proj] = new
       return out if sequential else {}  # {}: the states go on through the model's own blocks, as in one pass
 
+    if sequential and job.forget is not None:  # the spectra of "loss" came from the one-pass Grams
+      job.forget()
     calibration_pass(fn, model, calib, refit, keep_grams=False)
   else:
     for name in job.names:
@@ -296,7 +299,7 @@ def _lowrank_job(fn: str, target: Target, names, data: bool) -> _Job:
     cache.pop(name)  # the fit is a layer's last use of its factorization
     return new, LayerSpec(kind="lowrank", rank=new.rank)
 
-  return _Job(fn, target, names, fit, cap, spectrum, unit, data)
+  return _Job(fn, target, names, fit, cap, spectrum, unit, data, forget=cache.clear)
 
 
 def svd_compress(model: Decoder, *, ratio: float | None = None, rank: int | None = None, rtol: float | None = None,
