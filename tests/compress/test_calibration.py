@@ -254,3 +254,18 @@ def test_sequential_fits_with_the_loss_allocation_read_the_sequential_grams():
     u, v = _balanced(w, whitened_basis(w, jnp.asarray(seq.grams[name], w.dtype))[1], got.rank)
     np.testing.assert_allclose(np.asarray(got.u[...] @ got.v[...]), u @ v, rtol=1e-4, atol=1e-5)
     assert not np.allclose(seq.grams[name], one_pass.grams[name])  # the two Grams differ: the check can fail
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_projections_sharing_an_input_share_one_whitening(monkeypatch, streamed):
+  """Llama's q/k/v and gate/up read one input: one Gram, so one eigendecomposition for each group (4 a block for
+  7 projections), streamed or from a Calibration."""
+  from tnjax.compress import methods
+
+  model = _gpt_or_llama("llama-tiny")
+  ids = np.random.default_rng(0).integers(0, 128, (4, 64)).astype(np.int32)
+  calls = []
+  real = methods.whitening
+  monkeypatch.setattr(methods, "whitening", lambda g, **kw: calls.append(g.shape) or real(g, **kw))
+  svdllm_compress(model, ids if streamed else input_grams(model, ids), ratio=0.5)
+  assert len(calls) == 4 * model.config.n_layer, calls

@@ -56,7 +56,14 @@ from tnjax.core.btt import btt_dims, btt_from_dense
 from tnjax.core.decompositions import ttm_svd
 from tnjax.core.ops import to_dense
 from tnjax.core.shapes import factorize
-from tnjax.core.whitening import btt_spectrum, whitened_basis, whitened_btt, whitened_spectrum, whitened_ttm_svd
+from tnjax.core.whitening import (
+    btt_spectrum,
+    whitened_basis,
+    whitened_btt,
+    whitened_spectrum,
+    whitened_ttm_svd,
+    whitening,
+)
 from tnjax.models.config import LayerSpec
 from tnjax.models.decoder import Decoder, dense_kernel
 from tnjax.models.names import parse_layer_key
@@ -152,7 +159,15 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
   keep = job.data and (allocation == "loss" or not blockwise)
   cal = calibration(fn, model, calib, keep_grams=keep) if whole else None
   stored = {name: _model.weights(layer) for name, layer in layers.items()}
-  gram = lambda name: None if not job.data else jnp.asarray(cal.grams[name], shapes[name].dtype)  # noqa: E731
+  def gram(name):  # projections reading one input share one Gram: one device copy of it, so one whitening
+    if not job.data:
+      return None
+    source = cal.grams[name]
+    if on_device.get("source") is not source:
+      on_device.update(source=source, gram=jnp.asarray(source, shapes[name].dtype))
+    return on_device["gram"]
+
+  on_device: dict = {}
   budgets = layer_budgets(
       fn, target, allocation, stored, importance=None if cal is None else cal.importance,
       unit={name: job.unit(w) for name, w in shapes.items()},
@@ -175,10 +190,13 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
 
   if blockwise:
     def refit(i, grams):
-      out = {}
+      out, copies = {}, {}
       for name in by_block.get(i, []):
         proj = parse_layer_key(name)[1]
-        new = fit_one(name, jnp.asarray(grams[proj], shapes[name].dtype))
+        key = (id(grams[proj]), shapes[name].dtype)  # one array for the projections that share an input
+        if key not in copies:
+          copies[key] = jnp.asarray(grams[proj], shapes[name].dtype)
+        new = fit_one(name, copies[key])
         if new is not None:
           out[proj] = new
       return out if sequential else {}  # {}: the states go on through the model's own blocks, as in one pass
@@ -227,17 +245,25 @@ def _rtol_rank(sv, rtol: float) -> int:
   return max(int(np.argmax(tail <= rtol * rtol * s2.sum())), 1)
 
 
-def _balanced(w, vt, rank: int) -> tuple[np.ndarray, np.ndarray]:
+def _balanced(w, vt, rank: int) -> tuple[jax.Array, jax.Array]:
   """The factors ``u`` (in, rank), ``v`` (rank, out) of ``(w V_r) V_r^T``, each column/row pair at one scale.
 
-  On the host in NumPy: on a GPU, eager jnp ops would compile once per distinct rank, which an allocation
-  makes per layer and which cost more than the SVD."""
-  dtype = np.dtype(w.dtype)
-  work = np.result_type(dtype, np.float32)
-  b = np.asarray(vt, work)[:rank]
-  a = np.asarray(w, work) @ b.T
-  root = np.sqrt(np.maximum(np.linalg.norm(a, axis=0), 1e-30))
-  return (a / root[None, :]).astype(dtype), (b * root[:, None]).astype(dtype)
+  On the device, in float32 or wider at full matmul precision (a GPU's default float32 matmul rounds to
+  TF32). Column k of ``u`` depends on row k of ``vt`` alone, so one program per layer shape and multiple of 128
+  ranks serves every rank below it (an allocation gives each layer its own rank: a program per rank compiled
+  more often than it ran); the host, where this ran before, read each kernel back and multiplied there."""
+  bucket = min(vt.shape[0], -(-rank // 128) * 128)
+  u, v = _balanced_bucket(w, vt, bucket)
+  return u[:, :rank], v[:rank]
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _balanced_bucket(w, vt, rank: int):
+  work = jnp.result_type(w.dtype, jnp.float32)
+  b = vt[:rank].astype(work)
+  a = jnp.matmul(w.astype(work), b.T, precision=jax.lax.Precision.HIGHEST)
+  root = jnp.sqrt(jnp.maximum(jnp.linalg.norm(a, axis=0), 1e-30))
+  return (a / root[None, :]).astype(w.dtype), (b * root[:, None]).astype(w.dtype)
 
 
 def _lowrank_cap(shape, stored: int, budget: float) -> int | None:
@@ -276,10 +302,14 @@ def _lowrank_job(fn: str, target: Target, names, data: bool) -> _Job:
   spectrum and the fit at any rank read the same factorization. The rank-r optimum in either metric is
   ``(W V_r) V_r^T`` with ``V_r`` the top right singular vectors."""
   cache: dict[str, tuple] = {}
+  last: dict = {}  # the whitening of the last Gram: q/k/v (gate/up) read one input, so one Gram and one eigh
 
   def factor(name, w, g):
     if name not in cache:
-      cache[name] = whitened_basis(w, g if data else None, fn=fn)
+      if data and last.get("gram") is not g:
+        last.update(gram=g, s_t=whitening(g, fn=fn)[0])
+      a = w if not data else (last["s_t"][:, None] * w if g.ndim == 1 else last["s_t"] @ w)
+      cache[name] = whitened_basis(a, fn=fn)
     return cache[name]
 
   def unit(w):
@@ -299,7 +329,11 @@ def _lowrank_job(fn: str, target: Target, names, data: bool) -> _Job:
     cache.pop(name)  # the fit is a layer's last use of its factorization
     return new, LayerSpec(kind="lowrank", rank=new.rank)
 
-  return _Job(fn, target, names, fit, cap, spectrum, unit, data, forget=cache.clear)
+  def forget():
+    cache.clear()
+    last.clear()
+
+  return _Job(fn, target, names, fit, cap, spectrum, unit, data, forget=forget)
 
 
 def svd_compress(model: Decoder, *, ratio: float | None = None, rank: int | None = None, rtol: float | None = None,
