@@ -12,7 +12,8 @@ included), the process's peak host RSS (its ``VmHWM``) and its peak device memor
 * ``compress-<method>``: ``tnjax compress --method M --ratio R --calib FILE --calib-windows W``, no
   ``--block-size``;
 * ``export`` and ``hf-reload``: `tnjax.interop.save_hf` of the svdllm model (loaded with ``--param-dtype``,
-  written in shards of ``--max-shard-size``; its row has ``shards``, the number of files), then
+  written in that dtype (``dtype=None``: bf16 parameters make a bf16 checkpoint, half the bytes) in shards of
+  ``--max-shard-size``; its row has ``shards``, the number of files), then
   ``transformers``' ``from_pretrained`` of it and one forward pass.
 
 Random weights say nothing about quality: this measures time and memory only.
@@ -131,7 +132,7 @@ def stage_main(argv: list[str]) -> int:
     elif kind == "export":
       from tnjax.interop import load_any, save_hf
 
-      out = save_hf(load_any(rest[0], param_dtype=rest[2] or None), rest[1], max_shard_size=rest[3])
+      out = save_hf(load_any(rest[0], param_dtype=rest[2] or None), rest[1], max_shard_size=rest[3], dtype=None)
       extra["shards"] = len(list(out.glob("model-*-of-*.safetensors"))) or 1
     else:  # a CLI command
       from tnjax.cli import main

@@ -291,3 +291,33 @@ def test_saving_streams_one_tensor_at_a_time(tmp_path):
   rss = json.loads(out.stdout.strip().splitlines()[-1])
   assert rss["hf_shards"] == rss["native_shards"] == 4, rss  # 170 MB in shards of at most 50 MB
   assert rss["hf"] < 0.25 * rss["size"] and rss["native"] < 0.25 * rss["size"], rss
+
+
+def test_save_hf_in_bfloat16_or_the_parameters_dtype_and_transformers_reloads_it(tmp_path):
+  """dtype="bfloat16" writes half the bytes, recorded in config.json; transformers reloads it in bf16 with the
+  bf16-rounded weights; dtype=None follows the parameters' storage (a model loaded with param_dtype)."""
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  from tnjax._io import read_checkpoint
+
+  make_hf_llama(tmp_path / "in")
+  model = load_hf(tmp_path / "in")
+  f32, bf16 = save_hf(model, tmp_path / "f32"), save_hf(model, tmp_path / "bf16", dtype="bfloat16")
+  size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
+  assert 0.45 < size(bf16) / size(f32) < 0.55
+  assert json.loads((bf16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  tensors = read_checkpoint("test", bf16)
+  name = "model.layers.1.mlp.down_proj.weight"
+  assert tensors[name].dtype == jnp.bfloat16
+  want = np.asarray(jnp.asarray(read_checkpoint("test", f32)[name]).astype(jnp.bfloat16))
+  np.testing.assert_array_equal(np.asarray(tensors[name]), want)
+  again = AutoModelForCausalLM.from_pretrained(str(bf16), dtype="auto").eval()
+  assert again.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16
+  np.testing.assert_array_equal(again.model.layers[1].mlp.down_proj.weight.detach().float().numpy(),
+                                np.asarray(want, np.float32))
+  own = save_hf(load_hf(tmp_path / "in", param_dtype="bfloat16"), tmp_path / "own", dtype=None)
+  assert json.loads((own / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  with pytest.raises(ValueError, match=r"save_hf: dtype='int8' but one of \('float32', 'bfloat16', 'float16'\) or "
+                                       r"None \(the parameters' own\) is expected"):
+    save_hf(model, tmp_path / "bad", dtype="int8")

@@ -30,6 +30,7 @@ import json
 import pathlib
 from types import ModuleType
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -153,9 +154,13 @@ def load_hf(path, *, dtype: str | None = None, param_dtype: str | None = None, f
   return with_concrete_state(model)
 
 
-def save_hf(model: Decoder, path, *, max_shard_size: int | str = MAX_SHARD_SIZE) -> pathlib.Path:
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def save_hf(model: Decoder, path, *, max_shard_size: int | str = MAX_SHARD_SIZE,
+            dtype: str | None = "float32") -> pathlib.Path:
   """Writes ``model`` as a Hugging Face directory that ``transformers`` loads (``GPT2LMHeadModel``,
-  ``LlamaForCausalLM`` or ``Qwen2ForCausalLM``), its parameters in float32.
+  ``LlamaForCausalLM`` or ``Qwen2ForCausalLM``), its tensors in ``dtype``.
 
   Tensorized projections and embeddings are written as their dense
   reconstruction (Hugging Face has no TT layers), int8 weights dequantized,
@@ -173,16 +178,28 @@ def save_hf(model: Decoder, path, *, max_shard_size: int | str = MAX_SHARD_SIZE)
     path: the directory (created if needed).
     max_shard_size: the largest shard, in bytes or as "5GB", "500MB", "2GiB" (default "5GB", as
       ``transformers``).
+    dtype: "float32" (the default), "bfloat16" or "float16" (half the bytes: 16 GB rather than 32 for an 8B
+      model), or None for the dtype the model's parameters are stored in (float32 when they mix dtypes).
+      config.json records it (``torch_dtype``), so ``transformers`` loads the model in it.
 
   Raises:
-    ValueError: for a configuration the Hugging Face class cannot express (named), or a bad ``max_shard_size``.
+    ValueError: for a configuration the Hugging Face class cannot express (named), a bad ``max_shard_size``
+      or ``dtype``.
   """
+  fn = "save_hf"
+  if dtype is not None and dtype not in SAVE_DTYPES:
+    raise ValueError(f"{fn}: dtype={dtype!r} but one of {SAVE_DTYPES} or None (the parameters' own) is expected")
+  if dtype is None:
+    stored = {str(jnp.dtype(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+              if jnp.issubdtype(leaf.dtype, jnp.floating)}
+    only = stored.pop() if len(stored) == 1 else None
+    dtype = only if only in SAVE_DTYPES else "float32"
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   mapping = mapping_of(model)
-  config = mapping.hf_config(model.config)
+  config = {**mapping.hf_config(model.config), "torch_dtype": dtype}
   write_checkpoint(path, mapping.hf_tensors(model), max_shard_size=max_shard_size, metadata={"format": "pt"},
-                   dtype=np.float32, fn="save_hf")
+                   dtype=jnp.dtype(dtype), fn=fn)
   atomic_write_text(path / "config.json", json.dumps(config, indent=2))
   return path
 
