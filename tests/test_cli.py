@@ -89,6 +89,24 @@ def test_compress_sweep_writes_report_plot_and_models(model_dir, tmp_path, capsy
   assert (out / "ratio-0.5" / "model" / "tokenizer.json").exists()
 
 
+def test_compress_saves_in_shards_of_max_shard_size_and_refuses_a_bad_size_first(model_dir, tmp_path, capsys):
+  from tnjax._io import INDEX_FILE
+  from tnjax.interop import load_model
+
+  d, text = model_dir
+  assert main(["compress", "--model", str(d), "--method", "svd", "--rank", "2", "--out", str(tmp_path / "bad"),
+               "--max-shard-size", "5XB"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("tnjax compress: compress: max_shard_size='5XB'"), err
+  assert not (tmp_path / "bad").exists()
+  out = tmp_path / "sharded"
+  assert main(["compress", "--model", str(d), "--method", "svd", "--rank", "2", "--out", str(out),
+               "--max-shard-size", "20KB"]) == 0
+  assert (out / "model" / INDEX_FILE).exists() and len(list((out / "model").glob("*.safetensors"))) > 1
+  assert load_model(out / "model").num_params == json.loads((out / "report.json").read_text())["runs"][0][
+      "summary"]["params_after"]
+
+
 @pytest.mark.slow  # calibration, healing and int8 end to end
 def test_compress_modegpt_heal_int8(model_dir, tmp_path, capsys):
   d, text = model_dir

@@ -169,7 +169,7 @@ def cmd_compress(args) -> int:
                heal_steps=args.heal_steps,
                heal_lr=args.heal_lr, int8=args.int8, block_size=args.block_size, tokenizer=tok,
                overwrite=args.overwrite, allocation=args.allocation, sequential=args.sequential,
-               if_larger=args.if_larger, calib_windows=args.calib_windows,
+               if_larger=args.if_larger, calib_windows=args.calib_windows, max_shard_size=args.max_shard_size,
                **({} if args.layout is None else {"layout": args.layout}))
   for r in report["runs"]:
     s = r["summary"]
@@ -341,6 +341,8 @@ def _parser() -> argparse.ArgumentParser:
                   "already holds a model or a report, unless --overwrite, and while another run writes into it; a "
                   "failed run removes what it wrote there")
   co.add_argument("--overwrite", action="store_true", help="replace the models and reports already in --out")
+  co.add_argument("--max-shard-size", default="5GB", help="largest file of a saved model, e.g. 5GB, 500MB "
+                  "(default 5GB); a larger model is written as shards with an index")
   _param_dtype_option(co)
   co.set_defaults(run=cmd_compress)
   return parser

@@ -123,16 +123,17 @@ CALIB_TOKENS_PER_CALL = 8192  # calibration tokens per device call (rows of wind
 def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid_ids=None, calib_ids=None,
         layers=None, heal_steps: int = 0, heal_lr: float = 1e-4, int8: bool = False, block_size: int | None = None,
         tokenizer=None, save: bool = True, overwrite: bool = False, allocation: str = "uniform",
-        sequential: bool = False, if_larger: str = "error", calib_windows: int = 64, **options) -> dict:
+        sequential: bool = False, if_larger: str = "error", calib_windows: int = 64,
+        max_shard_size: int | str = "5GB", **options) -> dict:
   """Compresses ``model`` at each target ({"rank"|"ratio"|"rtol": value}), evaluates, saves and reports.
 
   Writes ``out_dir/report.json`` and ``report.md``; the compressed model (tnjax
   format, plus ``tokenizer.json`` when a tokenizer is given) goes to
   ``out_dir/model`` for one target, ``out_dir/<key>-<value>/model`` for several,
   and a sweep also writes ``perplexity.png``. Every file is written under a
-  temporary name and renamed. ``allocation``, ``sequential``, ``if_larger``
-  and ``options`` (``layout``, ``form``) go to `compress`; calibration
-  statistics are computed once and reused across the targets of a sweep (except sequential); a single target
+  temporary name and renamed; a model above ``max_shard_size`` in shards (`tnjax.interop.save_model`).
+  ``allocation``, ``sequential``, ``if_larger`` and ``options`` (``layout``, ``form``) go to `compress`;
+  calibration statistics are computed once and reused across the targets of a sweep (except sequential); a single target
   passes the ids to the method, whose data-aware fits stream block by block.
 
   Windows: ``block_size`` (at most the model's context) sets the evaluation, calibration and healing
@@ -163,6 +164,7 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
       work when the least is more than ``1 + RATIO_SLACK`` times the ratio, else when the result keeps more
       than that; and the methods' own errors.
   """
+  from tnjax._io import shard_bytes
   from tnjax.core import _checks
   from tnjax.data import eval_batches
   from tnjax.eval import perplexity, window_size
@@ -176,6 +178,7 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
   if block_size is not None:
     window_size(fn, context, block_size, block_size)  # refuses a window longer than the model's context
   calib_windows = _checks.check_positive_int(fn, "calib_windows", calib_windows)
+  shard_bytes(fn, max_shard_size)  # refused before any work, not after the fits
   if calib_ids is not None and (m.calibration != "none" or allocation == "importance" or heal_steps):
     # train_batch and eval_batches read one target past each window and need a spare start: 2 tokens more
     calib_block = window_size(fn, context, len(calib_ids), block_size, reads_past=2, text="calib_ids (--calib)")
@@ -245,7 +248,7 @@ def run(model: Decoder, method_name: str, out_dir, *, targets: list[dict], valid
                   "summary": summary(model, small, names) if int8 else info}
       if save:
         where = out / "model" if len(targets) == 1 else out / f"{key}-{value}" / "model"
-        save_model(small, where, tokenizer=tokenizer)
+        save_model(small, where, tokenizer=tokenizer, max_shard_size=max_shard_size)
         run_info["model_dir"] = str(where)
       report["runs"].append(run_info)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
