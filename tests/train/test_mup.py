@@ -75,14 +75,15 @@ def test_coordinate_check_mup_keeps_the_update_size_as_width_grows(kind):
 
 @pytest.mark.slow
 def test_best_learning_rate_transfers_across_widths_under_mup():
-  """The learning rate with the lowest validation loss at width 64 stays best (within one grid step) at 2x and
-  4x width (dense; the structured families' sweeps are benchmarks/bench_mup.py, docs/mup.md).
+  """The learning rate with the lowest validation loss at width 64 stays best at 2x and 4x width (dense; the
+  structured families' sweeps are benchmarks/bench_mup.py, docs/mup.md).
 
-  50 steps (100 before, to save CI time) keep the verdicts: under muP the best rate is index 2 at every width, its
-  neighbours 0.12 nats or more worse; the standard parametrization's best goes 2, 1, 0 and fails the assertion."""
+  50 steps and three rates around the optimum (100 steps and five rates before, to save CI time) keep the
+  verdicts: under muP the best of 1e-3 ... 1.6e-2 was 4e-3 at every width, its neighbours 0.12 nats or more worse;
+  the standard parametrization's best went 4e-3, 2e-3, 1e-3, which fails here."""
   valid = np.frombuffer((SAMPLE_DIR / "valid.txt").read_bytes(), np.uint8).astype(np.int32)
   vx, vy = jnp.asarray(valid[:2048].reshape(32, 64)), jnp.asarray(valid[1:2049].reshape(32, 64))
-  lrs = [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]
+  lrs = [2e-3, 4e-3, 8e-3]
   best = {}
   for width in (64, 128, 256):
     losses = []
@@ -95,7 +96,7 @@ def test_best_learning_rate_transfers_across_widths_under_mup():
         trainer.step(step, BYTES)
       losses.append(float(trainer._eval(trainer.params, vx, vy)))
     best[width] = int(np.nanargmin(losses))
-  assert abs(best[128] - best[64]) <= 1 and abs(best[256] - best[64]) <= 1, best
+  assert best[64] == best[128] == best[256] == 1, best
 
 
 def test_mup_errors_name_the_field():

@@ -364,9 +364,9 @@ def btt_spectrum(w, in_dims, out_dims, gram=None, *, floor: float = FLOOR) -> ja
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> s = btt_spectrum(jnp.eye(4), (2, 2), (2, 2))
+    >>> s = btt_spectrum(jnp.eye(4), (2, 2), (2, 2))  # each of the identity's 4 blocks has rank 1
     >>> [round(float(v), 4) for v in s]
-    [1.4142, 1.4142]
+    [2.0, 0.0]
   """
   fn = "btt_spectrum"
   w4, g4 = _btt_setup(fn, w, gram, in_dims, out_dims, floor)
