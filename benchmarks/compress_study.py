@@ -50,7 +50,7 @@ SEEDS = (0, 1, 2)
 FREE = [("svd", "uniform", False, 0), ("svd", "loss", False, 0), ("mpo", "uniform", False, 0),
         ("svdllm", "uniform", False, 3), ("svdllm", "loss", False, 1), ("svdllm", "uniform", True, 1),
         ("modegpt", "importance", False, 3), ("modegpt", "uniform", False, 1), ("mpo-data", "uniform", False, 3),
-        ("mpo", "sensitivity", False, 0)]
+        ("mpo", "sensitivity", False, 0), ("btt", "uniform", False, 0), ("btt-data", "uniform", False, 3)]
 # "sensitivity" is CompactifAI's recipe: profile each layer alone at SENSITIVITY_RATIO on PROFILE tokens of the
 # training split, then compress the least harmful layers (per parameter saved) at that ratio until the kept
 # fraction is met; at 0.5 kept it is every layer, the uniform allocation, so it runs at the larger sizes only.
