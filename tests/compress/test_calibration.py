@@ -234,6 +234,7 @@ def test_a_pass_is_sequential_only_when_blocks_were_replaced():
   assert calibration_pass("t", model, ids, lambda i, grams: {"attn.c_proj": model.h[i].attn.c_proj}).sequential
 
 
+@pytest.mark.slow  # default suite time
 def test_sequential_fits_with_the_loss_allocation_read_the_sequential_grams():
   """allocation="loss" ranks layers by spectra of a one-pass calibration; the fits of a sequential run must then
   read the Grams measured on the compressed blocks (they reused the one-pass factorization, so block 1 was fitted
@@ -256,7 +257,7 @@ def test_sequential_fits_with_the_loss_allocation_read_the_sequential_grams():
     assert not np.allclose(seq.grams[name], one_pass.grams[name])  # the two Grams differ: the check can fail
 
 
-@pytest.mark.parametrize("streamed", [True, False])
+@pytest.mark.parametrize("streamed", [True, pytest.param(False, marks=pytest.mark.slow)])  # default suite time
 def test_projections_sharing_an_input_share_one_whitening(monkeypatch, streamed):
   """Llama's q/k/v and gate/up read one input: one Gram, so one eigendecomposition for each group (4 a block for
   7 projections), streamed or from a Calibration."""

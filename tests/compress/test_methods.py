@@ -157,7 +157,7 @@ def test_int8_on_top_of_mpo_and_svd(trained, ids):
     pytest.param(lambda m, ids: quantize_int8(mpo_compress(m, rtol=0.5)), marks=pytest.mark.slow),
     lambda m, ids: tensorgpt_embedding(m, rtol=0.2, if_larger="allow"),
     lambda m, ids: quantize_int8(svd_compress(m, rank=4)),
-    lambda m, ids: modegpt_compress(m, ids, ratio=0.5),
+    pytest.param(lambda m, ids: modegpt_compress(m, ids, ratio=0.5), marks=pytest.mark.slow),  # suite time
 ], ids=["svd", "mpo-rtol-int8", "tensorgpt-rtol", "svd-int8", "modegpt"])
 def test_save_load_round_trip(trained, ids, tmp_path, make):
   small = make(trained, ids)

@@ -44,7 +44,7 @@ def test_loss_ranks_is_within_one_step_of_the_budgeted_optimum():
     assert loss(best(budget)) - 1e-12 <= loss(got) <= loss(best(budget - 5)) + 1e-12
 
 
-DEFAULT_RUN = {("svd", "importance"), ("svdllm", "loss"), ("mpo-data", "uniform")}  # the rest: slow run (suite time)
+DEFAULT_RUN = {("svd", "importance"), ("svdllm", "loss")}  # the rest: slow run (suite time)
 
 
 @pytest.mark.parametrize("method,allocation", [
@@ -74,6 +74,7 @@ def test_allocations_differ_as_documented(trained, ids):
   assert loss["h.0.mlp.c_fc"] > loss["h.1.mlp.c_fc"] and sum(loss.values()) <= 0.5 * sum(stored.values())
 
 
+@pytest.mark.slow  # default suite time; tests/core/test_whitening.py tests the data-aware TT fit by default
 def test_data_aware_mpo_has_lower_output_error_than_weight_mpo(trained, ids):
   calib = input_grams(trained, ids)
   x = trained(ids)

@@ -23,7 +23,7 @@ def _count(module):
 
 
 @pytest.mark.parametrize("path", ["dense", "direct", "split", "auto"])
-@pytest.mark.parametrize("in_f, out_f", [(24, 36), (50, 30), (7, 5)])
+@pytest.mark.parametrize("in_f, out_f", [(24, 36), pytest.param(50, 30, marks=pytest.mark.slow), (7, 5)])
 def test_ttm_linear_full_rank_reproduces_nnx_linear(in_f, out_f, path):
   ref = nnx.Linear(in_f, out_f, rngs=nnx.Rngs(0), bias_init=nnx.initializers.normal(1.0))
   layer = TTMLinear.from_dense(ref.kernel[...], ref.bias[...], path=path)

@@ -265,11 +265,3 @@ def norm(tt: TT) -> jax.Array:
   check_tt("norm", "tt", tt)
   return jnp.sqrt(jnp.maximum(inner(tt, tt), 0))
 
-
-def __getattr__(name: str):
-  # ``tnjax.core.ops.matvec`` moved to the one contraction front door, ``tnjax.core.linear.matvec``
-  # (imported lazily: linear builds on this module)
-  if name == "matvec":
-    from tnjax.core.linear import matvec
-    return matvec
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -202,7 +202,3 @@ def save_hf(model: Decoder, path, *, max_shard_size: int | str = MAX_SHARD_SIZE,
                    dtype=jnp.dtype(dtype), fn=fn)
   atomic_write_text(path / "config.json", json.dumps(config, indent=2))
   return path
-
-
-# GPT-2's entry points lived in this module before families had mapping files; they stay reachable here.
-from tnjax.interop.hf_gpt2 import config_from_hf, hf_config, load_hf_gpt2, save_hf_gpt2  # noqa: E402, F401

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tnjax.interop.hf import load_hf, save_hf
 from tnjax.models.config import GPTConfig
 from tnjax.models.gpt import GPT, dense_kernel
 
@@ -84,8 +85,6 @@ def load_hf_gpt2(path, *, dtype: str | None = None) -> GPT:
     ValueError: missing files, unsupported config options (named), missing,
       unexpected or wrongly shaped tensors (named).
   """
-  from tnjax.interop.hf import load_hf
-
   return load_hf(path, dtype=dtype, fn="load_hf_gpt2", model_types=MODEL_TYPES)
 
 
@@ -191,6 +190,4 @@ def save_hf_gpt2(model: GPT, path):
     >>> bool(jnp.allclose(dense(jnp.ones((1, 4), jnp.int32)), model(jnp.ones((1, 4), jnp.int32)), atol=1e-4))
     True
   """
-  from tnjax.interop.hf import save_hf
-
   return save_hf(model, path)

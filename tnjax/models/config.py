@@ -427,15 +427,3 @@ PRESETS = {
     "tiny": dict(vocab_size=512, block_size=128, n_layer=2, n_head=4, d_model=128),
 }
 
-
-def preset(name: str, **overrides) -> DecoderConfig:
-  """A named configuration of any family, with overrides (see `tnjax.models.family.preset`).
-
-  Examples:
-    >>> cfg = preset("gpt2", n_layer=6)
-    >>> cfg.n_layer, cfg.d_model, cfg.vocab_size
-    (6, 768, 50257)
-  """
-  from tnjax.models.family import preset as family_preset  # the registry imports this module
-
-  return family_preset(name, **overrides)
