@@ -89,6 +89,28 @@ def test_compress_sweep_writes_report_plot_and_models(model_dir, tmp_path, capsy
   assert (out / "ratio-0.5" / "model" / "tokenizer.json").exists()
 
 
+def test_compress_passes_a_methods_own_options_and_refuses_others_first(model_dir, tmp_path, capsys):
+  from tnjax.interop import load_model
+
+  d, text = model_dir
+  for argv, match in [
+      (["--method", "svd", "--rank", "2", "--option", "form=ttm"], "--option form: --method svd takes no options"),
+      (["--method", "tensorgpt", "--rank", "2", "--option", "forms=ttm"],
+       "--option forms: --method tensorgpt takes form, head"),
+      (["--method", "tensorgpt", "--rank", "2", "--option", "form"], "--option 'form' but KEY=VALUE is expected"),
+      (["--method", "svd", "--rank", "2", "--layout", "fused"], "--layout: --method svd takes no layout"),
+  ]:
+    assert main(["compress", "--model", str(d), *argv, "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+  assert not (tmp_path / "no").exists()
+  out = tmp_path / "lowrank"
+  assert main(["compress", "--model", str(d), "--method", "tensorgpt", "--rank", "2", "--option", "form=lowrank",
+               "--option", "head=dense", "--out", str(out)]) == 0
+  small = load_model(out / "model")
+  assert small.config.layers["embedding"].kind == "lowrank" and not small.config.tie_embeddings
+
+
 def test_compress_saves_in_shards_of_max_shard_size_and_refuses_a_bad_size_first(model_dir, tmp_path, capsys):
   from tnjax._io import INDEX_FILE
   from tnjax.interop import load_model

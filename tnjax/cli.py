@@ -146,12 +146,37 @@ def cmd_train(args) -> int:
   return 0
 
 
+def _method_options(m, given: list[str], layout: str | None) -> dict:
+  """``--option KEY=VALUE`` items (and ``--layout``) as the keyword options of method ``m``; a value is read as
+  JSON when it parses (``1e-4``, ``true``), else kept as a string (``ttm``)."""
+  options = {}
+  for item in given:
+    key, eq, value = item.partition("=")
+    if not eq or not key:
+      raise ValueError(f"--option {item!r} but KEY=VALUE is expected (e.g. --option form=ttm)")
+    if key not in m.options:
+      takes = f"takes {', '.join(m.options)}" if m.options else "takes no options"
+      raise ValueError(f"--option {key}: --method {m.name} {takes}")
+    try:
+      options[key] = json.loads(value)
+    except json.JSONDecodeError:
+      options[key] = value
+  if layout is not None:
+    if "layout" in options:
+      raise ValueError("--layout and --option layout= both given; give one")
+    if "layout" not in m.options:
+      raise ValueError(f"--layout: --method {m.name} takes no layout (mpo does)")
+    options["layout"] = layout
+  return options
+
+
 def cmd_compress(args) -> int:
   from tnjax.compress.methods import refactored, refactoring_note
   from tnjax.compress.registry import method
   from tnjax.compress.report import compressed_part, parse_targets, run
 
   targets = parse_targets(args.rank, args.ratio, args.rtol)
+  options = _method_options(method(args.method), args.option, args.layout)
   model, tok = _load(args.model, args.tokenizer, args.param_dtype)
   layers = args.layers.split(",") if args.layers else None
   writes = method(args.method).writes
@@ -170,7 +195,7 @@ def cmd_compress(args) -> int:
                heal_lr=args.heal_lr, int8=args.int8, block_size=args.block_size, tokenizer=tok,
                overwrite=args.overwrite, allocation=args.allocation, sequential=args.sequential,
                if_larger=args.if_larger, calib_windows=args.calib_windows, max_shard_size=args.max_shard_size,
-               **({} if args.layout is None else {"layout": args.layout}))
+               **options)
   for r in report["runs"]:
     s = r["summary"]
     ppl = "" if r["perplexity"] is None else f", val ppl {r['perplexity']:.3f}"
@@ -319,6 +344,9 @@ def _parser() -> argparse.ArgumentParser:
                   "--layers names them")
   co.add_argument("--layout", choices=["balanced", "fused"], default=None,
                   help="mpo only: 'fused' makes two-core layers run by the fused GPU kernels (rank <= 16)")
+  takes = "; ".join(f"{k}: {', '.join(m.options)}" for k, m in REGISTRY.items() if m.options)
+  co.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                  help=f"a method's own option, repeatable ({takes}); a value is read as JSON when it parses")
   co.add_argument("--calib", help="text file: calibration (modegpt, svdllm, mpo-data, --allocation importance), "
                   "training text for --heal-steps")
   co.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
