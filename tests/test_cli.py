@@ -94,11 +94,13 @@ def test_compress_passes_a_methods_own_options_and_refuses_others_first(model_di
 
   d, text = model_dir
   for argv, match in [
-      (["--method", "svd", "--rank", "2", "--option", "form=ttm"], "--option form: --method svd takes no options"),
-      (["--method", "tensorgpt", "--rank", "2", "--option", "forms=ttm"],
-       "--option forms: --method tensorgpt takes form, head"),
+      (["--method", "svd", "--rank", "2", "--option", "form=ttm"], "compress: form='ttm' but svd takes no other "
+                                                                     "options"),
+      (["--method", "tensorgpt", "--rank", "2", "--option", "forms=ttm", "--option", "head=1"],
+       "compress: forms='ttm' but tensorgpt takes only form, head"),
       (["--method", "tensorgpt", "--rank", "2", "--option", "form"], "--option 'form' but KEY=VALUE is expected"),
-      (["--method", "svd", "--rank", "2", "--layout", "fused"], "--layout: --method svd takes no layout"),
+      (["--method", "mpo", "--rank", "2", "--layout", "fused", "--option", "layout=fused"],
+       "--layout and --option layout= both given"),
   ]:
     assert main(["compress", "--model", str(d), *argv, "--out", str(tmp_path / "no")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

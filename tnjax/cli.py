@@ -147,16 +147,16 @@ def cmd_train(args) -> int:
 
 
 def _method_options(m, given: list[str], layout: str | None) -> dict:
-  """``--option KEY=VALUE`` items (and ``--layout``) as the keyword options of method ``m``; a value is read as
-  JSON when it parses (``1e-4``, ``true``), else kept as a string (``ttm``)."""
+  """``--option KEY=VALUE`` items (and ``--layout``) as the keyword options of method ``m``, checked against the
+  registry before anything loads; a value is read as JSON when it parses (``1e-4``, ``true``), else kept as a
+  string (``ttm``)."""
+  from tnjax.compress.registry import check_options
+
   options = {}
   for item in given:
     key, eq, value = item.partition("=")
     if not eq or not key:
       raise ValueError(f"--option {item!r} but KEY=VALUE is expected (e.g. --option form=ttm)")
-    if key not in m.options:
-      takes = f"takes {', '.join(m.options)}" if m.options else "takes no options"
-      raise ValueError(f"--option {key}: --method {m.name} {takes}")
     try:
       options[key] = json.loads(value)
     except json.JSONDecodeError:
@@ -164,9 +164,8 @@ def _method_options(m, given: list[str], layout: str | None) -> dict:
   if layout is not None:
     if "layout" in options:
       raise ValueError("--layout and --option layout= both given; give one")
-    if "layout" not in m.options:
-      raise ValueError(f"--layout: --method {m.name} takes no layout (mpo does)")
     options["layout"] = layout
+  check_options("compress", m, options)
   return options
 
 

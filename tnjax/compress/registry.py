@@ -159,6 +159,14 @@ def method(name: str) -> Method:
   return REGISTRY[check_choice("compress", "method", name, tuple(REGISTRY))]
 
 
+def check_options(fn: str, m: Method, options: dict) -> None:
+  """Refuses keyword options that method ``m`` does not declare (`Method.options`), naming those it takes."""
+  unknown = sorted(set(options) - set(m.options))
+  if unknown:
+    raise ValueError(f"{fn}: {', '.join(f'{k}={options[k]!r}' for k in unknown)} but {m.name} takes "
+                     f"{'only ' + ', '.join(m.options) if m.options else 'no other options'}")
+
+
 def compress(model: Decoder, method_name: str, *, rank: int | None = None, ratio: float | None = None,
              rtol: float | None = None, calib=None, layers=None, allocation: str = "uniform",
              sequential: bool = False, if_larger: str = "error", **options) -> Decoder:
@@ -194,10 +202,7 @@ def compress(model: Decoder, method_name: str, *, rank: int | None = None, ratio
   target = Target.of(fn, rank=rank, ratio=ratio, rtol=rtol, accepted=m.targets)
   check_choice(fn, "allocation", allocation, m.allocations)
   check_choice(fn, "if_larger", if_larger, ("error", "keep", "allow"))
-  unknown = sorted(set(options) - set(m.options))
-  if unknown:
-    raise ValueError(f"{fn}: {', '.join(f'{k}={options[k]!r}' for k in unknown)} but {m.name} takes "
-                     f"{'only ' + ', '.join(m.options) if m.options else 'no other options'}")
+  check_options(fn, m, options)
   if calib is None and m.calibration == "required":
     raise ValueError(f"{fn}: method={m.name!r} needs calibration text (calib=, or --calib FILE)")
   if calib is not None and m.calibration == "none":
