@@ -233,8 +233,11 @@ def test_ctrl_c_exits_130_keeps_the_checkpoint_and_a_corrupt_one_is_one_line(tmp
   text.write_text((SAMPLE_DIR / "valid.txt").read_text()[:20000])
   out = tmp_path / "run"
   argv = _train_argv(out, text, "steps=1000000", "checkpoint_every=2")
+  # Ctrl-C as from a terminal: the child gets SIGINT's default disposition even when this process ignores it (a
+  # test run started in the background of a non-interactive shell ignores SIGINT, and children inherit that).
   proc = subprocess.Popen([sys.executable, "-m", "tnjax", *argv], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   deadline = time.time() + 400  # generous: the suite runs two workers on two cores
   while not (out / "checkpoints" / "4").exists() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.05)
