@@ -175,10 +175,11 @@ def cmd_compress(args) -> int:
   from tnjax.compress.report import compressed_part, parse_targets, run
 
   targets = parse_targets(args.rank, args.ratio, args.rtol)
-  options = _method_options(method(args.method), args.option, args.layout)
+  m = method(args.method)
+  options = _method_options(m, args.option, args.layout)
   model, tok = _load(args.model, args.tokenizer, args.param_dtype)
   layers = args.layers.split(",") if args.layers else None
-  writes = method(args.method).writes
+  writes = m.writes
   if writes and layers is None:  # tensorized layers re-factored by default: refused unless asked, or named
     names = compressed_part(model, args.method, None)
     found = refactored(model.config, names, writes)

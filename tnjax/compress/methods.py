@@ -43,13 +43,13 @@ import numpy as np
 from tnjax.compress import _model
 from tnjax.compress.calibration import Calibration, calibration_pass, check_tokens
 from tnjax.compress.targets import (
-    IF_LARGER,
-    Target,
-    check_choice,
-    largest_rank,
-    layer_budgets,
-    least_fraction,
-    rank_within,
+  IF_LARGER,
+  Target,
+  check_choice,
+  largest_rank,
+  layer_budgets,
+  least_fraction,
+  rank_within,
 )
 from tnjax.core import _checks, fused
 from tnjax.core.btt import btt_dims, btt_from_dense
@@ -57,12 +57,13 @@ from tnjax.core.decompositions import ttm_svd
 from tnjax.core.ops import to_dense
 from tnjax.core.shapes import factorize
 from tnjax.core.whitening import (
-    btt_spectrum,
-    whitened_basis,
-    whitened_btt,
-    whitened_spectrum,
-    whitened_ttm_svd,
-    whitening,
+  btt_spectrum,
+  whiten_with,
+  whitened_basis,
+  whitened_btt,
+  whitened_spectrum,
+  whitened_ttm_svd,
+  whitening,
 )
 from tnjax.models.config import LayerSpec
 from tnjax.models.decoder import Decoder, dense_kernel
@@ -107,7 +108,7 @@ class _Job:
   spectrum: object  # spectrum(name, w, gram) -> singular values, for allocation="loss"
   unit: object  # unit(w) -> parameters per unit of rank of the low-rank form, for allocation="loss"
   data: bool  # whether the fit reads the layer's input Gram
-  forget: object = None  # forget() drops what spectrum() cached for the fits, before fits from other Grams
+  forget: object = None  # forget() drops what the fits cached of a Gram (its whitening, the spectra of "loss")
 
 
 def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool, if_larger: str) -> Decoder:
@@ -159,15 +160,14 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
   keep = job.data and (allocation == "loss" or not blockwise)
   cal = calibration(fn, model, calib, keep_grams=keep) if whole else None
   stored = {name: _model.weights(layer) for name, layer in layers.items()}
-  def gram(name):  # projections reading one input share one Gram: one device copy of it, so one whitening
-    if not job.data:
-      return None
-    source = cal.grams[name]
-    if on_device.get("source") is not source:
-      on_device.update(source=source, gram=jnp.asarray(source, shapes[name].dtype))
-    return on_device["gram"]
+  last_copy: dict = {}
 
-  on_device: dict = {}
+  def on_device(source, dtype):  # projections reading one input share one Gram: one device copy, one whitening
+    if last_copy.get("source") is not source or last_copy["gram"].dtype != dtype:
+      last_copy.update(source=source, gram=jnp.asarray(source, dtype))
+    return last_copy["gram"]
+
+  gram = lambda name: on_device(cal.grams[name], shapes[name].dtype) if job.data else None  # noqa: E731
   budgets = layer_budgets(
       fn, target, allocation, stored, importance=None if cal is None else cal.importance,
       unit={name: job.unit(w) for name, w in shapes.items()},
@@ -190,15 +190,15 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
 
   if blockwise:
     def refit(i, grams):
-      out, copies = {}, {}
+      out = {}
       for name in by_block.get(i, []):
         proj = parse_layer_key(name)[1]
-        key = (id(grams[proj]), shapes[name].dtype)  # one array for the projections that share an input
-        if key not in copies:
-          copies[key] = jnp.asarray(grams[proj], shapes[name].dtype)
-        new = fit_one(name, copies[key])
+        new = fit_one(name, on_device(grams[proj], shapes[name].dtype))
         if new is not None:
           out[proj] = new
+      last_copy.clear()  # the block's Grams, and the fit's whitening of them, die with its fits
+      if job.forget is not None:
+        job.forget()
       return out if sequential else {}  # {}: the states go on through the model's own blocks, as in one pass
 
     if sequential and job.forget is not None:  # the spectra of "loss" came from the one-pass Grams
@@ -308,8 +308,7 @@ def _lowrank_job(fn: str, target: Target, names, data: bool) -> _Job:
     if name not in cache:
       if data and last.get("gram") is not g:
         last.update(gram=g, s_t=whitening(g, fn=fn)[0])
-      a = w if not data else (last["s_t"][:, None] * w if g.ndim == 1 else last["s_t"] @ w)
-      cache[name] = whitened_basis(a, fn=fn)
+      cache[name] = whitened_basis(whiten_with(last["s_t"], w, fn=fn) if data else w, fn=fn)
     return cache[name]
 
   def unit(w):

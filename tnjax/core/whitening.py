@@ -59,6 +59,11 @@ def _check_gram(fn: str, gram, n: int) -> jax.Array:
   return gram
 
 
+def _check_floor(fn: str, floor) -> None:
+  if not (isinstance(floor, (int, float)) and 0 < floor < 1):
+    raise ValueError(f"{fn}: floor={floor!r} but 0 < floor < 1 is expected")
+
+
 def whitening(gram, *, floor: float = FLOOR, fn: str = "whitening") -> tuple[jax.Array, jax.Array]:
   """``(S^T, S^-T)`` with ``S S^T = G`` after the jitter rule (module docstring): ``||x S||`` is the data norm.
 
@@ -83,8 +88,7 @@ def whitening(gram, *, floor: float = FLOOR, fn: str = "whitening") -> tuple[jax
   gram = _checks.check_real_float(fn, "gram", gram)
   if gram.ndim not in (1, 2) or (gram.ndim == 2 and gram.shape[0] != gram.shape[1]):
     raise ValueError(f"{fn}: gram.shape={gram.shape} but a square matrix (or a 1-d diagonal) is expected")
-  if not (isinstance(floor, (int, float)) and 0 < floor < 1):
-    raise ValueError(f"{fn}: floor={floor!r} but 0 < floor < 1 is expected")
+  _check_floor(fn, floor)
   _checks.check_finite(fn, "gram", gram)
   if gram.ndim == 1:
     lam, q = jnp.sort(gram), None
@@ -124,6 +128,22 @@ def whiten(w, gram, *, floor: float = FLOOR, fn: str = "whiten") -> jax.Array:
   """
   w = _check_matrix(fn, w)
   s_t, _ = whitening(_check_gram(fn, gram, w.shape[0]), floor=floor, fn=fn)
+  return whiten_with(s_t, w, fn=fn)
+
+
+def whiten_with(s_t, w, *, fn: str = "whiten_with") -> jax.Array:
+  """`whiten` from a square root already computed: ``s_t`` from `whitening` (its diagonal for a 1-d Gram), so
+  the layers that read one input (Llama's q/k/v, gate/up) share one eigendecomposition of its Gram.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> s_t, _ = whitening(jnp.diag(jnp.array([4.0, 1.0])))
+    >>> whiten_with(s_t, jnp.ones((2, 3))).shape
+    (2, 3)
+  """
+  if s_t.shape[-1] != w.shape[0]:
+    raise ValueError(f"{fn}: the square root is of a ({s_t.shape[-1]}, {s_t.shape[-1]}) Gram but w.shape={w.shape}; "
+                     f"a Gram of w's {w.shape[0]} inputs is expected")
   return s_t[:, None] * w if s_t.ndim == 1 else s_t @ w
 
 
@@ -326,8 +346,7 @@ def _btt_setup(fn: str, w, gram, in_dims, out_dims, floor: float):
   if w.shape[0] > m1 * m2 or w.shape[1] > n1 * n2:
     raise ValueError(f"{fn}: w.shape={w.shape} but at most ({m1 * m2}, {n1 * n2}) is expected "
                      f"(in_dims={(m1, m2)}, out_dims={(n1, n2)})")
-  if not (isinstance(floor, (int, float)) and 0 < floor < 1):
-    raise ValueError(f"{fn}: floor={floor!r} but 0 < floor < 1 is expected")
+  _check_floor(fn, floor)
   g = None
   if gram is not None:
     g = _check_gram(fn, gram, w.shape[0])
