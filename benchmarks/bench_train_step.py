@@ -236,6 +236,8 @@ def main():
       del runner
     rates[name] = batch * block / sec
     rows.append((name, params, sec))
+    # each variant as measured (the table with its ratios follows at the end): a run stopped early keeps these
+    print(f"# measured {name}: {sec * 1e3:.2f} ms/step, {rates[name]:,.0f} tokens/s", flush=True)
   dense = rates.get("dense")
   for name, params, sec in rows:
     rate = rates[name]
