@@ -1,5 +1,6 @@
 """muP learning-rate transfer: validation loss vs learning rate at three widths, standard vs muP, for dense,
-TT-matrix and Block-TT GPTs.
+TT-matrix and Block-TT GPTs and Llama-style models (``llama-*`` families: RMSNorm, SwiGLU, two query heads per
+key/value head, ``d_ff = 3 d``, an untied head).
 
 Byte-level language modelling (vocabulary 256, no tokenizer) on a text file, so any text works; every run
 sees the same batches (seeded by step). For each family, parametrization and width, the learning rate is
@@ -27,7 +28,19 @@ FAMILIES = {
     "dense": {},
     "ttm-mlp-r16": {n: {"kind": "ttm", "rank": 16} for n in ("mlp.c_fc", "mlp.c_proj")},
     "btt-all-r4": {n: {"kind": "btt", "rank": 4} for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")},
+    "llama-dense": {},
+    "llama-ttm-mlp-r16": {n: {"kind": "ttm", "rank": 16} for n in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
+    "llama-btt-all-r4": {"*": {"kind": "btt", "rank": 4}},
 }
+
+
+def _model(family: str, width: int, args) -> tuple[str, dict]:
+  """The preset and overrides of ``family`` at ``width``."""
+  heads = width // args.head_dim
+  if family.startswith("llama-"):
+    return "llama-tiny", {"d_model": width, "n_head": heads, "n_kv_head": max(1, heads // 2), "d_ff": 3 * width,
+                          "n_layer": args.layers, "tie_embeddings": False}
+  return "tiny", {"d_model": width, "n_head": heads, "n_layer": args.layers}
 
 
 def _bytes(path: str) -> np.ndarray:
@@ -35,11 +48,10 @@ def _bytes(path: str) -> np.ndarray:
 
 
 def run(family: str, parametrization: str, width: int, lr: float, args, train, vx, vy) -> float:
-  cfg = TrainConfig(model="tiny", model_overrides={"d_model": width, "n_head": width // args.head_dim,
-                                                   "n_layer": args.layers},
-                    layers=FAMILIES[family], block_size=args.block, batch_size=args.batch, steps=args.steps,
-                    warmup=max(1, args.steps // 10), lr=lr, dtype=args.dtype, parametrization=parametrization,
-                    mup_base_width=args.widths[0])
+  model, overrides = _model(family, width, args)
+  cfg = TrainConfig(model=model, model_overrides=overrides, layers=FAMILIES[family], block_size=args.block,
+                    batch_size=args.batch, steps=args.steps, warmup=max(1, args.steps // 10), lr=lr, dtype=args.dtype,
+                    parametrization=parametrization, mup_base_width=args.widths[0])
   trainer = Trainer(cfg, 256)
   for step in range(args.steps):
     trainer.step(step, train)
@@ -94,7 +106,8 @@ def main():
   parser.add_argument("--plot", default=None)
   args = parser.parse_args()
   if args.smoke:
-    args.families, args.parametrizations, args.widths, args.lrs = "btt-all-r4", "mup", "64,128", "0.004"
+    args.families, args.parametrizations, args.widths, args.lrs = "btt-all-r4,llama-btt-all-r4", "mup", "64,128", \
+        "0.004"
     args.steps, args.layers, args.block, args.batch = 3, 1, 32, 4
   args.widths = [int(w) for w in args.widths.split(",")]
   env = environment()

@@ -22,12 +22,26 @@ Ratios are within one run: "vs dense" against tnjax's dense model (per-step
 waits), "vs plain" against the plain-JAX step at the same (padded)
 vocabulary, and for "train-dense" against "plain-resident".
 
+With ``--family llama --widths 576,2048,3072,4096`` it is the wide-model
+benchmark instead: Llama-style models of public shapes (SmolLM-135M,
+Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B; ``--blocks`` caps the block count
+where a shape must fit), tnjax dense against every structured kind on all
+seven projections, each kind at the largest rank of 1, 2, 4, ... whose
+projections keep at most ``--budget`` (default 0.5) of dense's projection
+parameters. Every (width, variant) runs as its own process, so its peak
+device memory is its own; the table gives tokens/s, peak GiB and the ratio to
+dense at the same width, which tells where each kind overtakes dense.
+
 Run: python benchmarks/bench_train_step.py [--smoke] [--attention cudnn] [--variants a,b] [--out results.jsonl]
+     python benchmarks/bench_train_step.py --family llama --widths 2048,4096 --blocks 8 [--variants dense,btt]
 """
 
 import argparse
+import json
 import math
 import pathlib
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -191,6 +205,132 @@ def train_seconds(cfg: TrainConfig, vocab: int, steps: int, attention) -> tuple[
   return cfg.batch_size * cfg.block_size / report["tokens_per_s"], report["parameters"]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The wide-model benchmark: Llama-style shapes, dense vs each structured kind at <= budget of the projection
+# parameters, one process per (width, variant).
+
+LLAMA_SHAPES = {  # width -> the public shape's sizes (config.json as published)
+    576: dict(n_layer=30, n_head=9, n_kv_head=3, d_ff=1536, vocab_size=49152, tie_embeddings=True),  # SmolLM-135M
+    2048: dict(n_layer=16, n_head=32, n_kv_head=8, d_ff=8192, vocab_size=128256, tie_embeddings=True),  # 3.2-1B
+    3072: dict(n_layer=28, n_head=24, n_kv_head=8, d_ff=8192, vocab_size=128256, tie_embeddings=True),  # 3.2-3B
+    4096: dict(n_layer=32, n_head=32, n_kv_head=8, d_ff=14336, vocab_size=128256, tie_embeddings=False),  # 3.1-8B
+}
+SMOKE_SHAPES = {64: dict(n_layer=2, n_head=4, n_kv_head=2, d_ff=128, vocab_size=512, tie_embeddings=True),
+                128: dict(n_layer=2, n_head=4, n_kv_head=2, d_ff=256, vocab_size=512, tie_embeddings=True)}
+LLAMA_KINDS = {  # variant -> LayerSpec for every projection at rank r
+    "lowrank": lambda r: {"kind": "lowrank", "rank": r},
+    "btt": lambda r: {"kind": "btt", "rank": r},
+    "ttm": lambda r: {"kind": "ttm", "rank": r},
+    "ttm2": lambda r: {"kind": "ttm", "rank": r, "num_cores": 2},
+}
+
+
+def llama_overrides(width: int, blocks: int | None, smoke: bool) -> dict:
+  shapes = SMOKE_SHAPES if smoke else LLAMA_SHAPES
+  if width not in shapes:
+    raise SystemExit(f"bench_train_step: width {width} has no shape; known: {sorted(shapes)}")
+  shape = dict(shapes[width], d_model=width)
+  if blocks is not None:
+    shape["n_layer"] = min(shape["n_layer"], blocks)
+  return shape
+
+
+def projection_params(overrides: dict, layers: dict) -> int:
+  """Parameters of the blocks' projections (norms excluded) of the Llama model these make, counted abstractly."""
+  from flax import nnx
+
+  from tnjax.models import build, preset
+
+  cfg = preset("llama-tiny", **{**overrides, "layers": layers})
+  model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
+  flat = nnx.to_flat_state(nnx.state(model.h, nnx.Param))
+  return sum(math.prod(v.shape) for path, v in flat if "ln_" not in ".".join(map(str, path)))
+
+
+def llama_layers(variant: str, overrides: dict, budget: float) -> tuple[dict, int | None]:
+  """The variant's ``layers`` and rank: the largest power-of-two rank whose projections keep <= ``budget`` of
+  dense's projection parameters (dense: no layers, rank None)."""
+  if variant == "dense":
+    return {}, None
+  if variant not in LLAMA_KINDS:
+    raise SystemExit(f"bench_train_step: unknown llama variant {variant!r}; known: {['dense', *LLAMA_KINDS]}")
+  dense, best, rank = projection_params(overrides, {}), None, 1
+  while rank <= overrides["d_model"]:
+    layers = {"*": LLAMA_KINDS[variant](rank)}
+    try:
+      if projection_params(overrides, layers) > budget * dense:
+        break
+    except ValueError:  # e.g. a BTT rank the blocks cannot hold
+      break
+    best, rank = (layers, rank), 2 * rank
+  if best is None:
+    raise SystemExit(f"bench_train_step: {variant} has no rank within {budget} of dense's projections")
+  return best
+
+
+def llama_child(args, env) -> None:
+  """One (width, variant): tokens/s of the Trainer step and peak device memory, one JSON line on stdout."""
+  width, variant = int(args.widths), args.variants
+  overrides = llama_overrides(width, args.blocks, args.smoke)
+  layers, rank = llama_layers(variant, overrides, args.budget)
+  vocab = overrides.pop("vocab_size")
+  batch, block = args.batch, args.block
+  cfg = TrainConfig(model="llama-tiny", batch_size=batch, block_size=block, dtype="float32" if args.smoke else
+                    "bfloat16", steps=1000, warmup=10, layers=layers,
+                    model_overrides={**overrides, "attention_impl": args.attention})
+  runner = Trainer(cfg, vocab)
+  tokens = np.random.default_rng(0).integers(0, vocab, 2_000_000).astype(np.uint32 if vocab > 65535 else np.uint16)
+  sec = time_steps(runner, tokens, args.steps)
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  print("RESULT " + json.dumps({
+      "bench": "train_step_llama", "variant": variant, "width": width, "rank": rank, "n_layer": overrides["n_layer"],
+      "vocab": vocab, "batch": batch, "block": block, "dtype": cfg.dtype, "attention": args.attention,
+      "params": runner.num_params, "projection_params": projection_params({**overrides, "vocab_size": vocab}, layers),
+      "step_seconds": sec, "tokens_per_s": batch * block / sec, "peak_device_bytes": peak, **env}), flush=True)
+
+
+def llama_main(args, env) -> None:
+  if args.smoke:
+    args.batch, args.block = 2, 32
+  widths = [int(w) for w in (args.widths or ("64,128" if args.smoke else "576,2048,3072,4096")).split(",")]
+  names = (args.variants or "dense," + ",".join(LLAMA_KINDS)).split(",")
+  print(f"# {env['device']} jax {env['jax']} llama widths {widths} batch {args.batch}x{args.block} "
+        f"budget {args.budget} blocks<={args.blocks}")
+  print(f"{'width':>6} {'variant':<9} {'rank':>5} {'proj %':>7} {'params':>14} {'step ms':>9} {'tokens/s':>10} "
+        f"{'peak GiB':>9} {'vs dense':>9}")
+  failed = []
+  for width in widths:
+    dense = dense_proj = None
+    for name in names:
+      cmd = [sys.executable, __file__, "--family", "llama", "--child", "--widths", str(width), "--variants", name,
+             "--steps", str(args.steps), "--batch", str(args.batch), "--block", str(args.block),
+             "--budget", str(args.budget)] + (["--smoke"] if args.smoke else []) + \
+            ([] if args.blocks is None else ["--blocks", str(args.blocks)]) + \
+            ([] if args.attention is None else ["--attention", args.attention])
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+      lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+      if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        print(f"{width:>6} {name:<9} failed (exit {proc.returncode}): {tail[0][:160]}", flush=True)
+        emit({"bench": "train_step_llama", "variant": name, "width": width, "error": tail[0][:400], **env}, args.out)
+        failed.append(f"{width}/{name}")
+        continue
+      record = {**json.loads(lines[-1][len("RESULT "):]), "command": env["command"]}
+      if name == "dense":
+        dense, dense_proj = record["tokens_per_s"], record["projection_params"]
+      record["ratio_vs_dense"] = record["tokens_per_s"] / dense if dense else None
+      record["projection_fraction"] = record["projection_params"] / dense_proj if dense_proj else None
+      frac = f"{100 * record['projection_fraction']:>6.1f}%" if dense_proj else f"{'-':>7}"
+      vs = f"{record['ratio_vs_dense']:>8.2f}x" if dense else f"{'-':>9}"
+      peak = f"{record['peak_device_bytes'] / 2**30:>9.1f}" if record["peak_device_bytes"] else f"{'-':>9}"
+      print(f"{width:>6} {name:<9} {record['rank'] or '-':>5} {frac} {record['params']:>14,d} "
+            f"{record['step_seconds'] * 1e3:>9.2f} {record['tokens_per_s']:>10,.0f} {peak} {vs}", flush=True)
+      emit(record, args.out)
+  if failed:
+    raise SystemExit(f"bench_train_step: {len(failed)} runs failed: {', '.join(failed)}")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--smoke", action="store_true")
@@ -198,8 +338,18 @@ def main():
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--variants", default=None, help="comma-separated names (default: all)")
   parser.add_argument("--out", default=None)
+  parser.add_argument("--family", default="gpt2", choices=("gpt2", "llama"))
+  parser.add_argument("--widths", default=None, help="llama: comma-separated widths of the public shapes")
+  parser.add_argument("--blocks", type=int, default=None, help="llama: at most this many blocks per shape")
+  parser.add_argument("--budget", type=float, default=0.5, help="llama: structured projections' parameter budget")
+  parser.add_argument("--batch", type=int, default=8, help="llama: sequences per step")
+  parser.add_argument("--block", type=int, default=2048, help="llama: tokens per sequence")
+  parser.add_argument("--child-timeout", type=int, default=900)
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   env = environment()
+  if args.family == "llama":
+    return llama_child(args, env) if args.child else llama_main(args, env)
   if args.smoke:
     model, batch, block, dtype, vocab, d, n_layer, n_head = "tiny", 4, 64, "float32", 500, 128, 2, 4
     names = ["plain-50257", "plain-padded", "plain-resident", "train-dense", "dense", "btt-all-r2", "ttm-all-r16"]

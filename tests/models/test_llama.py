@@ -69,7 +69,7 @@ def test_kv_cached_decoding_matches_the_full_forward(layers):
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), r"rope_type='llama3' lacks numeric \['low_freq"),
     (dict(layers={"mlp.c_fc": "dense"}), r"LlamaConfig: layers key 'mlp.c_fc' is unknown"),
     (dict(layers={"*": {"kind": "ttm", "rank": 0}}), r"LlamaConfig: layers\['\*'\].rank=0 but a positive integer"),
-    (dict(mup_base_width=64), r"LlamaConfig: mup_base_width=64 but muP is implemented for GPT-2 models only"),
+    (dict(mup_base_width=0), r"LlamaConfig: mup_base_width=0 but a positive integer"),
     (dict(dims={"h.0": {"qk_dim": 8}}), r"dims\['h.0'\] has qk_dim=8 and rope_pairs=None but both or neither"),
     (dict(dims={"h.0": {"qk_dim": 4, "rope_pairs": [3, 1]}}), r"\['rope_pairs'\]=\[3, 1\] but sorted distinct"),
 ])

@@ -284,6 +284,34 @@ class DecoderConfig:
   def replace(self, **changes):
     return dataclasses.replace(self, **changes)
 
+  def at_width(self, d_model: int):
+    """This configuration widened or narrowed to ``d_model`` by heads at a fixed head width, with ``d_ff`` (and a
+    Llama's key/value heads) scaled alike: the base model of muP.
+
+    Examples:
+      >>> base = GPTConfig(d_model=768, n_head=12).at_width(256)
+      >>> base.d_model, base.n_head, base.ff_dim
+      (256, 4, 1024)
+    """
+    fn = f"{type(self).__name__}.at_width"
+    if (d_model * self.n_head) % self.d_model or d_model % self.head_dim:
+      raise ValueError(f"{fn}: d_model={d_model} but a multiple of head_dim={self.head_dim} is expected (widths "
+                       f"change by heads; d_model={self.d_model}, n_head={self.n_head})")
+    if self.dims:
+      raise ValueError(f"{fn}: dims={self.dims} (per-block widths) cannot be rescaled; expected no dims")
+    fixed = sorted(k for k, v in self.layers.items() if v.in_dims is not None or v.out_dims is not None)
+    if fixed:
+      raise ValueError(f"{fn}: layers {fixed} give explicit in_dims/out_dims, which do not rescale; expected "
+                       "default dims")
+    d_ff = None if self.d_ff is None else self.d_ff * d_model // self.d_model
+    return self.replace(d_model=d_model, n_head=d_model // self.head_dim, d_ff=d_ff,
+                        **self._width_changes(d_model // self.head_dim))
+
+  def _width_changes(self, n_head: int) -> dict:
+    """Fields besides ``d_model``, ``n_head`` and ``d_ff`` that `at_width` changes for ``n_head`` heads."""
+    del n_head
+    return {}
+
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["layers"] = {k: {f: (list(x) if isinstance(x, tuple) else x) for f, x in dataclasses.asdict(v).items()}
@@ -391,28 +419,6 @@ class GPTConfig(DecoderConfig):
   PROJECTIONS = PROJECTIONS
   BLOCK_DIMS = BLOCK_DIMS
   __hash__ = DecoderConfig.__hash__  # a frozen dataclass would otherwise hash its (unhashable) dict fields
-
-  def at_width(self, d_model: int) -> GPTConfig:
-    """This configuration widened or narrowed to ``d_model`` by heads at a fixed head width, with ``d_ff`` scaled
-    alike: the base model of muP.
-
-    Examples:
-      >>> base = GPTConfig(d_model=768, n_head=12).at_width(256)
-      >>> base.d_model, base.n_head, base.ff_dim
-      (256, 4, 1024)
-    """
-    fn = "GPTConfig.at_width"
-    if (d_model * self.n_head) % self.d_model or d_model % self.head_dim:
-      raise ValueError(f"{fn}: d_model={d_model} but a multiple of head_dim={self.head_dim} is expected (widths "
-                       f"change by heads; d_model={self.d_model}, n_head={self.n_head})")
-    if self.dims:
-      raise ValueError(f"{fn}: dims={self.dims} (per-block widths) cannot be rescaled; expected no dims")
-    fixed = sorted(k for k, v in self.layers.items() if v.in_dims is not None or v.out_dims is not None)
-    if fixed:
-      raise ValueError(f"{fn}: layers {fixed} give explicit in_dims/out_dims, which do not rescale; expected "
-                       "default dims")
-    d_ff = None if self.d_ff is None else self.d_ff * d_model // self.d_model
-    return self.replace(d_model=d_model, n_head=d_model // self.head_dim, d_ff=d_ff)
 
   def _block_shapes(self, f: int, qk: int, v: int) -> dict[str, tuple[int, int]]:
     d = self.d_model

@@ -71,7 +71,10 @@ class LlamaConfig(DecoderConfig):
     dims: per-block sizes set by MoDeGPT, keyed "h.{i}": "d_ff", "qk_dim",
       "v_dim" and "rope_pairs" (the rotary frequency indices kept, sorted,
       ``qk_dim / 2`` of them).
-    mup_base_width: muP is implemented for GPT-2 only: must be None.
+    mup_base_width: None, or the muP base width, as `GPTConfig` (every projection's init std scaled by
+      ``sqrt(mup_base_width / d_model)``, the head's input by ``mup_base_width / d_model``; an untied head keeps
+      ``init_std`` and the base learning rate). `at_width` scales the key/value heads with the query heads, so
+      the base model keeps the grouping ``n_head / n_kv_head``.
 
   Examples:
     >>> cfg = LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, vocab_size=100)
@@ -128,15 +131,20 @@ class LlamaConfig(DecoderConfig):
     if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
       raise ValueError(f"{fn}: rope_theta={self.rope_theta!r} but a positive number is expected")
     check_rope_scaling(fn, self.rope_scaling)
-    if self.mup_base_width is not None:
-      raise ValueError(f"{fn}: mup_base_width={self.mup_base_width} but muP is implemented for GPT-2 models only; "
-                       "expected None")
     for key, value in self.dims.items():
       if ("qk_dim" in value) != ("rope_pairs" in value) or 2 * len(value.get("rope_pairs", ())) != value.get(
           "qk_dim", 0):
         raise ValueError(f"{fn}: dims[{key!r}] has qk_dim={value.get('qk_dim')} and rope_pairs="
                          f"{value.get('rope_pairs')} but both or neither, with qk_dim = 2 * len(rope_pairs), are "
                          "expected")
+
+  def _width_changes(self, n_head: int) -> dict:
+    if self.n_kv_head is None:
+      return {}
+    if (n_head * self.n_kv_head) % self.n_head:
+      raise ValueError(f"LlamaConfig.at_width: {n_head} heads but a multiple of n_head / n_kv_head = "
+                       f"{self.n_head // self.n_kv_head} is expected (the key/value heads scale with the query heads)")
+    return {"n_kv_head": n_head * self.n_kv_head // self.n_head}
 
   def _check_block_dim(self, key: str, name: str, value) -> None:
     if name != "rope_pairs":

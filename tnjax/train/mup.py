@@ -1,4 +1,5 @@
-"""muP (maximal-update parametrization) for dense and structured GPTs: per-core learning-rate multipliers.
+"""muP (maximal-update parametrization) for dense and structured decoders (GPT-2 and Llama families): per-core
+learning-rate multipliers.
 
 With Adam, a hidden matrix's update has entries of size ~lr, so its effect
 on the layer's output grows with the fan-in; muP (Yang et al., Tensor
@@ -9,8 +10,9 @@ their cores (Qiu, Potapczynski et al., "Compute Better Spent", ICML 2024):
 each TT-matrix or BTT core is a batched matrix with its own fan-in
 ([`hidden_fan_ins`][tnjax.nn.hidden_fan_ins]), so two cores of one layer may scale
 differently with width. Embeddings, norms and biases keep the base learning
-rate. The model side (init stds, output multiplier) is
-``GPTConfig.mup_base_width``.
+rate, as does an untied LM head (its input is scaled by the output multiplier
+instead). The model side (init stds, output multiplier) is the config's
+``mup_base_width`` (`GPTConfig`, `LlamaConfig`).
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import jax
 import optax
 from flax import nnx
 
-from tnjax.models import GPTConfig, build
+from tnjax.models import build
+from tnjax.models.config import DecoderConfig
 from tnjax.nn import hidden_fan_ins
 
 
-def mup_multipliers(cfg: GPTConfig) -> dict[str, float]:
-  """Learning-rate multiplier of every hidden matrix of a GPT of config ``cfg`` (which names its
+def mup_multipliers(cfg: DecoderConfig) -> dict[str, float]:
+  """Learning-rate multiplier of every hidden matrix of a decoder of config ``cfg`` (which names its
   ``mup_base_width``), by dotted parameter name: ``fan_in`` at the base width over ``fan_in`` at ``cfg``'s.
   Parameters not listed keep multiplier 1.
 
@@ -37,6 +40,9 @@ def mup_multipliers(cfg: GPTConfig) -> dict[str, float]:
     >>> m = mup_multipliers(cfg)
     >>> m["h.0.attn.c_attn.kernel"], m["h.0.mlp.c_fc.cores.0"], m["h.0.mlp.c_fc.cores.1"]  # BTT: m1 16 -> 16
     (0.5, 1.0, 0.5)
+    >>> m = mup_multipliers(preset("llama-tiny", d_model=256, n_head=8, n_kv_head=4, mup_base_width=128))
+    >>> m["h.0.attn.k_proj.kernel"], m["h.0.mlp.down_proj.kernel"]  # d_model and d_ff 128 -> 256
+    (0.5, 0.5)
   """
   fn = "mup_multipliers"
   if cfg.mup_base_width is None:
