@@ -308,11 +308,14 @@ def llama_main(args, env) -> None:
              "--budget", str(args.budget)] + (["--smoke"] if args.smoke else []) + \
             ([] if args.blocks is None else ["--blocks", str(args.blocks)]) + \
             ([] if args.attention is None else ["--attention", args.attention])
-      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
-      lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-      if proc.returncode or not lines:
+      try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+        code, lines = proc.returncode, [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        print(f"{width:>6} {name:<9} failed (exit {proc.returncode}): {tail[0][:160]}", flush=True)
+      except subprocess.TimeoutExpired:  # one slow run must not cost the others' results
+        code, lines, tail = "timeout", [], [f"no result within --child-timeout {args.child_timeout} s"]
+      if code or not lines:
+        print(f"{width:>6} {name:<9} failed (exit {code}): {tail[0][:160]}", flush=True)
         emit({"bench": "train_step_llama", "variant": name, "width": width, "error": tail[0][:400], **env}, args.out)
         failed.append(f"{width}/{name}")
         continue
