@@ -1,4 +1,5 @@
 import json
+import sys
 
 import jax
 import pytest
@@ -69,6 +70,19 @@ def test_errors_exit_2(model_dir, tmp_path, capsys):
   assert "nowhere is not a directory" in capsys.readouterr().err
   assert main(["generate", "--model", str(d), "--prompt", "the", "--max-new-tokens", "100"]) == 2
   assert "but block_size=64" in capsys.readouterr().err
+
+
+def test_compress_shows_progress_bars_on_a_terminal_only_and_never_with_no_progress(model_dir, tmp_path, capsys,
+                                                                                    monkeypatch):
+  d, _ = model_dir
+  argv = ["compress", "--model", str(d), "--method", "svd", "--ratio", "0.5", "--overwrite", "--out", str(tmp_path)]
+  assert main(argv) == 0
+  assert "svd_compress: fit" not in capsys.readouterr().err  # piped stderr: no bars
+  monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+  assert main(argv) == 0
+  assert "svd_compress: fit" in capsys.readouterr().err
+  assert main(argv + ["--no-progress"]) == 0
+  assert "svd_compress: fit" not in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a sweep of two targets with validation; the other compress CLI tests run by default

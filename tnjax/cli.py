@@ -170,6 +170,7 @@ def _method_options(m, given: list[str], layout: str | None) -> dict:
 
 
 def cmd_compress(args) -> int:
+  from tnjax.compress import progress_bars
   from tnjax.compress.methods import refactored, refactoring_note
   from tnjax.compress.registry import method
   from tnjax.compress.report import compressed_part, parse_targets, run
@@ -188,14 +189,14 @@ def cmd_compress(args) -> int:
                        "--refactor-tensorized to do so, or name the layers to compress with --layers")
     if found:
       layers = names  # named: consent given
-  report = run(model, args.method, args.out, targets=targets,
-               valid_ids=_text_ids(tok, model, "compress", "--valid", args.valid, args.max_tokens),
-               calib_ids=_text_ids(tok, model, "compress", "--calib", args.calib), layers=layers,
-               heal_steps=args.heal_steps,
-               heal_lr=args.heal_lr, int8=args.int8, block_size=args.block_size, tokenizer=tok,
-               overwrite=args.overwrite, allocation=args.allocation, sequential=args.sequential,
-               if_larger=args.if_larger, calib_windows=args.calib_windows, max_shard_size=args.max_shard_size,
-               **options)
+  with progress_bars(False if args.no_progress else None):  # bars on a terminal only: piped stderr stays one line
+    report = run(model, args.method, args.out, targets=targets,
+                 valid_ids=_text_ids(tok, model, "compress", "--valid", args.valid, args.max_tokens),
+                 calib_ids=_text_ids(tok, model, "compress", "--calib", args.calib), layers=layers,
+                 heal_steps=args.heal_steps, heal_lr=args.heal_lr, int8=args.int8, block_size=args.block_size,
+                 tokenizer=tok, overwrite=args.overwrite, allocation=args.allocation, sequential=args.sequential,
+                 if_larger=args.if_larger, calib_windows=args.calib_windows, max_shard_size=args.max_shard_size,
+                 **options)
   for r in report["runs"]:
     s = r["summary"]
     ppl = "" if r["perplexity"] is None else f", val ppl {r['perplexity']:.3f}"
@@ -368,6 +369,7 @@ def _parser() -> argparse.ArgumentParser:
   co.add_argument("--out", required=True, help="output directory (model/, report.json, report.md); refused when it "
                   "already holds a model or a report, unless --overwrite, and while another run writes into it; a "
                   "failed run removes what it wrote there")
+  co.add_argument("--no-progress", action="store_true", help="no progress bars (shown only on a terminal)")
   co.add_argument("--overwrite", action="store_true", help="replace the models and reports already in --out")
   co.add_argument("--max-shard-size", default="5GB", help="largest file of a saved model, e.g. 5GB, 500MB "
                   "(default 5GB); a larger model is written as shards with an index")

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import tnjax
-from tnjax.compress import mpo_compress, svd_compress, svdllm_compress
+from tnjax.compress import heal, mpo_compress, progress_bars, projection_names, svd_compress, svdllm_compress
 from tnjax.compress.calibration import calibration_pass, input_grams
 from tnjax.models import GPT, Llama, preset
 from tnjax.models.decoder import dense_kernel
@@ -270,3 +270,21 @@ def test_projections_sharing_an_input_share_one_whitening(monkeypatch, streamed)
   monkeypatch.setattr(methods, "whitening", lambda g, **kw: calls.append(g.shape) or real(g, **kw))
   svdllm_compress(model, ids if streamed else input_grams(model, ids), ratio=0.5)
   assert len(calls) == 4 * model.config.n_layer, calls
+
+
+def test_progress_bars_count_blocks_layers_and_heal_steps_only_inside_progress_bars(trained, ids, tokens, capsys):
+  svdllm_compress(trained, ids, ratio=0.5)
+  svd_compress(trained, ratio=0.5)
+  assert capsys.readouterr().err == ""  # a library call prints nothing by default
+  n = len(projection_names(trained.config))
+  with progress_bars():
+    svdllm_compress(trained, ids, ratio=0.5)  # streamed: the calibration pass fits block by block
+    svd_compress(trained, ratio=0.5)
+    heal(trained, tokens[:4000], 2, batch_size=2)
+  err = capsys.readouterr().err
+  assert "svdllm_compress: blocks" in err and f"{trained.config.n_layer}/{trained.config.n_layer}" in err
+  assert "svd_compress: fit" in err and f"{n}/{n}" in err
+  assert "heal" in err and "2/2" in err
+  with progress_bars():
+    heal(trained, tokens[:4000], 1, batch_size=2, progress=False)  # the argument wins over the context
+  assert capsys.readouterr().err == ""

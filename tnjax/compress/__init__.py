@@ -12,9 +12,11 @@
 * `compress`, `REGISTRY` — every method by name, with the targets, calibration and allocations it takes
   (`tnjax.compress.registry`); one meaning of a target (`tnjax.compress.targets`).
 * [`run`][tnjax.compress.report.run] — what ``tnjax compress`` runs.
+* `progress_bars` — per-block progress bars (calibration, fits, healing) inside a ``with`` block.
 """
 
 from tnjax.compress._model import count_bytes, count_params, get_layer, projection_names, resolve_layers
+from tnjax.compress._progress import progress_bars
 from tnjax.compress.calibration import Calibration, input_grams
 from tnjax.compress.methods import (
     btt_compress,
@@ -34,5 +36,5 @@ __all__ = [
     "modegpt_compress",
     "layer_sensitivity", "choose_layers", "heal", "calibrate", "allocate", "nystrom_select", "cr_select",
     "whitened_svd", "input_grams", "Calibration", "Target", "compress", "REGISTRY", "Method", "register",
-    "count_params", "count_bytes", "get_layer", "projection_names", "resolve_layers",
+    "progress_bars", "count_params", "count_bytes", "get_layer", "projection_names", "resolve_layers",
 ]

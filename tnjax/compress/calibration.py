@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tnjax.compress._progress import bar
 from tnjax.models.decoder import Decoder
 from tnjax.models.names import layer_key
 
@@ -190,7 +191,7 @@ def calibration_pass(fn: str, model: Decoder, batches, refit: Refit | None = Non
     counts += np.bincount(np.asarray(b).ravel(), minlength=model.config.vocab_size)
   states = [_embed(model, b) for b in batches]
   grams, importance, sequential = {}, [], False
-  for i, block in enumerate(model.h):
+  for i, block in bar(enumerate(model.h), f"{fn}: blocks", unit="block", total=len(model.h)):
     first, width = shared_inputs(block, states[0])
     zero = lambda n: jnp.zeros((n, n), jnp.float32)  # noqa: E731
     totals = {name: (zero(n), zero(n)) for name, n in width.items()}  # (sum, compensation) per distinct input

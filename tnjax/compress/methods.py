@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tnjax.compress import _model
+from tnjax.compress._progress import bar
 from tnjax.compress.calibration import Calibration, calibration_pass, check_tokens
 from tnjax.compress.targets import (
   IF_LARGER,
@@ -205,7 +206,7 @@ def _run(job: _Job, model: Decoder, *, calib, allocation: str, sequential: bool,
       job.forget()
     calibration_pass(fn, model, calib, refit, keep_grams=False)
   else:
-    for name in job.names:
+    for name in bar(job.names, f"{fn}: fit", unit="layer"):
       fit_one(name, gram(name))
   return _model.rebuild(model, _model.with_specs(model.config, specs), replaced)
 

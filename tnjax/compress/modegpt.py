@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from tnjax.compress import _model
+from tnjax.compress._progress import bar
 from tnjax.compress.calibration import as_batches
 from tnjax.compress.targets import Target, allocate, check_choice, least_fraction
 from tnjax.core import _checks
@@ -222,7 +223,7 @@ def calibrate(model: Decoder, batches) -> list[dict]:
   batches = as_batches("calibrate", batches)
   graphdef, state = nnx.split(model)
   total = None
-  for b in batches:
+  for b in bar(batches, "calibrate: batches", unit="batch"):
     model._check_ids(b)
     stats = _jit_stats(graphdef, state, b)
     total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
@@ -284,7 +285,7 @@ def modegpt_compress(model: Decoder, calib, *, ratio: float, allocation: str = "
   else:
     ratios = [ratio] * cfg.n_layer
   replaced, specs, dims = {}, {}, dict(cfg.dims)
-  for i, (st, rho) in enumerate(zip(stats, ratios)):
+  for i, (st, rho) in bar(enumerate(zip(stats, ratios)), f"{fn}: blocks", unit="block", total=cfg.n_layer):
     parts, block_dims = _narrow_block(cfg, i, model.h[i].parts(), st, rho, ridge, refit_ridge, multiple_of)
     if parts is None:
       continue

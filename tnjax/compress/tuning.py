@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -11,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from tnjax.compress import _model
+from tnjax.compress._progress import bar, progress_bars
 from tnjax.eval import perplexity, window_size
 from tnjax.models.decoder import Decoder, dense_kernel
 
@@ -131,7 +133,7 @@ def check_healable(fn: str, model: Decoder) -> None:
 
 
 def heal(model: Decoder, tokens, steps: int, *, lr: float = 1e-4, batch_size: int = 8, block_size: int | None = None,
-         warmup: int | None = None, seed: int = 0, progress: bool = False) -> Decoder:
+         warmup: int | None = None, seed: int = 0, progress: bool | None = None) -> Decoder:
   """Fine-tunes a compressed model briefly with the training loop (AdamW, warmup + cosine), as CompactifAI heals.
 
   Args:
@@ -143,6 +145,7 @@ def heal(model: Decoder, tokens, steps: int, *, lr: float = 1e-4, batch_size: in
       parameter gets ``lr``, also in a muP model (its multipliers are for training from scratch).
     block_size: window length (default: the smallest of the model's, `tnjax.eval.DEFAULT_WINDOW` and the
       text's).
+    progress: a step bar on stderr: True, False, or None (default: as `tnjax.compress.progress_bars` says).
 
   Returns:
     The fine-tuned model (same config).
@@ -160,8 +163,6 @@ def heal(model: Decoder, tokens, steps: int, *, lr: float = 1e-4, batch_size: in
     >>> heal(model, tokens, 2, batch_size=2).config == model.config
     True
   """
-  from tqdm import tqdm
-
   from tnjax.core import _checks
   from tnjax.train import TrainConfig
   from tnjax.train.loop import Trainer
@@ -183,8 +184,9 @@ def heal(model: Decoder, tokens, steps: int, *, lr: float = 1e-4, batch_size: in
   trainer = Trainer(cfg, model.config.vocab_size, model=model, mup=False)
   loss = None
   with jax.numpy_dtype_promotion("standard"):  # optax mixes its int step count with floats
-    for step in tqdm(range(steps), disable=not progress, desc="heal", unit="step"):
-      loss, _ = trainer.step(step, ids)
+    with contextlib.nullcontext() if progress is None else progress_bars(progress):
+      for step in bar(range(steps), "heal", unit="step"):
+        loss, _ = trainer.step(step, ids)
   if not math.isfinite(float(loss)):
     raise ValueError(f"{fn}: the training loss is {float(loss)} after {steps} steps; try a lower lr")
   return trainer.model()
