@@ -17,8 +17,8 @@ tokenized once (``OUT/tokenizer.json``, ``OUT/cache/``) and hard-linked into eac
 ``OUT/results.jsonl`` gets one line per run (parameters, training FLOPs, tokens/s, best
 validation perplexity and its step, test perplexity at the best checkpoint and at the last
 step), ``OUT/summary.md`` the table per family at its chosen rate (mean and spread over seeds),
-and ``OUT/val_vs_params.png`` / ``OUT/val_vs_flops.png`` the plots (``--plot DIR ...`` draws
-several studies in one).
+and ``OUT/val_vs_params.png`` / ``OUT/val_vs_flops.png`` / ``OUT/val_vs_seconds.png`` the plots
+(``--plot DIR ...`` draws several studies in one).
 
 With ``--devices 0,1,2,3`` the runs go to one process per GPU (``CUDA_VISIBLE_DEVICES``);
 without it they run one after another in this process.
@@ -77,6 +77,8 @@ def _shrink(grid: dict) -> dict:
     if "d_model" in mo:
       mo["d_model"] = max(16, mo["d_model"] // 8)
       mo["n_head"] = mo["d_model"] // 16
+    if "d_ff" in mo:
+      mo["d_ff"] = max(16, mo["d_ff"] // 8)
     mo.pop("attention_impl", None)
     return mo
 
@@ -302,6 +304,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     out.append({"grid": grid, "family": family, "lr": rs[0]["lr"], "seeds": len(rs), "params": rs[0]["params"],
                 "train_flops": rs[0]["train_flops"], "tokens": rs[0]["tokens"],
                 "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in rs),
+                # GPU-seconds of training: the tokens at the run's own measured rate (evaluation excluded)
+                "train_seconds": statistics.mean(r["tokens"] / r["tokens_per_s"] for r in rs),
                 "val_loss": statistics.mean(val), "val_loss_sd": statistics.stdev(val) if len(val) > 1 else None,
                 "val_ppl": math.exp(statistics.mean(val)),
                 "best_val_step": rs[0]["best_val_step"],
@@ -310,9 +314,13 @@ def summarize(rows: list[dict]) -> list[dict]:
   for s in out:
     dense = sorted((d for d in out if d["grid"] == s["grid"] and d["family"].startswith("dense")),
                    key=lambda d: d["params"])
-    for axis in ("params", "train_flops"):
+    for axis in AXES:
       s[f"frontier_gap_{axis}"] = _frontier_gap(dense, s, axis)
   return out
+
+
+AXES = {"params": "parameters", "train_flops": "training FLOPs",
+        "train_seconds": "training GPU-seconds (tokens over the run's tokens/s)"}
 
 
 def _frontier_gap(dense: list[dict], s: dict, axis: str) -> float | None:
@@ -328,31 +336,31 @@ def _frontier_gap(dense: list[dict], s: dict, axis: str) -> float | None:
 
 def markdown(summary: list[dict]) -> str:
   """The summary table; gaps are relative validation perplexity vs the widest dense model of the grid."""
-  lines = ["| grid | family | params | train PFLOPs | tokens/s | lr | val ppl (+-sd) | vs dense | step | test ppl "
-           "best / last | gap to dense frontier at equal FLOPs / params |", "|" + "---|" * 11]
+  lines = ["| grid | family | params | train PFLOPs | GPU-s | tokens/s | lr | val ppl (+-sd) | vs dense | step | test "
+           "ppl best / last | gap to dense frontier at equal GPU-seconds / FLOPs / params |", "|" + "---|" * 12]
   for s in summary:
     ref = max((d for d in summary if d["grid"] == s["grid"] and d["family"].startswith("dense")),
               key=lambda d: d["params"], default=None)
     rel = f"{s['params'] / ref['params']:.0%} / {s['val_ppl'] / ref['val_ppl'] - 1:+.1%}" if ref else ""
     sd = f" +-{s['val_ppl'] * s['val_loss_sd']:.2f}" if s["val_loss_sd"] is not None else ""
     gaps = " / ".join("-" if s[f"frontier_gap_{a}"] is None else f"{s[f'frontier_gap_{a}']:+.3f}"
-                      for a in ("train_flops", "params"))
+                      for a in ("train_seconds", "train_flops", "params"))
     test = " / ".join("-" if v is None else f"{v:.2f}" for v in (s["test_ppl_at_best"], s["test_ppl_last"]))
     lines.append(f"| {s['grid']} | {s['family']} | {s['params'] / 1e6:.2f}M | {s['train_flops'] / 1e15:.1f} | "
-                 f"{s['tokens_per_s'] / 1e3:.0f}k | {s['lr']:g} | {s['val_ppl']:.2f}{sd} | {rel} | "
-                 f"{s['best_val_step']} | {test} | {gaps} |")
+                 f"{s['train_seconds']:.0f} | {s['tokens_per_s'] / 1e3:.0f}k | {s['lr']:g} | {s['val_ppl']:.2f}{sd} | "
+                 f"{rel} | {s['best_val_step']} | {test} | {gaps} |")
   return "\n".join(lines) + "\n"
 
 
 def plot(summary: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
-  """Validation loss vs parameters and vs training FLOPs: one colour per family (marker by layer kind, error bars
-  over seeds), each grid's dense models joined by a line (the dense frontier)."""
+  """Validation loss vs parameters, training FLOPs and training GPU-seconds: one colour per family (marker by
+  layer kind, error bars over seeds), each grid's dense models joined by a line (the dense frontier)."""
   from matplotlib.figure import Figure
 
   families = list(dict.fromkeys(s["family"] for s in summary))
   colors = {f: f"C{i % 10}" for i, f in enumerate(families)}
   paths = []
-  for axis, label in (("params", "parameters"), ("train_flops", "training FLOPs")):
+  for axis, label in AXES.items():
     fig = Figure(figsize=(7.5, 4.8))
     ax = fig.add_subplot()
     for grid in dict.fromkeys(s["grid"] for s in summary):

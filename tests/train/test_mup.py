@@ -75,8 +75,12 @@ def test_llama_fan_ins_and_multipliers_match_hand_computed_values():
   model = build(cfg, rngs=nnx.Rngs(0))
   assert abs(float(jnp.std(model.h[0].attn.q_proj.kernel[...])) - cfg.projection_std) < 2e-3
   assert abs(float(jnp.std(model.lm_head.kernel[...])) - cfg.init_std) < 2e-3
-  with pytest.raises(ValueError, match=r"LlamaConfig.at_width: 3 heads but a multiple of n_head / n_kv_head = 2"):
-    cfg.at_width(96)
+  # a base narrower than the grouping (3 heads, groups of 2; one head) keeps fewer key/value heads, and the
+  # fan-ins do not depend on them
+  assert (cfg.at_width(96).n_head, cfg.at_width(96).kv_heads, cfg.at_width(32).kv_heads) == (3, 1, 1)
+  wide = preset("llama-tiny", d_model=512, n_head=16, n_kv_head=4, d_ff=1024, mup_base_width=32)  # head_dim 32
+  m = mup_multipliers(wide)
+  assert m["h.0.attn.k_proj.kernel"] == m["h.0.attn.o_proj.kernel"] == 32 / 512
 
 
 def _output_change(layers, parametrization: str, width: int, steps: int = 5, family: str = "gpt2") -> float:

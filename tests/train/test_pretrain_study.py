@@ -62,4 +62,25 @@ def test_summary_transfer_and_frontier_gap(tmp_path):
   dense_pts = [dense, summary["narrow"]]
   assert study._frontier_gap(dense_pts, mid, "params") == pytest.approx(-0.1)
   assert study._frontier_gap(dense_pts, {**mid, "params": 1000}, "params") is None  # outside the dense range
+  assert dense["train_seconds"] == pytest.approx(640 / 1e3)  # tokens over tokens/s
+  assert {f"frontier_gap_{a}" for a in study.AXES} <= set(dense)
   assert "| g | dense |" in study.markdown(list(summary.values()))
+
+
+GRIDS = [p for p in sorted((ROOT / "benchmarks" / "study").glob("*.toml")) if "[families." in p.read_text()]
+
+
+@pytest.mark.slow  # builds every family's model (30 s); .ci/run runs it
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda p: p.stem)
+def test_every_committed_grid_gives_valid_configs_and_mup_multipliers(grid, tmp_path):
+  """A grid's mistake (a field, a muP base its heads cannot take) shows here, not minutes into a GPU session."""
+  from tnjax.train import TrainConfig
+  from tnjax.train.mup import mup_multipliers
+
+  g = study.read_grid(grid)
+  files = {"train_files": ["t.txt"], "valid_files": ["v.txt"]}
+  for family, fam in g["families"].items():
+    lr = (fam.get("lrs") or [1e-3])[0]
+    cfg = TrainConfig(**study.run_config(g, family, lr, g["seeds"][0], tmp_path, files)).validate()
+    if cfg.parametrization == "mup":
+      assert mup_multipliers(cfg.model_config(cfg.vocab_size)), family

@@ -74,7 +74,8 @@ class LlamaConfig(DecoderConfig):
     mup_base_width: None, or the muP base width, as `GPTConfig` (every projection's init std scaled by
       ``sqrt(mup_base_width / d_model)``, the head's input by ``mup_base_width / d_model``; an untied head keeps
       ``init_std`` and the base learning rate). `at_width` scales the key/value heads with the query heads, so
-      the base model keeps the grouping ``n_head / n_kv_head``.
+      the base model keeps the grouping ``n_head / n_kv_head`` where its width allows (fewer key/value heads
+      where it does not; muP's fan-ins do not depend on them).
 
   Examples:
     >>> cfg = LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, vocab_size=100)
@@ -139,12 +140,16 @@ class LlamaConfig(DecoderConfig):
                          "expected")
 
   def _width_changes(self, n_head: int) -> dict:
+    """The key/value heads scale with the query heads, keeping the group (query heads per key/value head) where
+    ``n_head`` is a multiple of it; otherwise (a muP base narrower than the grouping, e.g. one 128-wide head
+    against Llama-3's 4-head groups) they are the most heads, at least 1, that divide ``n_head`` in groups of at
+    least that size. Fan-ins, all that muP reads of the base, do not depend on them."""
     if self.n_kv_head is None:
       return {}
-    if (n_head * self.n_kv_head) % self.n_head:
-      raise ValueError(f"LlamaConfig.at_width: {n_head} heads but a multiple of n_head / n_kv_head = "
-                       f"{self.n_head // self.n_kv_head} is expected (the key/value heads scale with the query heads)")
-    return {"n_kv_head": n_head * self.n_kv_head // self.n_head}
+    group = self.n_head // self.n_kv_head
+    if n_head % group == 0:
+      return {"n_kv_head": n_head // group}
+    return {"n_kv_head": max((k for k in range(1, n_head + 1) if n_head % k == 0 and k * group <= n_head), default=1)}
 
   def _check_block_dim(self, key: str, name: str, value) -> None:
     if name != "rope_pairs":
