@@ -217,23 +217,15 @@ LLAMA_SHAPES = {  # width -> the public shape's sizes (config.json as published)
 }
 SMOKE_SHAPES = {64: dict(n_layer=2, n_head=4, n_kv_head=2, d_ff=128, vocab_size=512, tie_embeddings=True),
                 128: dict(n_layer=2, n_head=4, n_kv_head=2, d_ff=256, vocab_size=512, tie_embeddings=True)}
-LLAMA_KINDS = {  # variant -> LayerSpec of a projection (m, n) at rank r
-    "lowrank": lambda r, m, n: {"kind": "lowrank", "rank": r},
-    "btt": lambda r, m, n: {"kind": "btt", "rank": r},
+LLAMA_KINDS = {  # variant -> LayerSpec for every projection at rank r
+    "lowrank": lambda r: {"kind": "lowrank", "rank": r},
+    "btt": lambda r: {"kind": "btt", "rank": r},
     # 4 x 4 blocks of rank r each, in_dims (m / 4, 4), out_dims (4, n / 4): the layout bench_btt_linear found
     # closest to dense (large first contraction, an intermediate of 16 r per token)
-    "btt4": lambda r, m, n: {"kind": "btt", "rank": r, "in_dims": [m // 4, 4], "out_dims": [4, n // 4]},
-    "ttm": lambda r, m, n: {"kind": "ttm", "rank": r},
-    "ttm2": lambda r, m, n: {"kind": "ttm", "rank": r, "num_cores": 2},
+    "btt4": lambda r: {"kind": "btt", "rank": r, "blocks": 4},
+    "ttm": lambda r: {"kind": "ttm", "rank": r},
+    "ttm2": lambda r: {"kind": "ttm", "rank": r, "num_cores": 2},
 }
-
-
-def llama_kind_layers(variant: str, rank: int, overrides: dict) -> dict:
-  """The ``layers`` giving every projection of every block the variant's spec at ``rank``."""
-  from tnjax.models import preset
-
-  cfg = preset("llama-tiny", **overrides)
-  return {name: LLAMA_KINDS[variant](rank, *cfg.projection_shape(name, 0)) for name in cfg.PROJECTIONS}
 
 
 def llama_overrides(width: int, blocks: int | None, smoke: bool) -> dict:
@@ -267,7 +259,7 @@ def llama_layers(variant: str, overrides: dict, budget: float) -> tuple[dict, in
     raise SystemExit(f"bench_train_step: unknown llama variant {variant!r}; known: {['dense', *LLAMA_KINDS]}")
   dense, best, rank = projection_params(overrides, {}), None, 1
   while rank <= overrides["d_model"]:
-    layers = llama_kind_layers(variant, rank, overrides)
+    layers = {"*": LLAMA_KINDS[variant](rank)}
     try:
       if projection_params(overrides, layers) > budget * dense:
         break

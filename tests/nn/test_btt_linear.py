@@ -100,3 +100,42 @@ def test_gpt_config_refuses_btt_specs_that_do_not_fit():
     preset("tiny", layers={"h.1.mlp.c_proj": {"kind": "btt", "rank": 2, "out_dims": [8, 8]}})
   with pytest.raises(ValueError, match=r"layers\['embedding'\].kind='btt' but 'btt' is for projections"):
     preset("tiny", layers={"embedding": {"kind": "btt", "rank": 2}})
+
+
+def test_blocks_give_every_projection_b_by_b_blocks_and_save_load_round_trips(tmp_path):
+  """blocks=b: in_dims (ceil(m / b), b) and out_dims (b, ceil(n / b)) per projection, whatever its shape (a size b
+  does not divide is padded), and the model computes x @ W of its dense-equivalent kernels."""
+  from tnjax.models import Llama
+
+  cfg = preset("llama-tiny", d_model=64, n_head=4, n_kv_head=2, d_ff=96, vocab_size=300, block_size=32,
+               layers={"*": {"kind": "btt", "rank": 4, "blocks": 4}, "mlp.down_proj": {"kind": "btt", "rank": 2,
+                                                                                         "blocks": 5}})
+  model = Llama(cfg, rngs=nnx.Rngs(0))
+  for name in cfg.PROJECTIONS:
+    layer = model.h[0]
+    for part in name.split("."):
+      layer = getattr(layer, part)
+    m, n = cfg.projection_shape(name, 0)
+    b = 5 if name == "mlp.down_proj" else 4
+    assert (layer.in_dims, layer.out_dims) == (((m + b - 1) // b, b), (b, (n + b - 1) // b)), name
+    x = np.random.default_rng(1).standard_normal((3, m))
+    np.testing.assert_allclose(layer(jnp.asarray(x, jnp.float32)), x @ np.asarray(layer.kernel, np.float64)
+                               + (0 if layer.bias is None else np.asarray(layer.bias)), rtol=1e-4, atol=1e-4)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 300, (2, 9)), jnp.int32)
+  save_model(model, tmp_path / "native")
+  loaded = load_model(tmp_path / "native")
+  assert loaded.config.spec("mlp.up_proj", 0).blocks == 4
+  np.testing.assert_allclose(loaded(ids), model(ids), atol=1e-6)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ({"kind": "ttm", "rank": 2, "blocks": 4}, r"layers\['mlp.c_fc'\].blocks=4 but blocks are for kind 'btt', not "
+                                              r"'ttm'"),
+    ({"kind": "btt", "rank": 2, "blocks": 0}, r"blocks=0 but a positive integer"),
+    ({"kind": "btt", "rank": 2, "blocks": 4, "in_dims": [32, 4]}, r"gives blocks=4 and in_dims/out_dims but one"),
+    ({"kind": "btt", "rank": 64, "blocks": 4}, r"layers\['mlp.c_fc'\]: rank=64 but each \(m1 x n2\) block has "
+                                               r"rank at most min\(m1, n2\)=32"),
+])
+def test_bad_blocks_are_refused_by_name(spec, match):
+  with pytest.raises(ValueError, match=match):
+    preset("tiny", layers={"mlp.c_fc": spec})

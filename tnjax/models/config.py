@@ -59,10 +59,15 @@ class LayerSpec:
       by a tolerance differ per bond and per layer); compression records them,
       so the config rebuilds every layer exactly and loading checks TT cores'
       shapes too.
+    blocks: for BTT, b x b blocks of rank ``rank`` each: in_dims ``(ceil(m / b), b)`` and out_dims
+      ``(b, ceil(n / b))`` for every projection it applies to, whatever its shape (instead of in_dims/out_dims).
+      Few blocks make BTT fast: 4 x 4 blocks at rank 128 train a Llama-3.2-1B-shaped model at 1.15x dense
+      tokens/s on an H200, the balanced default layout at 0.59x (`benchmarks/README.md`).
 
   Examples:
     >>> LayerSpec.coerce({"kind": "ttm", "rank": 16}, "mlp.c_fc")
-    LayerSpec(kind='ttm', rank=16, num_cores=3, in_dims=None, out_dims=None, path='auto', quant=None, ranks=None)
+    LayerSpec(kind='ttm', rank=16, num_cores=3, in_dims=None, out_dims=None, path='auto', quant=None, ranks=None, \
+blocks=None)
   """
 
   kind: str = "dense"
@@ -73,6 +78,7 @@ class LayerSpec:
   path: str = "auto"
   quant: str | None = None
   ranks: tuple[int, ...] | None = None
+  blocks: int | None = None
 
   def validate(self, where: str, owner: str = "GPTConfig") -> LayerSpec:
     kind = _kinds.get(self.kind, owner, where)
@@ -81,6 +87,15 @@ class LayerSpec:
                        f"kind={self.kind!r}")
     if self.quant not in QUANTS:
       raise ValueError(f"{owner}: {where}.quant={self.quant!r} but one of {QUANTS} is expected")
+    if self.blocks is not None:
+      if not kind.takes_blocks:
+        takers = " or ".join(repr(k) for k in _kinds.kind_names() if _kinds.get(k).takes_blocks)
+        raise ValueError(f"{owner}: {where}.blocks={self.blocks!r} but blocks are for kind {takers}, not "
+                         f"{self.kind!r}")
+      _checks.check_positive_int(f"{owner}: {where}", "blocks", self.blocks)
+      if self.in_dims is not None or self.out_dims is not None:
+        raise ValueError(f"{owner}: {where} gives blocks={self.blocks} and in_dims/out_dims but one of them is "
+                         "expected (blocks sets the dims)")
     if self.ranks is not None:
       if not kind.per_bond_ranks:
         bonded = " or ".join(repr(k) for k in _kinds.kind_names() if _kinds.get(k).per_bond_ranks)

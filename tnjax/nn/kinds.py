@@ -48,6 +48,7 @@ class LayerKind:
     embedding: whether it builds the token embedding.
     needs_rank: whether ``LayerSpec.rank`` must be a positive integer.
     per_bond_ranks: whether ``LayerSpec.ranks`` (exact per-bond ranks) applies.
+    takes_blocks: whether ``LayerSpec.blocks`` applies.
     layers: the NNX projection classes it builds (`kind_of` and `hidden_fan_ins` find a layer's kind by them).
     embeddings: the NNX embedding classes it builds.
     summary: one line for the CLI's help.
@@ -58,6 +59,7 @@ class LayerKind:
   embedding = False
   needs_rank = True
   per_bond_ranks = False
+  takes_blocks = False
   layers: tuple[type, ...] = ()
   embeddings: tuple[type, ...] = ()
   summary = ""
@@ -253,17 +255,26 @@ class TTM(LayerKind):
 class BTT(LayerKind):
   """Block Tensor-Train (Monarch at rank 1): `BTTLinear`, projections and an untied head only."""
 
-  name, summary = "btt", "btt (rank)"
+  name, summary, takes_blocks = "btt", "btt (rank; blocks)", True
   layers = (BTTLinear,)
 
-  def check_shape(self, spec, where, n_in, n_out):
+  @staticmethod
+  def dims(spec, n_in: int, n_out: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(in_dims, out_dims) of an (n_in, n_out) projection: from ``blocks``, the spec's own, or `btt_dims`'."""
+    if spec.blocks is not None:
+      b = spec.blocks
+      return (-(-n_in // b), b), (b, -(-n_out // b))
     default_in, default_out = btt_dims(n_in, n_out)
-    dims = (spec.in_dims or default_in, spec.out_dims or default_out)
+    return spec.in_dims or default_in, spec.out_dims or default_out
+
+  def check_shape(self, spec, where, n_in, n_out):
+    dims = self.dims(spec, n_in, n_out)
     check_btt_dims(where, *dims, spec.rank)
     _check_cover(where, n_in, n_out, *dims)
 
   def linear(self, spec, n_in, n_out, *, std, use_bias, dtype, rngs, balance="equal"):
-    return BTTLinear(n_in, n_out, rank=spec.rank, in_dims=spec.in_dims, out_dims=spec.out_dims, use_bias=use_bias,
+    in_dims, out_dims = self.dims(spec, n_in, n_out)
+    return BTTLinear(n_in, n_out, rank=spec.rank, in_dims=in_dims, out_dims=out_dims, use_bias=use_bias,
                      dtype=dtype, kernel_std=std, rngs=rngs, quant=spec.quant)
 
   def quantize(self, layer):
