@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 import tnjax
-from tnjax.core import fused as F
-from tnjax.core import linear as L
+from tnjax.core import contraction as L
+from tnjax.core.contraction import fused as F
 
 from _common import emit, environment, fwd_bwd, time_in_jit
 

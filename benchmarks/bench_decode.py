@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 import tnjax
-from tnjax.core import fused as F
-from tnjax.core.linear import linear
+from tnjax.core.contraction import fused as F
+from tnjax.core.contraction import linear
 
 from _common import emit, environment
 

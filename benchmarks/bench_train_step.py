@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tnjax.core.fused import fused_dims
+from tnjax.core.contraction.fused import fused_dims
 from tnjax.train import TrainConfig, Trainer, train
 
 from _common import emit, environment, time_steps

@@ -2,7 +2,7 @@
 
 Two layouts: the default three-core dims (``factorize``) and the two-core dims of the fused Pallas kernel
 (``fused_dims``: in (16, 48), out (192, 16)). For each rank: a dense ``x @ W`` (the baseline), then each
-path of ``tnjax.core.linear.linear``: "dense" (rebuild W, one matmul), "direct" (core by core), "split"
+path of ``tnjax.core.contraction.linear``: "dense" (rebuild W, one matmul), "direct" (core by core), "split"
 (two merged factors, two matmuls), "fused" (the Pallas kernels, GPU only) and "auto" (the cost model's
 pick). Forward+backward is ``jax.vjp`` with a random cotangent (gradients for the weights and x).
 
@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 import tnjax
-from tnjax.core import fused as F
-from tnjax.core import linear as L
+from tnjax.core import contraction as L
+from tnjax.core.contraction import fused as F
 
 from _common import emit, environment, fwd_bwd, time_in_jit
 

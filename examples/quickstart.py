@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import tnjax
-from tnjax.core.linear import choose_path, path_flops
+from tnjax.core.contraction import choose_path, path_flops
 
 
 def _row(name, shape, tt, err):

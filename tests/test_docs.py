@@ -10,7 +10,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODULES = ["tnjax.core.initializers", "tnjax.core.shapes", "tnjax.nn.quant", "tnjax.models.config",
-           "tnjax.core.tensor_train", "tnjax.core.fused", "tnjax.compress.targets", "tnjax.train.config",
+           "tnjax.core.tensor_train", "tnjax.core.contraction.fused", "tnjax.compress.targets", "tnjax.train.config",
            "tnjax.data.tokenizer", "tnjax.data.cache", "tnjax.data.prefetch",
            "tnjax._io", "tnjax.models.names", "tnjax.models.family", "tnjax.interop.hf_llama"]
 # Examples that build, train or compress models: several seconds each, so in the slow run (.ci/run runs it).
@@ -19,7 +19,8 @@ SLOW_MODULES = ["tnjax.nn.layers", "tnjax.models.gpt", "tnjax.models.generate", 
                 "tnjax.compress._model", "tnjax.compress.report", "tnjax.models.decoder", "tnjax.interop.native",
                 "tnjax.interop.hf",
                 "tnjax.interop.hf_gpt2", "tnjax.eval", "tnjax.train.loop", "tnjax.train.mup",
-                "tnjax.core.linear", "tnjax.models.llama", "tnjax.core.decompositions", "tnjax.core.ops",
+                "tnjax.core.contraction.cost", "tnjax.core.contraction.paths", "tnjax.core.contraction.front",
+                "tnjax.core.contraction.gather", "tnjax.models.llama", "tnjax.core.decompositions", "tnjax.core.ops",
                 "tnjax.core.btt", "tnjax.core.whitening", "tnjax.compress.registry", "tnjax.nn.kinds"]
 
 

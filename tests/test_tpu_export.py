@@ -1,6 +1,6 @@
 """TPU, checked without one: the training step, the decode step and the forward of every layer kind export for TPU
 (``jax.export`` lowers them to TPU StableHLO here, on a CPU), which fails on GPU-only operations: cuDNN's fused
-attention, the Triton kernels of `tnjax.core.fused`.
+attention, the Triton kernels of `tnjax.core.contraction.fused`.
 
 tnjax picks between those and XLA's when a model is traced, from JAX's default backend; the ``on`` fixture makes it
 read "tpu", as on a TPU host (and "gpu" for the controls, which show that the export does catch GPU kernels).
@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from tnjax.core.fused import fused_dims
-from tnjax.core.linear import PATHS
+from tnjax.core.contraction import PATHS
+from tnjax.core.contraction.fused import fused_dims
 from tnjax.models import build, preset
 from tnjax.models.decoder import make_embedding
 

@@ -1,4 +1,5 @@
-"""The Pallas kernels of tnjax.core.fused, run through the Pallas interpreter (CPU CI) against float64 NumPy.
+"""The Pallas kernels of tnjax.core.contraction.fused, run through the Pallas interpreter (CPU CI) against
+float64 NumPy.
 
 On a GPU the same kernels are compiled through Triton; benchmarks/bench_ttm_linear.py checks them there
 against a float32 reference before timing.
@@ -11,8 +12,8 @@ import pytest
 
 import tnjax
 from tests.core.reference import ttm_full
-from tnjax.core import fused as F
-from tnjax.core import linear as L
+from tnjax.core import contraction as L
+from tnjax.core.contraction import fused as F
 
 LAYOUTS = [
     ((16, 32), (32, 16), 3),  # one slab per mode, rank padded 3 -> 4

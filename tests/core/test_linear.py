@@ -6,7 +6,9 @@ from jax.test_util import check_grads
 
 import tnjax
 from tests.core.reference import ttm_full
-from tnjax.core import linear as L
+from tnjax.core import contraction as L
+from tnjax.core import ops
+from tnjax.core.contraction import cost, gather
 
 ORDERS_3 = [(0, 1, 2), (1, 0, 2), (1, 2, 0), (2, 1, 0)]
 
@@ -16,8 +18,8 @@ def _ttm(seed, in_dims, out_dims, rank, dtype=jnp.float64):
 
 
 def test_connected_orders():
-  assert sorted(L._connected_orders(3)) == sorted(ORDERS_3)
-  assert len(set(L._connected_orders(5))) == 16  # 2^(d-1)
+  assert sorted(cost._connected_orders(3)) == sorted(ORDERS_3)
+  assert len(set(cost._connected_orders(5))) == 16  # 2^(d-1)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
@@ -90,7 +92,7 @@ def test_split_cost_model_prefers_two_core_layouts_with_small_intermediates():
   small_mid = tnjax.random_ttm(jax.random.key(0), (96, 8), (16, 192), rank=4)  # prefix: 16 x 4 x 8 per token
   big_mid = tnjax.random_ttm(jax.random.key(0), (8, 8, 12), (12, 16, 16), rank=8)
   assert L.choose_path(small_mid, 16384) == "split"
-  assert L._best_split(tuple(c.shape for c in small_mid.cores), 16384, L.H100)[1:] == (1, "prefix")
+  assert cost._best_split(tuple(c.shape for c in small_mid.cores), 16384, L.H100)[1:] == (1, "prefix")
   assert L.choose_path(big_mid, 16384) == "dense"
 
 
@@ -143,7 +145,7 @@ def test_auto_path_runs_the_chosen_path():
 def test_transpose_and_gather_rows(rng):
   w = _ttm(3, (3, 4, 5), (2, 3, 2), 3)
   dense = ttm_full(w.cores)
-  np.testing.assert_allclose(tnjax.to_dense(L.transpose(w)), dense.T, atol=1e-12)
+  np.testing.assert_allclose(tnjax.to_dense(ops.transpose(w)), dense.T, atol=1e-12)
   ids = jnp.asarray(rng.integers(0, 60, size=(4, 7)))
   np.testing.assert_allclose(L.gather_rows(w, ids), dense[np.asarray(ids)], atol=1e-12)
   np.testing.assert_allclose(jax.jit(L.gather_rows)(w, ids[0]), dense[np.asarray(ids[0])], atol=1e-12)
@@ -163,7 +165,7 @@ def test_gather_rows_never_builds_the_table(vocab_dims):
 
 def test_gather_rows_split_balances_tables_and_tokens():
   shapes = ((1, 27, 8, 64), (64, 38, 8, 64), (64, 49, 12, 1))
-  assert L._gather_split(shapes, 16) == 2  # a (1026, 64, 64) prefix and the last core
+  assert gather._gather_split(shapes, 16) == 2  # a (1026, 64, 64) prefix and the last core
 
 
 def test_linear_errors():

@@ -1,4 +1,4 @@
-"""Per-direction path plans of tnjax.matvec (tnjax.core.linear): the cost model's choice on a GPU (asked for
+"""Per-direction path plans of tnjax.matvec (tnjax.core.contraction): the cost model's choice on a GPU (asked for
 from the CPU with ``gpu=True``), that "auto" never picks or warns about the fused kernels off a GPU, and that
 every plan gives the dense float64 reference's values and gradients (fused products in the Pallas
 interpreter)."""
@@ -14,8 +14,8 @@ import pytest
 
 import tnjax
 from tests.core.reference import ttm_full
-from tnjax.core import fused as F
-from tnjax.core import linear as L
+from tnjax.core import contraction as L
+from tnjax.core.contraction import fused as F
 
 RESULTS = pathlib.Path(__file__).parents[2] / "benchmarks" / "results"
 FUSED_BOTH, FUSED_FWD, DENSE = L.Plan("fused", "fused", "fused"), L.Plan("fused", "dense", "dense"), L.Plan(

@@ -439,7 +439,7 @@ def mpo_compress(model: Decoder, *, rank: int | None = None, ratio: float | None
   (same size) has the lower output error in the full metric: on a trained
   12 x 768 GPT the Kronecker fit alone was better at half the parameters and
   worse at 0.7 and 0.9 kept. With ``layout="fused"`` every
-  layer gets the two cores of [`fused_dims`][tnjax.core.fused.fused_dims] and
+  layer gets the two cores of [`fused_dims`][tnjax.core.contraction.fused.fused_dims] and
   ``path="fused"``, so on a GPU it runs the fused Pallas kernels (ranks up to 16).
 
   Args:

@@ -2,7 +2,7 @@
 
 All functions are pure, shape-static and safe under jit, vmap and grad. The
 contraction front door, [`tnjax.matvec`][tnjax.matvec], lives in
-[`tnjax.core.linear`][tnjax.core.linear] with the cost model that picks its path.
+[`tnjax.core.contraction`][tnjax.core.contraction] with its paths and the cost model that picks one.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def matvec_plan(ttm: TTMatrix, batch: int) -> opt_einsum.contract.PathInfo:
 
   Useful to see the fewest-FLOPs order, e.g. ``print(matvec_plan(w, 16384))``; the paths that
   [`tnjax.matvec`][tnjax.matvec] picks by default come from the cost model of
-  [`tnjax.core.linear`][tnjax.core.linear] instead.
+  [`tnjax.core.contraction.cost`][tnjax.core.contraction.cost] instead.
 
   Examples:
     >>> import jax, tnjax
@@ -133,23 +133,6 @@ def matvec_einsum(ttm: TTMatrix, x: jax.Array, *, precision=None) -> jax.Array:
   return out.reshape(batch_shape + (ttm.shape[1],))
 
 
-def dense_backward(cores: tuple[jax.Array, ...], rows: jax.Array, g: jax.Array, *, input_grad: bool = True,
-                   core_grad: bool = True, precision=None):
-  """(d cores, d rows) of ``rows @ W(cores)`` for cotangent ``g`` through the rebuilt W: ``dx = g W^T`` and
-  ``dW = x^T g`` (two full matmuls), dW projected onto the cores. A product not wanted comes back as None.
-
-  ``dW`` accumulates in float32 at least (float64 rows stay float64).
-  """
-  w, project = jax.vjp(lambda cs: to_dense(TTMatrix(tuple(cs))), tuple(cores))
-  dx = jnp.matmul(g, w.T.astype(g.dtype), precision=precision).astype(rows.dtype) if input_grad else None
-  dcores = None
-  if core_grad:
-    acc = rows.dtype if jnp.finfo(rows.dtype).bits >= 32 else jnp.float32
-    dw = jnp.matmul(rows.T, g.astype(rows.dtype), precision=precision, preferred_element_type=acc)
-    (dcores,) = project(dw.astype(w.dtype))
-  return dcores, dx
-
-
 def _modes(t: TT):
   return t.dims if isinstance(t, TensorTrain) else (t.in_dims, t.out_dims)
 
@@ -162,6 +145,18 @@ def _check_same_modes(fn: str, a: TT, b: TT) -> None:
   if _modes(a) != _modes(b):
     what = "dims" if isinstance(a, TensorTrain) else "(in_dims, out_dims)"
     raise ValueError(f"{fn}: a has {what}={_modes(a)} but b has {what}={_modes(b)}; expected equal mode sizes")
+
+
+def transpose(ttm: TTMatrix) -> TTMatrix:
+  """The TT-matrix of ``W.T``: swaps each core's input and output modes.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, tnjax
+    >>> ttm = tnjax.random_ttm(jax.random.key(0), (2, 3), (4, 5), rank=2)
+    >>> bool(jnp.allclose(tnjax.to_dense(tnjax.transpose(ttm)), tnjax.to_dense(ttm).T))
+    True
+  """
+  return TTMatrix(tuple(c.transpose(0, 2, 1, 3) for c in ttm.cores))
 
 
 def add(a: TT, b: TT) -> TT:

@@ -49,7 +49,7 @@ class LayerSpec:
     num_cores: number of TT cores when dims are not given (BTT has two).
     in_dims, out_dims: explicit TT mode sizes (default: ``tnjax.factorize``;
       for BTT two each, default `tnjax.core.btt.btt_dims`).
-    path: TTM contraction path (`tnjax.core.linear.PATHS`): "auto" (the
+    path: TTM contraction path (`tnjax.core.contraction.PATHS`): "auto" (the
       cost model's per-direction plan, fused kernels on a GPU where the
       layout fits), "dense", "direct", "split", "fused" or "fused_fwd".
     quant: None, or "int8" for weight-only per-channel int8 storage

@@ -1,7 +1,7 @@
 """Flax NNX layers: TT-matrix (MPO) and Block-TT (Monarch) linear, TT, MPS and low-rank embeddings with a tied head,
 low-rank linear."""
 
-from tnjax.core.linear import H100, CostModel, Plan, choose_path, choose_plan, path_costs, product_costs
+from tnjax.core.contraction import H100, CostModel, Plan, choose_path, choose_plan, path_costs, product_costs
 from tnjax.nn.kinds import LayerKind, hidden_fan_ins, kind_names, register
 from tnjax.nn.layers import (
     BTTLinear,

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tnjax.core.btt import btt_dims, check_btt_dims
-from tnjax.core.linear import path_flops
+from tnjax.core.contraction import path_flops
 from tnjax.core.tensor_train import TTMatrix
 from tnjax.nn.layers import BTTLinear, LowRankEmbedding, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
 from tnjax.nn.quant import Int8Linear

@@ -2,7 +2,7 @@
 head, low-rank linear.
 
 Each module is a thin wrapper: parameters are held as NNX variables and the
-math is the core's pure functions ([`tnjax.core.linear`][tnjax.core.linear]).
+math is the core's pure functions ([`tnjax.core.contraction`][tnjax.core.contraction]).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from tnjax.core.btt import (
     check_btt_dims,
     random_btt,
 )
+from tnjax.core.contraction import H100, PATHS, CostModel, gather_rows, matvec, path_flops
 from tnjax.core.decompositions import tt_svd, ttm_svd
 from tnjax.core.initializers import random_tt, random_ttm
-from tnjax.core.linear import H100, PATHS, CostModel, gather_rows, matvec, path_flops, transpose
-from tnjax.core.ops import to_dense
+from tnjax.core.ops import to_dense, transpose
 from tnjax.core.shapes import factorize, pad_last
 from tnjax.core.tensor_train import TTMatrix
 from tnjax.nn.quant import QUANTS, dequantize, quantize
@@ -150,7 +150,7 @@ class TTMLinear(nnx.Module):
       (core by core, W never formed), "split" (two merged factors, two
       matmuls), "fused" / "fused_fwd" (the Pallas kernels; they warn and run
       "auto" where they cannot); see
-      [`tnjax.core.linear`][tnjax.core.linear].
+      [`tnjax.core.contraction`][tnjax.core.contraction].
     dtype: computation dtype (e.g. bfloat16); None keeps the input's.
     param_dtype: dtype of cores and bias.
     kernel_std: std of the dense-equivalent W at init; default
@@ -242,7 +242,7 @@ class TTMLinear(nnx.Module):
     return to_dense(self.ttm)[: self.in_features, : self.out_features]
 
   def flops(self, rows: int) -> int:
-    """Forward FLOPs on ``rows`` rows by this layer's path (`tnjax.core.linear.path_flops`), bias excluded."""
+    """Forward FLOPs on ``rows`` rows by this layer's path (`tnjax.core.contraction.path_flops`), bias excluded."""
     shapes = TTMatrix(tuple(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in self.cores))
     return path_flops(shapes, rows, self.path, self.cost)
 
