@@ -88,25 +88,26 @@ blocks=None)
     if self.quant not in QUANTS:
       raise ValueError(f"{owner}: {where}.quant={self.quant!r} but one of {QUANTS} is expected")
     if self.blocks is not None:
-      if not kind.takes_blocks:
-        takers = " or ".join(repr(k) for k in _kinds.kind_names() if _kinds.get(k).takes_blocks)
-        raise ValueError(f"{owner}: {where}.blocks={self.blocks!r} but blocks are for kind {takers}, not "
-                         f"{self.kind!r}")
+      self._check_kind_takes(kind, "blocks", "takes_blocks", "blocks", owner, where)
       _checks.check_positive_int(f"{owner}: {where}", "blocks", self.blocks)
       if self.in_dims is not None or self.out_dims is not None:
         raise ValueError(f"{owner}: {where} gives blocks={self.blocks} and in_dims/out_dims but one of them is "
                          "expected (blocks sets the dims)")
     if self.ranks is not None:
-      if not kind.per_bond_ranks:
-        bonded = " or ".join(repr(k) for k in _kinds.kind_names() if _kinds.get(k).per_bond_ranks)
-        raise ValueError(f"{owner}: {where}.ranks={self.ranks!r} but per-bond ranks are for kind {bonded}, "
-                         f"not {self.kind!r}")
+      self._check_kind_takes(kind, "ranks", "per_bond_ranks", "per-bond ranks", owner, where)
       _checks.check_dims(f"{owner}: {where}", "ranks", self.ranks)
       dims = self.in_dims or self.out_dims
       bonds = (len(dims) if dims is not None else self.num_cores) - 1
       if len(self.ranks) != bonds:
         raise ValueError(f"{owner}: {where}.ranks={self.ranks!r} but {bonds} entries (one per bond) are expected")
     return self
+
+  def _check_kind_takes(self, kind, field: str, flag: str, what: str, owner: str, where: str) -> None:
+    """Refuses ``field`` set on a kind whose ``flag`` attribute says it does not take it, naming those that do."""
+    if not getattr(kind, flag):
+      takers = " or ".join(repr(k) for k in _kinds.kind_names() if getattr(_kinds.get(k), flag))
+      raise ValueError(f"{owner}: {where}.{field}={getattr(self, field)!r} but {what} are for kind {takers}, not "
+                       f"{self.kind!r}")
 
   @property
   def rank_arg(self):
