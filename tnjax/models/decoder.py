@@ -1,5 +1,5 @@
-"""What every decoder family shares: projections of any kind, attention with a KV cache, the embedding, and the
-`Decoder` base class (the model side of the seam in `tnjax.models.family`).
+"""What every decoder family shares: projections of any kind, attention with a KV cache (`CausalAttention`), the
+embedding, and the `Decoder` base class (the model side of the seam in `tnjax.models.family`).
 
 A family subclasses `Decoder` with its own blocks; a block is called as
 ``block(x, cache, deterministic=...)`` (``cache`` its `KVCache` or None) and returns ``(x, cache)``. Module
@@ -171,6 +171,64 @@ def cached_attention(q, k, v, cache: KVCache | None, *, scale: float, impl) -> t
   if cache is None:
     return _causal_attention(q, k, v, scale=scale, impl=impl), None
   return cache.attend(q, k, v, scale=scale)
+
+
+class CausalAttention(nnx.Module):
+  """Causal self-attention with an optional `KVCache`, the part every family shares: the heads, grouped-query
+  keys and values, the attention call (``attention_impl``), the cache, the output projection and dropout.
+
+  Queries have ``n_head`` heads of ``qk_dim``; keys and values ``n_kv`` heads (``kv_heads``, dividing n_head:
+  fewer is grouped-query attention) of ``qk_dim`` and ``v_dim``. A family's subclass says only what differs:
+  `make_projections` builds its projections, `project` maps x to flat queries, keys and values, `embed_positions`
+  puts positions into queries and keys (default none: GPT-2 adds them to the input) and ``OUTPUT`` names the
+  output projection.
+  """
+
+  OUTPUT: str
+
+  def __init__(self, cfg: DecoderConfig, index: int, rngs: nnx.Rngs):
+    _, self.qk_dim, self.v_dim = cfg.block_dims(index)
+    self.n_head, self.n_kv, self.impl = cfg.n_head, cfg.kv_heads, cfg.attention_impl
+    # The scale of the uncompressed model: MoDeGPT keeps q.k, only narrower.
+    self.scale = 1.0 / math.sqrt(cfg.head_dim)
+    self.make_projections(cfg, index, rngs)
+    # After the projections: it forks the rng stream their initializers draw from, so the order sets the weights.
+    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+  def make_projections(self, cfg: DecoderConfig, index: int, rngs: nnx.Rngs) -> None:
+    """Sets the projections of block ``index`` as attributes (their names are the config's projection names)."""
+    raise NotImplementedError
+
+  def project(self, x) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries (b, t, n_head * qk_dim), keys (b, t, n_kv * qk_dim) and values (b, t, n_kv * v_dim) of x."""
+    raise NotImplementedError
+
+  def embed_positions(self, q, k, cache: KVCache | None) -> tuple[jax.Array, jax.Array]:
+    """Queries and keys (b, t, heads, qk_dim) of tokens written at the cache's next slots (from 0 without one),
+    their positions put in (default: unchanged)."""
+    return q, k
+
+  @property
+  def output(self) -> nnx.Module:
+    return getattr(self, self.OUTPUT)
+
+  def qkv(self, x) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries and keys before `embed_positions`, and values: (b, t, n_head or n_kv, width)."""
+    b, t, _ = x.shape
+    q, k, v = self.project(x)
+    return q.reshape(b, t, self.n_head, -1), k.reshape(b, t, self.n_kv, -1), v.reshape(b, t, self.n_kv, -1)
+
+  def context(self, x, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """The heads' outputs before the output projection, (b, t, n_head * v_dim), and the new cache."""
+    b, t, _ = x.shape
+    q, k, v = self.qkv(x)
+    q, k = self.embed_positions(q, k, cache)
+    y, new_cache = cached_attention(q, k, v, cache, scale=self.scale, impl=self.impl)
+    return y.reshape(b, t, self.n_head * self.v_dim), new_cache
+
+  def __call__(self, x, cache: KVCache | None = None, *, deterministic: bool = True):
+    y, new_cache = self.context(x, cache)
+    return self.dropout(self.output(y), deterministic=deterministic), new_cache
 
 
 def make_embedding(cfg: DecoderConfig, rngs: nnx.Rngs) -> nnx.Module:

@@ -17,16 +17,15 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from tnjax.models.config import GPTConfig
 from tnjax.models.decoder import (
+    CausalAttention,
     Decoder,
     PreNormBlock,
     balance_of,
-    cached_attention,
     dense_kernel,
     dtype_of,
     linear_flops,
@@ -39,33 +38,27 @@ from tnjax.models.decoder import positions as decoder_positions
 __all__ = ["GPT", "make_linear", "dense_kernel", "linear_flops"]
 
 
-class Attention(nnx.Module):
-  def __init__(self, cfg: GPTConfig, index: int, rngs: nnx.Rngs):
-    d, dtype = cfg.d_model, dtype_of(cfg)
-    _, self.qk_dim, self.v_dim = cfg.block_dims(index)
-    self.n_head, self.impl = cfg.n_head, cfg.attention_impl
-    # The scale of the uncompressed model: MoDeGPT keeps q.k, only narrower.
-    self.scale = 1.0 / math.sqrt(cfg.head_dim)
-    h = cfg.n_head
+class Attention(CausalAttention):
+  """GPT-2's attention: queries, keys and values from one fused projection ``c_attn``, no rotary embedding."""
+
+  OUTPUT = "c_proj"
+
+  def make_projections(self, cfg: GPTConfig, index: int, rngs: nnx.Rngs) -> None:
+    d, dtype, h = cfg.d_model, dtype_of(cfg), cfg.n_head
     self.c_attn = make_linear(cfg.spec("attn.c_attn", index), d, h * (2 * self.qk_dim + self.v_dim),
                               std=cfg.projection_std, use_bias=True, dtype=dtype, rngs=rngs, balance=balance_of(cfg))
     self.c_proj = make_linear(cfg.spec("attn.c_proj", index), h * self.v_dim, d,
                               std=cfg.projection_std / math.sqrt(2 * cfg.n_layer), use_bias=True, dtype=dtype,
                               rngs=rngs, balance=balance_of(cfg))
-    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-  def context(self, x, cache=None):
-    """The heads' outputs before the output projection, (b, t, n_head * v_dim), and the new cache."""
-    b, t, d = x.shape
-    h, qk = self.n_head, self.n_head * self.qk_dim
-    q, k, v = jnp.split(self.c_attn(x), [qk, 2 * qk], axis=-1)
-    q, k, v = (z.reshape(b, t, h, -1) for z in (q, k, v))
-    y, new_cache = cached_attention(q, k, v, cache, scale=self.scale, impl=self.impl)
-    return y.reshape(b, t, h * self.v_dim), new_cache
+  def split(self, z):
+    """The query, key and value columns of c_attn's output, kernel or bias, NumPy or JAX (the fused layout, in
+    one place)."""
+    qk = self.n_head * self.qk_dim
+    return z[..., :qk], z[..., qk:2 * qk], z[..., 2 * qk:]
 
-  def __call__(self, x, cache=None, *, deterministic: bool = True):
-    y, new_cache = self.context(x, cache)
-    return self.dropout(self.c_proj(y), deterministic=deterministic), new_cache
+  def project(self, x):
+    return self.split(self.c_attn(x))
 
 
 class MLP(nnx.Module):
@@ -92,25 +85,21 @@ class Block(PreNormBlock):
   def trace(self, x) -> tuple[jax.Array, dict]:
     """The block's output and what calibration reads: attention input (b, t, d), queries and keys
     (b, t, n_head, qk_dim), MLP activations (b, t, d_ff), and ``"inputs"``: each projection's input by name."""
-    b, t, _ = x.shape
     a = self.ln_1(x)
-    qk = self.attn.n_head * self.attn.qk_dim
-    q, k, _ = jnp.split(self.attn.c_attn(a), [qk, 2 * qk], axis=-1)
+    q, k, _ = self.attn.qkv(a)
     ctx = self.attn.context(a)[0]
     mid = x + self.attn.c_proj(ctx)
     m = self.ln_2(mid)
     act = jax.nn.gelu(self.mlp.c_fc(m), approximate=True)
     return mid + self.mlp.c_proj(act), {
-        "attn_in": a, "q": q.reshape(b, t, self.attn.n_head, -1), "k": k.reshape(b, t, self.attn.n_head, -1),
-        "mlp_act": act, "inputs": {"attn.c_attn": a, "attn.c_proj": ctx, "mlp.c_fc": m, "mlp.c_proj": act}}
+        "attn_in": a, "q": q, "k": k, "mlp_act": act,
+        "inputs": {"attn.c_attn": a, "attn.c_proj": ctx, "mlp.c_fc": m, "mlp.c_proj": act}}
 
   def parts(self) -> dict:
     """Dense (kernel, bias) of the attention and MLP matrices: "q", "k", "v" (slices of c_attn), "o", "up"
     (a list: c_fc), "down"."""
     a, m = self.attn, self.mlp
-    qk = a.n_head * a.qk_dim
-    w, bias = np.asarray(dense_kernel(a.c_attn)), np.asarray(a.c_attn.bias[...])
-    (wq, wk, wv), (bq, bk, bv) = np.split(w, [qk, 2 * qk], axis=1), np.split(bias, [qk, 2 * qk])
+    (wq, wk, wv), (bq, bk, bv) = a.split(np.asarray(dense_kernel(a.c_attn))), a.split(np.asarray(a.c_attn.bias[...]))
     return {"q": (wq, bq), "k": (wk, bk), "v": (wv, bv),
             "o": (np.asarray(dense_kernel(a.c_proj)), np.asarray(a.c_proj.bias[...])),
             "up": [(np.asarray(dense_kernel(m.c_fc)), np.asarray(m.c_fc.bias[...]))],
@@ -134,6 +123,7 @@ class GPT(Decoder):
   KV-cached decoding.
 
   Examples:
+    >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from tnjax.models import GPT, preset
     >>> model = GPT(preset("tiny", layers={"mlp.c_fc": {"kind": "ttm", "rank": 8}}), rngs=nnx.Rngs(0))

@@ -29,10 +29,10 @@ from flax import nnx
 from tnjax.core import _checks
 from tnjax.models.config import DecoderConfig
 from tnjax.models.decoder import (
+    CausalAttention,
     Decoder,
     PreNormBlock,
     balance_of,
-    cached_attention,
     dense_kernel,
     dtype_of,
     make_embedding,
@@ -218,14 +218,15 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-class Attention(nnx.Module):
-  def __init__(self, cfg: LlamaConfig, index: int, rngs: nnx.Rngs):
-    d, dtype = cfg.d_model, dtype_of(cfg)
-    _, self.qk_dim, self.v_dim = cfg.block_dims(index)
-    self.n_head, self.n_kv, self.impl = cfg.n_head, cfg.kv_heads, cfg.attention_impl
-    self.scale = 1.0 / math.sqrt(cfg.head_dim)  # the uncompressed model's, as GPT's
+class Attention(CausalAttention):
+  """Llama's attention: separate q/k/v projections (``n_kv`` key/value heads), rotary embeddings on queries and
+  keys at the frequencies the block keeps."""
+
+  OUTPUT = "o_proj"
+
+  def make_projections(self, cfg: LlamaConfig, index: int, rngs: nnx.Rngs) -> None:
+    d, dtype, h, kv = cfg.d_model, dtype_of(cfg), self.n_head, self.n_kv
     self.inv_freq = tuple(float(f) for f in cfg.inv_freq()[list(cfg.rope_pairs(index))])
-    h, kv = self.n_head, self.n_kv
 
     def proj(name, n_in, n_out, bias):
       return make_linear(cfg.spec(name, index), n_in, n_out, std=cfg.projection_std, use_bias=bias, dtype=dtype,
@@ -235,27 +236,15 @@ class Attention(nnx.Module):
     self.k_proj = proj("attn.k_proj", d, kv * self.qk_dim, cfg.attention_bias)
     self.v_proj = proj("attn.v_proj", d, kv * self.v_dim, cfg.attention_bias)
     self.o_proj = proj("attn.o_proj", h * self.v_dim, d, cfg.output_bias)
-    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-  def qkv(self, x) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Queries and keys before rotation, and values: (b, t, heads or kv_heads, width)."""
-    b, t, _ = x.shape
-    return (self.q_proj(x).reshape(b, t, self.n_head, -1), self.k_proj(x).reshape(b, t, self.n_kv, -1),
-            self.v_proj(x).reshape(b, t, self.n_kv, -1))
+  def project(self, x):
+    return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-  def context(self, x, cache=None):
-    """The heads' outputs before the output projection, (b, t, n_head * v_dim), and the new cache."""
-    b, t, _ = x.shape
-    q, k, v = self.qkv(x)
+  def embed_positions(self, q, k, cache):
+    t = q.shape[1]
     angles = positions(cache, t).astype(jnp.float32)[..., None] * jnp.asarray(self.inv_freq, jnp.float32)[None, None]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    y, new_cache = cached_attention(q, k, v, cache, scale=self.scale, impl=self.impl)
-    return y.reshape(b, t, self.n_head * self.v_dim), new_cache
-
-  def __call__(self, x, cache=None, *, deterministic: bool = True):
-    y, new_cache = self.context(x, cache)
-    return self.dropout(self.o_proj(y), deterministic=deterministic), new_cache
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 class MLP(nnx.Module):
