@@ -273,6 +273,18 @@ def test_truncate_errors():
     tnjax.truncate(list(tt.cores))
 
 
+@pytest.mark.parametrize("rtol", [0.0, 0.05, 0.3, 0.7, 1.0, 2.0])
+def test_truncation_rank_is_the_smallest_rank_within_the_budget(rng, rtol):
+  s2 = np.sort(rng.random(12) ** 4)[::-1]
+  # Brute force: the first r whose tail sum(s2[r:]) is within rtol^2 of the total, at least 1.
+  want = max(next(r for r in range(13) if s2[r:].sum() <= rtol * rtol * s2.sum()), 1)
+  assert int(tnjax.core.truncation_rank(s2, rtol)) == want
+  assert int(jax.jit(tnjax.core.truncation_rank, static_argnums=1)(jnp.asarray(s2), rtol)) == want
+  # A budget split over bonds and relative to another norm, as TT-SVD asks it.
+  split = max(next(r for r in range(13) if s2[r:].sum() <= rtol * rtol / 3 * 10.0), 1)
+  assert int(tnjax.core.truncation_rank(s2, rtol, norm2=10.0, num_bonds=3)) == split
+
+
 def _decaying(rng, m, n, power=0.5):
   """A matrix with singular values i^-power, like trained weights (slow decay)."""
   k = min(m, n)

@@ -53,7 +53,7 @@ from tnjax.compress.targets import (
 )
 from tnjax.core import _checks, fused
 from tnjax.core.btt import btt_dims, btt_from_dense
-from tnjax.core.decompositions import ttm_svd
+from tnjax.core.decompositions import truncation_rank, ttm_svd
 from tnjax.core.ops import to_dense
 from tnjax.core.shapes import factorize
 from tnjax.core.whitening import (
@@ -239,10 +239,9 @@ def _warn_refactored(fn: str, cfg, names, layers, kind: str) -> None:
 
 
 def _rtol_rank(sv, rtol: float) -> int:
-  """The smallest rank whose discarded energy ``sum(sv[r:]**2)`` is within ``rtol**2`` of the total."""
-  s2 = np.asarray(sv, np.float64) ** 2
-  tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
-  return max(int(np.argmax(tail <= rtol * rtol * s2.sum())), 1)
+  """`truncation_rank` of singular values read back to the host in float64: the rank a fit slices to (a shape,
+  so a host int) keeping ``sum(sv[r:]**2) <= rtol**2 sum(sv**2)``."""
+  return int(truncation_rank(np.asarray(sv, np.float64) ** 2, rtol))
 
 
 def _balanced(w, vt, rank: int) -> tuple[jax.Array, jax.Array]:
