@@ -285,6 +285,26 @@ def test_truncation_rank_is_the_smallest_rank_within_the_budget(rng, rtol):
   assert int(tnjax.core.truncation_rank(s2, rtol, norm2=10.0, num_bonds=3)) == split
 
 
+@EAGER_AND_JIT
+def test_balanced_svd_is_the_truncated_svd_split_evenly(rng, jit):
+  a = rng.standard_normal((9, 6))
+  u, v = _maybe_jit(tnjax.core.balanced_svd, jit, max_rank=4)(a)
+  uu, s, vt = np.linalg.svd(a, full_matrices=False)
+  np.testing.assert_allclose(u @ v, (uu[:, :4] * s[:4]) @ vt[:4], atol=1e-10)
+  np.testing.assert_allclose(np.linalg.norm(u, axis=0), np.sqrt(s[:4]), rtol=1e-10)
+  np.testing.assert_allclose(np.linalg.norm(v, axis=1), np.sqrt(s[:4]), rtol=1e-10)
+
+
+def test_balanced_svd_rtol_and_errors(rng):
+  a = rng.standard_normal((8, 7))
+  u, v = tnjax.core.balanced_svd(a, rtol=0.3)
+  assert rel_err(u @ v, a) <= 0.3 and u.shape[1] < 7
+  with pytest.raises(ValueError, match=r"balanced_svd: a.shape=\(4,\) but a 2-d matrix \(m, n\) is expected"):
+    tnjax.core.balanced_svd(np.ones(4))
+  with pytest.raises(ValueError, match=r"tt_svd: rtol=-1"):
+    tnjax.core.balanced_svd(a, rtol=-1.0)
+
+
 def _decaying(rng, m, n, power=0.5):
   """A matrix with singular values i^-power, like trained weights (slow decay)."""
   k = min(m, n)

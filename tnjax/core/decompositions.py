@@ -220,6 +220,43 @@ def tt_svd(x, max_rank=None, rtol=None, method: str = "svd") -> TensorTrain:
   return TensorTrain(_spread_exponent(cores, exponent))
 
 
+def balanced_svd(a, max_rank=None, rtol=None) -> tuple[jax.Array, jax.Array]:
+  """Truncated SVD ``U S V^T`` of a matrix, split with balanced scales: ``u = U sqrt(S)``, ``v = sqrt(S) V^T``.
+
+  The rank is chosen as `tt_svd`'s of the matrix (a cap and/or a relative Frobenius tolerance; exact with
+  neither), and so is where: eagerly ``u`` and ``v`` have the rank needed, under ``jit`` the masked buffer.
+
+  Args:
+    a: (m, n), real floating (integers promoted).
+    max_rank: static cap on r.
+    rtol: relative Frobenius error bound ``||a - u v||_F <= rtol ||a||_F``.
+
+  Returns:
+    ``u`` (m, r) and ``v`` (r, n), column k of ``u`` and row k of ``v`` both of norm ``sqrt(s_k)``.
+
+  Raises:
+    ValueError: ``a`` is not 2-d, and as `tt_svd`.
+
+  Complexity:
+    One thin SVD of ``a``: O(m n min(m, n)).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> u, v = balanced_svd(jnp.diag(jnp.array([4.0, 1.0, 0.0])), max_rank=2)
+    >>> u.shape, v.shape, [round(float(x), 4) for x in jnp.linalg.norm(u, axis=0)]
+    ((3, 2), (2, 3), [2.0, 1.0])
+  """
+  fn = "balanced_svd"
+  a = jnp.asarray(a)
+  if a.ndim != 2:
+    raise ValueError(f"{fn}: a.shape={a.shape} but a 2-d matrix (m, n) is expected")
+  left, right = tt_svd(a, max_rank=max_rank, rtol=rtol).cores
+  sv = right[..., 0]  # (r, n) = S V^T, rows scaled by the singular values
+  root = jnp.sqrt(jnp.linalg.norm(sv, axis=1))
+  safe = jnp.where(root > 0, root, 1)
+  return left[0] * root[None, :], sv / safe[:, None]
+
+
 _SCALE_BEYOND = 60  # |x| past 2**60 or below 2**-60 is scaled before the SVDs; between, nothing changes
 
 
