@@ -24,7 +24,7 @@ from tnjax.compress.methods import (
     svdllm_compress,
     tensorgpt_embedding,
 )
-from tnjax.compress.modegpt import calibrate, cr_select, modegpt_compress, nystrom_select, whitened_svd
+from tnjax.compress.modegpt import calibrate, cr_select, modegpt_compress, nystrom_select, whitened_vo_svd
 from tnjax.compress.registry import REGISTRY, Method, compress, register
 from tnjax.compress.targets import Target, allocate
 from tnjax.compress.tuning import choose_layers, heal, layer_sensitivity
@@ -33,6 +33,6 @@ __all__ = [
     "svd_compress", "svdllm_compress", "mpo_compress", "btt_compress", "tensorgpt_embedding", "quantize_int8",
     "modegpt_compress",
     "layer_sensitivity", "choose_layers", "heal", "calibrate", "allocate", "nystrom_select", "cr_select",
-    "whitened_svd", "input_grams", "Calibration", "Target", "compress", "REGISTRY", "Method", "register",
+    "whitened_vo_svd", "input_grams", "Calibration", "Target", "compress", "REGISTRY", "Method", "register",
     "count_params", "count_bytes", "get_layer", "projection_names", "resolve_layers",
 ]
