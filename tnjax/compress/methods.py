@@ -57,6 +57,7 @@ from tnjax.core.decompositions import truncation_rank, ttm_svd
 from tnjax.core.ops import to_dense
 from tnjax.core.shapes import factorize
 from tnjax.core.whitening import (
+  btt_basis,
   btt_spectrum,
   whiten_with,
   whitened_basis,
@@ -617,8 +618,15 @@ def btt_compress(model: Decoder, *, rank: int | None = None, ratio: float | None
   def cap(name, layer, w, budget):
     return _btt_cap(*dims(w), _model.weights(layer), budget)
 
+  cache: dict[str, tuple] = {}
+
+  def basis(name, w, g):  # fit="data": the spectrum and the fit read one eigh of each layer's block matrices
+    if name not in cache:
+      cache[name] = btt_basis(w, *dims(w), g, fn=fn)
+    return cache[name]
+
   def spectrum(name, w, g):
-    return btt_spectrum(w, *dims(w), g if data else None)
+    return basis(name, w, g)[0] if data else btt_spectrum(w, *dims(w))
 
   def unit(w):
     return _btt_params(*dims(w), 1)
@@ -627,13 +635,17 @@ def btt_compress(model: Decoder, *, rank: int | None = None, ratio: float | None
     in_dims, out_dims = dims(w)
     full = min(in_dims[0], out_dims[1])
     r = min(_rtol_rank(spectrum(name, w, g), target.value) if r is None else r, full)
-    btt = whitened_btt(w, g, in_dims, out_dims, r) if data else btt_from_dense(w, in_dims, out_dims, r)
+    if data:
+      btt = whitened_btt(w, g, in_dims, out_dims, r, vectors=basis(name, w, g)[1])
+      cache.pop(name)  # the fit is a layer's last use of its eigenpairs
+    else:
+      btt = btt_from_dense(w, in_dims, out_dims, r)
     bias = _bias(layer)
     new = _with_bias(BTTLinear(*w.shape, btt=btt, use_bias=bias is not None, param_dtype=btt.dtype), bias,
                      w.shape[1])
     return new, LayerSpec(kind="btt", rank=r, in_dims=in_dims, out_dims=out_dims)
 
-  job = _Job(fn, target, names, fit_layer, cap, spectrum, unit, data)
+  job = _Job(fn, target, names, fit_layer, cap, spectrum, unit, data, forget=cache.clear)
   return _run(job, model, calib=calib, allocation=allocation, sequential=sequential, if_larger=if_larger)
 
 
