@@ -6,24 +6,32 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import tnjax.core.whitening
 from tests.compress.conftest import check_error_falls, rel_err
 from tnjax.compress import (
   btt_compress,
   choose_layers,
   count_bytes,
+  get_layer,
   heal,
+  input_grams,
   layer_sensitivity,
   modegpt_compress,
   mpo_compress,
   quantize_int8,
+  resolve_layers,
   svd_compress,
   svdllm_compress,
   tensorgpt_embedding,
 )
 from tnjax.compress.registry import compress
 from tnjax.compress.report import summary
+from tnjax.core.btt import btt_dims, btt_to_dense
+from tnjax.core.whitening import whitened_btt
 from tnjax.eval import perplexity
 from tnjax.interop import load_model, save_model
+from tnjax.models import GPT, preset
+from tnjax.models.decoder import dense_kernel
 from tnjax.nn import Int8Linear, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
 
 EXACT = [
@@ -381,3 +389,52 @@ def test_least_weights_from_shapes_equal_a_compression_at_the_smallest_ratio(tra
   allocation = options.pop("allocation", "uniform")
   assert m.least(model, names, allocation=allocation, **options) == _part_weights(small, names)
   assert _part_weights(small, names) < _part_weights(model, names)
+
+
+def _small_random_gpt():
+  """An untrained d_model=32 GPT and 192 calibration tokens (at least every layer's width)."""
+  cfg = preset("tiny", vocab_size=64, block_size=16, d_model=32, n_head=2)
+  return GPT(cfg, rngs=nnx.Rngs(0)), np.random.default_rng(0).integers(0, 64, (12, 16))
+
+
+@pytest.mark.parametrize("target", [{"rtol": 0.6}, {"ratio": 0.5, "allocation": "loss"}], ids=["rtol", "loss"])
+def test_btt_data_fit_eighs_each_layers_blocks_once(monkeypatch, target):
+  """The spectrum (of an rtol or of allocation="loss") and the fit read one eigendecomposition of each layer's
+  block matrices; they computed it twice."""
+  calls = []
+  blocks = tnjax.core.whitening._btt_blocks
+  monkeypatch.setattr(tnjax.core.whitening, "_btt_blocks", lambda *a: calls.append(1) or blocks(*a))
+  model, ids = _small_random_gpt()
+  btt_compress(model, fit="data", calib=ids, layers=["h.0.mlp.c_fc"], if_larger="allow", **target)
+  assert len(calls) == 1
+
+
+# (rank, ||W||_F, sum(W)) of each layer of btt_compress(fit="data") on `_small_random_gpt`, from the code before
+# the spectrum and the fit shared their eigendecomposition (commit ccff23a, under these tests' XLA flags: the
+# new code gives the same kernels bit for bit there).
+BTT_DATA_BEFORE = {
+    "rtol": [(3, 0.9672320690391416, 0.695149224193301), (2, 0.2661894272510801, -0.3634239946724449),
+             (3, 1.0444439934962122, 0.4204074986628257), (3, 0.6885622421870078, 0.7089427572842624),
+             (3, 0.938504031507662, 0.030339088873006403), (2, 0.2831545808290214, 0.37746063318422785),
+             (3, 1.0592520738953455, 1.3081576666954788), (3, 0.7265682441475504, -0.41178352450094735)],
+    "loss": [(3, 0.9672320690391416, 0.695149224193301), (3, 0.2952125311223839, -0.6237106367188971),
+             (3, 1.0444439934962122, 0.4204074986628257), (2, 0.5735182213935808, 0.499109440203938),
+             (3, 0.938504031507662, 0.030339088873006403), (3, 0.3109304886034307, 0.5399804081607726),
+             (2, 0.920585485680859, 0.41911694080954476), (2, 0.640535742843694, 0.4626314444857371)],
+}
+
+
+@pytest.mark.parametrize("key, target", [("rtol", {"rtol": 0.6}), ("loss", {"ratio": 0.5, "allocation": "loss"})])
+def test_btt_data_fit_is_unchanged_and_equals_the_float64_fit(key, target):
+  model, ids = _small_random_gpt()
+  small = btt_compress(model, fit="data", calib=ids, if_larger="allow", **target)
+  grams = input_grams(model, ids).grams
+  names = resolve_layers("test", model.config, None)
+  for name, (rank, norm, total) in zip(names, BTT_DATA_BEFORE[key], strict=True):
+    layer = get_layer(small, name)
+    w = np.asarray(dense_kernel(layer), np.float64)
+    assert layer.rank == rank, name
+    np.testing.assert_allclose([np.linalg.norm(w), w.sum()], [norm, total], rtol=1e-5, atol=1e-5, err_msg=name)
+    w0 = np.asarray(dense_kernel(get_layer(model, name)), np.float64)
+    ref = btt_to_dense(whitened_btt(w0, grams[name], *btt_dims(*w0.shape), rank))[: w0.shape[0], : w0.shape[1]]
+    np.testing.assert_allclose(w, np.asarray(ref), atol=1e-4 * np.abs(ref).max(), err_msg=name)

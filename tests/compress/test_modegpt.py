@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tests.hf_fixtures import hf_logits
-from tnjax.compress import allocate, calibrate, cr_select, modegpt_compress, nystrom_select, whitened_svd
+from tnjax.compress import allocate, calibrate, cr_select, modegpt_compress, nystrom_select, whitened_vo_svd
 
 
 def test_nystrom_is_the_least_squares_refit(rng):
@@ -52,12 +52,12 @@ def test_cr_keeps_the_largest_column_products(rng):
   assert full.tolist() == [list(range(6))] * 2
 
 
-def test_whitened_svd_is_optimal_in_the_data_norm(rng):
+def test_whitened_vo_svd_is_optimal_in_the_data_norm(rng):
   x = rng.normal(size=(200, 16)) @ rng.normal(size=(16, 16))
   w_v, w_o = rng.normal(size=(16, 4)), rng.normal(size=(4, 16))
   s = np.linalg.svd(x @ w_v @ w_o, compute_uv=False)
   for k in (1, 2, 3, 4):
-    a, b = whitened_svd(x.T @ x, w_v, w_o, k, ridge=0.0)
+    a, b = whitened_vo_svd(x.T @ x, w_v, w_o, k, ridge=0.0)
     assert a.shape == (16, k) and b.shape == (k, 16)
     err2 = np.linalg.norm(x @ (w_v @ w_o - a @ b)) ** 2
     assert err2 == pytest.approx(np.sum(s[k:] ** 2), rel=1e-6, abs=1e-8 * np.sum(s**2))
@@ -98,3 +98,13 @@ def test_modegpt_exports_to_hugging_face_as_dense(trained, ids, tmp_path):
   save_hf_gpt2(small, tmp_path / "hf")
   hf = GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
   np.testing.assert_allclose(hf_logits(hf, ids), small(ids), atol=1e-4)
+
+
+def test_the_old_name_of_whitened_vo_svd_still_works_with_a_deprecation_warning():
+  import tnjax.compress
+
+  with pytest.warns(DeprecationWarning, match=r"tnjax.compress.whitened_svd is deprecated: it is "
+                                               r"tnjax.compress.whitened_vo_svd"):
+    assert tnjax.compress.whitened_svd is whitened_vo_svd
+  with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+    tnjax.compress.no_such_name  # noqa: B018

@@ -273,6 +273,38 @@ def test_truncate_errors():
     tnjax.truncate(list(tt.cores))
 
 
+@pytest.mark.parametrize("rtol", [0.0, 0.05, 0.3, 0.7, 1.0, 2.0])
+def test_truncation_rank_is_the_smallest_rank_within_the_budget(rng, rtol):
+  s2 = np.sort(rng.random(12) ** 4)[::-1]
+  # Brute force: the first r whose tail sum(s2[r:]) is within rtol^2 of the total, at least 1.
+  want = max(next(r for r in range(13) if s2[r:].sum() <= rtol * rtol * s2.sum()), 1)
+  assert int(tnjax.core.truncation_rank(s2, rtol)) == want
+  assert int(jax.jit(tnjax.core.truncation_rank, static_argnums=1)(jnp.asarray(s2), rtol)) == want
+  # A budget split over bonds and relative to another norm, as TT-SVD asks it.
+  split = max(next(r for r in range(13) if s2[r:].sum() <= rtol * rtol / 3 * 10.0), 1)
+  assert int(tnjax.core.truncation_rank(s2, rtol, norm2=10.0, num_bonds=3)) == split
+
+
+@EAGER_AND_JIT
+def test_balanced_svd_is_the_truncated_svd_split_evenly(rng, jit):
+  a = rng.standard_normal((9, 6))
+  u, v = _maybe_jit(tnjax.core.balanced_svd, jit, max_rank=4)(a)
+  uu, s, vt = np.linalg.svd(a, full_matrices=False)
+  np.testing.assert_allclose(u @ v, (uu[:, :4] * s[:4]) @ vt[:4], atol=1e-10)
+  np.testing.assert_allclose(np.linalg.norm(u, axis=0), np.sqrt(s[:4]), rtol=1e-10)
+  np.testing.assert_allclose(np.linalg.norm(v, axis=1), np.sqrt(s[:4]), rtol=1e-10)
+
+
+def test_balanced_svd_rtol_and_errors(rng):
+  a = rng.standard_normal((8, 7))
+  u, v = tnjax.core.balanced_svd(a, rtol=0.3)
+  assert rel_err(u @ v, a) <= 0.3 and u.shape[1] < 7
+  with pytest.raises(ValueError, match=r"balanced_svd: a.shape=\(4,\) but a 2-d matrix \(m, n\) is expected"):
+    tnjax.core.balanced_svd(np.ones(4))
+  with pytest.raises(ValueError, match=r"tt_svd: rtol=-1"):
+    tnjax.core.balanced_svd(a, rtol=-1.0)
+
+
 def _decaying(rng, m, n, power=0.5):
   """A matrix with singular values i^-power, like trained weights (slow decay)."""
   k = min(m, n)

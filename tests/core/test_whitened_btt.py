@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tnjax.core.btt import btt_from_dense, btt_to_dense
-from tnjax.core.whitening import FLOOR, btt_spectrum, whitened_btt
+from tnjax.core.whitening import FLOOR, btt_basis, btt_spectrum, whitened_btt
 
 IN, OUT = (4, 6), (4, 5)  # m = 24, n = 20: blocks of 4 x 5, full rank 4
 
@@ -138,3 +138,16 @@ def test_errors(call, match):
   x = _inputs(0)
   with pytest.raises(ValueError, match=match):
     call(w, jnp.asarray(x.T @ x))
+
+
+def test_basis_gives_the_spectrum_and_the_fits_eigenvectors():
+  w = jnp.asarray(np.random.default_rng(3).standard_normal((22, 17)))
+  x = _inputs(3, m=22)
+  g = jnp.asarray(x.T @ x)
+  s, vectors = btt_basis(w, IN, OUT, g)
+  np.testing.assert_array_equal(np.asarray(s), np.asarray(btt_spectrum(w, IN, OUT, g)))
+  for rank in (1, 3):
+    np.testing.assert_array_equal(_dense(whitened_btt(w, g, IN, OUT, rank, vectors=vectors), w.shape),
+                                  _dense(whitened_btt(w, g, IN, OUT, rank), w.shape))
+  with pytest.raises(ValueError, match=r"whitened_btt: vectors.shape=\(6, 4, 5, 3\) but \(6, 4, 5, 4\) is expected"):
+    whitened_btt(w, g, IN, OUT, 2, vectors=vectors[..., :3])

@@ -26,7 +26,7 @@ from tnjax.compress.methods import (
     svdllm_compress,
     tensorgpt_embedding,
 )
-from tnjax.compress.modegpt import calibrate, cr_select, modegpt_compress, nystrom_select, whitened_svd
+from tnjax.compress.modegpt import calibrate, cr_select, modegpt_compress, nystrom_select, whitened_vo_svd
 from tnjax.compress.registry import REGISTRY, Method, compress, register
 from tnjax.compress.targets import Target, allocate
 from tnjax.compress.tuning import choose_layers, heal, layer_sensitivity
@@ -35,6 +35,19 @@ __all__ = [
     "svd_compress", "svdllm_compress", "mpo_compress", "btt_compress", "tensorgpt_embedding", "quantize_int8",
     "modegpt_compress",
     "layer_sensitivity", "choose_layers", "heal", "calibrate", "allocate", "nystrom_select", "cr_select",
-    "whitened_svd", "input_grams", "Calibration", "Target", "compress", "REGISTRY", "Method", "register",
+    "whitened_vo_svd", "input_grams", "Calibration", "Target", "compress", "REGISTRY", "Method", "register",
     "progress_bars", "count_params", "count_bytes", "get_layer", "projection_names", "resolve_layers",
 ]
+
+
+def __getattr__(name: str):
+  """Deprecated names: ``whitened_svd`` was MoDeGPT's joint value-output fit, now `whitened_vo_svd` (the name is
+  `tnjax.core.whitening.whitened_svd`'s, a different problem)."""
+  if name == "whitened_svd":
+    import warnings
+
+    warnings.warn("tnjax.compress.whitened_svd is deprecated: it is tnjax.compress.whitened_vo_svd (MoDeGPT's "
+                  "joint value-output fit); tnjax.core.whitening.whitened_svd is the single-matrix fit",
+                  DeprecationWarning, stacklevel=2)
+    return whitened_vo_svd
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -54,10 +54,11 @@ from tnjax.compress.targets import (
 )
 from tnjax.core import _checks, fused
 from tnjax.core.btt import btt_dims, btt_from_dense
-from tnjax.core.decompositions import ttm_svd
+from tnjax.core.decompositions import truncation_rank, ttm_svd
 from tnjax.core.ops import to_dense
 from tnjax.core.shapes import factorize
 from tnjax.core.whitening import (
+  btt_basis,
   btt_spectrum,
   whiten_with,
   whitened_basis,
@@ -240,10 +241,9 @@ def _warn_refactored(fn: str, cfg, names, layers, kind: str) -> None:
 
 
 def _rtol_rank(sv, rtol: float) -> int:
-  """The smallest rank whose discarded energy ``sum(sv[r:]**2)`` is within ``rtol**2`` of the total."""
-  s2 = np.asarray(sv, np.float64) ** 2
-  tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
-  return max(int(np.argmax(tail <= rtol * rtol * s2.sum())), 1)
+  """`truncation_rank` of singular values read back to the host in float64: the rank a fit slices to (a shape,
+  so a host int) keeping ``sum(sv[r:]**2) <= rtol**2 sum(sv**2)``."""
+  return int(truncation_rank(np.asarray(sv, np.float64) ** 2, rtol))
 
 
 def _balanced(w, vt, rank: int) -> tuple[jax.Array, jax.Array]:
@@ -619,8 +619,15 @@ def btt_compress(model: Decoder, *, rank: int | None = None, ratio: float | None
   def cap(name, layer, w, budget):
     return _btt_cap(*dims(w), _model.weights(layer), budget)
 
+  cache: dict[str, tuple] = {}
+
+  def basis(name, w, g):  # fit="data": the spectrum and the fit read one eigh of each layer's block matrices
+    if name not in cache:
+      cache[name] = btt_basis(w, *dims(w), g, fn=fn)
+    return cache[name]
+
   def spectrum(name, w, g):
-    return btt_spectrum(w, *dims(w), g if data else None)
+    return basis(name, w, g)[0] if data else btt_spectrum(w, *dims(w))
 
   def unit(w):
     return _btt_params(*dims(w), 1)
@@ -629,13 +636,17 @@ def btt_compress(model: Decoder, *, rank: int | None = None, ratio: float | None
     in_dims, out_dims = dims(w)
     full = min(in_dims[0], out_dims[1])
     r = min(_rtol_rank(spectrum(name, w, g), target.value) if r is None else r, full)
-    btt = whitened_btt(w, g, in_dims, out_dims, r) if data else btt_from_dense(w, in_dims, out_dims, r)
+    if data:
+      btt = whitened_btt(w, g, in_dims, out_dims, r, vectors=basis(name, w, g)[1])
+      cache.pop(name)  # the fit is a layer's last use of its eigenpairs
+    else:
+      btt = btt_from_dense(w, in_dims, out_dims, r)
     bias = _bias(layer)
     new = _with_bias(BTTLinear(*w.shape, btt=btt, use_bias=bias is not None, param_dtype=btt.dtype), bias,
                      w.shape[1])
     return new, LayerSpec(kind="btt", rank=r, in_dims=in_dims, out_dims=out_dims)
 
-  job = _Job(fn, target, names, fit_layer, cap, spectrum, unit, data)
+  job = _Job(fn, target, names, fit_layer, cap, spectrum, unit, data, forget=cache.clear)
   return _run(job, model, calib=calib, allocation=allocation, sequential=sequential, if_larger=if_larger)
 
 

@@ -144,8 +144,11 @@ def _value_output_factors(c, w_v, w_o, ridge):
   return jax.vmap(head)(w_v, w_o)
 
 
-def whitened_svd(c, w_v, w_o, k: int, *, ridge: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+def whitened_vo_svd(c, w_v, w_o, k: int, *, ridge: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
   """Type III: the rank-k ``W_V' W_O'`` closest to ``W_V W_O`` in the data norm ``||X (.)||_F`` with ``C = X^T X``.
+
+  A joint fit of one head's value-output product (its SVD in the metric of ``C``), where
+  [`whitened_svd`][tnjax.core.whitening.whitened_svd] fits a single layer's weight.
 
   Args:
     c: input correlation (d, d).
@@ -163,7 +166,7 @@ def whitened_svd(c, w_v, w_o, k: int, *, ridge: float = 1e-4) -> tuple[np.ndarra
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
     >>> x, wv, wo = rng.normal(size=(50, 8)), rng.normal(size=(8, 3)), rng.normal(size=(3, 8))
-    >>> a, b = whitened_svd(x.T @ x, wv, wo, 3, ridge=0.0)  # full rank: exact
+    >>> a, b = whitened_vo_svd(x.T @ x, wv, wo, 3, ridge=0.0)  # full rank: exact
     >>> a.shape, b.shape, bool(np.allclose(x @ a @ b, x @ wv @ wo, atol=1e-3))
     ((8, 3), (3, 8), True)
   """

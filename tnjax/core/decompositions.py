@@ -6,7 +6,7 @@ Rank selection
 traces under ``jax.jit``. A cap larger than the largest useful rank at a bond
 (``min(prod(left dims), prod(right dims))``) is clamped to it.
 
-``rtol`` asks for ``||x - to_dense(tt)||_F <= rtol * ||x||_F``. The budget is
+``rtol`` asks for ``||x - to_dense(tt)||_F <= rtol * ||x||_F`` (`truncation_rank`). The budget is
 split evenly over the d - 1 truncations (each may drop singular values of
 total energy ``(rtol * ||x||)^2 / (d - 1)``), which gives the bound by
 Oseledets (2011), Theorem 2.2. Where the ranks it needs are chosen depends on
@@ -93,14 +93,48 @@ def _gram_factors(a: jax.Array):
 METHODS = ("svd", "gram")
 
 
-def _truncated_svd(a: jax.Array, cap: int | None, delta2, method: str = "svd") -> tuple[jax.Array, jax.Array]:
+def truncation_rank(s2, rtol: float, *, norm2=None, num_bonds: int = 1):
+  """The smallest rank ``r >= 1`` whose discarded energy ``sum(s2[r:])`` is at most ``(rtol**2 / num_bonds) *
+  norm2``: the one truncation rule of every fit (TT-SVD, `truncate`, the low-rank, BTT and embedding fits of
+  `tnjax.compress`).
+
+  Keeping that rank bounds the relative Frobenius error of one truncation by ``rtol / sqrt(num_bonds)``; TT-SVD
+  splits its budget over its ``d - 1`` bonds (module docstring), a single matrix has ``num_bonds=1``.
+
+  Args:
+    s2: squared singular values (or any per-rank energies, such as `btt_spectrum`'s squared), descending, (k,).
+      A NumPy array is counted on the host in its own dtype (the fits pass float64); a JAX array on its device,
+      and under ``jit`` too (the rank is then a traced int, for a mask).
+    rtol: relative Frobenius error bound, >= 0.
+    norm2: the squared norm ``rtol`` is relative to; None: ``sum(s2)``, the matrix's own. TT-SVD passes the
+      whole tensor's, of which a later bond's unfolding holds only part.
+    num_bonds: how many truncations share the budget.
+
+  Returns:
+    The rank: an int-valued scalar array, at most ``k`` (a tail of zero energy, ``sum(s2[k:])``, always fits).
+
+  Examples:
+    >>> import numpy as np
+    >>> int(truncation_rank(np.array([9.0, 4.0, 1.0]), rtol=0.3))  # drops 1 of 14: 1 <= 0.09 * 14
+    2
+  """
+  norm2 = s2.sum() if norm2 is None else norm2
+  delta2 = (rtol * rtol / num_bonds) * norm2
+  # Array methods, not jnp functions: a NumPy float64 spectrum stays float64 on the host (jnp would round it
+  # to float32 without x64), a JAX one stays traceable. tail2[i] = ||s[i:]||^2 never increases with i.
+  tail2 = s2[::-1].cumsum()[::-1]
+  return jnp.maximum((tail2 > delta2).sum(), 1)
+
+
+def _truncated_svd(a: jax.Array, cap: int | None, method: str = "svd", *, rtol: float | None = None, norm2=None,
+                   num_bonds: int = 1) -> tuple[jax.Array, jax.Array]:
   """Factors a (m, n) matrix as u (m, r) @ sv (r, n), truncated by a cap and a tolerance.
 
   Args:
     a: the matrix.
     cap: static upper bound on r, or None.
-    delta2: squared Frobenius error allowed (array or float), or None.
     method: "svd" (LAPACK / cuSOLVER SVD) or "gram" (eigh of the smaller Gram matrix).
+    rtol, norm2, num_bonds: the tolerance of `truncation_rank` (None: none).
 
   Returns:
     ``(u, sv)`` with orthonormal (or, under the mask, zero-padded) columns in u.
@@ -108,9 +142,8 @@ def _truncated_svd(a: jax.Array, cap: int | None, delta2, method: str = "svd") -
   s2, factors = (_gram_factors if method == "gram" else _svd_factors)(a)
   r = s2.shape[0] if cap is None else min(cap, s2.shape[0])
   mask = None
-  if delta2 is not None:
-    tail2 = jnp.cumsum(s2[::-1])[::-1]  # tail2[i] = ||s[i:]||^2
-    needed = jnp.maximum(jnp.sum(tail2 > delta2), 1)
+  if rtol is not None:
+    needed = truncation_rank(s2, rtol, norm2=norm2, num_bonds=num_bonds)
     if _checks.is_concrete(needed):
       r = min(r, int(needed))
     else:
@@ -125,12 +158,6 @@ def _check_method(fn: str, method: str) -> str:
   if method not in METHODS:
     raise ValueError(f"{fn}: method={method!r} but one of {METHODS} is expected")
   return method
-
-
-def _bond_delta2(total_norm2, rtol: float | None, num_bonds: int):
-  if rtol is None or num_bonds == 0:
-    return None
-  return (rtol * rtol / num_bonds) * total_norm2
 
 
 def tt_svd(x, max_rank=None, rtol=None, method: str = "svd") -> TensorTrain:
@@ -180,16 +207,54 @@ def tt_svd(x, max_rank=None, rtol=None, method: str = "svd") -> TensorTrain:
   method = _check_method(fn, method)
   _checks.check_finite(fn, "x", x)
   x, exponent = _power_of_two_scaled(x)
-  delta2 = _bond_delta2(jnp.sum(x * x), rtol, len(dims) - 1)
+  norm2 = jnp.sum(x * x)
 
   cores = []
   rest = x.reshape(1, -1)
   for k, n in enumerate(dims[:-1]):
     r_prev = rest.shape[0]
-    u, rest = _truncated_svd(rest.reshape(r_prev * n, -1), caps[k], delta2, method)
+    u, rest = _truncated_svd(rest.reshape(r_prev * n, -1), caps[k], method, rtol=rtol, norm2=norm2,
+                             num_bonds=len(dims) - 1)
     cores.append(u.reshape(r_prev, n, u.shape[1]))
   cores.append(rest.reshape(rest.shape[0], dims[-1], 1))
   return TensorTrain(_spread_exponent(cores, exponent))
+
+
+def balanced_svd(a, max_rank=None, rtol=None) -> tuple[jax.Array, jax.Array]:
+  """Truncated SVD ``U S V^T`` of a matrix, split with balanced scales: ``u = U sqrt(S)``, ``v = sqrt(S) V^T``.
+
+  The rank is chosen as `tt_svd`'s of the matrix (a cap and/or a relative Frobenius tolerance; exact with
+  neither), and so is where: eagerly ``u`` and ``v`` have the rank needed, under ``jit`` the masked buffer.
+
+  Args:
+    a: (m, n), real floating (integers promoted).
+    max_rank: static cap on r.
+    rtol: relative Frobenius error bound ``||a - u v||_F <= rtol ||a||_F``.
+
+  Returns:
+    ``u`` (m, r) and ``v`` (r, n), column k of ``u`` and row k of ``v`` both of norm ``sqrt(s_k)``.
+
+  Raises:
+    ValueError: ``a`` is not 2-d, and as `tt_svd`.
+
+  Complexity:
+    One thin SVD of ``a``: O(m n min(m, n)).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> u, v = balanced_svd(jnp.diag(jnp.array([4.0, 1.0, 0.0])), max_rank=2)
+    >>> u.shape, v.shape, [round(float(x), 4) for x in jnp.linalg.norm(u, axis=0)]
+    ((3, 2), (2, 3), [2.0, 1.0])
+  """
+  fn = "balanced_svd"
+  a = jnp.asarray(a)
+  if a.ndim != 2:
+    raise ValueError(f"{fn}: a.shape={a.shape} but a 2-d matrix (m, n) is expected")
+  left, right = tt_svd(a, max_rank=max_rank, rtol=rtol).cores
+  sv = right[..., 0]  # (r, n) = S V^T, rows scaled by the singular values
+  root = jnp.sqrt(jnp.linalg.norm(sv, axis=1))
+  safe = jnp.where(root > 0, root, 1)
+  return left[0] * root[None, :], sv / safe[:, None]
 
 
 _SCALE_BEYOND = 60  # |x| past 2**60 or below 2**-60 is scaled before the SVDs; between, nothing changes
@@ -369,10 +434,11 @@ def truncate(tt: TT, max_rank=None, rtol=None) -> TT:
   rtol = _checks.check_rtol(fn, rtol)
   cores = list(as_tt(tt).cores)
   _orthogonalize_right(cores, 0)
-  delta2 = _bond_delta2(jnp.sum(cores[0] * cores[0]), rtol, len(cores) - 1)
+  norm2 = jnp.sum(cores[0] * cores[0])
   for k in range(len(cores) - 1):
     r, n, r_next = cores[k].shape
-    u, sv = _truncated_svd(cores[k].reshape(r * n, r_next), caps[k], delta2)
+    u, sv = _truncated_svd(cores[k].reshape(r * n, r_next), caps[k], rtol=rtol, norm2=norm2,
+                           num_bonds=len(cores) - 1)
     cores[k] = u.reshape(r, n, u.shape[1])
     cores[k + 1] = jnp.tensordot(sv, cores[k + 1], axes=1)
   return like(tt, TensorTrain(tuple(cores)))

@@ -375,11 +375,44 @@ def _btt_blocks(w4, g4, full: int):
   return jnp.maximum(lam[..., ::-1][..., :full], 0), vec[..., ::-1][..., :full]
 
 
+def btt_basis(w, in_dims, out_dims, gram=None, *, floor: float = FLOOR,
+              fn: str = "btt_basis") -> tuple[jax.Array, jax.Array]:
+  """The BTT spectrum (`btt_spectrum`) and the block eigenvectors the fits keep, from one batched ``eigh``: per
+  block ``B = w4[:, i2, j1, :]`` the eigendecomposition of ``B^T G_i2 B`` (``B^T B`` with ``gram=None``), as
+  `whitened_basis` is for a low-rank fit. One call serves an allocation's spectrum and
+  [`whitened_btt`][tnjax.core.whitening.whitened_btt] at any rank (its ``vectors``).
+
+  Args:
+    w: (M, N) with M <= m1 m2 and N <= n1 n2 (zero-padded).
+    in_dims, out_dims: (m1, m2) and (n1, n2).
+    gram: None (the weight metric), (M, M) ``X^T X`` or (M,) a diagonal; made definite as in `whitened_btt`.
+    floor: the relative diagonal loading of `whitened_btt`.
+    fn: the caller named in errors.
+
+  Returns:
+    ``s`` (k,), the spectrum, descending, and ``vectors`` (m2, n1, n2, k), each block's eigenvectors in
+    descending order of their values; ``k = min(m1, n2)``.
+
+  Complexity:
+    ``m2 n1`` eigendecompositions of size ``n2`` (batched), after ``m^2 n / m2``-ish multiply-adds for the block
+    matrices.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> s, vectors = btt_basis(jnp.eye(4), (2, 2), (2, 2))
+    >>> [round(float(v), 4) for v in s], vectors.shape
+    ([2.0, 0.0], (2, 2, 2, 2))
+  """
+  w4, g4 = _btt_setup(fn, w, gram, in_dims, out_dims, floor)
+  lam, vectors = _btt_blocks(w4, g4, min(w4.shape[0], w4.shape[3]))
+  return jnp.sqrt(jnp.sum(lam, axis=(0, 1))), vectors
+
+
 def btt_spectrum(w, in_dims, out_dims, gram=None, *, floor: float = FLOOR) -> jax.Array:
   """The BTT analogue of singular values: ``s[k] = sqrt(sum over blocks of block k-th energy)``, descending, so
   that a rank-r BTT fit (`whitened_btt` before its refit, or `tnjax.core.btt.btt_from_dense`) loses
   ``sum(s[r:]**2)`` of squared error: of the weights (``gram=None``), or of the outputs in the metric of the
-  gram's diagonal blocks (each input block ``i2`` on its own).
+  gram's diagonal blocks (each input block ``i2`` on its own). `btt_basis`'s first half.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -387,13 +420,11 @@ def btt_spectrum(w, in_dims, out_dims, gram=None, *, floor: float = FLOOR) -> ja
     >>> [round(float(v), 4) for v in s]
     [2.0, 0.0]
   """
-  fn = "btt_spectrum"
-  w4, g4 = _btt_setup(fn, w, gram, in_dims, out_dims, floor)
-  lam, _ = _btt_blocks(w4, g4, min(w4.shape[0], w4.shape[3]))
-  return jnp.sqrt(jnp.sum(lam, axis=(0, 1)))
+  return btt_basis(w, in_dims, out_dims, gram, floor=floor, fn="btt_spectrum")[0]
 
 
-def whitened_btt(w, gram, in_dims, out_dims, rank: int, *, refit: bool = True, floor: float = FLOOR) -> BlockTT:
+def whitened_btt(w, gram, in_dims, out_dims, rank: int, *, refit: bool = True, floor: float = FLOOR,
+                 vectors=None) -> BlockTT:
   """A rank-``rank`` Block-TT fit of ``w`` that minimizes the output error ``||X (w - W_btt)||_F`` on inputs
   whose Gram is ``gram``.
 
@@ -416,6 +447,8 @@ def whitened_btt(w, gram, in_dims, out_dims, rank: int, *, refit: bool = True, f
     rank: static, 1 <= rank <= min(m1, n2).
     refit: run step 2 (the default); False gives step 1 alone.
     floor: the relative diagonal loading above.
+    vectors: None, or `btt_basis`'s ``vectors`` of this ``w``, ``gram`` and ``floor``, computed already (for
+      the spectrum an allocation or an rtol read): step 1 then reuses them instead of a second ``eigh``.
 
   Returns:
     A `BlockTT` whose two cores have equal norms per (block, rank index).
@@ -440,7 +473,14 @@ def whitened_btt(w, gram, in_dims, out_dims, rank: int, *, refit: bool = True, f
   in_dims, out_dims, rank = check_btt_dims(fn, in_dims, out_dims, rank)
   w4, g4 = _btt_setup(fn, w, gram, in_dims, out_dims, floor)
   m2, n2 = in_dims[1], out_dims[1]
-  _, v = _btt_blocks(w4, g4, rank)  # (m2, n1, n2, r)
+  if vectors is None:
+    _, v = _btt_blocks(w4, g4, rank)  # (m2, n1, n2, r)
+  else:
+    want = (m2, out_dims[0], n2, min(in_dims[0], n2))
+    if tuple(vectors.shape) != want:
+      raise ValueError(f"{fn}: vectors.shape={tuple(vectors.shape)} but {want} is expected (btt_basis of w and "
+                       "gram)")
+    v = vectors[..., :rank]
   left = jnp.einsum("iyjl,yjla->yiaj", w4, v)  # (m2, m1, r, n1)
   right = jnp.transpose(v, (1, 3, 0, 2))  # (n1, r, m2, n2)
   if refit:

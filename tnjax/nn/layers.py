@@ -26,7 +26,7 @@ from tnjax.core.btt import (
     random_btt,
 )
 from tnjax.core.contraction import H100, PATHS, CostModel, gather_rows, matvec, path_flops
-from tnjax.core.decompositions import tt_svd, ttm_svd
+from tnjax.core.decompositions import balanced_svd, tt_svd, ttm_svd
 from tnjax.core.initializers import random_tt, random_ttm
 from tnjax.core.ops import to_dense, transpose
 from tnjax.core.shapes import factorize, pad_last
@@ -624,17 +624,13 @@ def _low_rank_factors(fn: str, rows: tuple[str, int], cols: tuple[str, int], *, 
   return u, v
 
 
-def _svd_factors(fn: str, name: str, layout: str, matrix, rank, rtol) -> tuple[jax.Array, jax.Array]:
-  """Truncated SVD ``U S V^T`` of a 2-d ``matrix`` (rank cap and/or relative Frobenius tolerance, as `tt_svd`),
-  split with balanced scales as ``u = U sqrt(S)``, ``v = sqrt(S) V^T``; ``layout`` names its axes in errors."""
+def _low_rank_fit(fn: str, name: str, layout: str, matrix, rank, rtol) -> tuple[jax.Array, jax.Array]:
+  """`balanced_svd` of a 2-d ``matrix`` (rank cap and/or relative Frobenius tolerance, as `tt_svd`);
+  ``layout`` names its axes in errors."""
   matrix = jnp.asarray(matrix)
   if matrix.ndim != 2:
     raise ValueError(f"{fn}: {name}.shape={matrix.shape} but a 2-d {layout} {name} is expected")
-  left, right = tt_svd(matrix, max_rank=rank, rtol=rtol).cores
-  sv = right[..., 0]  # (r, cols) = S V^T, rows scaled by the singular values
-  root = jnp.sqrt(jnp.linalg.norm(sv, axis=1))
-  safe = jnp.where(root > 0, root, 1)
-  return left[0] * root[None, :], sv / safe[:, None]
+  return balanced_svd(matrix, max_rank=rank, rtol=rtol)
 
 
 class LowRankLinear(nnx.Module):
@@ -676,7 +672,7 @@ class LowRankLinear(nnx.Module):
     """Truncated SVD of ``kernel`` (rank cap and/or relative Frobenius tolerance, as `tt_svd`),
     split as ``u = U sqrt(S)``, ``v = sqrt(S) V^T``."""
     kernel = jnp.asarray(kernel)
-    u, v = _svd_factors("LowRankLinear.from_dense", "kernel", "(in, out)", kernel, rank, rtol)
+    u, v = _low_rank_fit("LowRankLinear.from_dense", "kernel", "(in, out)", kernel, rank, rtol)
     layer = cls(*kernel.shape, u=u, v=v, use_bias=bias is not None, **kwargs)
     if bias is not None:
       layer.bias[...] = jnp.asarray(bias, layer.bias.dtype).reshape(kernel.shape[1])
@@ -771,7 +767,7 @@ class LowRankEmbedding(nnx.Module):
       ValueError: ``table`` is not 2-d (and as `tt_svd` for ``rank`` and ``rtol``).
     """
     table = jnp.asarray(table)
-    u, v = _svd_factors("LowRankEmbedding.from_dense", "table", "(vocab, features)", table, rank, rtol)
+    u, v = _low_rank_fit("LowRankEmbedding.from_dense", "table", "(vocab, features)", table, rank, rtol)
     return cls(*table.shape, u=u, v=v, **kwargs)
 
   @property
