@@ -273,18 +273,17 @@ def test_projections_sharing_an_input_share_one_whitening(monkeypatch, streamed)
 
 
 def test_progress_bars_count_blocks_layers_and_heal_steps_only_inside_progress_bars(trained, ids, tokens, capsys):
-  svdllm_compress(trained, ids, ratio=0.5)
   svd_compress(trained, ratio=0.5)
   assert capsys.readouterr().err == ""  # a library call prints nothing by default
   n = len(projection_names(trained.config))
   with progress_bars():
     svdllm_compress(trained, ids, ratio=0.5)  # streamed: the calibration pass fits block by block
     svd_compress(trained, ratio=0.5)
-    heal(trained, tokens[:4000], 2, batch_size=2)
+    heal(trained, tokens[:4000], 2, batch_size=2, block_size=16)
   err = capsys.readouterr().err
   assert "svdllm_compress: blocks" in err and f"{trained.config.n_layer}/{trained.config.n_layer}" in err
   assert "svd_compress: fit" in err and f"{n}/{n}" in err
   assert "heal" in err and "2/2" in err
   with progress_bars():
-    heal(trained, tokens[:4000], 1, batch_size=2, progress=False)  # the argument wins over the context
+    heal(trained, tokens[:4000], 1, batch_size=2, block_size=16, progress=False)  # the argument wins
   assert capsys.readouterr().err == ""

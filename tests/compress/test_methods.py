@@ -424,6 +424,7 @@ BTT_DATA_BEFORE = {
 }
 
 
+@pytest.mark.slow  # 36 s; by default the eigh-once test and tests/core/test_whitened_btt.py cover the fit
 @pytest.mark.parametrize("key, target", [("rtol", {"rtol": 0.6}), ("loss", {"ratio": 0.5, "allocation": "loss"})])
 def test_btt_data_fit_is_unchanged_and_equals_the_float64_fit(key, target):
   model, ids = _small_random_gpt()
