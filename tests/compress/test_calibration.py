@@ -164,7 +164,7 @@ STREAMED = [
 ]
 
 
-@pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
+@pytest.mark.parametrize("name", [pytest.param("tiny", marks=pytest.mark.slow), "llama-tiny"])  # GPT: slow run
 @pytest.mark.parametrize("method,make", STREAMED, ids=["svdllm", "mpo-data"])
 def test_fits_streamed_block_by_block_equal_the_fits_from_a_precomputed_calibration(name, method, make):
   model = _gpt_or_llama(name)

@@ -179,7 +179,7 @@ def test_algebra_errors(fn, args, match):
     fn(*args())
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(in_dims=st.lists(st.integers(1, 4), min_size=1, max_size=3), seed=st.integers(0, 1000),
        rank=st.integers(1, 4), batch=st.integers(1, 5))
 def test_matvec_property(in_dims, seed, rank, batch):

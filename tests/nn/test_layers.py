@@ -96,7 +96,7 @@ def test_embedding_init_std_matches_nnx_embed():
   assert abs(float(jnp.std(low.embedding)) / 0.02 - 1) < 0.1
 
 
-@pytest.mark.parametrize("vocab, features", [(60, 24), (101, 10)])
+@pytest.mark.parametrize("vocab, features", [pytest.param(60, 24, marks=pytest.mark.slow), (101, 10)])
 def test_tt_embedding_full_rank_reproduces_nnx_embed(vocab, features):
   ref = nnx.Embed(vocab, features, rngs=nnx.Rngs(0))
   emb = TTEmbedding.from_dense(ref.embedding[...])
