@@ -125,6 +125,20 @@ def test_blocks_give_every_projection_b_by_b_blocks_and_the_config_round_trips()
   assert back == cfg and back.spec("mlp.up_proj", 0).blocks == 4
 
 
+@pytest.mark.slow  # the config round trip above runs by default; this saves and loads the weights too
+def test_a_model_with_blocks_saves_and_loads_with_the_same_logits(tmp_path):
+  from tnjax.models import Llama
+
+  cfg = preset("llama-tiny", d_model=64, n_head=4, n_kv_head=2, d_ff=96, vocab_size=300, block_size=32,
+               layers={"*": {"kind": "btt", "rank": 4, "blocks": 4}})
+  model = Llama(cfg, rngs=nnx.Rngs(0))
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 300, (2, 9)), jnp.int32)
+  save_model(model, tmp_path / "native")
+  loaded = load_model(tmp_path / "native")
+  assert loaded.config.spec("mlp.up_proj", 0).blocks == 4
+  np.testing.assert_allclose(loaded(ids), model(ids), atol=1e-6)
+
+
 @pytest.mark.parametrize("spec,match", [
     ({"kind": "ttm", "rank": 2, "blocks": 4}, r"layers\['mlp.c_fc'\].blocks=4 but blocks are for kind 'btt', not "
                                               r"'ttm'"),
