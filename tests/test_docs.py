@@ -11,7 +11,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODULES = ["tnjax.core.initializers", "tnjax.core.shapes", "tnjax.nn.quant", "tnjax.models.config",
            "tnjax.core.tensor_train", "tnjax.core.contraction.fused", "tnjax.compress.targets", "tnjax.train.config",
-           "tnjax.data.tokenizer", "tnjax.data.cache", "tnjax.data.prefetch",
+           "tnjax.train.sharding", "tnjax.data.tokenizer", "tnjax.data.cache", "tnjax.data.prefetch",
            "tnjax._io", "tnjax.models.names", "tnjax.models.family", "tnjax.interop.hf_llama"]
 # Examples that build, train or compress models: several seconds each, so in the slow run (.ci/run runs it).
 SLOW_MODULES = ["tnjax.nn.layers", "tnjax.models.gpt", "tnjax.models.generate", "tnjax.compress.methods",

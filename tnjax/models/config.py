@@ -138,8 +138,9 @@ class DecoderConfig:
 
   ``vocab_size, block_size, n_layer, n_head, d_model, dropout, tie_embeddings, init_std, layers,
   attention_impl, dtype, dims, vocab_multiple, mup_base_width`` (see `GPTConfig`), and class attributes
-  ``FAMILY`` (the registry name, `tnjax.models.family`), ``PROJECTIONS`` (projection names of one block)
-  and ``BLOCK_DIMS`` (keys of ``dims``, each a positive integer).
+  ``FAMILY`` (the registry name, `tnjax.models.family`), ``PROJECTIONS`` (projection names of one block),
+  ``PROJECTION_AXES`` (each projection's input and output logical axes, `tnjax.nn.kinds.LOGICAL_AXES`, which
+  sharding rules map to mesh axes) and ``BLOCK_DIMS`` (keys of ``dims``, each a positive integer).
 
   The methods here are the config side of the model seam: `spec` and `projection_shape` (what a
   projection is), `block_dims`, `kv_heads`, JSON round trips.
@@ -147,6 +148,7 @@ class DecoderConfig:
 
   FAMILY = ""
   PROJECTIONS: tuple[str, ...] = ()
+  PROJECTION_AXES: dict[str, tuple[str, str]] = {}
   BLOCK_DIMS: tuple[str, ...] = ()
 
   def __post_init__(self):
@@ -433,6 +435,9 @@ class GPTConfig(DecoderConfig):
 
   FAMILY = "gpt2"
   PROJECTIONS = PROJECTIONS
+  # c_attn's output is queries, keys and values side by side, all of them heads
+  PROJECTION_AXES = {"attn.c_attn": ("embed", "heads"), "attn.c_proj": ("heads", "embed"),
+                     "mlp.c_fc": ("embed", "mlp"), "mlp.c_proj": ("mlp", "embed")}
   BLOCK_DIMS = BLOCK_DIMS
   __hash__ = DecoderConfig.__hash__  # a frozen dataclass would otherwise hash its (unhashable) dict fields
 

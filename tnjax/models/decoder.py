@@ -272,6 +272,8 @@ class Decoder(nnx.Module):
   """
 
   config: DecoderConfig
+  # The logical axes (rows, columns) of the matrices of modules outside the blocks, by attribute name.
+  MODULE_AXES = {"wte": ("vocab", "embed"), "lm_head": ("embed", "vocab")}
 
   @property
   def _name(self) -> str:
@@ -323,6 +325,44 @@ class Decoder(nnx.Module):
     if logits.shape[-1] == vocab:
       return logits
     return jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, jnp.asarray(-jnp.inf, logits.dtype))
+
+  def logical_axes(self) -> dict[str, tuple[str | None, ...]]:
+    """The logical axes (`tnjax.nn.kinds.LOGICAL_AXES` names, None where no rule shards) of every parameter, by
+    dotted name (as ``nnx.to_flat_state``), one per dimension: what `tnjax.train.sharding` maps to mesh axes.
+
+    A projection's are its kind's (`tnjax.nn.LayerKind.axes`) for the input and output axes of the config's
+    ``PROJECTION_AXES``; the embedding's and an untied head's for ``MODULE_AXES``; a norm's scale and bias
+    are "embed". A parameter of a module none of these covers (a kind without ``axes``) is absent: replicated.
+
+    Raises:
+      ValueError: for a projection the config's ``PROJECTION_AXES`` does not name.
+
+    Examples:
+      >>> from tnjax.models import GPT, preset
+      >>> axes = GPT(preset("tiny"), rngs=nnx.Rngs(0)).logical_axes()
+      >>> axes["h.0.mlp.c_fc.kernel"], axes["h.0.mlp.c_fc.bias"], axes["wte.embedding"], axes["ln_f.scale"]
+      (('embed', 'mlp'), ('mlp',), ('vocab', 'embed'), ('embed',))
+    """
+    out = {}
+    for path, node in nnx.iter_graph(self):
+      prefix = "".join(f"{p}." for p in path)
+      if isinstance(node, (nnx.LayerNorm, nnx.RMSNorm)):
+        out.update({prefix + k: ("embed",) for k in ("scale", "bias") if getattr(node, k, None) is not None})
+        continue
+      kind = kinds.kind_of(node)
+      if kind is None:
+        continue
+      if len(path) == 1 and path[0] in self.MODULE_AXES:
+        sides = self.MODULE_AXES[path[0]]
+      else:
+        name = ".".join(str(p) for p in path[2:])
+        if path[:1] != ("h",) or name not in self.config.PROJECTION_AXES:
+          raise ValueError(f"{self._name}.logical_axes: module {'.'.join(map(str, path))} is a {kind.name!r} layer "
+                           f"but {type(self.config).__name__}.PROJECTION_AXES has no {name!r} (it names "
+                           f"{sorted(self.config.PROJECTION_AXES)})")
+        sides = self.config.PROJECTION_AXES[name]
+      out.update({prefix + k: v for k, v in kind.axes(node, *sides).items()})
+    return out
 
   @property
   def embedding_table(self) -> jax.Array:

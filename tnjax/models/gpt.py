@@ -131,6 +131,8 @@ class GPT(Decoder):
     (2, 16, 512)
   """
 
+  MODULE_AXES = {**Decoder.MODULE_AXES, "wpe": (None, "embed")}  # positions: never sharded
+
   def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
     cfg, dtype = config, dtype_of(config)
     self.config = cfg

@@ -110,6 +110,10 @@ class LlamaConfig(DecoderConfig):
   FAMILY = "llama"
   PROJECTIONS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                  "mlp.down_proj")
+  PROJECTION_AXES = {"attn.q_proj": ("embed", "heads"), "attn.k_proj": ("embed", "kv_heads"),
+                     "attn.v_proj": ("embed", "kv_heads"), "attn.o_proj": ("heads", "embed"),
+                     "mlp.gate_proj": ("embed", "mlp"), "mlp.up_proj": ("embed", "mlp"),
+                     "mlp.down_proj": ("mlp", "embed")}
   BLOCK_DIMS = ("d_ff", "qk_dim", "v_dim", "rope_pairs")
   __hash__ = DecoderConfig.__hash__  # a frozen dataclass would otherwise hash its (unhashable) dict fields
 

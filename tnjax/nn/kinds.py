@@ -17,7 +17,9 @@ of the package:
     register(Kron())
 
 The built-in kinds are "dense", "ttm" (TT-matrix / MPO), "btt" (Block-TT),
-"lowrank" and "mps" (TensorGPT's embedding). A layer a kind builds needs a
+"lowrank" and "mps" (TensorGPT's embedding). Each kind also names the logical axes of
+its parameters (`LayerKind.axes`), which training's sharding rules map to
+mesh axes (`tnjax.train.sharding`). A layer a kind builds needs a
 ``kernel`` property (its dense (in, out) matrix, for export and
 compression), ``num_params`` and, where its cost is not a dense matmul's, a
 ``flops(rows)`` method. Saving and loading need nothing more: a model is
@@ -37,6 +39,11 @@ from tnjax.core.contraction import path_flops
 from tnjax.core.tensor_train import TTMatrix
 from tnjax.nn.layers import BTTLinear, LowRankEmbedding, LowRankLinear, MPSEmbedding, TTEmbedding, TTMLinear
 from tnjax.nn.quant import Int8Linear
+
+# Logical axes of parameters and activations: what a sharding rule maps to a mesh axis (`tnjax.train.sharding`).
+# "batch" is the activations' leading axis; the others are the model dimensions a parameter axis spans (a TT or
+# BTT core's mode: the dimension it factorizes). Bond (rank) axes have none and are never sharded.
+LOGICAL_AXES = ("batch", "embed", "mlp", "heads", "kv_heads", "vocab")
 
 
 class LayerKind:
@@ -79,6 +86,14 @@ class LayerKind:
   def fan_ins(self, layer: nnx.Module) -> dict[str, int]:
     """The fan-in of each hidden matrix of projection ``layer``, by parameter name relative to it (muP); {} for
     none."""
+    return {}
+
+  def axes(self, layer: nnx.Module, rows: str | None, cols: str | None) -> dict[str, tuple[str | None, ...]]:
+    """The logical axes (`LOGICAL_AXES` names, None for an axis no rule shards) of each parameter of ``layer``,
+    by parameter name relative to it (as `fan_ins`), one per dimension. ``rows`` and ``cols`` are the logical
+    axes of the matrix the layer stores: a projection's input and output (``("embed", "mlp")`` for an MLP's up
+    projection), an embedding's vocabulary and features (``("vocab", "embed")``). A TT or BTT core's mode
+    gets the axis of the dimension it factorizes. Default {}: every parameter replicated."""
     return {}
 
   def quantize(self, layer: nnx.Module):
@@ -213,6 +228,12 @@ class Dense(LayerKind):
   def fan_ins(self, layer):
     return {"kernel": layer.kernel.shape[0]} if isinstance(layer, nnx.Linear) else {}
 
+  def axes(self, layer, rows, cols):
+    if isinstance(layer, nnx.Embed):
+      return {"embedding": (rows, cols)}
+    out = {"kernel": (rows, cols)} if isinstance(layer, nnx.Linear) else {"q": (rows, cols), "scale": (None, cols)}
+    return {**out, **_bias_axes(layer, cols)}
+
   def flops(self, layer, rows):
     return 2 * rows * layer.in_features * layer.out_features
 
@@ -241,6 +262,11 @@ class TTM(LayerKind):
 
   def fan_ins(self, layer):
     return {} if _quantized(layer) else {f"cores.{k}": c.shape[0] * c.shape[1] for k, c in enumerate(layer.cores)}
+
+  def axes(self, layer, rows, cols):
+    # core k: (r[k], n_in[k], n_out[k], r[k+1]); int8 scales have the cores' shapes with size-1 leading axes
+    core = (None, rows, cols, None)
+    return {**_core_axes(layer, [core] * len(layer.cores)), **_bias_axes(layer, cols)}
 
   def quantize(self, layer):
     return TTMLinear(layer.in_features, layer.out_features, ttm=layer.ttm, use_bias=layer.bias is not None,
@@ -287,6 +313,10 @@ class BTT(LayerKind):
     left, right = layer.cores
     return {"cores.0": left.shape[1], "cores.1": right.shape[1] * right.shape[2]}
 
+  def axes(self, layer, rows, cols):
+    # left (m2, m1, r, n1): rows = (m1, m2); right (n1, r, m2, n2): cols = (n1, n2)
+    return {**_core_axes(layer, [(rows, rows, None, cols), (cols, None, rows, cols)]), **_bias_axes(layer, cols)}
+
 
 class LowRank(LayerKind):
   """``W = u @ v``: `LowRankLinear`, and `LowRankEmbedding` for the embedding (a rank above the smaller side is
@@ -306,6 +336,12 @@ class LowRank(LayerKind):
   def fan_ins(self, layer):
     return {} if _quantized(layer) else {"u": layer.u.shape[0], "v": layer.v.shape[0]}
 
+  def axes(self, layer, rows, cols):
+    # u (rows, r), v (r, cols); int8 scales: (1, r) and (1, cols)
+    factors = {"u": (rows, None), "v": (None, cols)}
+    scales = {} if getattr(layer, "scales", None) is None else {"scales.0": (None, None), "scales.1": (None, cols)}
+    return {**factors, **scales, **_bias_axes(layer, cols)}
+
   def quantize(self, layer):
     return LowRankLinear(layer.in_features, layer.out_features, u=layer.u[...], v=layer.v[...],
                          use_bias=layer.bias is not None, quant="int8")
@@ -320,9 +356,25 @@ class MPS(LayerKind):
   name, projection, embedding, per_bond_ranks, summary = "mps", False, True, True, "mps (embedding)"
   embeddings = (MPSEmbedding,)
 
+  def axes(self, layer, rows, cols):
+    # core k: (num_embeddings, r[k], n[k], r[k+1])
+    return {f"cores.{k}": (rows, None, cols, None) for k in range(len(layer.cores))}
+
   def embed(self, spec, cfg, rngs):
     return MPSEmbedding(cfg.vocab_size, cfg.d_model, rank=spec.rank_arg, feature_dims=spec.out_dims,
                         num_cores=spec.num_cores, std=cfg.init_std, dtype=_dtype(cfg), rngs=rngs)
+
+
+def _bias_axes(layer, cols) -> dict:
+  return {} if getattr(layer, "bias", None) is None else {"bias": (cols,)}
+
+
+def _core_axes(layer, axes: list) -> dict:
+  """Core k's logical axes ``axes[k]``, and its int8 scales' the same (their size-1 axes shard nowhere)."""
+  out = {f"cores.{k}": a for k, a in enumerate(axes)}
+  if getattr(layer, "scales", None) is not None:
+    out.update({f"scales.{k}": a for k, a in enumerate(axes)})
+  return out
 
 
 def _dtype(cfg):

@@ -11,9 +11,12 @@ import types
 import typing
 from typing import Any
 
+import jax
+
 from tnjax._io import read_json
 from tnjax.core import _checks
 from tnjax.data import SAMPLE_DIR
+from tnjax.train.sharding import check_rules, mesh_layout, resolve_rules
 
 _TTM16 = {"kind": "ttm", "rank": 16}
 PARAMETRIZATIONS = ("standard", "mup")
@@ -44,7 +47,18 @@ class TrainConfig:
     keep_every: also keep every checkpoint whose step is a multiple of this (0: only the last
       ``keep``), e.g. the branch points of a WSD run.
     dtype: computation dtype ("float32" or "bfloat16"; parameters and optimizer stay float32).
-    fsdp: shard parameters and optimizer state over devices, not only the batch.
+    fsdp: shard parameters and optimizer state over devices, not only the batch: the same as
+      ``sharding="fsdp"`` (it changes a "data" preset only; the others shard parameters already).
+    sharding: the preset of sharding rules (`tnjax.train.sharding.PRESETS`): "data" (data parallel),
+      "fsdp", or "fsdp_tp" (FSDP over mesh axis "data", tensor parallel over "model").
+    sharding_rules: rules over the preset's, logical axis ("batch", "embed", "mlp", "heads", "kv_heads",
+      "vocab") -> a mesh axis, a list of mesh axes, or null / [] (replicated), e.g.
+      ``{"vocab": null}``. A rule that does not divide a parameter's dimension leaves it replicated
+      (`tnjax.train.sharding`).
+    mesh_axes: names of the device mesh's axes; None: the preset's (["data"], or ["data", "model"] for
+      "fsdp_tp").
+    mesh_shape: the mesh's size along each of ``mesh_axes``, their product the device count; one may be -1
+      (the devices the others leave). None: every device on the first axis.
     log_every: steps between logged losses. Losses stay on the devices and a logged one is read (and checked:
       a NaN or infinite loss stops the run) at the next log step, one interval later, so the loop never waits
       for the step it has just dispatched: divergence is caught at most ``log_every`` steps after the step that
@@ -95,6 +109,10 @@ class TrainConfig:
   keep_every: int = 0
   seed: int = 0
   fsdp: bool = False
+  sharding: str = "data"
+  sharding_rules: dict[str, str | list[str] | None] = dataclasses.field(default_factory=dict)
+  mesh_axes: list[str] | None = None
+  mesh_shape: list[int] | None = None
   prefetch: int = 2
   parametrization: str = "standard"
   mup_base_width: int = 128
@@ -144,8 +162,35 @@ class TrainConfig:
     for name in ("train_files", "valid_files"):
       if not getattr(self, name):
         raise ValueError(f"{fn}: {name}=[] but at least one text file is expected")
+    self.sharding_layout()
     self.model_config(self.vocab_size)
     return self
+
+  @property
+  def sharding_preset(self) -> str:
+    """``sharding``, or "fsdp" for ``fsdp=true`` with the default "data"."""
+    return "fsdp" if self.fsdp and self.sharding == "data" else self.sharding
+
+  def sharding_layout(self, devices: int | None = None) -> tuple[tuple[str, ...], tuple[int, ...], dict]:
+    """(mesh axis names, mesh sizes, rules) of this run on ``devices`` devices (default ``jax.device_count()``,
+    which starts JAX's backend: call ``jax.distributed.initialize`` before, on several hosts). The rules map
+    every logical axis to a tuple of mesh axes (`tnjax.train.sharding.resolve_rules`).
+
+    Raises:
+      ValueError: an unknown preset or logical axis, a rule naming a mesh axis the mesh lacks, or a mesh shape
+        that does not match the device count.
+
+    Examples:
+      >>> axes, sizes, rules = TrainConfig(sharding="fsdp_tp", mesh_shape=[1, 1]).sharding_layout(1)
+      >>> axes, sizes, rules["mlp"], rules["embed"]
+      (('data', 'model'), (1, 1), ('model',), ('data',))
+    """
+    fn, preset = "TrainConfig", self.sharding_preset
+    rules = resolve_rules(preset, self.sharding_rules, fn)
+    devices = jax.device_count() if devices is None else devices
+    axes, sizes = mesh_layout(preset, self.mesh_axes, self.mesh_shape, devices, fn)
+    check_rules(fn, rules, axes, preset)
+    return axes, sizes, rules
 
   def model_config(self, vocab_size: int):
     """The model config this run builds (preset, overrides, layers, dtype, muP base width) for a tokenizer of
@@ -242,8 +287,9 @@ def apply_overrides(base: dict, overrides: list[str]) -> dict:
 # batches are the same, grad_accum only splits them; test files are read at the end). The schedule's fields change
 # the learning rates from the resumed step on, which `train` states; every other field is refused.
 RESUMABLE = ("steps", "out_dir", "lr", "min_lr_ratio", "warmup", "schedule", "decay_fraction", "weight_decay",
-             "grad_clip", "b1", "b2", "grad_accum", "fsdp", "eval_every", "log_every", "checkpoint_every", "keep",
-             "keep_every", "test_files", "prefetch")  # prefetch: when batches are made, not which
+             "grad_clip", "b1", "b2", "grad_accum", "fsdp", "sharding", "sharding_rules", "mesh_axes", "mesh_shape",
+             "eval_every", "log_every", "checkpoint_every", "keep", "keep_every", "test_files",
+             "prefetch")  # prefetch: when batches are made, not which
 
 
 def resolve(config_file: str | None = None, overrides: list[str] | None = None, *, resume: bool = False

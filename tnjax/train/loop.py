@@ -4,6 +4,7 @@ orbax checkpoints with exact resume, metrics, a loss plot and a report."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from tnjax.data.cache import file_sha256
 from tnjax.models import Decoder, build
 from tnjax.train.config import RESUMABLE, TrainConfig, saved_config
 from tnjax.train.mup import mup_multipliers, scale_by_multipliers
+from tnjax.train.sharding import entry, make_mesh, param_shardings
 
 
 def _name(path) -> str:
@@ -107,20 +109,16 @@ def make_optimizer(cfg: TrainConfig, params: dict, multipliers: dict | None = No
   return optax.chain(tx, scale_by_multipliers({k: float(multipliers.get(k, 1.0)) for k in params}))
 
 
-def param_shardings(params: dict, mesh, fsdp: bool) -> dict:
-  """Replicated, or (FSDP) each array split over the devices along its largest divisible axis."""
-  n = mesh.devices.size
+def _on_mesh(mesh, fn):
+  """``fn`` traced with ``mesh`` as the ambient mesh, so the fused TT-matrix kernels run under ``shard_map`` on each
+  device's rows (`tnjax.core.contraction.fused.row_axes`) instead of on every row everywhere."""
 
-  def spec(x):
-    if fsdp and n > 1:
-      axes = [a for a in np.argsort(x.shape)[::-1] if x.shape[a] % n == 0]
-      if axes:
-        parts = [None] * x.ndim
-        parts[axes[0]] = "data"
-        return NamedSharding(mesh, P(*parts))
-    return NamedSharding(mesh, P())
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
 
-  return {k: spec(v) for k, v in params.items()}
+  return wrapped
 
 
 def _reseed(rest, key):
@@ -165,12 +163,15 @@ class Trainer:
     params = self.flat.flat(params_state)
     if given:  # steps donate their parameters: copy, so the caller's model (and models sharing its arrays) stay valid
       params = {k: jnp.array(v, copy=True) for k, v in params.items()}
-    self.mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    micro = cfg.batch_size // cfg.grad_accum
-    if micro % self.mesh.devices.size:
-      raise ValueError(f"train: batch_size / grad_accum = {micro} but it must be divisible by the "
-                       f"{self.mesh.devices.size} devices")
-    self.shardings = param_shardings(params, self.mesh, cfg.fsdp)
+    axes, sizes, self.rules = cfg.sharding_layout(jax.device_count())
+    self.mesh = make_mesh(axes, sizes)
+    self.batch_axes = self.rules["batch"]  # the mesh axes a batch's sequences are split over
+    micro, split = cfg.batch_size // cfg.grad_accum, math.prod(self.mesh.shape[a] for a in self.batch_axes)
+    if micro % split:
+      raise ValueError(f"train: batch_size / grad_accum = {micro} but it must be divisible by the {split} devices "
+                       f"of the batch's mesh axes {self.batch_axes}")
+    logical = {f"{k}.value": v for k, v in model.logical_axes().items()}  # ".value" ends nnx variables' names
+    self.shardings = param_shardings(params, self.mesh, self.rules, logical)
     self.params = jax.device_put(params, self.shardings)
     multipliers = None
     if mup and self.model_config.mup_base_width is not None:  # ".value" ends nnx variables' array names
@@ -182,12 +183,12 @@ class Trainer:
     opt_shardings = jax.tree_util.tree_map(
         lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, opt_state)
     self.opt_state = jax.device_put(opt_state, opt_shardings)
-    self.batch_sharding = NamedSharding(self.mesh, P(None, "data"))
+    self.batch_sharding = NamedSharding(self.mesh, P(None, entry(self.batch_axes)))
     self.dropout = self.model_config.dropout > 0
     # Outputs keep the inputs' shardings, so the second step does not recompile.
-    self._step = jax.jit(self._train_step, donate_argnums=(0, 1),
+    self._step = jax.jit(_on_mesh(self.mesh, self._train_step), donate_argnums=(0, 1),
                          out_shardings=(self.shardings, opt_shardings, None, None))
-    self._eval = jax.jit(self._eval_loss)
+    self._eval = jax.jit(_on_mesh(self.mesh, self._eval_loss))
 
   def model(self, params: dict | None = None) -> Decoder:
     return nnx.merge(self.graphdef, self.flat.state(self.params if params is None else params), self.rest)
@@ -243,7 +244,7 @@ class Trainer:
 
   def evaluate(self, batches, params: dict | None = None) -> float:
     """Mean loss over ``batches`` of the current parameters (or ``params``, same names and shardings)."""
-    sharding = NamedSharding(self.mesh, P("data"))
+    sharding = NamedSharding(self.mesh, P(entry(self.batch_axes)))
     params = self.params if params is None else params
     losses = [self._eval(params, jax.device_put(x, sharding), jax.device_put(y, sharding)) for x, y in batches]
     return float(np.mean([float(v) for v in losses]))

@@ -37,6 +37,14 @@ they are faster, and only where they can run (a GPU, a layout
 ``path="fused"`` warns with the reason (`fused_unavailable`) and falls back to
 ``"auto"``. ``interpret=True`` runs the kernels' programs on any backend (slow;
 for tests).
+
+A ``pallas_call`` has no partitioning rule: under ``jit`` with inputs sharded over devices, XLA would gather
+every token onto every device and run the whole kernel there. So the kernels run under ``jax.shard_map`` over
+the ambient mesh (the one set by ``jax.set_mesh`` or ``jax.sharding.use_abstract_mesh``, which
+`tnjax.train.Trainer` sets around its steps): the token rows are split over every axis of that mesh whose size
+still divides their count (`row_axes`), the cores are replicated (gathered first where they are sharded), each
+device runs the kernel on its own rows, and the backward's core gradients are summed over the axes
+(``psum``). Without a mesh, or with rows no axis divides, the kernels run as one call.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from tnjax.core.contraction.dense import dense_backward
 from tnjax.core.ops import check_matvec_args
@@ -300,13 +310,58 @@ def _fused_forward(cores, rows: jax.Array, block: int | None, num_warps: int, in
   return y if padded == n else y[:n]
 
 
+def row_axes(rows: int) -> tuple[str, ...]:
+  """The axes of the ambient mesh that the kernels split ``rows`` token rows over: in mesh order, each axis that is
+  not already manual (inside a ``shard_map``) and whose size, times those taken before it, divides ``rows``; ()
+  without a mesh.
+
+  Examples:
+    >>> row_axes(64)  # no mesh set: one call
+    ()
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  axes, size = [], 1
+  for name, kind in zip(mesh.axis_names, mesh.axis_types):
+    k = mesh.shape[name]
+    if kind != AxisType.Manual and k > 1 and rows % (size * k) == 0:
+      axes.append(name)
+      size *= k
+  return tuple(axes)
+
+
+def _sharded_forward(cores, rows: jax.Array, block: int | None, num_warps: int, interpret: bool) -> jax.Array:
+  """`_fused_forward` on each device's share of the rows (`row_axes`), the cores replicated."""
+  axes = row_axes(rows.shape[0])
+  if not axes:
+    return _fused_forward(cores, rows, block, num_warps, interpret)
+  # check_vma=False: a pallas_call's outputs carry no varying-axes type
+  return jax.shard_map(lambda cs, r: _fused_forward(cs, r, block, num_warps, interpret), in_specs=(P(), P(axes)),
+                       out_specs=P(axes), axis_names=frozenset(axes), check_vma=False)(tuple(cores), rows)
+
+
+def _sharded_backward(cores, rows, g, block: int, num_warps: int, programs: int, interpret: bool):
+  """`_fused_backward` on each device's share of the rows and cotangents; the core gradients summed over devices."""
+  axes = row_axes(rows.shape[0])
+  if not axes:
+    return _fused_backward(cores, rows, g, block, num_warps, programs, interpret)
+
+  def local(cs, r, gg):
+    dcores, dx = _fused_backward(cs, r, gg, block, num_warps, programs, interpret)
+    return jax.lax.psum(dcores, axes), dx
+
+  return jax.shard_map(local, in_specs=(P(), P(axes), P(axes)), out_specs=(P(), P(axes)),
+                       axis_names=frozenset(axes), check_vma=False)(tuple(cores), rows, g)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _fused(cores, rows, block, num_warps, backward, interpret):
-  return _fused_forward(cores, rows, block, num_warps, interpret)
+  return _sharded_forward(cores, rows, block, num_warps, interpret)
 
 
 def _fused_fwd(cores, rows, block, num_warps, backward, interpret):
-  return _fused_forward(cores, rows, block, num_warps, interpret), (cores, rows)
+  return _sharded_forward(cores, rows, block, num_warps, interpret), (cores, rows)
 
 
 def _padded_cores(cores, r: int, dtype):
@@ -366,7 +421,7 @@ def _fused_backward(cores, rows, g, block: int, num_warps: int, programs: int, i
 
 def _fused_bwd(block, num_warps, backward, interpret, residuals, g):
   cores, rows = residuals
-  return _fused_backward(cores, rows, g, *backward, interpret)
+  return _sharded_backward(cores, rows, g, *backward, interpret)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -374,11 +429,11 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _fused_dense_bwd(cores, rows, block, num_warps, interpret):
-  return _fused_forward(cores, rows, block, num_warps, interpret)
+  return _sharded_forward(cores, rows, block, num_warps, interpret)
 
 
 def _fused_dense_bwd_fwd(cores, rows, block, num_warps, interpret):
-  return _fused_forward(cores, rows, block, num_warps, interpret), (cores, rows)
+  return _sharded_forward(cores, rows, block, num_warps, interpret), (cores, rows)
 
 
 def _fused_dense_bwd_bwd(block, num_warps, interpret, residuals, g):
@@ -394,12 +449,12 @@ def fused_forward(cores: tuple[jax.Array, ...], rows: jax.Array, *, interpret: b
 
   For callers that pair the kernel with another backward (`tnjax.core.contraction.paths`' per-direction plans).
   """
-  return _fused_forward(tuple(c.astype(rows.dtype) for c in cores), rows, None, NUM_WARPS, interpret)
+  return _sharded_forward(tuple(c.astype(rows.dtype) for c in cores), rows, None, NUM_WARPS, interpret)
 
 
 def fused_backward(cores: tuple[jax.Array, ...], rows: jax.Array, g: jax.Array, *, interpret: bool = False):
   """(d cores, d rows) of ``rows @ W`` for cotangent ``g`` by the two backward kernels (default tuning)."""
-  return _fused_backward(tuple(cores), rows, g, BACKWARD_BLOCK, BACKWARD_WARPS, BACKWARD_PROGRAMS, interpret)
+  return _sharded_backward(tuple(cores), rows, g, BACKWARD_BLOCK, BACKWARD_WARPS, BACKWARD_PROGRAMS, interpret)
 
 
 BACKWARDS = ("kernels", "dense")
