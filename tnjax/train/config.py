@@ -162,7 +162,11 @@ class TrainConfig:
     for name in ("train_files", "valid_files"):
       if not getattr(self, name):
         raise ValueError(f"{fn}: {name}=[] but at least one text file is expected")
-    self.sharding_layout()
+    # The rules and the mesh's form; not the device count, which `Trainer` checks (asking it here would start
+    # JAX's backend before a multi-process run has called jax.distributed.initialize, and a config is valid
+    # whatever machine reads it).
+    known = math.prod(s for s in self.mesh_shape or () if isinstance(s, int) and s > 0)
+    self.sharding_layout(known)
     self.model_config(self.vocab_size)
     return self
 
